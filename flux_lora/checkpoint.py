@@ -1,0 +1,134 @@
+"""Reading safetensors checkpoints safely and streaming them into models built on the meta device.
+
+Only safetensors is read (never a pickle). Tensors come memory-mapped, one at a time, and are assigned into the
+model in place of its meta tensors, so loading holds about one copy of the weights, not two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# Prefixes other tools put in front of DiT keys (ComfyUI / Forge single files, some merges).
+KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file and the offending keys."""
+
+
+def open_safetensors(path: Path):
+    """Open ``path`` with safetensors, turning any failure into a :class:`CheckpointError` that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+            "only .safetensors checkpoints are accepted"
+        ) from e
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with open_safetensors(path) as f:
+        return dict(f.metadata() or {})
+
+
+def read_keys(path: Path) -> list[str]:
+    with open_safetensors(path) as f:
+        return list(f.keys())
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape, read from the header only."""
+    with open_safetensors(path) as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def read_dtypes(path: Path) -> dict[str, str]:
+    with open_safetensors(path) as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def detect_prefix(keys: list[str], marker: str) -> str:
+    """The prefix in front of ``marker`` (a key every checkpoint of this kind has), e.g. ``model.diffusion_model.``."""
+    for k in keys:
+        if k.endswith(marker):
+            return k[: -len(marker)]
+    return ""
+
+
+def iter_tensors(path: Path, prefix: str = "", skip: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(key without prefix, tensor)`` for the keys under ``prefix``; tensors are memory-mapped."""
+    with open_safetensors(path) as f:
+        for key in f.keys():
+            if not key.startswith(prefix):
+                continue
+            name = key[len(prefix):]
+            if skip is not None and skip(name):
+                continue
+            yield name, f.get_tensor(key)
+
+
+def sharded_files(folder: Path, stem: str = "diffusion_pytorch_model") -> list[Path]:
+    """The safetensors files of a diffusers component folder (single file or index + shards)."""
+    folder = Path(folder)
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {missing[:3]}")
+        return files
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{folder} holds no .safetensors file (looked for {stem}.safetensors and an index)")
+    return found
+
+
+def assign_tensor(model: nn.Module, key: str, tensor: Tensor) -> None:
+    """Replace the parameter or buffer ``key`` of ``model`` (typically a meta tensor) by ``tensor``."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise KeyError(key)
+
+
+def target_shapes(model: nn.Module) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    return {k: (t.shape, t.dtype) for k, t in model.state_dict(keep_vars=True).items()}
+
+
+def meta_keys(model: nn.Module) -> list[str]:
+    """Keys whose tensors were never loaded (still on the meta device)."""
+    return [k for k, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+
+
+def save_file_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file through a temporary name and an atomic rename, so a crash never leaves half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,337 @@
+"""Loading the DiT and the autoencoder from official files, diffusers folders or single files.
+
+Sources accepted for the DiT: a folder in the FLUX.1 layout (``flux1-dev.safetensors`` or
+``flux1-schnell.safetensors``), a diffusers ``transformer/`` folder (sharded or not), the folder above it, or a
+single safetensors file (keys may carry a prefix such as ``model.diffusion_model.``, weights may already be
+float8_e4m3fn, with or without scales). Models are built on the meta device and filled tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
+from .checkpoint import (
+    CheckpointError,
+    assign_tensor,
+    detect_prefix,
+    iter_tensors,
+    meta_keys,
+    read_dtypes,
+    read_metadata,
+    read_shapes,
+    sharded_files,
+    target_shapes,
+)
+from .keymaps import (
+    DiffusersToFlux,
+    ae_diffusers_to_bfl_key,
+    ae_module_pairs,
+    ae_params_from_diffusers_config,
+    params_from_diffusers_config,
+)
+from .model import PRESETS, Flux, FluxParams, get_params
+from .quantization import FP8, FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
+
+log = logging.getLogger(__name__)
+
+PARAMS_METADATA_KEY = "flux_lora.params"
+DIT_MARKER = "double_blocks.0.img_attn.qkv.weight"
+DIFFUSERS_DIT_MARKER = "transformer_blocks.0.attn.to_q.weight"
+AE_MARKER = "decoder.conv_in.weight"
+
+
+# ------------------------------------------------------------------------------------------ locating files
+
+
+def find_dit_file(source: Path) -> Path:
+    """The DiT checkpoint inside a model folder, or ``source`` itself when it is a file or diffusers folder."""
+    source = Path(source)
+    if source.is_file():
+        return source
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: no such file or folder")
+    if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
+        return source  # a diffusers transformer/ folder
+    candidates = sorted(source.glob("flux1-*.safetensors"))
+    candidates = [c for c in candidates if "ae" != c.stem]
+    if candidates:
+        if len(candidates) > 1:
+            log.warning("%s holds several DiT files %s; using %s", source, [c.name for c in candidates],
+                        candidates[0].name)
+        return candidates[0]
+    if (source / "transformer").is_dir():
+        return source / "transformer"
+    raise CheckpointError(
+        f"{source} holds no FLUX DiT: expected flux1-dev.safetensors or flux1-schnell.safetensors "
+        "(official layout) or a diffusers transformer/ folder"
+    )
+
+
+def find_ae_file(source: Path) -> Path:
+    source = Path(source)
+    if source.is_file():
+        return source
+    for candidate in (source / "ae.safetensors", source / "vae"):
+        if candidate.exists():
+            return candidate
+    if (source / "config.json").is_file():
+        return source
+    raise CheckpointError(f"{source} holds no autoencoder: expected ae.safetensors or a diffusers vae/ folder")
+
+
+# ------------------------------------------------------------------------------------------ params
+
+
+def _count(keys, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in keys if (m := rx.match(k))})
+
+
+def infer_flux_params(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> FluxParams:
+    """Architecture from the file: its ``flux_lora.params`` metadata, else the tensor shapes."""
+    if PARAMS_METADATA_KEY in metadata:
+        return FluxParams.from_dict(json.loads(metadata[PARAMS_METADATA_KEY]))
+    try:
+        hidden, in_channels = shapes["img_in.weight"]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+        params = dict(
+            in_channels=in_channels,
+            out_channels=shapes["final_layer.linear.weight"][0],
+            vec_in_dim=shapes["vector_in.in_layer.weight"][1],
+            context_in_dim=shapes["txt_in.weight"][1],
+            hidden_size=hidden,
+            mlp_ratio=mlp_hidden / hidden,
+            num_heads=hidden // head_dim,
+            depth=_count(shapes, r"double_blocks\.(\d+)\."),
+            depth_single_blocks=_count(shapes, r"single_blocks\.(\d+)\."),
+            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
+            guidance_embed="guidance_in.in_layer.weight" in shapes,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a FLUX DiT checkpoint: key {e.args[0]!r} is missing") from None
+    if head_dim != 128:
+        raise CheckpointError(
+            f"{path}: head size {head_dim} is not FLUX's 128 and the file has no '{PARAMS_METADATA_KEY}' metadata; "
+            "pass the model params explicitly"
+        )
+    preset = PRESETS["flux-dev" if params["guidance_embed"] else "flux-schnell"]
+    return FluxParams(**{**preset.to_dict(), **params})
+
+
+def _check_variant(params: FluxParams, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    has_guidance = any(k.startswith("guidance_in.") for k in shapes)
+    if params.guidance_embed and not has_guidance:
+        raise CheckpointError(
+            f"{path} has no guidance_in.* weights: it is a schnell-type (guidance-free) checkpoint and cannot run "
+            "as dev; use the flux-schnell preset (or let the loader infer the model from the file)"
+        )
+    if has_guidance and not params.guidance_embed:
+        raise CheckpointError(
+            f"{path} has guidance_in.* weights: it is a dev-type (guidance-distilled) checkpoint; use flux-dev"
+        )
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+def _dit_stream(path: Path) -> tuple[FluxParams, Iterator[tuple[str, Tensor]], dict[str, Tensor], str]:
+    """``(inferred params, BFL-named tensor stream, scales stored in the file, description)``."""
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        params = params_from_diffusers_config(config)
+        files = sharded_files(path)
+
+        def stream() -> Iterator[tuple[str, Tensor]]:
+            conv = DiffusersToFlux(params)
+            for f in files:
+                for key, t in iter_tensors(f):
+                    try:
+                        yield from conv.push(key, t)
+                    except KeyError:
+                        raise CheckpointError(f"{f}: unexpected key {key!r} for a diffusers FLUX transformer") \
+                            from None
+            if conv.incomplete():
+                raise CheckpointError(f"{path}: incomplete fused layers {conv.incomplete()[:5]}")
+
+        return params, stream(), {}, f"diffusers folder {path}"
+
+    shapes = read_shapes(path)
+    prefix = detect_prefix(list(shapes), DIT_MARKER)
+    if not prefix and DIT_MARKER not in shapes:
+        if any(k.endswith(DIFFUSERS_DIT_MARKER) for k in shapes):
+            raise CheckpointError(f"{path} is a diffusers-layout file: pass its transformer/ folder (with config.json)")
+        raise CheckpointError(f"{path} is not a FLUX DiT checkpoint (no key ends with {DIT_MARKER!r})")
+    shapes = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+    params = infer_flux_params(shapes, read_metadata(path), path)
+    _check_variant(params, shapes, path)
+
+    scales: dict[str, Tensor] = {}
+    # Scales of pre-quantized files: ours (weight_scale, per channel) and ComfyUI's scaled fp8 (scale_weight).
+    extra = {k for k in shapes if k.endswith((".weight_scale", ".scale_weight", ".scale_input")) or k == "scaled_fp8"}
+    if extra:
+        for key, t in iter_tensors(path, prefix, skip=lambda k: k not in extra):
+            if key.endswith(".weight_scale"):
+                scales[key.removesuffix("_scale")] = t.float()
+            elif key.endswith(".scale_weight"):
+                scales[key.removesuffix(".scale_weight") + ".weight"] = t.float().reshape(-1)
+    return params, iter_tensors(path, prefix, skip=lambda k: k in extra), scales, str(path)
+
+
+def load_flow_model(
+    source: str | Path,
+    params: str | FluxParams | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+    quant_policy: QuantPolicy = "blocks",
+    per_channel_scale: bool = True,
+) -> Flux:
+    """Build the DiT on the meta device and stream its weights in (quantizing each one on arrival).
+
+    Args:
+        source: model folder, diffusers ``transformer/`` folder, or single safetensors file.
+        params: preset name or params; by default inferred from the file. Must match the file.
+        dtype: dtype of the weights kept in floating point (and compute dtype of fp8 layers' biases).
+        quantize: ``"float8_e4m3fn"`` to store the selected Linears in fp8; layers already stored in fp8 in the
+            file stay fp8 in any case.
+        quant_policy: which Linears ``quantize`` selects (see :func:`default_predicate`).
+
+    Returns:
+        The frozen model in eval mode on ``device``.
+    """
+    if quantize not in (None, "float8_e4m3fn", "fp8"):
+        raise ValueError(f"quantize must be None or 'float8_e4m3fn', got {quantize!r}")
+    path = find_dit_file(Path(source))
+    file_params, stream, scales, desc = _dit_stream(path)
+    if params is not None:
+        wanted = get_params(params)
+        if wanted.guidance_embed != file_params.guidance_embed:
+            kind = "schnell-type (no guidance_in)" if not file_params.guidance_embed else "dev-type (guidance_in)"
+            raise CheckpointError(f"{desc} is a {kind} checkpoint and cannot run with params {params!r}")
+        file_params = wanted
+    params = file_params
+
+    with torch.device("meta"):
+        model = Flux(params)
+    fp8_in_file = set()
+    if not path.is_dir():
+        fp8_in_file = {k.removesuffix(".weight") for k, d in read_dtypes(path).items()
+                       if d == "F8_E4M3" and k.endswith(".weight")}
+        prefix = detect_prefix(list(read_dtypes(path)), DIT_MARKER)
+        fp8_in_file = {k[len(prefix):] for k in fp8_in_file}
+    policy = default_predicate(quant_policy) if quantize else (lambda n, m: False)
+    quantize_(model, lambda n, m: policy(n, m) or n in fp8_in_file, per_channel=per_channel_scale)
+
+    expected = target_shapes(model)
+    unexpected: list[str] = []
+    for key, tensor in stream:
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        shape, _ = expected[key]
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(shape)}"
+            )
+        _assign_dit_tensor(model, key, tensor, scales, dtype, device, per_channel_scale)
+    if unexpected:
+        raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
+    missing = meta_keys(model)
+    if missing:
+        raise CheckpointError(f"{desc}: missing keys {missing[:5]} ({len(missing)} in all)")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _assign_dit_tensor(model: Flux, key: str, tensor: Tensor, scales: dict[str, Tensor], dtype: torch.dtype,
+                       device, per_channel: bool) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, FP8Linear) and attr == "weight":
+        tensor = tensor.to(device)
+        if tensor.dtype == FP8:
+            scale = scales.get(key, torch.ones(()))
+            scale = scale.to(device).float().expand(tensor.shape[0]).clone()
+        else:
+            tensor, scale = quantize_weight(tensor, per_channel)
+        assign_tensor(model, key, tensor)
+        module.weight_scale = scale
+        return
+    if isinstance(module, FP8Linear) and attr == "weight_scale":
+        return  # set together with the weight
+    if tensor.dtype == FP8:  # an fp8 tensor the model keeps in float (e.g. a norm scale)
+        scale = scales.get(key)
+        tensor = tensor.float() * (scale if scale is not None else 1.0)
+    assign_tensor(model, key, tensor.to(device=device, dtype=dtype))
+
+
+# ------------------------------------------------------------------------------------------ autoencoder
+
+
+def infer_ae_params(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> AutoEncoderParams:
+    if PARAMS_METADATA_KEY in metadata:
+        return AutoEncoderParams.from_dict(json.loads(metadata[PARAMS_METADATA_KEY]))
+    try:
+        ch = shapes["encoder.conv_in.weight"][0]
+        levels = _count(shapes, r"encoder\.down\.(\d+)\.")
+        ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
+        return AutoEncoderParams(
+            in_channels=shapes["encoder.conv_in.weight"][1], ch=ch, out_ch=shapes["decoder.conv_out.weight"][0],
+            ch_mult=ch_mult, num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
+            z_channels=shapes["decoder.conv_in.weight"][1],
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a FLUX autoencoder: key {e.args[0]!r} is missing") from None
+
+
+def load_autoencoder(source: str | Path, params: str | AutoEncoderParams | None = None, *,
+                     dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> AutoEncoder:
+    """Load ``ae.safetensors`` (BFL names) or a diffusers ``vae/`` folder into :class:`AutoEncoder`."""
+    path = find_ae_file(Path(source))
+    if path.is_dir():
+        file_params = ae_params_from_diffusers_config(json.loads((path / "config.json").read_text()))
+        table = {d: b for b, d in ae_module_pairs(file_params)}
+        files = sharded_files(path)
+        stream = (ae_diffusers_to_bfl_key(k, t, table) for f in files for k, t in iter_tensors(f))
+    else:
+        shapes = read_shapes(path)
+        prefix = detect_prefix(list(shapes), AE_MARKER)
+        shapes = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+        file_params = infer_ae_params(shapes, read_metadata(path), path)
+        stream = iter_tensors(path, prefix)
+    if isinstance(params, str):
+        params = AE_PRESETS[params]
+    params = params or file_params
+    with torch.device("meta"):
+        model = AutoEncoder(params)
+    _stream_into(model, stream, str(path), dtype, device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _stream_into(model: nn.Module, stream, desc: str, dtype: torch.dtype, device) -> None:
+    expected = target_shapes(model)
+    unexpected = []
+    for key, tensor in stream:
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(expected[key][0]):
+            raise CheckpointError(f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(expected[key][0])}")
+        assign_tensor(model, key, tensor.to(device=device, dtype=dtype))
+    if unexpected:
+        raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
+    missing = meta_keys(model)
+    if missing:
+        raise CheckpointError(f"{desc}: missing keys {missing[:5]} ({len(missing)} in all)")

@@ -1,0 +1,194 @@
+"""float8_e4m3fn weight storage with bf16 (or any float) compute.
+
+:class:`FP8Linear` is an ``nn.Linear`` (so peft wraps it like any Linear) whose ``weight`` is stored in
+float8_e4m3fn with a float32 scale per output channel. Its forward and backward go through :class:`_FP8Matmul`,
+which saves the *fp8* weight for backward and re-casts it there: no bf16 copy of any weight outlives the op that
+needs it (autocast or ``weight.to(bf16)`` inside autograd would keep one per layer alive until backward).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+QuantPolicy = Literal["blocks", "all"]
+
+
+def quantize_weight(weight: Tensor, per_channel: bool = True) -> tuple[Tensor, Tensor]:
+    """``[out, in]`` float weight -> (fp8 weight, float32 scale ``[out]``) with ``weight ~= fp8 * scale[:, None]``.
+
+    Per channel, the scale is the power of two that brings each row's largest magnitude into (224, 448], so
+    small weights stay out of e4m3's subnormal range; a power of two is exact in bf16, so dequantizing in the
+    compute dtype adds no rounding of its own. With ``per_channel=False`` the scale is 1 (the plain cast other
+    tools use) and values beyond 448 saturate.
+    """
+    w = weight.float()
+    if per_channel:
+        amax = w.abs().amax(dim=1).clamp(min=2.0**-100)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    else:
+        scale = torch.ones(w.shape[0], device=w.device)
+        w = w.clamp(-FP8_MAX, FP8_MAX)
+    q = (w / scale[:, None]).to(FP8)
+    return q, scale
+
+
+def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp8 ``[out, in]`` and scale ``[out]`` -> ``dtype`` weight."""
+    return weight.to(dtype) * scale.to(dtype)[:, None]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _FP8Matmul(torch.autograd.Function):
+    """``y = x W^T + b`` for a frozen fp8 ``W``; saves only the fp8 weight and its scale for backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+        dtype = _compute_dtype(x)
+        ctx.save_for_backward(weight, scale)
+        ctx.x_dtype = x.dtype
+        ctx.compute_dtype = dtype
+        with torch.autocast(x.device.type, enabled=False):
+            w = dequantize_weight(weight, scale, dtype)
+            return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weight, scale = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):
+            w = dequantize_weight(weight, scale, ctx.compute_dtype)
+            grad_x = grad_out.to(ctx.compute_dtype) @ w
+        return grad_x.to(ctx.x_dtype), None, None, None
+
+
+class FP8Linear(nn.Linear):
+    """A frozen Linear stored in float8_e4m3fn (+ float32 per-output-channel ``weight_scale``), computed in the
+    input's dtype (or the autocast dtype). Its weight and bias never receive gradients."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 bias_dtype: torch.dtype = torch.bfloat16):
+        nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = True,
+                    bias_dtype: torch.dtype | None = None) -> FP8Linear:
+        """Quantize a float Linear (or rebuild an empty one when its weight is on the meta device)."""
+        w = linear.weight
+        bias_dtype = bias_dtype or (w.dtype if w.dtype.is_floating_point and w.dtype != FP8 else torch.bfloat16)
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device,
+                  bias_dtype=bias_dtype)
+        if w.device.type == "meta":
+            return out
+        if w.dtype == FP8:  # already fp8 (a plain cast): keep the bytes, scale 1
+            q, scale = w.detach(), torch.ones(w.shape[0], device=w.device)
+        else:
+            q, scale = quantize_weight(w.detach(), per_channel)
+        out.weight.data = q
+        out.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            out.bias.data = linear.bias.detach().to(bias_dtype)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _FP8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def to_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
+                        dtype=dtype)
+        lin.weight.data = self.dequantized_weight(dtype)
+        if self.bias is not None:
+            lin.bias.data = self.bias.detach().to(dtype)
+        lin.requires_grad_(False)
+        return lin
+
+    def set_weight(self, weight: Tensor, per_channel: bool = True) -> None:
+        """Re-quantize from a float weight (used when fusing a LoRA into an fp8 layer)."""
+        q, scale = quantize_weight(weight, per_channel)
+        self.weight.data = q.to(self.weight.device)
+        self.weight_scale.copy_(scale)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the fp8 storage through module.to(dtype)/half()/bfloat16(): only device moves apply to it.
+        # (Lightning's "bf16-true" and plain .to(bfloat16) would otherwise upcast the weight silently.)
+        weight, scale = self.weight, self.weight_scale
+        result = super()._apply(fn, recurse)
+        if self.weight.dtype != FP8:
+            log.debug("FP8Linear kept its float8 weight through a dtype conversion")
+            self.weight.data = weight.data.to(self.weight.device)
+            self.weight_scale.data = scale.data.to(self.weight.device)
+        return result
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, storage=float8_e4m3fn"
+
+
+def default_predicate(policy: QuantPolicy = "blocks") -> Callable[[str, nn.Module], bool]:
+    """Which Linears to store in fp8.
+
+    ``blocks``: every Linear inside the double and single blocks (including their modulation), the 99.4 % of the
+    weights that the model's cost and memory come from; embedders and the final layer stay in the float dtype.
+    ``all``: every Linear.
+    """
+    if policy == "all":
+        return lambda name, m: isinstance(m, nn.Linear)
+    if policy == "blocks":
+        return lambda name, m: isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))
+    raise ValueError(f"unknown quantization policy {policy!r}; use 'blocks' or 'all'")
+
+
+def quantize_(model: nn.Module, predicate: Callable[[str, nn.Module], bool] | None = None,
+              per_channel: bool = True) -> nn.Module:
+    """Replace the selected ``nn.Linear`` modules of ``model`` in place by :class:`FP8Linear`.
+
+    Works on real weights and on a model built on the meta device (then only the structure changes, and loading
+    fills in the fp8 weights). Returns ``model``.
+    """
+    predicate = predicate or default_predicate("blocks")
+    targets = [(n, m) for n, m in model.named_modules()
+               if type(m) is nn.Linear and predicate(n, m)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FP8Linear.from_linear(module, per_channel=per_channel))
+    log.debug("quantized %d Linear layers to float8_e4m3fn", len(targets))
+    return model
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers (each storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,167 @@
+"""Write a complete tiny FLUX.1 model folder in the official layout, deterministic by seed.
+
+    python -m flux_lora.tiny OUTDIR [--variant dev|schnell] [--seed 0]
+
+The folder holds ``flux1-<variant>.safetensors`` (tiny DiT, BFL keys), ``ae.safetensors`` (tiny autoencoder),
+``text_encoder/`` + ``tokenizer/`` (tiny CLIP) and ``text_encoder_2/`` + ``tokenizer_2/`` (tiny T5), saved with
+transformers; the tokenizers are trained offline on a built-in word list. Every loader runs on it unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
+from .checkpoint import save_file_atomic
+from .loading import PARAMS_METADATA_KEY
+from .model import PRESETS, Flux, FluxParams
+
+log = logging.getLogger(__name__)
+
+WORDS = """a an the of and with in on at to from by for is are photo picture painting drawing render image
+portrait close up wide shot of style dog cat bird fish horse cow car bike boat plane house tree flower
+mountain river lake sea sky cloud sun moon star city street road forest field garden beach desert snow rain
+red orange yellow green blue purple pink white black gray brown gold silver bright dark light shadow small
+big tall short old young happy sad smiling running sitting standing flying swimming sleeping looking
+woman man girl boy child person people face eyes hair hat shirt dress coat glasses table chair window door
+wall floor room kitchen book cup bottle lamp clock phone computer screen sign text letter word number
+circle square triangle line dot stripe pattern texture wood stone metal glass paper cloth water fire
+morning evening night sunset sunrise summer winter spring autumn soft sharp blurry detailed simple
+sks ohwx token trigger concept subject background foreground center left right top bottom cinematic
+realistic anime cartoon sketch watercolor oil pixel art studio lighting""".split()
+
+DEFAULT_SEED = 0
+
+
+def _corpus() -> list[str]:
+    lines = [" ".join(WORDS[i:i + 8]) for i in range(0, len(WORDS), 8)]
+    return lines + [w.upper() for w in WORDS[:40]] + ["0 1 2 3 4 5 6 7 8 9 , . ! ? ' \" - : ;"]
+
+
+def build_clip_tokenizer(out: Path) -> None:
+    """A byte-level BPE with CLIP's start/end tokens (end token also pads), saved with ``save_pretrained``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[bos, eos], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos,
+                                   unk_token=eos, model_max_length=77)
+    fast.save_pretrained(out)
+
+
+def build_t5_tokenizer(out: Path, max_length: int) -> None:
+    """A Unigram with a Metaspace pre-tokenizer and ``</s>`` appended, like T5's SentencePiece tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pad, eos, unk = "<pad>", "</s>", "<unk>"
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=[pad, eos, unk], unk_token=unk,
+                                      show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
+                                                       special_tokens=[(eos, tok.token_to_id(eos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk,
+                                   model_max_length=max_length)
+    fast.save_pretrained(out)
+
+
+def build_text_encoders(out: Path, params: FluxParams, seed: int) -> None:
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    build_clip_tokenizer(out / "tokenizer")
+    build_t5_tokenizer(out / "tokenizer_2", params.max_sequence_length)
+    clip_tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    t5_tok = AutoTokenizer.from_pretrained(out / "tokenizer_2")
+
+    torch.manual_seed(seed + 1)
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(clip_tok), hidden_size=params.vec_in_dim, intermediate_size=2 * params.vec_in_dim,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, projection_dim=params.vec_in_dim,
+        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
+    )
+    CLIPTextModel(clip_cfg).eval().save_pretrained(out / "text_encoder", safe_serialization=True)
+
+    torch.manual_seed(seed + 2)
+    t5_cfg = T5Config(
+        vocab_size=len(t5_tok), d_model=params.context_in_dim, d_kv=8, d_ff=2 * params.context_in_dim,
+        num_layers=2, num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False, use_cache=False, pad_token_id=t5_tok.pad_token_id,
+        eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id,
+    )
+    T5EncoderModel(t5_cfg).eval().save_pretrained(out / "text_encoder_2", safe_serialization=True)
+
+
+def random_flux(params: FluxParams, seed: int) -> Flux:
+    """A DiT with random weights; the modulation and final layers are not zero, so every path matters."""
+    torch.manual_seed(seed)
+    model = Flux(params)
+    for name, p in model.named_parameters():
+        if name.endswith("scale"):  # RMSNorm scales: around 1
+            nn.init.uniform_(p, 0.5, 1.5)
+    return model
+
+
+def random_autoencoder(params: AutoEncoderParams, seed: int) -> AutoEncoder:
+    torch.manual_seed(seed + 3)
+    ae = AutoEncoder(params)
+    for m in ae.modules():
+        if isinstance(m, nn.GroupNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return ae
+
+
+def write_tiny_model(out: str | Path, variant: str = "dev", seed: int = DEFAULT_SEED,
+                     params: FluxParams | None = None) -> Path:
+    """Write the tiny model folder and return its path."""
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    params = params or PRESETS["tiny" if variant == "dev" else "tiny-schnell"]
+    dit = random_flux(params, seed)
+    save_file_atomic(dit.state_dict(), out / f"flux1-{variant}.safetensors",
+                     {PARAMS_METADATA_KEY: json.dumps(params.to_dict()), "format": "pt"})
+    ae_params = AE_PRESETS["tiny"]
+    ae = random_autoencoder(ae_params, seed)
+    save_file_atomic(ae.state_dict(), out / "ae.safetensors",
+                     {PARAMS_METADATA_KEY: json.dumps(ae_params.to_dict()), "format": "pt"})
+    build_text_encoders(out, params, seed)
+    (out / "README.md").write_text(
+        f"Tiny FLUX.1-{variant}-shaped model with random weights (seed {seed}), written by flux_lora.tiny.\n"
+        "For tests and offline demos only: it produces noise, not pictures.\n"
+    )
+    log.info("wrote tiny %s model to %s", variant, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--variant", choices=["dev", "schnell"], default="dev")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    write_tiny_model(args.outdir, args.variant, args.seed)
+
+
+if __name__ == "__main__":
+    main()
