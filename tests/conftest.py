@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny model folders written by the project's own writer, loaded by the real loaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from flux_lora.tiny import write_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    dtype = torch.get_default_dtype()
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_dev_dir(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev folder in the official layout (DiT, AE, CLIP, T5, tokenizers)."""
+    logging.getLogger("flux_lora").setLevel(logging.INFO)
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-dev"), variant="dev", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_dir(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-schnell folder in the official layout."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-schnell"), variant="schnell", seed=1)
