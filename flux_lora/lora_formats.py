@@ -1,16 +1,48 @@
 """LoRA weights in one canonical form, and the file layouts other tools use.
 
-Canonical form: ``dict[str, LoraWeight]`` keyed by the BFL module path of a Linear in :class:`flux_lora.model.Flux`
-(``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``, ...), fused layouts kept fused. The update of a
-module is ``delta_W = (alpha / rank) * up @ down``.
+Canonical form: ``dict[str, LoraWeight]`` keyed by the BFL module path of a Linear in
+:class:`flux_lora.model.Flux` (``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``, ...), fused
+layouts kept fused. The update of a module is ``delta_W = (alpha / rank) * up @ down``.
+
+Reading (:func:`read_lora`, :func:`from_state_dict`) accepts every layout listed in :mod:`flux_lora.lora_keys`
+(kohya, ComfyUI, diffusers/peft, XLabs, raw peft, OneTrainer, LyCORIS, DiffSynth) and folds split q/k/v(/mlp)
+LoRAs back into the fused Linear exactly. Writing (:func:`write_lora`) produces the kohya layout (the most
+widely loadable: ComfyUI, Forge, kohya, diffusers, ours) or the diffusers layout (``transformer.*`` split, for
+diffusers users and for LoRAs on the embedders / final layer, which diffusers drops from kohya files).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .checkpoint import iter_tensors, read_metadata, save_file_atomic
+from .keymaps import flux_linear_maps
+from .lora_keys import (
+    LoraFormatError,
+    Target,
+    alpha_value,
+    base_name_table,
+    detect_layout,
+    kohya_name,
+    linear_shapes,
+    pair_error,
+    split_suffix,
+)
+from .lora_metadata import diffusers_metadata, kohya_metadata, peft_alpha_rule, warn_kohya_non_block
+from .model import FluxParams
+
+log = logging.getLogger(__name__)
+
+# Layouts whose alpha, when the file has no ``.alpha`` keys, comes from a peft config (lora_adapter_metadata).
+_PEFT_FAMILY = ("diffusers", "peft", "diffsynth")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 
 @dataclass
@@ -35,3 +67,360 @@ class LoraWeight:
 
 
 LoraStateDict = dict[str, LoraWeight]
+
+
+# ------------------------------------------------------------------------------------- fused <-> split math
+
+
+def _same_scale(ws: list[LoraWeight]) -> bool:
+    return all(w.alpha * ws[0].rank == ws[0].alpha * w.rank for w in ws[1:])
+
+
+def fuse_row_blocks(blocks: list[tuple[int, LoraWeight]], out_features: int) -> LoraWeight:
+    """LoRAs on row blocks of one Linear (``(first row, LoRA)``; rows not covered get no update) -> one LoRA.
+
+    Exact. If all blocks share the same ``down`` (as after a fused->split export), the result keeps that
+    ``down`` at rank r and stacks the ups. Otherwise the ranks are concatenated: ``down = cat(down_i)``,
+    ``up`` block diagonal. Equal per-block scales are kept (alpha, or sum(alpha_i) for concatenated ranks);
+    different scales are baked into ``up`` (float32) with ``alpha = rank``.
+    """
+    blocks = sorted(blocks, key=lambda b: b[0])
+    (start0, w0) = blocks[0]
+    if len(blocks) == 1 and start0 == 0 and w0.up.shape[0] == out_features:
+        return w0
+    ws = [w for _, w in blocks]
+    same = _same_scale(ws)
+    dtype = ws[0].up.dtype
+    for w in ws:
+        dtype = torch.promote_types(torch.promote_types(dtype, w.up.dtype), w.down.dtype)
+    if not same:
+        dtype = torch.promote_types(dtype, torch.float32)
+
+    def part_up(w: LoraWeight) -> Tensor:
+        return w.up.to(dtype) if same else w.scale * w.up.to(dtype)
+
+    if all(w.down.shape == w0.down.shape and torch.equal(w.down, w0.down) for w in ws[1:]):
+        up = w0.up.new_zeros((out_features, w0.rank), dtype=dtype)
+        for start, w in blocks:
+            up[start : start + w.up.shape[0]] = part_up(w)
+        return LoraWeight(w0.down.to(dtype), up, w0.alpha if same else float(w0.rank))
+    rank = sum(w.rank for w in ws)
+    up = w0.up.new_zeros((out_features, rank), dtype=dtype)
+    col = 0
+    for start, w in blocks:
+        up[start : start + w.up.shape[0], col : col + w.rank] = part_up(w)
+        col += w.rank
+    down = torch.cat([w.down.to(dtype) for w in ws])
+    return LoraWeight(down, up, sum(w.alpha for w in ws) if same else float(rank))
+
+
+def split_row_blocks(w: LoraWeight, sizes: list[int] | tuple[int, ...]) -> list[LoraWeight | None]:
+    """One LoRA on a fused Linear -> one LoRA per block of ``sizes`` rows (None: no update). Exact.
+
+    Blocks share ``down`` and take their rows of ``up``. When each block's non-zero ``up`` columns are
+    disjoint from the others' (a LoRA fused from parts with different downs), each block keeps only its own
+    rank columns.
+    Blocks whose ``up`` is all zero are dropped unless every block is zero (an untrained LoRA keeps its
+    modules).
+    """
+    ups = list(torch.split(w.up, list(sizes), dim=0))
+    masks = [(u != 0).any(dim=0) for u in ups]
+    live = [i for i, m in enumerate(masks) if m.any()]
+    if not live:
+        return [LoraWeight(w.down, u, w.alpha) for u in ups]
+    out: list[LoraWeight | None] = [None] * len(ups)
+    disjoint = len(live) > 1 and bool((sum(masks[i].int() for i in live) <= 1).all())
+    for i in live:
+        if disjoint:
+            m = masks[i]
+            out[i] = LoraWeight(w.down[m], ups[i][:, m], w.alpha * int(m.sum()) / w.rank)
+        else:
+            out[i] = LoraWeight(w.down, ups[i], w.alpha)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def check_lora(lora: LoraStateDict, params: FluxParams, source: str = "LoRA") -> None:
+    """Raise :class:`LoraFormatError` unless every module exists in the model and every shape fits."""
+    shapes = linear_shapes(params)
+    bad = []
+    for name, w in lora.items():
+        if name not in shapes:
+            bad.append(f"{name!r} is not a Linear of the model")
+            continue
+        out_f, in_f = shapes[name]
+        if (
+            w.down.ndim != 2
+            or w.up.ndim != 2
+            or w.down.shape[0] != w.up.shape[1]
+            or w.down.shape[1] != in_f
+            or w.up.shape[0] != out_f
+        ):
+            bad.append(
+                f"{name!r}: down {tuple(w.down.shape)}, up {tuple(w.up.shape)}; expected down [r, {in_f}], "
+                f"up [{out_f}, r]"
+            )
+        elif not math.isfinite(float(w.alpha)):
+            bad.append(f"{name!r}: alpha {w.alpha}")
+    if bad:
+        raise LoraFormatError(f"{source} does not fit the model ({len(bad)} modules): {'; '.join(bad[:5])}")
+
+
+# ------------------------------------------------------------------------------------- writing state dicts
+
+
+def _alpha_tensor(alpha: float) -> Tensor:
+    return torch.tensor(float(alpha), dtype=torch.float32)
+
+
+def to_kohya_state_dict(lora: LoraStateDict, params: FluxParams) -> dict[str, Tensor]:
+    """Canonical LoRA -> kohya keys ``lora_unet_<bfl_path>.{lora_down.weight, lora_up.weight, alpha}``."""
+    check_lora(lora, params)
+    sd: dict[str, Tensor] = {}
+    for name, w in lora.items():
+        base = kohya_name(name)
+        sd[f"{base}.lora_down.weight"] = w.down
+        sd[f"{base}.lora_up.weight"] = w.up
+        sd[f"{base}.alpha"] = _alpha_tensor(w.alpha)
+    return sd
+
+
+def to_diffusers_state_dict(
+    lora: LoraStateDict, params: FluxParams, bake_scale: bool = True
+) -> dict[str, Tensor]:
+    """Canonical LoRA -> diffusers keys ``transformer.<diffusers module>.lora_A/.lora_B.weight``.
+
+    Fused q/k/v(/mlp) are split by rows (:func:`split_row_blocks`); ``norm_out.linear`` gets its up rows
+    swapped. ``bake_scale``: multiply alpha/r into lora_B (loads at scale 1 everywhere); otherwise write float
+    ``.alpha`` keys.
+    """
+    check_lora(lora, params)
+    maps = {m.bfl: m for m in flux_linear_maps(params)}
+    parts: dict[str, LoraWeight] = {}
+    for name, w in lora.items():
+        m = maps[name]
+        if m.is_split:
+            split = split_row_blocks(w, m.sizes)
+        else:
+            split = [LoraWeight(w.down, m.to_diffusers_rows(w.up)[0], w.alpha)]
+        parts.update(
+            (module, part) for module, part in zip(m.diffusers, split, strict=True) if part is not None
+        )
+    if not bake_scale:
+        _align_suffix_alphas(parts)
+    sd: dict[str, Tensor] = {}
+    for module, part in parts.items():
+        base = f"transformer.{module}"
+        sd[f"{base}.lora_A.weight"] = part.down
+        sd[f"{base}.lora_B.weight"] = _scaled(part.up, part.scale) if bake_scale else part.up
+        if not bake_scale:
+            sd[f"{base}.alpha"] = _alpha_tensor(part.alpha)
+    return sd
+
+
+def _scaled(up: Tensor, scale: float) -> Tensor:
+    return up if scale == 1.0 else (up.float() * scale).to(up.dtype)
+
+
+def _align_suffix_alphas(parts: dict[str, LoraWeight]) -> None:
+    """Give modules whose name ends with another module's name that module's alpha, rescaling their up.
+
+    diffusers turns per-module alphas into peft ``alpha_pattern`` keys, which match any module whose name ends
+    with the key: the alpha of ``proj_out`` (final layer) would also apply to
+    ``single_transformer_blocks.N.proj_out``.
+    """
+    for short, w in list(parts.items()):
+        if w.alpha == 0:
+            continue
+        for name, other in parts.items():
+            if name.endswith("." + short) and other.alpha != w.alpha:
+                parts[name] = LoraWeight(other.down, _scaled(other.up, other.alpha / w.alpha), w.alpha)
+
+
+# ------------------------------------------------------------------------------------- reading state dicts
+
+
+def _group_keys(
+    sd: dict[str, Tensor], table: dict[str, Target], source: str
+) -> tuple[dict[str, dict], list[str]]:
+    groups: dict[str, dict[str, tuple[str, Tensor]]] = defaultdict(dict)
+    unmatched = []
+    for key, tensor in sd.items():
+        parsed = split_suffix(key)
+        if parsed is None or parsed[0] not in table:
+            unmatched.append(key)
+            continue
+        base, role = parsed
+        if role in groups[base]:
+            raise LoraFormatError(f"{source}: {groups[base][role][0]!r} and {key!r} are the same LoRA tensor")
+        groups[base][role] = (key, tensor)
+    return groups, unmatched
+
+
+def _collect_blocks(
+    sd: dict[str, Tensor], params: FluxParams, metadata: dict | None, source: str
+) -> tuple[dict[str, list[tuple[int, LoraWeight, str]]], list[str]]:
+    """``bfl -> [(first row, LoRA, base name)]`` for every complete down/up pair; keys matching nothing."""
+    table = base_name_table(params)
+    shapes = linear_shapes(params)
+    maps = {m.bfl: m for m in flux_linear_maps(params)}
+    peft_alpha = peft_alpha_rule(metadata, source)
+    groups, unmatched = _group_keys(sd, table, source)
+    blocks: dict[str, list[tuple[int, LoraWeight, str]]] = defaultdict(list)
+    errors = []
+    for base, roles in groups.items():
+        if "down" not in roles or "up" not in roles:
+            unmatched += [key for key, _ in roles.values()]
+            continue
+        t = table[base]
+        (down_key, down), (up_key, up) = roles["down"], roles["up"]
+        if (err := pair_error(t, down, up, shapes[t.bfl][1])) is not None:
+            errors.append(f"{down_key!r}/{up_key!r}: {err}")
+            continue
+        rank = down.shape[0]
+        if "alpha" in roles:
+            alpha = alpha_value(*roles["alpha"], source)
+        elif peft_alpha is not None and t.layout in _PEFT_FAMILY:
+            alpha = peft_alpha(t.module, rank)
+        else:
+            alpha = float(rank)  # no alpha: every loader applies scale 1
+        if t.swap_halves:
+            up = maps[t.bfl].to_bfl_rows([up])
+        blocks[t.bfl].append((t.start, LoraWeight(down, up, alpha), base))
+    if errors:
+        raise LoraFormatError(
+            f"{source}: {len(errors)} LoRA modules do not fit the model "
+            f"(hidden {params.hidden_size}): {'; '.join(errors[:5])}"
+        )
+    return blocks, unmatched
+
+
+def _check_overlap(bfl: str, blocks: list[tuple[int, LoraWeight, str]], source: str) -> None:
+    end, prev = 0, None
+    for start, w, base in sorted(blocks, key=lambda b: b[0]):
+        if prev is not None and start < end:
+            raise LoraFormatError(f"{source}: {prev!r} and {base!r} both hold a LoRA for rows of {bfl}")
+        end, prev = start + w.up.shape[0], base
+
+
+def from_state_dict(
+    sd: dict[str, Tensor],
+    params: FluxParams,
+    *,
+    metadata: dict | None = None,
+    source: str = "LoRA state dict",
+) -> LoraStateDict:
+    """Any supported LoRA layout -> canonical fused LoRA with explicit alpha. Pure (no file access).
+
+    Args:
+        sd: the file's tensors. Keys that match no module of the model are listed in one warning.
+        params: the model the LoRA is for; every down/up shape must fit it.
+        metadata: safetensors header; ``lora_adapter_metadata`` (a peft LoraConfig as JSON, keys optionally
+            prefixed ``transformer.``) gives alpha to diffusers / peft keys that have no ``.alpha``.
+        source: how errors and warnings name the input.
+
+    Raises:
+        LoraFormatError: nothing matches, a shape does not fit, or two keys cover the same rows.
+    """
+    blocks, unmatched = _collect_blocks(sd, params, metadata, source)
+    if not blocks:
+        raise LoraFormatError(
+            f"{source}: no key matches a FLUX LoRA layout for this model (layout guess: "
+            f"{detect_layout(sd)}); first keys: {sorted(sd)[:5]}"
+        )
+    if unmatched:
+        log.warning(
+            "%s: %d keys match no module of the model and are ignored: %s",
+            source,
+            len(unmatched),
+            sorted(unmatched),
+        )
+    shapes = linear_shapes(params)
+    lora: LoraStateDict = {}
+    for bfl, parts in blocks.items():
+        _check_overlap(bfl, parts, source)
+        lora[bfl] = fuse_row_blocks([(start, w) for start, w, _ in parts], shapes[bfl][0])
+    return lora
+
+
+def _from_layout(
+    sd: dict[str, Tensor], params: FluxParams, layouts: tuple[str, ...], metadata: dict | None
+) -> LoraStateDict:
+    found = detect_layout(sd)
+    if found not in layouts:
+        raise LoraFormatError(
+            f"expected a {' or '.join(layouts)} LoRA state dict, got {found} (first keys: {sorted(sd)[:3]})"
+        )
+    return from_state_dict(sd, params, metadata=metadata)
+
+
+def from_kohya_state_dict(sd: dict[str, Tensor], params: FluxParams) -> LoraStateDict:
+    """Inverse of :func:`to_kohya_state_dict` (``lora_unet_*`` keys)."""
+    return _from_layout(sd, params, ("kohya",), None)
+
+
+def from_diffusers_state_dict(
+    sd: dict[str, Tensor], params: FluxParams, metadata: dict | None = None
+) -> LoraStateDict:
+    """Inverse of :func:`to_diffusers_state_dict` (``transformer.*`` keys; split parts fused back exactly)."""
+    return _from_layout(sd, params, ("diffusers",), metadata)
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def read_lora(
+    source: str | Path | dict[str, Tensor], params: FluxParams, *, metadata: dict | None = None
+) -> LoraStateDict:
+    """Read a LoRA in any supported layout from a safetensors file (or a state dict) for a ``params`` model.
+
+    ``metadata`` is merged over the file's own safetensors metadata (see :func:`from_state_dict`).
+    """
+    if isinstance(source, dict):
+        return from_state_dict(source, params, metadata=metadata)
+    path = Path(source)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise LoraFormatError(
+            f"{path}: only safetensors LoRA files are read (pickle files can run code); "
+            "convert it to .safetensors first"
+        )
+    file_metadata = read_metadata(path)
+    sd = dict(iter_tensors(path))
+    lora = from_state_dict(sd, params, metadata={**file_metadata, **(metadata or {})}, source=str(path))
+    log.info("%s: %s layout, %d modules", path, detect_layout(sd), len(lora))
+    return lora
+
+
+def write_lora(
+    path: str | Path,
+    lora: LoraStateDict,
+    params: FluxParams,
+    *,
+    layout: str = "kohya",
+    metadata: dict[str, str] | None = None,
+    bake_scale: bool = True,
+) -> Path:
+    """Write ``lora`` as a safetensors file (atomically) in the ``kohya`` or ``diffusers`` layout.
+
+    kohya: fused modules, float32 ``.alpha``, ``format``/``ss_*``/``modelspec.*``/``sshs_*`` metadata (see
+    :mod:`flux_lora.lora_metadata`). diffusers: split ``transformer.*`` modules, scale baked into lora_B
+    unless ``bake_scale=False`` (then float ``.alpha`` keys). ``metadata`` adds (or overrides) header entries;
+    values must be strings.
+    """
+    path = Path(path)
+    if layout == "kohya":
+        warn_kohya_non_block(lora, path)
+        sd = to_kohya_state_dict(lora, params)
+    elif layout == "diffusers":
+        sd = to_diffusers_state_dict(lora, params, bake_scale)
+    else:
+        raise ValueError(f"layout must be 'kohya' or 'diffusers', got {layout!r}")
+    # Our own copies: split parts share storage, which safetensors refuses to write.
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    if layout == "kohya":
+        header = kohya_metadata(sd, lora, params, output_name=path.stem, extra=metadata)
+    else:
+        header = diffusers_metadata(params, extra=metadata)
+    return save_file_atomic(sd, path, header)
