@@ -186,6 +186,11 @@ def _dit_stream(path: Path) -> tuple[FluxParams, Iterator[tuple[str, Tensor]], d
     return params, iter_tensors(path, prefix, skip=lambda k: k in extra), scales, str(path)
 
 
+def read_flux_params(source: str | Path) -> FluxParams:
+    """The architecture of the DiT at ``source`` (model folder, diffusers folder or file), from headers only."""
+    return _dit_stream(find_dit_file(Path(source)))[0]
+
+
 def load_flow_model(
     source: str | Path,
     params: str | FluxParams | None = None,

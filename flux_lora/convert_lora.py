@@ -1,0 +1,66 @@
+"""Convert a FLUX LoRA file from any readable layout to the kohya or the diffusers layout.
+
+    python -m flux_lora.convert_lora IN.safetensors OUT.safetensors --to kohya [--model flux-dev]
+
+``--model`` is a preset name (``flux-dev``, ``flux-schnell``, ...) or a model folder / DiT file whose
+architecture is read from its headers; the LoRA's shapes are checked against it. Exits non-zero with a
+message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .loading import read_flux_params
+from .lora_formats import read_lora, write_lora
+from .model import PRESETS, FluxParams
+
+log = logging.getLogger("flux_lora.convert_lora")
+
+
+def resolve_params(model: str) -> FluxParams:
+    """A preset name, or the architecture of the model folder / DiT file at ``model``."""
+    if model in PRESETS:
+        return PRESETS[model]
+    if not Path(model).exists():
+        raise ValueError(
+            f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path"
+        )
+    return read_flux_params(model)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flux_lora.convert_lora", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("input", help="LoRA file (.safetensors) in any supported layout")
+    parser.add_argument("output", help="file to write")
+    parser.add_argument("--to", required=True, choices=("kohya", "diffusers"), help="layout of the output")
+    parser.add_argument("--model", default="flux-dev", help="preset name or model folder / DiT file")
+    parser.add_argument(
+        "--no-bake",
+        action="store_true",
+        help="diffusers layout: write float .alpha keys instead of baking alpha/r into lora_B",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = resolve_params(args.model)
+        lora = read_lora(args.input, params)
+        out = write_lora(args.output, lora, params, layout=args.to, bake_scale=not args.no_bake)
+    except (ValueError, OSError) as e:  # CheckpointError and LoraFormatError are ValueErrors naming the file
+        log.error("cannot convert %s: %s", args.input, e)
+        return 1
+    log.info("wrote %s: %s layout, %d modules", out, args.to, len(lora))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
