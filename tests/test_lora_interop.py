@@ -1,0 +1,229 @@
+"""Our LoRA files through diffusers' own LoRA loader, and diffusers/peft LoRA files through ours.
+
+Oracle: diffusers' ``FluxTransformer2DModel`` holding the same weights as our ``Flux``. A LoRA merged into our
+model (``W += delta`` in float32) must give the output diffusers gives after its loader read the file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from flux_lora import sampling as S
+from flux_lora.checkpoint import read_keys, read_metadata
+from flux_lora.keymaps import flux_to_diffusers, flux_to_diffusers_config
+from flux_lora.lora_formats import LoraWeight, fuse_row_blocks, read_lora, write_lora
+from flux_lora.lora_keys import detect_layout, linear_shapes
+from flux_lora.model import PRESETS, Flux, FluxParams
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+
+TINY = PRESETS["tiny"]
+# diffusers' kohya converter hard-codes linear1's split sizes for hidden 3072: real width, one block each.
+REAL_WIDTH = FluxParams(vec_in_dim=32, context_in_dim=32, depth=1, depth_single_blocks=1)
+
+
+def _inputs(p: FluxParams, batch=2, lat_h=4, lat_w=6, txt_len=5, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        img=S.pack(torch.randn(batch, p.in_channels // 4, lat_h, lat_w, generator=g)),
+        img_ids=S.img_ids(batch, lat_h, lat_w),
+        txt=torch.randn(batch, txt_len, p.context_in_dim, generator=g),
+        txt_ids=S.txt_ids(batch, txt_len),
+        timesteps=torch.rand(batch, generator=g),
+        y=torch.randn(batch, p.vec_in_dim, generator=g),
+        guidance=torch.tensor([3.5, 1.0][:batch]) if p.guidance_embed else None,
+    )
+
+
+def _diffusers_out(model, x: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(
+            hidden_states=x["img"],
+            encoder_hidden_states=x["txt"],
+            pooled_projections=x["y"],
+            timestep=x["timesteps"],
+            img_ids=x["img_ids"][0],
+            txt_ids=x["txt_ids"][0],
+            guidance=x["guidance"],
+            return_dict=False,
+        )[0]
+
+
+def _models(p: FluxParams, share: bool = False):
+    """Our Flux with random weights and a diffusers model holding the same (shared or copied) weights."""
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        ours = Flux(p)
+        theirs = diffusers.FluxTransformer2DModel(**flux_to_diffusers_config(p))
+    sd = {}
+    for key, t in ours.state_dict().items():
+        lo, hi = (-0.02, 0.02) if t.ndim == 2 else ((0.5, 1.5) if "norm" in key else (-0.05, 0.05))
+        sd[key] = torch.empty(t.shape).uniform_(lo, hi, generator=g)
+    ours.load_state_dict(sd, assign=True)
+    converted = flux_to_diffusers(ours.state_dict(), p)
+    theirs.load_state_dict(converted if share else {k: v.clone() for k, v in converted.items()}, assign=True)
+    return ours.eval(), theirs.eval()
+
+
+def _pipeline(transformer):
+    return diffusers.FluxPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+
+
+def _merge(model: Flux, lora: dict[str, LoraWeight]) -> None:
+    with torch.no_grad():
+        for name, w in lora.items():
+            model.get_submodule(name).weight += w.delta()
+
+
+def _random_lora(p: FluxParams, names, seed: int, rank=lambda i: 2 + i % 3, alpha=lambda i: float(1 + i % 5)):
+    """Non-zero up and down, ranks 2-4, alphas 1-5 (mostly != rank)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = linear_shapes(p)
+    return {
+        n: LoraWeight(
+            0.05 * torch.randn(rank(i), shapes[n][1], generator=g),
+            0.05 * torch.randn(shapes[n][0], rank(i), generator=g),
+            alpha(i),
+        )
+        for i, n in enumerate(names)
+    }
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor) -> None:
+    err = float((got - want).abs().max() / want.abs().max())
+    effect = float((want - base).abs().max() / want.abs().max())
+    assert effect > 1e-2, f"the LoRA barely changes the output ({effect:.1e}): the test would prove nothing"
+    assert err <= 1e-5, f"relative max error {err:.2e} (LoRA effect {effect:.2e})"
+
+
+def _adapter_state(model) -> dict[str, torch.Tensor]:
+    (name,) = model.peft_config  # diffusers names the adapter it loads default_0
+    return get_peft_model_state_dict(model, adapter_name=name)
+
+
+def _load_with_diffusers(pipe, path, caplog) -> list[str]:
+    """``pipe.load_lora_weights(path)``; diffusers' warnings (but the one about the absent text encoder)."""
+    diffusers.utils.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="diffusers"):
+            pipe.load_lora_weights(str(path))
+    finally:
+        diffusers.utils.logging.disable_propagation()
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("diffusers")
+        and r.levelno >= logging.WARNING
+        and "text_encoder" not in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("bake", [True, False])
+def test_our_diffusers_file_in_diffusers_loader(tmp_path, caplog, bake):
+    """(a) Every layer kind diffusers supports (embedders, blocks, final layer and its swap), per-module ranks
+    and alphas, scale baked or as .alpha keys: diffusers loads every key and matches our merged
+    model."""
+    ours, theirs = _models(TINY)
+    x = _inputs(TINY)
+    base = ours(**x).detach()
+    lora = _random_lora(TINY, sorted(linear_shapes(TINY)), seed=1)
+    path = write_lora(
+        tmp_path / "pytorch_lora_weights.safetensors", lora, TINY, layout="diffusers", bake_scale=bake
+    )
+    assert detect_layout(read_keys(path)) == "diffusers"
+    warnings = _load_with_diffusers(_pipeline(theirs), path, caplog)
+    assert warnings == []
+    loaded = set(_adapter_state(theirs))
+    in_file = {k.removeprefix("transformer.") for k in read_keys(path) if not k.endswith(".alpha")}
+    assert loaded == in_file  # zero keys left unloaded, none missing
+    assert sum(isinstance(m, LoraLayer) for m in theirs.modules()) == len(in_file) // 2
+    _merge(ours, lora)
+    _assert_same(ours(**x).detach(), _diffusers_out(theirs, x), base)
+
+
+def test_our_kohya_file_in_diffusers_loader_at_real_width(tmp_path, caplog):
+    """(a') kohya layout through diffusers' kohya converter (hidden 3072): block layers, one of them a
+    rank-concatenated (block-diagonal) qkv whose alpha must be scaled by the number of parts."""
+    ours, theirs = _models(REAL_WIDTH, share=True)  # shared weights: merge into ours only after diffusers ran
+    x = _inputs(REAL_WIDTH, batch=1, lat_h=2, lat_w=4, txt_len=3)
+    with torch.no_grad():
+        base = ours(**x)
+    blocks = sorted(
+        n for n in linear_shapes(REAL_WIDTH) if n.startswith(("double_blocks.", "single_blocks."))
+    )
+    lora = _random_lora(REAL_WIDTH, blocks, seed=2, rank=lambda i: 4, alpha=lambda i: 8.0)
+    g = torch.Generator().manual_seed(3)
+    split = [
+        (
+            k * 3072,
+            LoraWeight(
+                0.05 * torch.randn(2, 3072, generator=g), 0.05 * torch.randn(3072, 2, generator=g), 3.0
+            ),
+        )
+        for k in range(3)
+    ]
+    lora["double_blocks.0.txt_attn.qkv"] = fuse_row_blocks(split, 9216)
+    assert (lora["double_blocks.0.txt_attn.qkv"].rank, lora["double_blocks.0.txt_attn.qkv"].alpha) == (6, 9.0)
+    path = write_lora(tmp_path / "kohya.safetensors", lora, REAL_WIDTH)
+    assert _load_with_diffusers(_pipeline(theirs), path, caplog) == []
+    assert len(_adapter_state(theirs)) == 2 * (
+        len(blocks) + 2 + 2 + 3
+    )  # split: qkv (2 more each), linear1 (3)
+    want = _diffusers_out(theirs, x)
+    _merge(ours, lora)
+    with torch.no_grad():
+        _assert_same(ours(**x), want, base)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_lora_made_on_diffusers_model_reads_into_ours(tmp_path, use_rslora):
+    """(b) peft injects a LoRA into diffusers' model (different A per q/k/v, per-module ranks and alphas),
+    diffusers saves it; our reader folds it into fused BFL modules and our merged model reproduces diffusers'
+    output."""
+    from peft import LoraConfig
+
+    ours, theirs = _models(TINY)
+    x = _inputs(TINY)
+    base = ours(**x).detach()
+    targets = [n for n, m in theirs.named_modules() if isinstance(m, torch.nn.Linear)]
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        rank_pattern={"to_k": 2, "proj_out": 3},
+        alpha_pattern={"proj_mlp": 3.0, "norm_out.linear": 5.0},
+        use_rslora=use_rslora,
+    )
+    theirs.add_adapter(config)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    want = _diffusers_out(theirs, x)
+    diffusers.FluxPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(theirs),
+        transformer_lora_adapter_metadata=theirs.peft_config["default"].to_dict(),
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    assert "lora_adapter_metadata" in read_metadata(path)
+    lora = read_lora(path, TINY)
+    assert set(lora) == set(linear_shapes(TINY))
+    assert lora["single_blocks.0.linear1"].rank == 4 + 2 + 4 + 4  # q, k (rank 2), v, mlp: different A
+    _merge(ours, lora)
+    _assert_same(ours(**x).detach(), want, base)
