@@ -167,10 +167,11 @@ class BucketBatchSampler:
         self.epoch = epoch
 
     def _groups(self) -> dict[Size, list[int]]:
+        # copies interleaved ([a, b, a, b]): unshuffled batches do not pair an image with itself
         groups: dict[Size, list[int]] = {}
         for i, b in enumerate(self.buckets):
-            groups.setdefault(tuple(b), []).extend([i] * self.repeats)
-        return groups
+            groups.setdefault(tuple(b), []).append(i)
+        return {size: members * self.repeats for size, members in groups.items()}
 
     def global_batches(self) -> list[list[tuple[int, int]]]:
         """This epoch's batches for all ranks together, before padding and splitting."""

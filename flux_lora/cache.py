@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
 import logging
 from collections import Counter
@@ -295,12 +296,12 @@ def image_to_tensor(image: Image.Image) -> Tensor:
 
 def _encode_latents(ae: AutoEncoder, plan: CachePlan, data: ScannedData, device: torch.device,
                     batch_size: int, progress: bool) -> int:
-    store, dtype = plan.store, next(ae.parameters()).dtype
+    store, dtype = plan.store, getattr(torch, plan.ae_spec.dtype)
     jobs = sorted(plan.missing_latents, key=lambda j: (j.placement.bucket, j.record, j.key))
-    decoded: tuple[int, Image.Image] | None = None
+    decoded: tuple[int, Image.Image] | None = None  # variants of one image come in a row: decode it once
     with tqdm(total=len(jobs), desc="caching latents", unit="image", disable=not progress) as bar:
-        for bucket in dict.fromkeys(j.placement.bucket for j in jobs):
-            for batch in _batches([j for j in jobs if j.placement.bucket == bucket], batch_size):
+        for _, same_size in itertools.groupby(jobs, key=lambda j: j.placement.bucket):
+            for batch in _batches(list(same_size), batch_size):
                 pixels = []
                 for job in batch:
                     if decoded is None or decoded[0] != job.record:
@@ -333,23 +334,23 @@ def fill_cache(plan: CachePlan, data: ScannedData, load_text_encoders: Callable[
         plan = plan.refresh()
         texts = latents = 0
         if plan.missing_text:
-            encoders = load_text_encoders().to(device)
-            try:
-                _check_dtype(encoders, plan.text_spec.dtype, "text encoders")
-                texts = _encode_texts(encoders, plan, batch_size, progress)
-            finally:
-                release(encoders)
-                del encoders
+            texts = _with_encoder(load_text_encoders, device, plan.text_spec.dtype, "text encoders",
+                                  lambda te: _encode_texts(te, plan, batch_size, progress))
         if plan.missing_latents:
-            ae = load_autoencoder().to(device)
-            try:
-                _check_dtype(ae, plan.ae_spec.dtype, "autoencoder")
-                latents = _encode_latents(ae, plan, data, device, batch_size, progress)
-            finally:
-                release(ae)
-                del ae
-    release(None)
+            latents = _with_encoder(load_autoencoder, device, plan.ae_spec.dtype, "autoencoder",
+                                    lambda ae: _encode_latents(ae, plan, data, device, batch_size, progress))
     return FillStats(texts, latents)
+
+
+def _with_encoder(load: Callable[[], nn.Module], device: torch.device, dtype: str, what: str,
+                  work: Callable[[nn.Module], int]) -> int:
+    """Load, check the dtype, run ``work``, and release the encoder whatever happens."""
+    module = load().to(device)
+    try:
+        _check_dtype(module, dtype, what)
+        return work(module)
+    finally:
+        release(module)
 
 
 def load_text_embeddings(plan: CachePlan, prompts: Sequence[str]) -> TextEmbeddings:

@@ -309,8 +309,8 @@ def scan(cfg: DataConfig) -> ScannedData:
     for row, (name, caption, ref) in enumerate(items):
         try:
             data = Path(ref).read_bytes() if kind == "folder" else _row_bytes(ref, name)
-        except OSError as e:
-            data, digest, probed = None, "", f"{type(e).__name__}: {e}"
+        except (OSError, DataError) as e:  # unreadable file, or a row without image data
+            digest, probed = "", f"{type(e).__name__}: {e}"
         else:
             digest = hashlib.sha256(data).hexdigest()
             probed = _probe(data, digest, probe_dir)

@@ -10,6 +10,7 @@ The batch sampler splits batches between ranks itself, so the Trainer must be bu
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from .cache import (
 )
 from .conditioning import TextEmbeddings, TextEncoders
 from .data import DataConfig, ScannedData, scan
+from .loading import load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +97,8 @@ class FluxDataModule(L.LightningDataModule):
 
     Args:
         cfg: the data config.
-        text_spec / ae_spec: identities of the encoders (e.g. ``TextEncoderSpec.from_folder``); computed
-            from files,
-            so nothing is loaded to find out whether the cache is complete.
+        text_spec / ae_spec: identities of the encoders (e.g. ``TextEncoderSpec.from_folder``), computed
+            from files, so nothing is loaded to find out whether the cache is complete.
         load_text_encoders / load_autoencoder: build fresh encoders; called only if something is missing.
         sample_prompts: prompts whose embeddings the sampling callback needs (:meth:`sample_embeddings`).
         device: where to encode; default: the trainer's root device, else the CPU.
@@ -117,13 +118,13 @@ class FluxDataModule(L.LightningDataModule):
                           sample_prompts: Sequence[str] = (), device: str | torch.device | None = None
                           ) -> FluxDataModule:
         """Encoders in one FLUX.1-layout folder (``text_encoder*/``, ``tokenizer*/``, ``ae.safetensors``)."""
-        from .loading import load_autoencoder
-
         folder = Path(folder)
-        return cls(cfg, TextEncoderSpec.from_folder(folder, max_length, dtype),
-                   AutoEncoderSpec.from_folder(folder, dtype),
-                   lambda: TextEncoders.from_folder(folder, max_length, dtype=dtype),
-                   lambda: load_autoencoder(folder, dtype=dtype), sample_prompts, device)
+        dm = cls(cfg, TextEncoderSpec.from_folder(folder, max_length, dtype),
+                 AutoEncoderSpec.from_folder(folder, dtype), _never, _never, sample_prompts, device)
+        # Picklable partials (for ddp_spawn) that load straight onto the encoding device, not via the host.
+        dm.load_text_encoders = functools.partial(_folder_text_encoders, dm, folder, max_length, dtype)
+        dm.load_autoencoder = functools.partial(_folder_autoencoder, dm, folder, dtype)
+        return dm
 
     def _plan(self) -> tuple[ScannedData, CachePlan]:
         data = scan(self.cfg)
@@ -166,3 +167,16 @@ class FluxDataModule(L.LightningDataModule):
     def sample_embeddings(self) -> TextEmbeddings:
         """The cached embeddings of the sample prompts, in order: ``txt [N, L, d_t5]``, ``y [N, d_clip]``."""
         return load_text_embeddings(self._require_plan(), self.sample_prompts)
+
+
+def _never():
+    raise AssertionError("replaced in FluxDataModule.from_model_folder")
+
+
+def _folder_text_encoders(dm: FluxDataModule, folder: Path, max_length: int,
+                          dtype: torch.dtype) -> TextEncoders:
+    return TextEncoders.from_folder(folder, max_length, dtype=dtype, device=dm._device())
+
+
+def _folder_autoencoder(dm: FluxDataModule, folder: Path, dtype: torch.dtype) -> AutoEncoder:
+    return load_autoencoder(folder, dtype=dtype, device=dm._device())

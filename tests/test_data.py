@@ -303,3 +303,8 @@ def test_collate_stacks_a_bucket_and_rejects_mixed_sizes():
     assert batch["caption"] == ["a", "b"]
     with pytest.raises(ValueError, match="mixes latent sizes"):
         collate([sample(8, 8, "a"), sample(6, 10, "b")])
+
+
+def test_unshuffled_repeats_interleave():
+    sampler = BucketBatchSampler([(64, 64)] * 2, [1, 1], batch_size=2, repeats=2, shuffle=False)
+    assert [[i for i, _ in b] for b in sampler] == [[0, 1], [0, 1]]
