@@ -39,6 +39,7 @@ LoraSpec = tuple[LoraStateDict, float, str]
 
 RUNTIME_ATTR = "runtime_loras"
 STATE_ATTR = "_flux_lora_adapters"
+CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"  # torch's activation-checkpoint wrapper
 
 
 class RuntimeLoras(nn.Module):
@@ -119,10 +120,22 @@ def _base_linear(module: nn.Module) -> nn.Linear:
     return base
 
 
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)``, looking through activation-checkpoint wrappers on the way."""
+    module = model
+    for part in path.split("."):
+        while not hasattr(module, part) and hasattr(module, CHECKPOINT_WRAPPED):
+            module = getattr(module, CHECKPOINT_WRAPPED)
+        module = getattr(module, part)
+        if not isinstance(module, nn.Module):
+            raise AttributeError(f"{part} is not a module")
+    return module
+
+
 def _resolve(model: nn.Module, lora_name: str, path: str, lw: LoraWeight) -> tuple[nn.Module, nn.Linear]:
     """``(module at path, its base Linear)`` after checking that the LoRA's shapes fit it."""
     try:
-        module = model.get_submodule(path)
+        module = _submodule(model, path)
         base = _base_linear(module)
     except (AttributeError, TypeError) as e:
         raise ValueError(f"LoRA {lora_name!r}: key {path!r} names no Linear layer of this model ({e})") \
@@ -240,7 +253,7 @@ def remove_loras(model: nn.Module, names: Iterable[str] | None = None) -> None:
         _unfuse(state.fused.pop())
     for name in (n for n in names if n in state.unfused):
         for path in state.unfused.pop(name):
-            module = model.get_submodule(path)
+            module = _submodule(model, path)
             runtime = getattr(module, RUNTIME_ATTR)
             runtime.drop(name)
             if not runtime.scales:
@@ -262,7 +275,7 @@ def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
     if name not in state.unfused:
         raise ValueError(f"no unfused LoRA named {name!r}; unfused: {sorted(state.unfused)}")
     for path in state.unfused[name]:
-        getattr(model.get_submodule(path), RUNTIME_ATTR).scales[name] = float(scale)
+        getattr(_submodule(model, path), RUNTIME_ATTR).scales[name] = float(scale)
     state.scales[name] = float(scale)
 
 

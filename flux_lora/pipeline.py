@@ -113,13 +113,13 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 
 def model_folder(source: str | Path) -> Path:
-    """A local model folder. (ModelScope ids: ``flux_lora.hub.resolve_model``, wired in by the lead.)"""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
+    """A local model folder, or the folder a ModelScope id (``AI-ModelScope/FLUX.1-dev``) downloads to."""
+    from .hub import resolve_model
+
+    path = resolve_model(source, ("dit", "ae", "text_encoders"))
+    if not path.is_dir():
         raise ValueError(f"{source} is a file; pass a model folder (DiT, autoencoder and text encoders)")
-    raise FileNotFoundError(f"model {str(source)!r}: no such local folder (ModelScope ids: not yet)")
+    return path
 
 
 class FluxPipeline:
@@ -147,7 +147,7 @@ class FluxPipeline:
     def from_pretrained(cls, source: str | Path, *, quantize: str | None = None,
                         dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
                         offload: OffloadMode | None = None) -> FluxPipeline:
-        """Load DiT, autoencoder and text encoders from a model folder (FLUX.1 layout).
+        """Load DiT, autoencoder and text encoders from a model folder (FLUX.1 layout) or a ModelScope id.
 
         ``quantize="float8_e4m3fn"`` stores the DiT's block Linears in fp8. With ``offload``, the weights load
         into host memory and move to ``device`` as the mode says.

@@ -1,4 +1,4 @@
-"""Small builders shared by the pipeline, offload and adapter tests."""
+"""LoRA and memory-layout helpers shared by the offload and adapter tests."""
 
 from __future__ import annotations
 
@@ -6,22 +6,6 @@ import torch
 from torch import nn
 
 from flux_lora.lora_formats import LoraWeight
-from flux_lora.model import FluxParams
-
-
-def dit_inputs(params: FluxParams, tokens: int = 6, length: int = 5,
-               seed: int = 1) -> dict[str, torch.Tensor | None]:
-    """Keyword inputs of one ``Flux.forward`` call, float32, batch 1."""
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        img=torch.randn(1, tokens, params.in_channels, generator=g),
-        img_ids=torch.rand(1, tokens, 3, generator=g) * 4,
-        txt=torch.randn(1, length, params.context_in_dim, generator=g),
-        txt_ids=torch.zeros(1, length, 3),
-        timesteps=torch.tensor([0.7]),
-        y=torch.randn(1, params.vec_in_dim, generator=g),
-        guidance=torch.tensor([3.5]) if params.guidance_embed else None,
-    )
 
 
 def random_lora(model: nn.Module, paths: list[str], rank: int = 2, alpha: float = 4.0,

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers_dit import dit_inputs, random_lora
+from helpers_dit import random_lora
 from torch import nn
 
 from flux_lora.adapters import (
@@ -21,6 +21,8 @@ from flux_lora.adapters import (
 from flux_lora.model import PRESETS, Flux
 from flux_lora.quantization import FP8, FP8Linear, quantize_
 from flux_lora.tiny import random_flux
+
+from fluxtest import dit_inputs
 
 PATHS = ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2", "single_blocks.0.linear1",
          "single_blocks.1.linear2", "final_layer.adaLN_modulation.1", "img_in"]
@@ -38,7 +40,7 @@ def fp8_model(model) -> Flux:
 
 def _run(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
-        return model(**dit_inputs(model.params, tokens=8))
+        return model(**dit_inputs(model.params, batch=1))
 
 
 def _hand_merged(model: nn.Module, loras) -> nn.Module:
@@ -213,3 +215,18 @@ def test_bad_loras_are_rejected_with_clear_errors(model):
         remove_loras(model, ["nope"])
     # nothing was half-applied by the failures
     assert applied_loras(model) == {"x": ("unfused", 1.0)}
+
+
+def test_through_activation_checkpoint_wrappers(model):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    loras = _loras(model)
+    oracle, base = _run(_hand_merged(model, loras)), _run(model)
+    for blocks in (model.double_blocks, model.single_blocks):
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
+    apply_loras(model, loras)
+    torch.testing.assert_close(_run(model), oracle, atol=1e-5, rtol=1e-5)
+    set_lora_scale(model, "a", 0.0)
+    remove_loras(model)
+    assert torch.equal(_run(model), base)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_dit import dit_inputs, random_lora, realign
+from helpers_dit import random_lora, realign
 
 from flux_lora.adapters import apply_loras
 from flux_lora.loading import load_flow_model
 from flux_lora.offload import BlockOffload, Transfer, location
 from flux_lora.pipeline import FluxPipeline
 from flux_lora.quantization import FP8
+
+from fluxtest import dit_inputs
 
 KW = dict(height=32, width=48, num_inference_steps=2, seed=0, true_cfg=2.0, output_type="pt", progress=False)
 

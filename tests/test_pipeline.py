@@ -195,6 +195,23 @@ def test_bad_input_errors(dev_pipe):
         FluxPipeline.from_pretrained("no-such-model", device="cpu")
 
 
+def test_from_pretrained_resolves_a_modelscope_id(tiny_dev_dir, monkeypatch):
+    import flux_lora.hub as hub
+
+    calls = []
+
+    def download(model_id, **kwargs):
+        calls.append((model_id, kwargs["allow_patterns"]))
+        return str(tiny_dev_dir)
+
+    monkeypatch.setattr(hub, "_modelscope_download", download)
+    pipe = FluxPipeline.from_pretrained("AI-ModelScope/FLUX.1-dev", dtype=torch.float32, device="cpu")
+    assert calls[0][0] == "AI-ModelScope/FLUX.1-dev" and "ae.safetensors" in calls[0][1]
+    assert pipe.model.params.guidance_embed
+    with pytest.raises(ValueError, match="is a file"):
+        FluxPipeline.from_pretrained(tiny_dev_dir / "ae.safetensors", device="cpu")
+
+
 def test_schnell_ignores_guidance_with_a_warning(schnell_pipe, caplog):
     kw = dict(height=32, width=32, seed=0, output_type="latent", progress=False)
     with caplog.at_level(logging.WARNING, logger="flux_lora.pipeline"):
