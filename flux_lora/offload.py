@@ -152,10 +152,8 @@ class BlockOffload:
         self.on_move = on_move or (lambda action, module: None)
         self.blocks = [(f"{name}.{group}.{i}", block) for group in ("double_blocks", "single_blocks")
                        for i, block in enumerate(getattr(model, group))]
-        block_ids = _subtree_ids([b for _, b in self.blocks])
-        for _, block in self.blocks:
-            to_host_(block, transfer)
-        self.rest = Loaded(model, transfer, skip=block_ids)
+        to_host_(model, transfer)  # so that remove() leaves every tensor in host memory, wherever it started
+        self.rest = Loaded(model, transfer, skip=_subtree_ids([b for _, b in self.blocks]))
         self._pending: dict[int, tuple[Loaded, torch.cuda.Event | None]] = {}
         self._active: dict[int, Loaded] = {}
         self._hooks = [model.register_forward_pre_hook(self._start),

@@ -159,7 +159,7 @@ def test_seed_determinism(dev_pipe):
     assert (a - d).abs().max() > 1e-2
     images = dev_pipe("a dog", seed=7, **kw)
     assert images[0].size == (48, 32) and images[0].mode == "RGB"
-    assert torch.equal(torch.from_numpy(np.asarray(images[0])), (a[0] * 255).round().byte().permute(1, 2, 0))
+    assert torch.equal(torch.from_numpy(np.array(images[0])), (a[0] * 255).round().byte().permute(1, 2, 0))
 
 
 def test_size_is_rounded_down_to_multiples_of_16(dev_pipe, caplog):
