@@ -242,6 +242,7 @@ class FluxPipeline:
         height, width = self.image_size(height, width)
         ds = self.ae.params.downscale_factor
         lh, lw = height // ds, width // ds
+        schedule = self.timesteps(height, width, steps)  # validates steps before any encoding
 
         cond, neg = self._conditioning(prompt, text_embeddings, negative_prompt, negative_text_embeddings,
                                        true_cfg)
@@ -252,7 +253,6 @@ class FluxPipeline:
         img = pack(self._initial_noise(batch, lh, lw, seed, generator, latents)).to(self.device)
         ids = img_ids(batch, lh, lw, device=self.device)
         tids = txt_ids(batch, cond.txt.shape[1], device=self.device)
-        schedule = self.timesteps(height, width, steps)
         bar = _progress(steps, progress)
 
         def on_step(i: int, t: float, x: Tensor) -> None:
