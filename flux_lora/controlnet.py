@@ -133,13 +133,13 @@ class FluxControlNet(nn.Module):
                 m.weight.zero_()
                 m.bias.zero_()
 
-    def _vec(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
-        vec = self.time_in(timestep_embedding(timesteps, 256)) + self.vector_in(y)
+    def _vec(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, dtype: torch.dtype) -> Tensor:
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype)) + self.vector_in(y.to(dtype))
         # A ControlNet without a guidance embedder ignores guidance, as in diffusers' pipeline.
         if self.params.trunk.guidance_embed:
             if guidance is None:
                 raise ValueError("this ControlNet embeds guidance (FLUX.1-dev type): pass `guidance`")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
         return vec
 
     def _mode_token(self, mode: int | str | Tensor | None, batch: int, device) -> Tensor:
@@ -180,8 +180,9 @@ class FluxControlNet(nn.Module):
         if mode is not None and not self.params.is_union:
             raise ValueError(f"control mode {mode!r} given, but this ControlNet is not a union model")
         img = self.img_in(img) + self.control_in(control.to(img.dtype))
-        vec = self._vec(timesteps, y, guidance)
-        txt = self.txt_in(txt)
+        dtype = img.dtype  # the compute dtype: conditioning inputs follow it, as in Flux.forward
+        vec = self._vec(timesteps, y, guidance, dtype)
+        txt = self.txt_in(txt.to(dtype))
         if self.mode_embedder is not None:
             txt = torch.cat((self._mode_token(mode, img.shape[0], img.device).to(txt.dtype), txt), dim=1)
             txt_ids = torch.cat((txt_ids[:, :1], txt_ids), dim=1)  # the mode token sits at text position 0
