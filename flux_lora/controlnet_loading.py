@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, sharded_files
 from .controlnet import ControlNetParams, FluxControlNet
+from .hub import Downloader, ModelNotFoundError, resolve_model
 from .keymaps import (
     DiffusersToFlux,
     LinearMap,
@@ -125,15 +127,16 @@ def controlnet_to_diffusers(sd: dict[str, Tensor], p: ControlNetParams) -> dict[
 # ------------------------------------------------------------------------------------------ loading
 
 
-def local_folder(source: str | Path) -> Path:
-    """The default resolver: ``source`` must exist locally (ModelScope ids need ``flux_lora.hub``)."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise CheckpointError(
-            f"{source}: no such folder; pass a local ControlNet folder (config.json + "
-            "diffusion_pytorch_model.safetensors), or a resolver that downloads model ids"
-        )
-    return path
+def resolve_controlnet(source: str | Path, download: Downloader | None = None) -> Path:
+    """The default resolver: a local path as is, or a ModelScope id (e.g.
+    ``InstantX/FLUX.1-dev-Controlnet-Union-alpha``) downloaded through :func:`flux_lora.hub.resolve_model`."""
+    try:
+        return resolve_model(source, ["controlnet"], download=download)
+    except ModelNotFoundError as e:
+        reason = re.split(r"\. If you|; pass", str(e))[0]  # the hub's advice is for FLUX.1 model folders
+        raise CheckpointError(f"ControlNet {str(source)!r} is neither a local folder nor could it be downloaded "
+                              f"({reason}); pass a local folder holding config.json and "
+                              "diffusion_pytorch_model.safetensors") from e
 
 
 def find_controlnet_folder(path: Path) -> Path:
@@ -175,11 +178,11 @@ def load_controlnet(
         dtype: the float dtype of every tensor not stored in fp8.
         quantize: ``"float8_e4m3fn"`` stores the selected Linear weights in fp8 (computed in the input dtype).
         quant_policy: ``"blocks"`` (the double and single blocks, as for the DiT) or ``"all"`` Linears.
-        resolve: turns ``source`` into a local path (downloading if needed); default: local paths only.
+        resolve: turns ``source`` into a local path; default :func:`resolve_controlnet` (local or ModelScope).
     """
     if quantize not in (None, "float8_e4m3fn", "fp8"):
         raise ValueError(f"quantize must be None or 'float8_e4m3fn', got {quantize!r}")
-    folder = find_controlnet_folder((resolve or local_folder)(str(source)))
+    folder = find_controlnet_folder((resolve or resolve_controlnet)(str(source)))
     params = read_controlnet_params(folder)
     with torch.device("meta"):
         model = FluxControlNet(params)

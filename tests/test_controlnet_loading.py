@@ -24,7 +24,12 @@ from flux_lora.controlnet import (
     mask_to_latent,
     resolve_mode,
 )
-from flux_lora.controlnet_loading import controlnet_config, controlnet_params_from_config, load_controlnet
+from flux_lora.controlnet_loading import (
+    controlnet_config,
+    controlnet_params_from_config,
+    load_controlnet,
+    resolve_controlnet,
+)
 from flux_lora.model import PRESETS
 from flux_lora.quantization import FP8, FP8Linear, default_predicate, quantize_, storage_bytes
 from flux_lora.tiny import random_autoencoder, tiny_controlnet_params, write_tiny_controlnet
@@ -160,8 +165,26 @@ def test_config_and_weights_that_disagree(tmp_path, changes, message):
         load_controlnet(folder, dtype=torch.float32)
 
 
+def test_modelscope_ids_resolve_through_the_hub(tmp_path):
+    calls = []
+
+    def download(model_id: str, **kwargs) -> str:
+        calls.append((model_id, kwargs["allow_patterns"]))
+        return str(write_tiny_controlnet(tmp_path / model_id.replace("/", "--"), union=True))
+
+    model_id = "InstantX/FLUX.1-dev-Controlnet-Union-alpha"
+    cn = load_controlnet(model_id, dtype=torch.float32, resolve=lambda s: resolve_controlnet(s, download))
+    assert cn.params.is_union and calls == [(model_id, ["*.json", "diffusion_pytorch_model*.safetensors"])]
+
+    def offline(model_id: str, **kwargs) -> str:
+        raise ConnectionError("no network")
+
+    with pytest.raises(CheckpointError, match=r"neither a local .*ConnectionError: no network\)\); pass a local"):
+        resolve_controlnet(model_id, offline)
+
+
 def test_missing_folder_and_config(tmp_path):
-    with pytest.raises(CheckpointError, match="no such folder"):
+    with pytest.raises(CheckpointError, match="neither a local folder .* no such folder"):
         load_controlnet(tmp_path / "InstantX/FLUX.1-dev-Controlnet-Union-alpha")
     with pytest.raises(CheckpointError, match="holds no config.json"):
         load_controlnet(tmp_path)
