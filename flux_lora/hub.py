@@ -17,8 +17,10 @@ COMPONENT_PATTERNS: dict[str, tuple[str, ...]] = {
     "dit": ("flux1-*.safetensors",),
     "ae": ("ae.safetensors",),
     "text_encoders": ("text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"),
+    # a ControlNet repository in the diffusers layout: config.json (+ a shard index) and its weights
+    "controlnet": ("*.json", "diffusion_pytorch_model*.safetensors"),
 }
-ALL_COMPONENTS = tuple(COMPONENT_PATTERNS)
+ALL_COMPONENTS = ("dit", "ae", "text_encoders")  # a FLUX.1 model folder
 KNOWN_IDS = ("AI-ModelScope/FLUX.1-dev", "AI-ModelScope/FLUX.1-schnell")
 
 Downloader = Callable[..., str]

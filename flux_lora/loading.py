@@ -145,6 +145,19 @@ def _check_variant(params: FluxParams, shapes: dict[str, tuple[int, ...]], path:
 # ------------------------------------------------------------------------------------------ streaming
 
 
+def convert_diffusers_files(files: list[Path], conv: DiffusersToFlux, what: str, folder: Path
+                            ) -> Iterator[tuple[str, Tensor]]:
+    """BFL-named tensors from diffusers-named safetensors ``files``; a key the maps lack is an error naming it."""
+    for f in files:
+        for key, t in iter_tensors(f):
+            try:
+                yield from conv.push(key, t)
+            except KeyError:
+                raise CheckpointError(f"{f}: unexpected key {key!r} for {what}") from None
+    if conv.incomplete():
+        raise CheckpointError(f"{folder}: incomplete fused layers {conv.incomplete()[:5]}")
+
+
 def _dit_stream(path: Path, wanted: FluxParams | None) -> tuple[FluxParams, Iterator[tuple[str, Tensor]],
                                                                dict[str, Tensor], str]:
     """``(params, BFL-named tensor stream, scales stored in the file, description)``; params are inferred from the
@@ -157,19 +170,8 @@ def _dit_stream(path: Path, wanted: FluxParams | None) -> tuple[FluxParams, Iter
             params = wanted
         files = sharded_files(path)
 
-        def stream() -> Iterator[tuple[str, Tensor]]:
-            conv = DiffusersToFlux(params)
-            for f in files:
-                for key, t in iter_tensors(f):
-                    try:
-                        yield from conv.push(key, t)
-                    except KeyError:
-                        raise CheckpointError(f"{f}: unexpected key {key!r} for a diffusers FLUX transformer") \
-                            from None
-            if conv.incomplete():
-                raise CheckpointError(f"{path}: incomplete fused layers {conv.incomplete()[:5]}")
-
-        return params, stream(), {}, f"diffusers folder {path}"
+        stream = convert_diffusers_files(files, DiffusersToFlux(params), "a diffusers FLUX transformer", path)
+        return params, stream, {}, f"diffusers folder {path}"
 
     shapes = read_shapes(path)
     prefix = detect_prefix(list(shapes), DIT_MARKER)
@@ -314,12 +316,17 @@ def load_autoencoder(source: str | Path, params: str | AutoEncoderParams | None 
     params = params or file_params
     with torch.device("meta"):
         model = AutoEncoder(params)
-    _stream_into(model, stream, str(path), dtype, device)
+    stream_into(model, stream, str(path), dtype, device)
     model.requires_grad_(False)
     return model.eval()
 
 
-def _stream_into(model: nn.Module, stream, desc: str, dtype: torch.dtype, device) -> None:
+def stream_into(model: nn.Module, stream: Iterator[tuple[str, Tensor]], desc: str, dtype: torch.dtype, device,
+                per_channel: bool = True) -> None:
+    """Fill a meta-built ``model`` from ``(key, tensor)`` pairs with strict key and shape matching.
+
+    Float tensors are cast to ``dtype``; weights of :class:`FP8Linear` modules are quantized on arrival.
+    """
     expected = target_shapes(model)
     unexpected = []
     for key, tensor in stream:
@@ -329,7 +336,7 @@ def _stream_into(model: nn.Module, stream, desc: str, dtype: torch.dtype, device
         if tuple(tensor.shape) != tuple(expected[key][0]):
             raise CheckpointError(f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected[key][0])}")
-        assign_tensor(model, key, tensor.to(device=device, dtype=dtype))
+        _assign_dit_tensor(model, key, tensor, {}, dtype, device, per_channel)
     if unexpected:
         raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
     missing = meta_keys(model)
