@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -123,12 +125,19 @@ def meta_keys(model: nn.Module) -> list[str]:
 
 
 def save_file_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file through a temporary name and an atomic rename, so a crash never leaves half a file."""
+    """Write a safetensors file through a temporary name and an atomic rename, so a crash never leaves half a file.
+
+    The temporary name is unique per process and call, so several processes (DDP ranks) may write one path at
+    once: each rename is atomic and readers see one complete file or none.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -128,15 +128,21 @@ def flux_tensor_maps(p: FluxParams) -> list[TensorMap]:
 
 def flux_to_diffusers(sd: dict[str, Tensor], p: FluxParams) -> dict[str, Tensor]:
     """A BFL DiT state dict -> diffusers ``FluxTransformer2DModel`` names (every key must be consumed)."""
+    return maps_to_diffusers(sd, flux_linear_maps(p), flux_tensor_maps(p))
+
+
+def maps_to_diffusers(sd: dict[str, Tensor], linear_maps: list[LinearMap], tensor_maps: list[TensorMap]
+                      ) -> dict[str, Tensor]:
+    """A BFL-named state dict -> diffusers names through the given maps (every key must be consumed)."""
     out: dict[str, Tensor] = {}
     rest = dict(sd)
-    for m in flux_linear_maps(p):
+    for m in linear_maps:
         for suffix in ("weight", "bias"):
             key = f"{m.bfl}.{suffix}"
             if key in rest:
                 for name, part in zip(m.diffusers, m.to_diffusers_rows(rest.pop(key)), strict=True):
                     out[f"{name}.{suffix}"] = part.contiguous()
-    for m in flux_tensor_maps(p):
+    for m in tensor_maps:
         out[m.diffusers] = rest.pop(m.bfl)
     if rest:
         raise KeyError(f"keys with no diffusers counterpart: {sorted(rest)[:5]}")
@@ -150,13 +156,15 @@ class DiffusersToFlux:
     sharded checkpoint converts with at most one Linear's parts pending per shard boundary.
     """
 
-    def __init__(self, p: FluxParams):
+    def __init__(self, p: FluxParams | None, linear_maps: list[LinearMap] | None = None,
+                 tensor_maps: list[TensorMap] | None = None):
+        """Maps of the DiT with params ``p``, or the given ``linear_maps`` / ``tensor_maps`` (e.g. a ControlNet's)."""
         self._targets: dict[str, tuple[str, LinearMap | TensorMap, int]] = {}
-        for m in flux_linear_maps(p):
+        for m in flux_linear_maps(p) if linear_maps is None else linear_maps:
             for suffix in ("weight", "bias"):
                 for idx, name in enumerate(m.diffusers):
                     self._targets[f"{name}.{suffix}"] = (suffix, m, idx)
-        for t in flux_tensor_maps(p):
+        for t in flux_tensor_maps(p) if tensor_maps is None else tensor_maps:
             self._targets[t.diffusers] = ("", t, 0)
         self._pending: dict[str, dict[int, Tensor]] = {}
 

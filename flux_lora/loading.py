@@ -61,7 +61,7 @@ def find_dit_file(source: Path) -> Path:
     if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
         return source  # a diffusers transformer/ folder
     candidates = sorted(source.glob("flux1-*.safetensors"))
-    candidates = [c for c in candidates if "ae" != c.stem]
+    candidates = [c for c in candidates if c.stem != "ae"]
     if candidates:
         if len(candidates) > 1:
             log.warning("%s holds several DiT files %s; using %s", source, [c.name for c in candidates],
@@ -132,37 +132,46 @@ def _check_variant(params: FluxParams, shapes: dict[str, tuple[int, ...]], path:
     if params.guidance_embed and not has_guidance:
         raise CheckpointError(
             f"{path} has no guidance_in.* weights: it is a schnell-type (guidance-free) checkpoint and cannot run "
-            "as dev; use the flux-schnell preset (or let the loader infer the model from the file)"
+            "with dev-type (guidance-distilled) params; use the flux-schnell preset, or let the loader infer the "
+            "model from the file"
         )
     if has_guidance and not params.guidance_embed:
         raise CheckpointError(
-            f"{path} has guidance_in.* weights: it is a dev-type (guidance-distilled) checkpoint; use flux-dev"
+            f"{path} has guidance_in.* weights: it is a dev-type (guidance-distilled) checkpoint and cannot run "
+            "with schnell-type params; use the flux-dev preset"
         )
 
 
 # ------------------------------------------------------------------------------------------ streaming
 
 
-def _dit_stream(path: Path) -> tuple[FluxParams, Iterator[tuple[str, Tensor]], dict[str, Tensor], str]:
-    """``(inferred params, BFL-named tensor stream, scales stored in the file, description)``."""
+def convert_diffusers_files(files: list[Path], conv: DiffusersToFlux, what: str, folder: Path
+                            ) -> Iterator[tuple[str, Tensor]]:
+    """BFL-named tensors from diffusers-named safetensors ``files``; a key the maps lack is an error naming it."""
+    for f in files:
+        for key, t in iter_tensors(f):
+            try:
+                yield from conv.push(key, t)
+            except KeyError:
+                raise CheckpointError(f"{f}: unexpected key {key!r} for {what}") from None
+    if conv.incomplete():
+        raise CheckpointError(f"{folder}: incomplete fused layers {conv.incomplete()[:5]}")
+
+
+def _dit_stream(path: Path, wanted: FluxParams | None) -> tuple[FluxParams, Iterator[tuple[str, Tensor]],
+                                                               dict[str, Tensor], str]:
+    """``(params, BFL-named tensor stream, scales stored in the file, description)``; params are inferred from the
+    file unless ``wanted`` is given, which must then be of the file's variant (dev or schnell)."""
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
         params = params_from_diffusers_config(config)
+        if wanted is not None:
+            _check_variant(wanted, {"guidance_in.": ()} if params.guidance_embed else {}, path)
+            params = wanted
         files = sharded_files(path)
 
-        def stream() -> Iterator[tuple[str, Tensor]]:
-            conv = DiffusersToFlux(params)
-            for f in files:
-                for key, t in iter_tensors(f):
-                    try:
-                        yield from conv.push(key, t)
-                    except KeyError:
-                        raise CheckpointError(f"{f}: unexpected key {key!r} for a diffusers FLUX transformer") \
-                            from None
-            if conv.incomplete():
-                raise CheckpointError(f"{path}: incomplete fused layers {conv.incomplete()[:5]}")
-
-        return params, stream(), {}, f"diffusers folder {path}"
+        stream = convert_diffusers_files(files, DiffusersToFlux(params), "a diffusers FLUX transformer", path)
+        return params, stream, {}, f"diffusers folder {path}"
 
     shapes = read_shapes(path)
     prefix = detect_prefix(list(shapes), DIT_MARKER)
@@ -171,7 +180,7 @@ def _dit_stream(path: Path) -> tuple[FluxParams, Iterator[tuple[str, Tensor]], d
             raise CheckpointError(f"{path} is a diffusers-layout file: pass its transformer/ folder (with config.json)")
         raise CheckpointError(f"{path} is not a FLUX DiT checkpoint (no key ends with {DIT_MARKER!r})")
     shapes = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
-    params = infer_flux_params(shapes, read_metadata(path), path)
+    params = wanted or infer_flux_params(shapes, read_metadata(path), path)
     _check_variant(params, shapes, path)
 
     scales: dict[str, Tensor] = {}
@@ -217,14 +226,7 @@ def load_flow_model(
     if quantize not in (None, "float8_e4m3fn", "fp8"):
         raise ValueError(f"quantize must be None or 'float8_e4m3fn', got {quantize!r}")
     path = find_dit_file(Path(source))
-    file_params, stream, scales, desc = _dit_stream(path)
-    if params is not None:
-        wanted = get_params(params)
-        if wanted.guidance_embed != file_params.guidance_embed:
-            kind = "schnell-type (no guidance_in)" if not file_params.guidance_embed else "dev-type (guidance_in)"
-            raise CheckpointError(f"{desc} is a {kind} checkpoint and cannot run with params {params!r}")
-        file_params = wanted
-    params = file_params
+    params, stream, scales, desc = _dit_stream(path, None if params is None else get_params(params))
 
     with torch.device("meta"):
         model = Flux(params)
@@ -319,12 +321,17 @@ def load_autoencoder(source: str | Path, params: str | AutoEncoderParams | None 
     params = params or file_params
     with torch.device("meta"):
         model = AutoEncoder(params)
-    _stream_into(model, stream, str(path), dtype, device)
+    stream_into(model, stream, str(path), dtype, device)
     model.requires_grad_(False)
     return model.eval()
 
 
-def _stream_into(model: nn.Module, stream, desc: str, dtype: torch.dtype, device) -> None:
+def stream_into(model: nn.Module, stream: Iterator[tuple[str, Tensor]], desc: str, dtype: torch.dtype, device,
+                per_channel: bool = True) -> None:
+    """Fill a meta-built ``model`` from ``(key, tensor)`` pairs with strict key and shape matching.
+
+    Float tensors are cast to ``dtype``; weights of :class:`FP8Linear` modules are quantized on arrival.
+    """
     expected = target_shapes(model)
     unexpected = []
     for key, tensor in stream:
@@ -334,7 +341,7 @@ def _stream_into(model: nn.Module, stream, desc: str, dtype: torch.dtype, device
         if tuple(tensor.shape) != tuple(expected[key][0]):
             raise CheckpointError(f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected[key][0])}")
-        assign_tensor(model, key, tensor.to(device=device, dtype=dtype))
+        _assign_dit_tensor(model, key, tensor, {}, dtype, device, per_channel)
     if unexpected:
         raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
     missing = meta_keys(model)

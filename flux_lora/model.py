@@ -157,13 +157,14 @@ class Flux(nn.Module):
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be [B, S, C], got {tuple(img.shape)} and {tuple(txt.shape)}")
         img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps, 256))
+        dtype = img.dtype  # the compute dtype: conditioning inputs follow it
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX model is guidance-distilled (dev): pass `guidance`")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
-        vec = vec + self.vector_in(y)
-        txt = self.txt_in(txt)
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        vec = vec + self.vector_in(y.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
         for i, block in enumerate(self.double_blocks):

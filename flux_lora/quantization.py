@@ -29,16 +29,22 @@ def quantize_weight(weight: Tensor, per_channel: bool = True) -> tuple[Tensor, T
     Per channel, the scale is the power of two that brings each row's largest magnitude into (224, 448], so
     small weights stay out of e4m3's subnormal range; a power of two is exact in bf16, so dequantizing in the
     compute dtype adds no rounding of its own. With ``per_channel=False`` the scale is 1 (the plain cast other
-    tools use) and values beyond 448 saturate.
+    tools use) and values beyond 448 saturate. On the CPU rows go in chunks of about a million elements, so
+    quantizing while loading never holds a float copy of a whole weight.
     """
-    w = weight.float()
-    if per_channel:
-        amax = w.abs().amax(dim=1).clamp(min=2.0**-100)
-        scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
-    else:
-        scale = torch.ones(w.shape[0], device=w.device)
-        w = w.clamp(-FP8_MAX, FP8_MAX)
-    q = (w / scale[:, None]).to(FP8)
+    rows = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    scale = torch.ones(rows, dtype=torch.float32, device=weight.device)
+    step = max(1, (1 << 20) // max(1, weight[0].numel())) if weight.device.type == "cpu" else rows
+    for i in range(0, rows, step):
+        w = weight[i : i + step].float()
+        if per_channel:
+            amax = w.abs().amax(dim=1).clamp(min=2.0**-100)
+            scale[i : i + step] = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+            w = w / scale[i : i + step, None]
+        else:
+            w = w.clamp(-FP8_MAX, FP8_MAX)
+        q[i : i + step] = w.to(FP8)
     return q, scale
 
 
@@ -136,12 +142,12 @@ class FP8Linear(nn.Linear):
     def _apply(self, fn, recurse=True):
         # Keep the fp8 storage through module.to(dtype)/half()/bfloat16(): only device moves apply to it.
         # (Lightning's "bf16-true" and plain .to(bfloat16) would otherwise upcast the weight silently.)
-        weight, scale = self.weight, self.weight_scale
+        weight, scale = self.weight.data, self.weight_scale.data  # conversions may replace .data in place
         result = super()._apply(fn, recurse)
         if self.weight.dtype != FP8:
             log.debug("FP8Linear kept its float8 weight through a dtype conversion")
-            self.weight.data = weight.data.to(self.weight.device)
-            self.weight_scale.data = scale.data.to(self.weight.device)
+            self.weight.data = weight.to(self.weight.device)
+            self.weight_scale = scale.to(self.weight.device)
         return result
 
     def extra_repr(self) -> str:

@@ -124,3 +124,15 @@ def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
 def euler_step(x: Tensor, velocity: Tensor, t_cur: float, t_prev: float) -> Tensor:
     """One Euler step of the flow ODE from ``t_cur`` to ``t_prev``, in the dtype of ``x``."""
     return x + (t_prev - t_cur) * velocity.to(x.dtype)
+
+
+def loss_weight(t: Tensor, scheme: str = "none") -> Tensor:
+    """Per-sample loss weights ``[B]`` for flow times ``t``: ``none`` (1), ``sigma_sqrt`` (``t^-2``, clamped) or
+    ``cosmap`` (``2 / (pi (1 - 2t + 2t^2))``), the SD3 schemes kohya and diffusers offer."""
+    if scheme == "none":
+        return torch.ones_like(t)
+    if scheme == "sigma_sqrt":
+        return (t.clamp(min=1e-2) ** -2.0).clamp(max=1e4)
+    if scheme == "cosmap":
+        return 2.0 / (math.pi * (1 - 2 * t + 2 * t**2))
+    raise ValueError(f"unknown loss weighting {scheme!r}; use none, sigma_sqrt or cosmap")

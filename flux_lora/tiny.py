@@ -1,10 +1,11 @@
 """Write a complete tiny FLUX.1 model folder in the official layout, deterministic by seed.
 
-    python -m flux_lora.tiny OUTDIR [--variant dev|schnell] [--seed 0]
+    python -m flux_lora.tiny OUTDIR [--variant dev|schnell] [--seed 0] [--no-controlnets]
 
 The folder holds ``flux1-<variant>.safetensors`` (tiny DiT, BFL keys), ``ae.safetensors`` (tiny autoencoder),
 ``text_encoder/`` + ``tokenizer/`` (tiny CLIP) and ``text_encoder_2/`` + ``tokenizer_2/`` (tiny T5), saved with
 transformers; the tokenizers are trained offline on a built-in word list. Every loader runs on it unchanged.
+The command also writes two tiny ControlNets in the diffusers layout: ``controlnet/``, ``controlnet-union/``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ from torch import nn
 
 from .autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
 from .checkpoint import save_file_atomic
+from .controlnet import MASK_CHANNELS, PATCH_AREA, ControlNetParams, FluxControlNet
+from .controlnet_loading import controlnet_config, controlnet_to_diffusers
 from .loading import PARAMS_METADATA_KEY
 from .model import PRESETS, Flux, FluxParams
 
@@ -37,6 +41,7 @@ sks ohwx token trigger concept subject background foreground center left right t
 realistic anime cartoon sketch watercolor oil pixel art studio lighting""".split()
 
 DEFAULT_SEED = 0
+TINY_UNION_MODES = 10  # as InstantX/FLUX.1-dev-Controlnet-Union-alpha
 
 
 def _corpus() -> list[str]:
@@ -153,14 +158,80 @@ def write_tiny_model(out: str | Path, variant: str = "dev", seed: int = DEFAULT_
     return out
 
 
+def tiny_controlnet_params(flux: FluxParams | None = None, union: bool = False, inpainting: bool = False
+                           ) -> ControlNetParams:
+    """A ControlNet for the tiny DiT, with fewer blocks than the DiT so the residual interval rule matters."""
+    flux = flux or PRESETS["tiny"]
+    double, single = flux.depth, flux.depth_single_blocks
+    trunk = replace(flux, depth=double if union else max(1, double // 2),
+                    depth_single_blocks=max(1, single // 2) if union else single)
+    return ControlNetParams(trunk, extra_channels=MASK_CHANNELS * PATCH_AREA if inpainting else 0,
+                            num_modes=TINY_UNION_MODES if union else None)
+
+
+def random_controlnet(params: ControlNetParams, seed: int) -> FluxControlNet:
+    """A ControlNet with random weights: unlike a fresh one (zero outputs by design), its output is not 0."""
+    torch.manual_seed(seed + 4)
+    model = FluxControlNet(params)
+    for name, p in model.named_parameters():
+        if name.endswith("scale"):
+            nn.init.uniform_(p, 0.5, 1.5)
+    for m in [model.control_in, *model.controlnet_blocks, *model.controlnet_single_blocks]:
+        m.reset_parameters()
+    return model
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_tiny_controlnet(out: str | Path, union: bool = False, seed: int = DEFAULT_SEED,
+                          params: ControlNetParams | None = None, shards: int = 1) -> Path:
+    """Write a tiny ControlNet folder in the diffusers layout (``config.json``, safetensors); return its path.
+
+    ``params`` defaults to :func:`tiny_controlnet_params` (union or not); ``shards > 1`` writes an index and
+    that many ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` files, as diffusers does for big models.
+    """
+    params = params or tiny_controlnet_params(union=union)
+    if union != params.is_union:
+        raise ValueError(f"union={union} contradicts params.num_modes={params.num_modes}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = controlnet_to_diffusers(random_controlnet(params, seed).state_dict(), params)
+    stem = "diffusion_pytorch_model"
+    if shards <= 1:
+        save_file_atomic(sd, out / f"{stem}.safetensors", {"format": "pt"})
+    else:
+        keys = sorted(sd)
+        weight_map = {}
+        for i in range(shards):
+            name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: sd[k] for k in keys[i::shards]}
+            save_file_atomic(part, out / name, {"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        index = json.dumps({"weight_map": weight_map}, indent=2)
+        _write_text_atomic(out / f"{stem}.safetensors.index.json", index)
+    _write_text_atomic(out / "config.json", json.dumps(controlnet_config(params), indent=2))
+    log.info("wrote tiny %sControlNet to %s", "union " if params.is_union else "", out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--variant", choices=["dev", "schnell"], default="dev")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--no-controlnets", action="store_true",
+                        help="do not write controlnet/ and controlnet-union/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_tiny_model(args.outdir, args.variant, args.seed)
+    if not args.no_controlnets:
+        flux = PRESETS["tiny" if args.variant == "dev" else "tiny-schnell"]
+        for union, name in ((False, "controlnet"), (True, "controlnet-union")):
+            write_tiny_controlnet(args.outdir / name, union, args.seed, tiny_controlnet_params(flux, union))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flux_lora.tiny import write_tiny_model
+from flux_lora.tiny import write_tiny_controlnet, write_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -30,3 +30,15 @@ def tiny_dev_dir(tmp_path_factory) -> Path:
 def tiny_schnell_dir(tmp_path_factory) -> Path:
     """A tiny FLUX.1-schnell folder in the official layout."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-schnell"), variant="schnell", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_dir(tmp_path_factory) -> Path:
+    """A tiny ControlNet for the tiny dev DiT in the diffusers layout, with random (non-zero) outputs."""
+    return write_tiny_controlnet(tmp_path_factory.mktemp("tiny") / "controlnet", union=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_union_controlnet_dir(tmp_path_factory) -> Path:
+    """A tiny union ControlNet (10 modes, as InstantX's) for the tiny dev DiT."""
+    return write_tiny_controlnet(tmp_path_factory.mktemp("tiny") / "controlnet-union", union=True, seed=0)

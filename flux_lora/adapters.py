@@ -1,0 +1,286 @@
+"""Applying LoRAs to a loaded DiT for inference: unfused (run-time, removable) or fused into the weights.
+
+Unfused: each targeted Linear gets a ``runtime_loras`` child holding every LoRA's ``down``/``up`` (float32 by
+default, never the fp8 of an fp8 base) and a forward hook that adds ``sum_i s_i * up_i @ down_i @ x`` to its
+output, with ``s_i = scale_i * alpha_i / rank_i``. Removing a LoRA deletes its tensors; removing the last one
+removes the hook and the child, so the model is exactly what it was.
+
+Fused: ``W += s * up @ down``. On an :class:`FP8Linear` the weight is dequantized, updated in float32 and
+re-quantized (``FP8Linear.set_weight``); the original fp8 tensor and scale are kept (on the CPU), so unfusing
+restores the original weights bit for bit. The LoRAs of one call are summed first, so each layer is
+re-quantized once; calls are unfused last-in, first-out.
+
+peft is not used here: injecting a second adapter with ``inject_adapter_in_model`` deactivates the first one
+in every layer, activating several needs a per-layer ``set_adapter`` that also makes them trainable, adapters
+on an fp8 base are created in fp8, and the model's state-dict keys change while adapters are loaded. The
+trainer's own peft adapters, if any, are left alone: a LoRA here targets the module at the BFL path, peft
+wrapper or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .lora_formats import LoraStateDict, LoraWeight
+from .quantization import FP8Linear
+
+log = logging.getLogger(__name__)
+
+LoraMode = Literal["unfused", "fused"]
+LoraSpec = tuple[LoraStateDict, float, str]
+"""``(weights, user scale, name)``."""
+
+RUNTIME_ATTR = "runtime_loras"
+STATE_ATTR = "_flux_lora_adapters"
+CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"  # torch's activation-checkpoint wrapper
+
+
+class RuntimeLoras(nn.Module):
+    """The unfused LoRAs of one Linear: ``delta(x) = sum_i s_i * (x @ down_i^T) @ up_i^T``.
+
+    The tensors are non-persistent buffers: they follow the layer through ``.to()`` and offload, but never
+    enter the model's state dict.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha_over_rank: dict[str, float] = {}
+        self.scales: dict[str, float] = {}  # the user's scale per LoRA
+
+    def add(self, name: str, lw: LoraWeight, scale: float, device: torch.device, dtype: torch.dtype) -> None:
+        self.register_buffer(f"{name}__down", lw.down.to(device, dtype), persistent=False)
+        self.register_buffer(f"{name}__up", lw.up.to(device, dtype), persistent=False)
+        self.alpha_over_rank[name] = lw.scale
+        self.scales[name] = scale
+
+    def drop(self, name: str) -> None:
+        del self._buffers[f"{name}__down"], self._buffers[f"{name}__up"]
+        del self.alpha_over_rank[name], self.scales[name]
+
+    def forward(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """``x [..., in]`` -> ``[..., out]`` in ``out_dtype``, computed in the adapters' dtype."""
+        total = None
+        for name, scale in self.scales.items():
+            down, up = self._buffers[f"{name}__down"], self._buffers[f"{name}__up"]
+            delta = F.linear(F.linear(x.to(down.dtype), down), up) * (scale * self.alpha_over_rank[name])
+            total = delta if total is None else total + delta
+        return total.to(out_dtype)
+
+
+def _lora_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    runtime = getattr(module, RUNTIME_ATTR, None)
+    if runtime is None or not runtime.scales:
+        return output
+    return output + runtime(args[0], output.dtype)
+
+
+def _remove_hook(module: nn.Module) -> None:
+    # Found by identity rather than through a stored handle: a handle of a deep-copied model would point at
+    # the original's hook table.
+    for key, fn in list(module._forward_hooks.items()):
+        if fn is _lora_hook:
+            del module._forward_hooks[key]
+
+
+@dataclass
+class _Fused:
+    """The LoRAs fused by one call, and the originals of their layers: ``(layer, weight, scale)``."""
+
+    names: list[str]
+    saved: list[tuple[nn.Linear, Tensor, Tensor | None]]
+
+
+@dataclass
+class _State:
+    unfused: dict[str, list[str]] = field(default_factory=dict)  # name -> module paths
+    scales: dict[str, float] = field(default_factory=dict)  # name -> user scale
+    fused: list[_Fused] = field(default_factory=list)
+
+
+def _state(model: nn.Module) -> _State:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        state = _State()
+        model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def _base_linear(module: nn.Module) -> nn.Linear:
+    """The Linear holding the weight: the module itself, or the base layer of a peft wrapper."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{type(base).__name__} is not a Linear layer")
+    return base
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)``, looking through activation-checkpoint wrappers on the way."""
+    module = model
+    for part in path.split("."):
+        while not hasattr(module, part) and hasattr(module, CHECKPOINT_WRAPPED):
+            module = getattr(module, CHECKPOINT_WRAPPED)
+        module = getattr(module, part)
+        if not isinstance(module, nn.Module):
+            raise AttributeError(f"{part} is not a module")
+    return module
+
+
+def _resolve(model: nn.Module, lora_name: str, path: str, lw: LoraWeight) -> tuple[nn.Module, nn.Linear]:
+    """``(module at path, its base Linear)`` after checking that the LoRA's shapes fit it."""
+    try:
+        module = _submodule(model, path)
+        base = _base_linear(module)
+    except (AttributeError, TypeError) as e:
+        raise ValueError(f"LoRA {lora_name!r}: key {path!r} names no Linear layer of this model ({e})") \
+            from None
+    if lw.down.ndim != 2 or lw.up.ndim != 2 or lw.up.shape[1] != lw.down.shape[0]:
+        raise ValueError(f"LoRA {lora_name!r}: key {path!r} has down {tuple(lw.down.shape)} and up "
+                         f"{tuple(lw.up.shape)}, which are not [r, in] and [out, r]")
+    if lw.down.shape[1] != base.in_features or lw.up.shape[0] != base.out_features:
+        raise ValueError(f"LoRA {lora_name!r}: key {path!r} is {lw.up.shape[0]}x{lw.down.shape[1]}, "
+                         f"the layer is {base.out_features}x{base.in_features} (a LoRA for another model?)")
+    return module, base
+
+
+def apply_loras(model: nn.Module, loras: Sequence[LoraSpec], mode: LoraMode = "unfused", *,
+                dtype: torch.dtype = torch.float32) -> list[str]:
+    """Apply several LoRAs, each ``(LoraStateDict, scale, name)``, to ``model`` (a :class:`Flux`, BFL paths).
+
+    Args:
+        mode: ``"unfused"`` adds each LoRA at run time (removable, scale changeable); ``"fused"`` adds
+            ``scale * delta`` into the weights (fp8 layers are dequantized, updated and re-quantized).
+        dtype: dtype of unfused adapter tensors (float32 by default; bf16 to save memory on an accelerator).
+
+    Returns:
+        The names applied. Every LoRA is checked against the model before any is applied.
+    """
+    if mode not in ("unfused", "fused"):
+        raise ValueError(f"mode must be 'unfused' or 'fused', got {mode!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"adapter dtype must be float32, bfloat16 or float16, got {dtype}")
+    state = _state(model)
+    taken = set(state.scales)
+    resolved = []
+    for weights, scale, name in loras:
+        if not name or "." in name or name in taken:
+            raise ValueError(f"LoRA name {name!r} is empty, contains '.', or is already applied "
+                             f"({sorted(taken)})")
+        if not weights:
+            raise ValueError(f"LoRA {name!r} holds no weights")
+        taken.add(name)
+        targets = [(path, lw, *_resolve(model, name, path, lw)) for path, lw in weights.items()]
+        resolved.append((name, float(scale), targets))
+    if mode == "fused":
+        state.fused.append(_Fused([name for name, _, _ in resolved], _fuse_all(resolved)))
+    for name, scale, targets in resolved:
+        if mode == "unfused":
+            _add_unfused(state, name, scale, targets, dtype)
+        state.scales[name] = scale
+        log.info("applied LoRA %r (%d layers, scale %g, %s)", name, len(targets), scale, mode)
+    return [name for name, _, _ in resolved]
+
+
+def _add_unfused(state: _State, name: str, scale: float, targets: list, dtype: torch.dtype) -> None:
+    for _, lw, module, base in targets:
+        runtime = getattr(module, RUNTIME_ATTR, None)
+        if runtime is None:
+            runtime = RuntimeLoras()
+            module.add_module(RUNTIME_ATTR, runtime)
+            module.register_forward_hook(_lora_hook)
+        runtime.add(name, lw, scale, base.weight.device, dtype)
+    state.unfused[name] = [path for path, *_ in targets]
+
+
+def _fuse_all(resolved: list) -> list[tuple[nn.Linear, Tensor, Tensor | None]]:
+    """Add every LoRA's ``scale * delta`` into its layers, each layer updated (and re-quantized) once."""
+    deltas: dict[int, tuple[nn.Linear, Tensor]] = {}
+    for _, scale, targets in resolved:
+        if scale == 0:
+            continue  # leaves the weights, fp8 bytes included, untouched
+        for _, lw, _, layer in targets:
+            device = layer.weight.device
+            delta = (scale * lw.scale) * (lw.up.to(device, torch.float32) @ lw.down.to(device, torch.float32))
+            if id(layer) in deltas:
+                delta = deltas[id(layer)][1] + delta
+            deltas[id(layer)] = (layer, delta)
+    return [_fuse(layer, delta) for layer, delta in deltas.values()]
+
+
+def _fuse(layer: nn.Linear, delta: Tensor) -> tuple[nn.Linear, Tensor, Tensor | None]:
+    """``W += delta`` (fp8: dequantize, add, re-quantize); return what restores the layer exactly."""
+    if isinstance(layer, FP8Linear):
+        saved = (layer, layer.weight.data.to("cpu"), layer.weight_scale.detach().to("cpu", copy=True))
+        layer.set_weight(layer.dequantized_weight(torch.float32) + delta)
+        return saved
+    saved = (layer, layer.weight.data.to("cpu"), None)
+    layer.weight.data = (layer.weight.data.float() + delta).to(layer.weight.dtype)
+    return saved
+
+
+def _unfuse(fused: _Fused) -> None:
+    for layer, weight, scale in reversed(fused.saved):
+        layer.weight.data = weight.to(layer.weight.device)
+        if scale is not None:
+            layer.weight_scale.copy_(scale)
+
+
+def remove_loras(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Remove LoRAs by name (all by default): unfused ones are detached, fused ones unfused exactly.
+
+    Fused LoRAs come off last-in, first-out, a whole ``apply_loras`` call at a time.
+    """
+    state = _state(model)
+    names = list(state.scales) if names is None else list(names)
+    unknown = [n for n in names if n not in state.scales]
+    if unknown:
+        raise ValueError(f"no LoRA named {unknown} is applied; applied: {sorted(state.scales)}")
+    wanted = {n for group in state.fused for n in group.names if n in names}
+    groups, covered = 0, set()
+    while covered != wanted and covered <= wanted:
+        covered |= set(state.fused[-1 - groups].names)
+        groups += 1
+    if covered != wanted:
+        raise ValueError(f"fused LoRAs come off last-in, first-out, a whole apply_loras call at a time: "
+                         f"{[g.names for g in state.fused]}; cannot remove only {sorted(wanted)}")
+    for _ in range(groups):
+        _unfuse(state.fused.pop())
+    for name in (n for n in names if n in state.unfused):
+        for path in state.unfused.pop(name):
+            module = _submodule(model, path)
+            runtime = getattr(module, RUNTIME_ATTR)
+            runtime.drop(name)
+            if not runtime.scales:
+                _remove_hook(module)
+                delattr(module, RUNTIME_ATTR)
+    for name in names:
+        del state.scales[name]
+        log.info("removed LoRA %r", name)
+
+
+def unfuse_loras(model: nn.Module) -> None:
+    """Unfuse every fused LoRA, restoring the original weights bit for bit (unfused ones stay)."""
+    remove_loras(model, [n for group in _state(model).fused for n in group.names])
+
+
+def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
+    """Change the user scale of an unfused LoRA in place."""
+    state = _state(model)
+    if name not in state.unfused:
+        raise ValueError(f"no unfused LoRA named {name!r}; unfused: {sorted(state.unfused)}")
+    for path in state.unfused[name]:
+        getattr(_submodule(model, path), RUNTIME_ATTR).scales[name] = float(scale)
+    state.scales[name] = float(scale)
+
+
+def applied_loras(model: nn.Module) -> dict[str, tuple[LoraMode, float]]:
+    """``{name: (mode, user scale)}`` of the LoRAs applied to ``model``."""
+    state = _state(model)
+    fused = {n for group in state.fused for n in group.names}
+    return {n: ("fused" if n in fused else "unfused", s) for n, s in state.scales.items()}

@@ -1,0 +1,363 @@
+"""The content-keyed disk cache of text embeddings and latents, filled before training, then the encoders go.
+
+Layout under the cache folder, one safetensors file per entry (written to a unique temporary name, then
+renamed atomically, so readers and concurrent writers never see half a file)::
+
+    text/<k[:2]>/<k>.safetensors      txt [L, d_t5], y [d_clip]    k = sha256(text-encoder id, caption)
+    latents/<k[:2]>/<k>.safetensors   latents [z, h, w]            k = sha256(autoencoder id, image, crop)
+
+An encoder's identity (:class:`TextEncoderSpec`, :class:`AutoEncoderSpec`) is a fingerprint of its files (or
+of a loaded module's tensors), its compute dtype, and for text the tokenizer settings and T5 max length. So
+editing a caption re-encodes that caption only, editing an image re-encodes its latents only, and another
+encoder misses everything. Entries are stored in the dtype the encoder produced (bf16 on a GPU).
+
+Random crops and flips: each image has a fixed set of cached variants (``buckets.placements``):
+``crop_variants`` random crops chosen from ``(seed, image hash)`` and, with flip on, each crop mirrored too;
+the batch sampler draws one variant per use. Latents are the autoencoder's mean (no sampling), so they are
+deterministic and cacheable.
+
+Use: ``plan = plan_cache(...)`` (no encoder is loaded), ``fill_cache(plan, ...)`` (loads an encoder only if
+an entry it serves is missing, writes as it goes so an interrupted pass resumes, then releases it), and
+``plan.refresh().complete``. ``fill_cache`` holds a file lock on the cache folder: when several processes (DDP
+ranks) call it together, one encodes and the others wait, then find everything cached and load nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import itertools
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .autoencoder import AutoEncoder
+from .buckets import Placement, apply_placement, bucket_sizes, choose_bucket, placements
+from .checkpoint import save_file_atomic
+from .conditioning import CLIP_MAX_LENGTH, TextEmbeddings, TextEncoders
+from .data import DataConfig, ScannedData
+from .fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+# What TextEncoders.tokenize does; part of every text key, so a change here invalidates the text cache.
+TOKENIZER_SETTINGS = {"clip_max_length": CLIP_MAX_LENGTH, "padding": "max_length", "truncation": True,
+                      "attention_mask": False}
+LATENT_SETTINGS = {"resample": "lanczos", "latent": "mean", "pixels": "[-1, 1]"}
+TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def _sha(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """Identity of the text encoders (CLIP-L + T5): weights and tokenizers, T5 max length, compute dtype."""
+
+    fingerprint: str
+    max_length: int
+    dtype: str
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, max_length: int, dtype: torch.dtype | str) -> TextEncoderSpec:
+        """From a FLUX.1-layout folder: ``text_encoder[_2]`` and ``tokenizer[_2]``."""
+        folder = Path(folder)
+        return cls(fingerprint_paths(folder / sub for sub in TEXT_FOLDERS), max_length, _dtype_name(dtype))
+
+    @classmethod
+    def from_module(cls, encoders: TextEncoders) -> TextEncoderSpec:
+        """From loaded encoders (hashes every weight; meant for small or already-loaded models)."""
+        extra = [tokenizer_identity(encoders.clip_tokenizer), tokenizer_identity(encoders.t5_tokenizer)]
+        return cls(fingerprint_module(encoders, extra), encoders.max_length,
+                   _dtype_name(next(encoders.t5.parameters()).dtype))
+
+    def key(self, caption: str) -> str:
+        return _sha({"v": CACHE_VERSION, "kind": "text", "encoder": self.fingerprint,
+                     "max_length": self.max_length, "dtype": self.dtype, "tokenizer": TOKENIZER_SETTINGS,
+                     "caption": caption})
+
+
+@dataclass(frozen=True)
+class AutoEncoderSpec:
+    """Identity of the autoencoder: its weights and compute dtype."""
+
+    fingerprint: str
+    dtype: str
+
+    @classmethod
+    def from_folder(cls, source: str | Path, dtype: torch.dtype | str) -> AutoEncoderSpec:
+        """From ``ae.safetensors`` in a model folder, a diffusers ``vae/`` folder or a single file."""
+        from .loading import find_ae_file
+
+        return cls(fingerprint_paths([find_ae_file(Path(source))]), _dtype_name(dtype))
+
+    @classmethod
+    def from_module(cls, ae: AutoEncoder) -> AutoEncoderSpec:
+        return cls(fingerprint_module(ae, [json.dumps(ae.params.to_dict())]),
+                   _dtype_name(next(ae.parameters()).dtype))
+
+    def key(self, image_hash: str, placement: Placement) -> str:
+        return _sha({"v": CACHE_VERSION, "kind": "latent", "encoder": self.fingerprint, "dtype": self.dtype,
+                     "image": image_hash, "placement": placement.to_dict(), "settings": LATENT_SETTINGS})
+
+
+class CacheStore:
+    """Paths, reads and atomic writes of cache entries under ``root``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def text_path(self, key: str) -> Path:
+        return self.root / "text" / key[:2] / f"{key}.safetensors"
+
+    def latent_path(self, key: str) -> Path:
+        return self.root / "latents" / key[:2] / f"{key}.safetensors"
+
+    def write_text(self, key: str, txt: Tensor, y: Tensor, caption: str) -> None:
+        save_file_atomic({"txt": txt, "y": y}, self.text_path(key), {"caption": caption})
+
+    def write_latent(self, key: str, latents: Tensor, name: str) -> None:
+        save_file_atomic({"latents": latents}, self.latent_path(key), {"image": name})
+
+    def read_text(self, key: str) -> tuple[Tensor, Tensor]:
+        """``(txt [L, d_t5], y [d_clip])``."""
+        entry = load_file(self.text_path(key))
+        return entry["txt"], entry["y"]
+
+    def read_latent(self, key: str) -> Tensor:
+        """``latents [z, h, w]``."""
+        return load_file(self.latent_path(key))["latents"]
+
+
+@dataclass(frozen=True)
+class LatentJob:
+    """One latent entry: record ``record`` of the scanned data placed as ``placement``."""
+
+    record: int
+    placement: Placement
+    key: str
+
+
+@dataclass
+class CachePlan:
+    """Every entry the training run needs and which of them are missing, computed without any encoder.
+
+    ``captions[i]`` is record ``i``'s caption; ``variants[i]`` its latent entries (one per crop/flip variant,
+    all in bucket ``buckets[i]``). ``text_keys`` maps every caption, the empty caption and each sample prompt
+    to its key.
+    """
+
+    root: Path
+    text_spec: TextEncoderSpec
+    ae_spec: AutoEncoderSpec
+    captions: list[str]
+    buckets: list[tuple[int, int]]
+    variants: list[list[LatentJob]]
+    text_keys: dict[str, str]
+    missing_text: list[str] = field(default_factory=list)
+    missing_latents: list[LatentJob] = field(default_factory=list)
+
+    @property
+    def store(self) -> CacheStore:
+        return CacheStore(self.root)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_text and not self.missing_latents
+
+    def refresh(self) -> CachePlan:
+        """The same plan with ``missing_*`` recomputed from what is on disk now."""
+        store = self.store
+        missing_text = [c for c, k in self.text_keys.items() if not store.text_path(k).is_file()]
+        seen: set[str] = set()
+        missing_latents = []
+        for job in (j for jobs in self.variants for j in jobs):
+            if job.key not in seen and not store.latent_path(job.key).is_file():
+                missing_latents.append(job)
+            seen.add(job.key)
+        return replace(self, missing_text=missing_text, missing_latents=missing_latents)
+
+
+def plan_cache(data: ScannedData, cfg: DataConfig, text_spec: TextEncoderSpec, ae_spec: AutoEncoderSpec,
+               sample_prompts: Sequence[str] = ()) -> CachePlan:
+    """Buckets, crop variants and cache keys for every record, and what is missing. Loads no encoder."""
+    standard = bucket_sizes(cfg.resolution, cfg.max_aspect, cfg.bucket_step)
+    buckets, variants = [], []
+    for i, r in enumerate(data.records):
+        bucket = choose_bucket(r.width, r.height, standard, resolution=cfg.resolution,
+                               max_aspect=cfg.max_aspect, upscale=cfg.upscale)
+        places = placements(r.width, r.height, bucket, crop=cfg.crop, variants=cfg.crop_variants,
+                            flip=cfg.flip, seed=f"{cfg.seed}:{r.image_hash}")
+        buckets.append(bucket)
+        variants.append([LatentJob(i, p, ae_spec.key(r.image_hash, p)) for p in places])
+    captions = [r.caption for r in data.records]
+    text_keys = {c: text_spec.key(c) for c in dict.fromkeys(["", *captions, *sample_prompts])}
+    plan = CachePlan(Path(cfg.cache_dir), text_spec, ae_spec, captions, buckets, variants, text_keys)
+    plan = plan.refresh()
+    log.info("cache %s: %d of %d captions and %d of %d latents to encode", plan.root, len(plan.missing_text),
+             len(text_keys), len(plan.missing_latents), sum(map(len, variants)))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ filling
+
+
+@dataclass(frozen=True)
+class FillStats:
+    """What one :func:`fill_cache` call encoded (counts only; nothing here references an encoder)."""
+
+    texts: int = 0
+    latents: int = 0
+
+
+@contextlib.contextmanager
+def fill_lock(root: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``root/.fill.lock`` (``flock``; a no-op where ``fcntl`` is missing, where
+    the atomic writes alone keep concurrent fills correct, only not free of duplicate work)."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(root / ".fill.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process filling the cache %s", root)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def release(module: nn.Module | None) -> None:
+    """Free a module's memory on the accelerator and the host, even if a stray reference to it survives: its
+    tensors move to the meta device. Then collect garbage and empty the CUDA cache."""
+    if module is not None:
+        module.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _check_dtype(module: nn.Module, expected: str, what: str) -> None:
+    """The dtype holding most of the weights must be the spec's (a few layers may be kept in float32, as
+    transformers does for T5's ``wo`` in float16)."""
+    sizes: Counter[str] = Counter()
+    for p in module.parameters():
+        sizes[_dtype_name(p.dtype)] += p.numel()
+    found = sizes.most_common(1)[0][0] if sizes else None
+    if found != expected:
+        raise ValueError(f"the loaded {what} computes in {found} but the cache plan expects {expected}; "
+                         "build the spec with the dtype the loader uses")
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _encode_texts(encoders: TextEncoders, plan: CachePlan, batch_size: int, progress: bool) -> int:
+    store = plan.store
+    with tqdm(total=len(plan.missing_text), desc="caching text embeddings", unit="caption",
+              disable=not progress) as bar:
+        for batch in _batches(sorted(plan.missing_text), batch_size):
+            emb = encoders.encode(batch).to("cpu")
+            for i, caption in enumerate(batch):
+                store.write_text(plan.text_keys[caption], emb.txt[i], emb.y[i], caption)
+            bar.update(len(batch))
+    return len(plan.missing_text)
+
+
+def image_to_tensor(image: Image.Image) -> Tensor:
+    """RGB PIL image -> ``[3, H, W]`` float32 in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def _encode_latents(ae: AutoEncoder, plan: CachePlan, data: ScannedData, device: torch.device,
+                    batch_size: int, progress: bool) -> int:
+    store, dtype = plan.store, getattr(torch, plan.ae_spec.dtype)
+    jobs = sorted(plan.missing_latents, key=lambda j: (j.placement.bucket, j.record, j.key))
+    decoded: tuple[int, Image.Image] | None = None  # variants of one image come in a row: decode it once
+    with tqdm(total=len(jobs), desc="caching latents", unit="image", disable=not progress) as bar:
+        for _, same_size in itertools.groupby(jobs, key=lambda j: j.placement.bucket):
+            for batch in _batches(list(same_size), batch_size):
+                pixels = []
+                for job in batch:
+                    if decoded is None or decoded[0] != job.record:
+                        decoded = (job.record, data.read_image(data.records[job.record]))
+                    pixels.append(image_to_tensor(apply_placement(decoded[1], job.placement)))
+                with torch.no_grad():
+                    latents = ae.encode(torch.stack(pixels).to(device=device, dtype=dtype)).to("cpu")
+                for job, z in zip(batch, latents, strict=True):
+                    store.write_latent(job.key, z, data.records[job.record].name)
+                bar.update(len(batch))
+    return len(jobs)
+
+
+def fill_cache(plan: CachePlan, data: ScannedData, load_text_encoders: Callable[[], TextEncoders],
+               load_autoencoder: Callable[[], AutoEncoder], device: str | torch.device = "cpu",
+               batch_size: int = 4, progress: bool = True) -> FillStats:
+    """Encode whatever ``plan`` finds missing (re-checked under the fill lock), writing each entry as soon as
+    it is encoded. A loader is called only if an entry it serves is missing; what it returns is owned by this
+    call: moved to ``device``, used, then destroyed by :func:`release` (so return fresh encoders, not
+    shared ones).
+
+    Args:
+        plan: from :func:`plan_cache`; ``data``: the :class:`ScannedData` it was made from.
+        load_text_encoders / load_autoencoder: build the encoders, with the dtype of the plan's specs.
+        device: where to encode.
+        batch_size: captions or crops per encoder call.
+    """
+    device = torch.device(device)
+    with fill_lock(plan.root):
+        plan = plan.refresh()
+        texts = latents = 0
+        if plan.missing_text:
+            texts = _with_encoder(load_text_encoders, device, plan.text_spec.dtype, "text encoders",
+                                  lambda te: _encode_texts(te, plan, batch_size, progress))
+        if plan.missing_latents:
+            latents = _with_encoder(load_autoencoder, device, plan.ae_spec.dtype, "autoencoder",
+                                    lambda ae: _encode_latents(ae, plan, data, device, batch_size, progress))
+    return FillStats(texts, latents)
+
+
+def _with_encoder(load: Callable[[], nn.Module], device: torch.device, dtype: str, what: str,
+                  work: Callable[[nn.Module], int]) -> int:
+    """Load, check the dtype, run ``work``, and release the encoder whatever happens."""
+    module = load().to(device)
+    try:
+        _check_dtype(module, dtype, what)
+        return work(module)
+    finally:
+        release(module)
+
+
+def load_text_embeddings(plan: CachePlan, prompts: Sequence[str]) -> TextEmbeddings:
+    """Cached embeddings of ``prompts`` (e.g. ``[""]`` for caption dropout, or the sample prompts) as
+    ``TextEmbeddings(txt [N, L, d_t5], y [N, d_clip])`` on the CPU, in the dtype they were encoded in."""
+    missing = [p for p in prompts if p not in plan.text_keys]
+    if missing:
+        raise KeyError(f"prompts {missing[:3]} are not part of the cache plan; pass them as sample_prompts")
+    entries = [plan.store.read_text(plan.text_keys[p]) for p in prompts]
+    return TextEmbeddings(torch.stack([t for t, _ in entries]), torch.stack([y for _, y in entries]))

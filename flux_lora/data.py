@@ -1,0 +1,353 @@
+"""Training data: the config, and the scan that reads captions and checks images before any model loads.
+
+Sources (``DataConfig.source``), tried in this order:
+
+1. a folder written by ``datasets``' ``save_to_disk`` (it holds ``state.json`` or ``dataset_dict.json``);
+2. a folder with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + caption column), read by
+   ``datasets``' ``imagefolder`` loader;
+3. any other folder: images found recursively (hidden folders skipped), each captioned by the text file
+   beside it with the same stem and ``caption_extension``;
+4. anything else is passed to ``datasets.load_dataset`` (a hub name or a local dataset path).
+
+An image that cannot be decoded is skipped with a warning naming it, and the count is logged at the end. An
+empty dataset, a missing caption (an absent or blank caption, unless ``default_caption`` is set) and a missing
+column raise :class:`DataError`. The scan decodes each image once to find its size (after EXIF rotation) and
+remembers the result in ``<cache_dir>/probe/`` keyed by the file's sha256, so later scans only read and hash
+the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from .buckets import SIDE_MULTIPLE
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file, column or setting."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training images and captions come from, how they are bucketed, and where the cache lives.
+
+    Attributes:
+        source: image folder, ``datasets`` save_to_disk folder, imagefolder with metadata, or dataset name.
+        image_column / caption_column: columns of a ``datasets`` source (imagefolder: ``image`` / ``text``).
+        split: split of a ``datasets`` source.
+        caption_extension: caption file suffix in an image folder.
+        default_caption: caption for images without one; ``None`` makes a missing caption an error.
+        resolution: target side; buckets have an area close to ``resolution**2``.
+        bucket_step: spacing of the bucket widths (a multiple of 16); larger means fewer, fuller buckets.
+        max_aspect: longest bucket side over shortest; more extreme images are cropped to it.
+        upscale: enlarge images smaller than their bucket (default: they get a bucket of their own size).
+        crop: ``center`` or ``random`` (``crop_variants`` random crops per image are cached, one
+            drawn per use).
+        flip: also cache a mirrored copy of each crop and draw it half of the time.
+        repeats: times each image appears per epoch.
+        batch_size: images per batch, all from one bucket.
+        drop_last: drop each bucket's last partial batch.
+        num_workers: DataLoader workers (reading cached tensors only).
+        shuffle / seed: per-epoch shuffling, deterministic from ``seed``; also seeds random-crop choice.
+        cache_dir: folder of the content-keyed latent and embedding cache.
+        encode_batch_size: images or captions per encoder call while filling the cache.
+    """
+
+    source: str = ""
+    image_column: str = "image"
+    caption_column: str = "text"
+    split: str = "train"
+    caption_extension: str = ".txt"
+    default_caption: str | None = None
+    resolution: int = 1024
+    bucket_step: int = 16
+    max_aspect: float = 4.0
+    upscale: bool = False
+    crop: str = "center"
+    crop_variants: int = 4
+    flip: bool = False
+    repeats: int = 1
+    batch_size: int = 1
+    drop_last: bool = False
+    num_workers: int = 0
+    shuffle: bool = True
+    seed: int = 0
+    cache_dir: str = ".cache/flux-lora"
+    encode_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> DataError:
+            return DataError(f"data.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if self.resolution < SIDE_MULTIPLE or self.resolution % SIDE_MULTIPLE:
+            raise bad("resolution", f"a positive multiple of {SIDE_MULTIPLE}")
+        if self.bucket_step < SIDE_MULTIPLE or self.bucket_step % SIDE_MULTIPLE:
+            raise bad("bucket_step", f"a positive multiple of {SIDE_MULTIPLE}")
+        if not self.max_aspect >= 1.0:
+            raise bad("max_aspect", ">= 1")
+        if self.crop not in ("center", "random"):
+            raise bad("crop", "'center' or 'random'")
+        for name in ("crop_variants", "repeats", "batch_size", "encode_batch_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, ">= 1")
+        if self.num_workers < 0:
+            raise bad("num_workers", ">= 0")
+        if not self.caption_extension.startswith("."):
+            raise bad("caption_extension", "a suffix starting with '.'")
+        if not self.cache_dir:
+            raise bad("cache_dir", "a folder path")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable training image: its caption, content hash and size after EXIF rotation. ``path`` is the file
+    to read; for a ``datasets`` source holding the bytes, ``row`` is its row instead."""
+
+    name: str
+    caption: str
+    image_hash: str
+    width: int
+    height: int
+    path: str | None = None
+    row: int | None = None
+
+
+@dataclass
+class ScannedData:
+    """What :func:`scan` found: usable records, skipped images (name, reason), and a way to read images."""
+
+    source: str
+    records: list[ImageRecord]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    dataset: Any = None  # the datasets.Dataset holding the rows, for sources that embed image bytes
+    image_column: str = "image"
+
+    def read_bytes(self, record: ImageRecord) -> bytes:
+        """The image file's bytes; raises :class:`DataError` when they changed since the scan."""
+        if record.row is not None:
+            data = _row_bytes(self.dataset[record.row][self.image_column], record.name)
+        else:
+            data = Path(record.path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != record.image_hash:
+            raise DataError(f"{record.name} changed since the data was scanned; start again")
+        return data
+
+    def read_image(self, record: ImageRecord) -> Image.Image:
+        """The decoded image, EXIF-rotated, as RGB (transparency composited on white)."""
+        return to_rgb(decode(self.read_bytes(record)))
+
+
+def decode(data: bytes) -> Image.Image:
+    """Decode fully (so truncated files fail here) and apply the EXIF orientation."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+# ------------------------------------------------------------------------------------------ probing images
+
+
+def _probe(data: bytes, digest: str, probe_dir: Path | None) -> tuple[int, int] | str:
+    """``(width, height)`` after EXIF rotation, or the reason the image cannot be read; remembered by hash."""
+    memo = probe_dir / digest[:2] / f"{digest}.json" if probe_dir else None
+    if memo is not None and memo.is_file():
+        try:
+            found = json.loads(memo.read_text())
+            return found["error"] if found.get("error") else (found["width"], found["height"])
+        except (ValueError, KeyError):
+            pass  # a damaged memo: probe again and overwrite it
+    try:
+        with decode(data) as image:
+            result: tuple[int, int] | str = image.size
+        if min(result) < SIDE_MULTIPLE:
+            result = f"smaller than {SIDE_MULTIPLE} px ({result[0]}x{result[1]})"
+    except Exception as e:  # PIL raises many types for corrupt data
+        result = f"{type(e).__name__}: {e}"
+    if memo is not None:
+        entry = {"error": result} if isinstance(result, str) else {"width": result[0], "height": result[1]}
+        _write_text_atomic(memo, json.dumps(entry))
+    return result
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _row_bytes(value: Any, name: str) -> bytes:
+    """Bytes of a ``datasets`` image cell read with ``Image(decode=False)`` (or of a plain path string)."""
+    if isinstance(value, str):
+        return Path(value).read_bytes()
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path"):
+            return Path(value["path"]).read_bytes()
+    raise DataError(f"{name}: the image cell holds neither bytes nor a path ({type(value).__name__})")
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def _folder_items(folder: Path, cfg: DataConfig) -> list[tuple[str, str | None, str]]:
+    """``(name, caption or None, path)`` per image in ``folder`` (hidden folders and the cache excluded)."""
+    cache = Path(cfg.cache_dir).resolve()
+    items = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if (path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file()
+                or any(p.startswith(".") for p in rel.parts) or cache in path.resolve().parents):
+            continue
+        caption_file = path.with_suffix(cfg.caption_extension)
+        caption = None
+        if caption_file.is_file():
+            try:
+                caption = caption_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"caption file {caption_file} is not UTF-8 text ({e})") from None
+        items.append((str(path), caption, str(path)))
+    return items
+
+
+def _load_datasets_source(cfg: DataConfig):
+    import datasets
+
+    source = Path(cfg.source)
+    hf_cache = str(Path(cfg.cache_dir) / "hf-datasets")
+    try:
+        if source.is_dir() and any((source / m).is_file() for m in SAVED_DATASET_MARKERS):
+            ds = datasets.load_from_disk(str(source))
+        elif source.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(source), split=cfg.split,
+                                       cache_dir=hf_cache)
+        else:
+            ds = datasets.load_dataset(cfg.source, split=cfg.split, cache_dir=hf_cache)
+    except Exception as e:
+        raise DataError(f"data.source {cfg.source!r} could not be read as a dataset "
+                        f"({type(e).__name__}: {e})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise DataError(f"data.split {cfg.split!r} is not in {cfg.source}; splits: {sorted(ds)}")
+        ds = ds[cfg.split]
+    return ds
+
+
+def _dataset_items(ds, cfg: DataConfig) -> tuple[Any, list[tuple[str, str | None, dict | str]]]:
+    import datasets
+
+    for role, column in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)):
+        if column not in ds.column_names:
+            raise DataError(f"column {column!r} (data.{role}) is not in dataset {cfg.source}; "
+                            f"available columns: {ds.column_names}")
+    ds = ds.select_columns([cfg.image_column, cfg.caption_column])
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    items = []
+    for row, example in enumerate(ds):
+        cell = example[cfg.image_column]
+        path = cell if isinstance(cell, str) else (cell or {}).get("path")
+        name = f"{cfg.source}[{row}]" + (f" ({path})" if path else "")
+        items.append((name, example[cfg.caption_column], cell))
+    return ds, items
+
+
+def source_kind(source: str) -> str:
+    """``saved`` (save_to_disk), ``imagefolder`` (metadata file), ``folder`` (images + captions), ``hub``."""
+    path = Path(source)
+    if path.is_dir():
+        if any((path / m).is_file() for m in SAVED_DATASET_MARKERS):
+            return "saved"
+        return "imagefolder" if any((path / m).is_file() for m in METADATA_FILES) else "folder"
+    return "hub"
+
+
+def scan(cfg: DataConfig) -> ScannedData:
+    """Read every caption and check every image of ``cfg.source``; needs no model.
+
+    Raises:
+        DataError: empty or unreadable source, missing column, missing captions (all named), no usable image.
+    """
+    if not cfg.source:
+        raise DataError("data.source is empty: set it to an image folder or a dataset")
+    kind = source_kind(cfg.source)
+    if kind == "hub" and (Path(cfg.source).exists() or cfg.source.startswith(("/", ".", "~"))):
+        raise DataError(f"data.source {cfg.source} is not a folder (an image folder or a dataset folder)")
+    dataset = None
+    if kind == "folder":
+        items = _folder_items(Path(cfg.source), cfg)
+    else:
+        dataset, items = _dataset_items(_load_datasets_source(cfg), cfg)
+    probe_dir = Path(cfg.cache_dir) / "probe"
+    records, skipped, missing = [], [], []
+    for row, (name, caption, ref) in enumerate(items):
+        try:
+            data = Path(ref).read_bytes() if kind == "folder" else _row_bytes(ref, name)
+        except (OSError, DataError) as e:  # unreadable file, or a row without image data
+            digest, probed = "", f"{type(e).__name__}: {e}"
+        else:
+            digest = hashlib.sha256(data).hexdigest()
+            probed = _probe(data, digest, probe_dir)
+        if isinstance(probed, str):
+            log.warning("skipping %s: the image cannot be read (%s)", name, probed)
+            skipped.append((name, probed))
+            continue
+        caption = caption.strip() if isinstance(caption, str) else None
+        if not caption:
+            if cfg.default_caption is None:
+                missing.append(name)
+                continue
+            caption = cfg.default_caption
+        path = ref if kind == "folder" else _cell_path(ref)
+        records.append(ImageRecord(name, caption, digest, probed[0], probed[1], path=path,
+                                   row=None if path else row))
+    _check_scan(cfg, records, skipped, missing, len(items))
+    return ScannedData(cfg.source, records, skipped, dataset, cfg.image_column)
+
+
+def _cell_path(cell: Any) -> str | None:
+    """The file to read a ``datasets`` image from again, when the row names one instead of embedding it."""
+    if isinstance(cell, str):
+        return cell
+    return cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") else None
+
+
+def _check_scan(cfg: DataConfig, records: list, skipped: list, missing: list[str], total: int) -> None:
+    if missing:
+        where = f"a {cfg.caption_extension} file beside each image" if source_kind(cfg.source) == "folder" \
+            else f"column {cfg.caption_column!r}"
+        raise DataError(
+            f"{len(missing)} image(s) in {cfg.source} have no caption ({where}), e.g. {missing[:5]}; "
+            "add captions or set data.default_caption"
+        )
+    if skipped:
+        log.warning("skipped %d of %d images in %s that could not be read", len(skipped), total, cfg.source)
+    if not records:
+        raise DataError(f"no usable image in {cfg.source} ({total} found, {len(skipped)} unreadable)")
+    log.info("scanned %s: %d images", cfg.source, len(records))

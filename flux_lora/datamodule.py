@@ -1,0 +1,182 @@
+"""Training batches from the cache: a Dataset of cached latents and embeddings, its collate, and a DataModule
+that runs scan -> plan -> fill -> release before training.
+
+The Dataset reads cache files only; no encoder is reachable from it. Under DDP, Lightning calls
+``prepare_data`` on one process per node (the one that fills the cache, under a file lock) and then ``setup``
+on every process, which re-plans (cheap: the scan only hashes bytes) and fails if anything is still missing.
+The batch sampler splits batches between ranks itself, so the Trainer must be built with
+``use_distributed_sampler=False``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .autoencoder import AutoEncoder
+from .buckets import BucketBatchSampler
+from .cache import (
+    AutoEncoderSpec,
+    CachePlan,
+    CacheStore,
+    TextEncoderSpec,
+    fill_cache,
+    load_text_embeddings,
+    plan_cache,
+)
+from .conditioning import TextEmbeddings, TextEncoders
+from .data import DataConfig, ScannedData, scan
+from .loading import load_autoencoder
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, Tensor | str]
+
+
+class CachedDataset(Dataset):
+    """Cached training samples. ``dataset[(i, v)]`` is record ``i`` in its variant ``v`` (crop / flip), as a
+    dict: ``latents [z, h, w]``, ``txt [L, d_t5]``, ``y [d_clip]`` (tensors in the cached dtype) and
+    ``caption`` (str).
+    A plain integer ``i`` means variant 0."""
+
+    def __init__(self, root: str | Path, latent_keys: list[list[str]], text_keys: list[str],
+                 captions: list[str]):
+        self.root, self.latent_keys = Path(root), latent_keys
+        self.text_keys, self.captions = text_keys, captions
+
+    @classmethod
+    def from_plan(cls, plan: CachePlan) -> CachedDataset:
+        if not plan.complete:
+            raise RuntimeError(f"the cache {plan.root} is incomplete ({len(plan.missing_text)} captions, "
+                               f"{len(plan.missing_latents)} latents missing): fill it first")
+        return cls(plan.root, [[j.key for j in jobs] for jobs in plan.variants],
+                   [plan.text_keys[c] for c in plan.captions], list(plan.captions))
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Sample:
+        i, v = (index, 0) if isinstance(index, int) else index
+        store = CacheStore(self.root)
+        txt, y = store.read_text(self.text_keys[i])
+        latents = store.read_latent(self.latent_keys[i][v])
+        return {"latents": latents, "txt": txt, "y": y, "caption": self.captions[i]}
+
+
+def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
+    """Stack one bucket's samples: ``latents [B, z, h, w]``, ``txt [B, L, d_t5]``, ``y [B, d_clip]``,
+    ``caption`` (list of B str). Raises if the latents differ in size (samples from different buckets)."""
+    shapes = {tuple(s["latents"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"a batch mixes latent sizes {sorted(shapes)}; batch with BucketBatchSampler")
+    out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples])
+                                          for k in ("latents", "txt", "y")}
+    out["caption"] = [s["caption"] for s in samples]
+    return out
+
+
+def make_dataloader(plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The training DataLoader over a complete cache: this rank's bucketed batches (BucketBatchSampler)."""
+    sampler = BucketBatchSampler(plan.buckets, [len(v) for v in plan.variants], batch_size=cfg.batch_size,
+                                 repeats=cfg.repeats, shuffle=cfg.shuffle, seed=cfg.seed,
+                                 drop_last=cfg.drop_last, rank=rank, world_size=world_size)
+    return DataLoader(CachedDataset.from_plan(plan), batch_sampler=sampler, collate_fn=collate,
+                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                      pin_memory=torch.cuda.is_available())
+
+
+class FluxDataModule(L.LightningDataModule):
+    """Scan, cache and serve the training data.
+
+    Args:
+        cfg: the data config.
+        text_spec / ae_spec: identities of the encoders (e.g. ``TextEncoderSpec.from_folder``), computed
+            from files, so nothing is loaded to find out whether the cache is complete.
+        load_text_encoders / load_autoencoder: build fresh encoders; called only if something is missing.
+        sample_prompts: prompts whose embeddings the sampling callback needs (:meth:`sample_embeddings`).
+        device: where to encode; default: the trainer's root device, else the CPU.
+    """
+
+    def __init__(self, cfg: DataConfig, text_spec: TextEncoderSpec, ae_spec: AutoEncoderSpec,
+                 load_text_encoders: Callable[[], TextEncoders], load_autoencoder: Callable[[], AutoEncoder],
+                 sample_prompts: Sequence[str] = (), device: str | torch.device | None = None):
+        super().__init__()
+        self.cfg, self.text_spec, self.ae_spec = cfg, text_spec, ae_spec
+        self.load_text_encoders, self.load_autoencoder = load_text_encoders, load_autoencoder
+        self.sample_prompts, self.device = list(sample_prompts), device
+        self.plan: CachePlan | None = None
+
+    @classmethod
+    def from_model_folder(cls, cfg: DataConfig, folder: str | Path, max_length: int, dtype: torch.dtype,
+                          sample_prompts: Sequence[str] = (), device: str | torch.device | None = None
+                          ) -> FluxDataModule:
+        """Encoders in one FLUX.1-layout folder (``text_encoder*/``, ``tokenizer*/``, ``ae.safetensors``)."""
+        folder = Path(folder)
+        dm = cls(cfg, TextEncoderSpec.from_folder(folder, max_length, dtype),
+                 AutoEncoderSpec.from_folder(folder, dtype), _never, _never, sample_prompts, device)
+        # Picklable partials (for ddp_spawn) that load straight onto the encoding device, not via the host.
+        dm.load_text_encoders = functools.partial(_folder_text_encoders, dm, folder, max_length, dtype)
+        dm.load_autoencoder = functools.partial(_folder_autoencoder, dm, folder, dtype)
+        return dm
+
+    def _plan(self) -> tuple[ScannedData, CachePlan]:
+        data = scan(self.cfg)
+        return data, plan_cache(data, self.cfg, self.text_spec, self.ae_spec, self.sample_prompts)
+
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def prepare_data(self) -> None:
+        """Scan, plan, and fill what is missing (then the encoders are released)."""
+        data, plan = self._plan()
+        if not plan.complete:
+            fill_cache(plan, data, self.load_text_encoders, self.load_autoencoder, self._device(),
+                       self.cfg.encode_batch_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        _, plan = self._plan()
+        if not plan.complete:
+            raise RuntimeError(f"the cache {plan.root} is incomplete on this process after prepare_data; "
+                               "with several nodes, give each its own cache folder or share one filesystem")
+        self.plan = plan
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return make_dataloader(self._require_plan(), self.cfg, rank, world)
+
+    def _require_plan(self) -> CachePlan:
+        if self.plan is None:
+            raise RuntimeError("call prepare_data() and setup() first")
+        return self.plan
+
+    def empty_embedding(self) -> TextEmbeddings:
+        """The cached empty-caption embedding (caption dropout): ``txt [1, L, d_t5]``, ``y [1, d_clip]``."""
+        return load_text_embeddings(self._require_plan(), [""])
+
+    def sample_embeddings(self) -> TextEmbeddings:
+        """The cached embeddings of the sample prompts, in order: ``txt [N, L, d_t5]``, ``y [N, d_clip]``."""
+        return load_text_embeddings(self._require_plan(), self.sample_prompts)
+
+
+def _never():
+    raise AssertionError("replaced in FluxDataModule.from_model_folder")
+
+
+def _folder_text_encoders(dm: FluxDataModule, folder: Path, max_length: int,
+                          dtype: torch.dtype) -> TextEncoders:
+    return TextEncoders.from_folder(folder, max_length, dtype=dtype, device=dm._device())
+
+
+def _folder_autoencoder(dm: FluxDataModule, folder: Path, dtype: torch.dtype) -> AutoEncoder:
+    return load_autoencoder(folder, dtype=dtype, device=dm._device())

@@ -1,0 +1,271 @@
+"""Memory modes for inference, applied from outside the models.
+
+* model offload: each component (text encoders, DiT, autoencoder) sits on the accelerator only while it runs.
+* block offload: the DiT's double and single blocks stay in host memory and stream to the accelerator one at a
+  time (forward pre/post hooks on each block); its other parts (embedders, final layer, under 1 % of the
+  weights) stay on the accelerator. On CUDA, host copies are pinned and the next block is copied on a side
+  stream while the current one runs; elsewhere the same code runs with synchronous copies. The text encoders
+  and autoencoder are model-offloaded.
+
+Moving a module swaps each parameter's ``.data`` (and each buffer) between its host tensor, which is kept, and
+a device copy, so "moving back" costs no copy, fp8 stays fp8, Parameter objects (and peft wrappers, LoRA
+adapters, optimizers holding them) are untouched, and weights changed between runs (a fused LoRA) are what the
+next run loads. Do not change weights while a module is on the accelerator: unloading points it back at the
+host tensors. Inference only: tensors saved for backward would keep the device copies alive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+OffloadMode = Literal["model", "block"]
+PlacementLog = Callable[[str, str], None]
+"""Called with ``("load" | "unload", module name)`` at every move, in order (tests and debugging)."""
+
+
+class Transfer:
+    """Moves tensors between host memory and ``device``; pinned memory and a copy stream on CUDA."""
+
+    def __init__(self, device: str | torch.device, pin_memory: bool | None = None):
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
+        self._stream = None
+
+    @property
+    def stream(self) -> torch.cuda.Stream | None:
+        """The side stream that prefetches run on (CUDA only)."""
+        if self.device.type != "cuda":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def host(self, t: Tensor) -> Tensor:
+        """``t`` as a host tensor (moved to the CPU, and pinned when copies are asynchronous)."""
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        if self.pin_memory and not t.is_pinned():
+            t = t.pin_memory()
+        return t
+
+    def to_device(self, t: Tensor) -> Tensor:
+        return t.to(self.device, non_blocking=self.pin_memory)
+
+    def is_on_device(self, t: Tensor) -> bool:
+        return t.device == self.device
+
+
+def _slots(module: nn.Module, skip: set[int] = frozenset()) -> Iterator[tuple[nn.Module, str, bool]]:
+    """``(owner, name, is_parameter)`` for each tensor of ``module`` outside the submodules whose ids are in
+    ``skip``; a Parameter shared by several modules (tied weights) comes once."""
+    seen: set[int] = set()
+    for owner in module.modules():
+        if id(owner) in skip:
+            continue
+        for name, p in owner._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield owner, name, True
+        for name, b in owner._buffers.items():
+            if b is not None:
+                yield owner, name, False
+
+
+def _subtree_ids(modules: list[nn.Module]) -> set[int]:
+    return {id(m) for top in modules for m in top.modules()}
+
+
+def _swap(owner: nn.Module, name: str, is_param: bool, t: Tensor) -> None:
+    if is_param:
+        owner._parameters[name].data = t
+    else:
+        owner._buffers[name] = t
+
+
+def _current(owner: nn.Module, name: str, is_param: bool) -> Tensor:
+    return owner._parameters[name].data if is_param else owner._buffers[name]
+
+
+def to_host_(module: nn.Module, transfer: Transfer, skip: set[int] = frozenset()) -> None:
+    """Make every tensor of ``module`` a host tensor (pinned where ``transfer`` copies asynchronously)."""
+    for owner, name, is_param in _slots(module, skip):
+        _swap(owner, name, is_param, transfer.host(_current(owner, name, is_param)))
+
+
+class Loaded:
+    """A module whose tensors point at device copies; :meth:`unload` points them back at the host tensors."""
+
+    def __init__(self, module: nn.Module, transfer: Transfer, skip: set[int] = frozenset()):
+        self.saved: list[tuple[nn.Module, str, bool, Tensor]] = []
+        copies: dict[int, Tensor] = {}  # id(host tensor) -> device copy: tied buffers share one copy
+        for owner, name, is_param in _slots(module, skip):
+            host = _current(owner, name, is_param)
+            if transfer.pin_memory and host.device.type == "cpu" and not host.is_pinned():
+                host = transfer.host(host)  # re-pin a weight replaced since (e.g. by fusing a LoRA)
+            if id(host) not in copies:
+                copies[id(host)] = transfer.to_device(host)
+            _swap(owner, name, is_param, copies[id(host)])
+            self.saved.append((owner, name, is_param, host))
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Tell the CUDA allocator the copies are used on ``stream`` (they were allocated on the copy one)."""
+        for owner, name, is_param, _ in self.saved:
+            _current(owner, name, is_param).record_stream(stream)
+
+    def unload(self) -> None:
+        for owner, name, is_param, host in self.saved:
+            _swap(owner, name, is_param, host)
+        self.saved = []
+
+
+def location(module: nn.Module, transfer: Transfer) -> str:
+    """``"device"``, ``"host"`` or ``"mixed"``: where the tensors of ``module`` are now."""
+    flags = {transfer.is_on_device(_current(o, n, p)) for o, n, p in _slots(module)}
+    if flags == {True}:
+        return "device"
+    return "host" if flags <= {False} else "mixed"
+
+
+class BlockOffload:
+    """Stream a DiT's ``double_blocks`` and ``single_blocks`` through the accelerator one block at a time.
+
+    Between forwards no block is on the accelerator; during one, the running block and (with ``prefetch``) the
+    next one are. Works on blocks whose Linears are wrapped by peft or carry run-time LoRAs: whatever tensors
+    a block holds when it is called are the ones moved.
+    """
+
+    def __init__(self, model: nn.Module, transfer: Transfer, *, prefetch: bool = True,
+                 on_move: PlacementLog | None = None, name: str = "model"):
+        self.transfer = transfer
+        self.prefetch = prefetch
+        self.on_move = on_move or (lambda action, module: None)
+        self.blocks = [(f"{name}.{group}.{i}", block) for group in ("double_blocks", "single_blocks")
+                       for i, block in enumerate(getattr(model, group))]
+        to_host_(model, transfer)  # so that remove() leaves every tensor in host memory, wherever it started
+        self.rest = Loaded(model, transfer, skip=_subtree_ids([b for _, b in self.blocks]))
+        self._pending: dict[int, tuple[Loaded, torch.cuda.Event | None]] = {}
+        self._active: dict[int, Loaded] = {}
+        self._hooks = [model.register_forward_pre_hook(self._start),
+                       model.register_forward_hook(self._finish)]
+        for i, (_, block) in enumerate(self.blocks):
+            self._hooks.append(block.register_forward_pre_hook(self._pre_hook(i)))
+            self._hooks.append(block.register_forward_hook(self._post_hook(i)))
+
+    def _fetch(self, i: int) -> None:
+        name, block = self.blocks[i]
+        stream = self.transfer.stream
+        if stream is None:
+            self._pending[i] = (Loaded(block, self.transfer), None)
+        else:
+            with torch.cuda.stream(stream):
+                loaded = Loaded(block, self.transfer)
+                self._pending[i] = (loaded, stream.record_event())
+        self.on_move("load", name)
+
+    def _start(self, module: nn.Module, args) -> None:
+        self.release()
+        if self.prefetch and self.blocks:
+            self._fetch(0)
+
+    def _finish(self, module: nn.Module, args, output) -> None:
+        self.release()
+
+    def _pre_hook(self, i: int):
+        def hook(module: nn.Module, args) -> None:
+            if i not in self._pending:
+                self._fetch(i)
+            loaded, event = self._pending.pop(i)
+            if event is not None:
+                current = torch.cuda.current_stream(self.transfer.device)
+                current.wait_event(event)
+                loaded.record_stream(current)
+            self._active[i] = loaded
+            following = i + 1
+            idle = following not in self._pending and following not in self._active
+            if self.prefetch and following < len(self.blocks) and idle:
+                self._fetch(following)
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module: nn.Module, args, output) -> None:
+            loaded = self._active.pop(i, None)
+            if loaded is not None:
+                loaded.unload()
+                self.on_move("unload", self.blocks[i][0])
+        return hook
+
+    def release(self) -> None:
+        """Send back any block still on the accelerator (a prefetch not used, a forward that raised)."""
+        for table in (self._active, self._pending):
+            for i in list(table):
+                entry = table.pop(i)
+                (entry if isinstance(entry, Loaded) else entry[0]).unload()
+                self.on_move("unload", self.blocks[i][0])
+
+    def remove(self) -> None:
+        """Remove the hooks; every tensor of the model ends in host memory."""
+        self.release()
+        for h in self._hooks:
+            h.remove()
+        self.rest.unload()
+
+
+class Placement:
+    """Where a pipeline's components live, and when they move.
+
+    ``mode=None``: every component is moved to the device once. ``"model"``: components stay in host memory
+    and :meth:`use` puts one on the device for the duration of a ``with`` block. ``"block"``: as ``"model"``
+    for every component but ``dit``, whose blocks stream through :class:`BlockOffload` while its other parts
+    stay on the device.
+    """
+
+    def __init__(self, components: dict[str, nn.Module], transfer: Transfer, mode: OffloadMode | None = None,
+                 *, dit: str = "model", on_move: PlacementLog | None = None):
+        if mode not in (None, "model", "block"):
+            raise ValueError(f"offload must be None, 'model' or 'block', got {mode!r}")
+        self.components, self.transfer, self.mode = components, transfer, mode
+        self.on_move = on_move or (lambda action, module: None)
+        self.blocks: BlockOffload | None = None
+        self._dit = dit
+        if mode is None:
+            for module in components.values():
+                module.to(transfer.device)
+            return
+        for name, module in components.items():
+            if mode == "block" and name == dit:
+                self.blocks = BlockOffload(module, transfer, on_move=self.on_move, name=name)
+            else:
+                to_host_(module, transfer)
+        log.info("offload %r: components in host memory, on %s only while they run", mode, transfer.device)
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[nn.Module]:
+        """Have component ``name`` on the device inside the ``with`` block."""
+        module = self.components[name]
+        if self.mode is None or (self.mode == "block" and name == self._dit):
+            yield module
+            return
+        loaded = Loaded(module, self.transfer)
+        self.on_move("load", name)
+        try:
+            yield module
+        finally:
+            loaded.unload()
+            self.on_move("unload", name)
+
+    def remove(self) -> None:
+        """Undo the mode's hooks; offloaded components end in host memory."""
+        if self.blocks is not None:
+            self.blocks.remove()
+            self.blocks = None

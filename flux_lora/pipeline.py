@@ -1,0 +1,351 @@
+"""Text to image with FLUX.1: encode the prompts, draw noise, integrate the flow ODE with Euler steps, decode.
+
+The schedule (FLUX's resolution-dependent shift for dev, linear for schnell) and the Euler step are the pure
+functions of ``sampling.py`` that the trainer uses too; :func:`denoise` is a free function the trainer's
+sample callback reuses with cached text embeddings. Noise is drawn on the CPU in float32, so a seed gives the
+same image on any device. Shapes come from the autoencoder's downscale factor and latent channels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .autoencoder import AutoEncoder
+from .conditioning import TextEmbeddings, TextEncoders
+from .model import ControlResiduals, Flux
+from .offload import OffloadMode, Placement, PlacementLog, Transfer
+from .quantization import FP8
+from .sampling import euler_step, get_schedule, image_seq_len, img_ids, latent_size, pack, txt_ids, unpack
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GUIDANCE = 3.5
+OutputType = Literal["pil", "latent", "pt"]
+
+
+@dataclass
+class DiTInputs:
+    """The inputs of one DiT call during sampling (twice per step with true CFG: ``negative`` tells which)."""
+
+    step: int
+    img: Tensor
+    img_ids: Tensor
+    txt: Tensor
+    txt_ids: Tensor
+    timesteps: Tensor
+    y: Tensor
+    guidance: Tensor | None
+    negative: bool = False
+
+
+ControlProvider = Callable[[DiTInputs], ControlResiduals | None]
+"""Per-call ControlNet residuals (``None`` for none), e.g. from one or several ControlNets summed."""
+StepCallback = Callable[[int, float, Tensor], None]
+"""Called after each step with ``(step index, t of the step, latents [B, N, C] after it)``."""
+
+
+def _velocity(model: nn.Module, inputs: DiTInputs, controls: ControlProvider | None) -> Tensor:
+    residuals = controls(inputs) if controls is not None else None
+    return model(img=inputs.img, img_ids=inputs.img_ids, txt=inputs.txt, txt_ids=inputs.txt_ids,
+                 timesteps=inputs.timesteps, y=inputs.y, guidance=inputs.guidance, controls=residuals)
+
+
+def denoise(model: nn.Module, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, y: Tensor,
+            timesteps: list[float], guidance: float | None, *, neg: TextEmbeddings | None = None,
+            true_cfg: float = 1.0, controls: ControlProvider | None = None,
+            callback: StepCallback | None = None) -> Tensor:
+    """Integrate the flow ODE from ``timesteps[0]`` to ``timesteps[-1]`` with Euler steps.
+
+    Args:
+        img: ``[B, N, C]`` packed noise; the state is kept in its dtype (float32 recommended) and cast to the
+            compute dtype (that of ``txt``) for each DiT call.
+        img_ids, txt_ids: ``[B, N, 3]`` and ``[B, L, 3]`` position ids.
+        txt, y: ``[B, L, D]`` T5 states and ``[B, d]`` CLIP vectors, in the compute dtype.
+        timesteps: ``num_steps + 1`` times from 1 (noise) down to 0 (see :func:`sampling.get_schedule`).
+        guidance: embedded guidance strength (dev), ``None`` for models without guidance (schnell).
+        neg: negative-prompt embeddings (batch ``B``) for true CFG: ``v = v_neg + true_cfg * (v - v_neg)``.
+        controls: per-call ControlNet residual provider.
+
+    Returns:
+        ``[B, N, C]`` latents at ``timesteps[-1]``, in the dtype of ``img``.
+    """
+    dtype, batch = txt.dtype, img.shape[0]
+    g = None if guidance is None else torch.full((batch,), float(guidance), device=img.device, dtype=dtype)
+    use_cfg = neg is not None and true_cfg != 1.0
+    for i, (t_cur, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
+        t_vec = torch.full((batch,), t_cur, device=img.device, dtype=dtype)
+        x = img.to(dtype)
+        v = _velocity(model, DiTInputs(i, x, img_ids, txt, txt_ids, t_vec, y, g), controls)
+        if use_cfg:
+            neg_inputs = DiTInputs(i, x, img_ids, neg.txt, txt_ids, t_vec, neg.y, g, negative=True)
+            v_neg = _velocity(model, neg_inputs, controls)
+            v = v_neg + true_cfg * (v - v_neg)
+        img = euler_step(img, v, t_cur, t_prev)
+        if callback is not None:
+            callback(i, t_cur, img)
+    return img
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the first floating-point, non-fp8 parameter (the compute dtype of an fp8 DiT)."""
+    for p in module.parameters():
+        if p.dtype.is_floating_point and p.dtype != FP8:
+            return p.dtype
+    return torch.float32
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """``[B, 3, H, W]`` in [0, 1] -> RGB images (rounded to the nearest 8-bit value)."""
+    arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+def model_folder(source: str | Path) -> Path:
+    """A local model folder, or the folder a ModelScope id (``AI-ModelScope/FLUX.1-dev``) downloads to."""
+    from .hub import resolve_model
+
+    path = resolve_model(source, ("dit", "ae", "text_encoders"))
+    if not path.is_dir():
+        raise ValueError(f"{source} is a file; pass a model folder (DiT, autoencoder and text encoders)")
+    return path
+
+
+class FluxPipeline:
+    """Prompts to images with a FLUX.1 DiT, its autoencoder and its text encoders.
+
+    ``device`` is where computation runs; ``offload`` (``None``, ``"model"``, ``"block"``) decides where the
+    components wait in between (see :mod:`flux_lora.offload`). ``text_encoders`` may be ``None`` when every
+    call passes ``text_embeddings``.
+    """
+
+    def __init__(self, model: Flux, ae: AutoEncoder, text_encoders: TextEncoders | None, *,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 offload: OffloadMode | None = None):
+        packed = ae.params.z_channels * 4
+        if packed != model.params.in_channels:
+            raise ValueError(f"the autoencoder's {ae.params.z_channels} latent channels pack to {packed}, "
+                             f"the DiT takes {model.params.in_channels}")
+        self.model, self.ae, self.text_encoders = model, ae, text_encoders
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or float_dtype(model)
+        self.placement: Placement | None = None
+        self.enable_offload(offload)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, quantize: str | None = None,
+                        dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
+                        offload: OffloadMode | None = None) -> FluxPipeline:
+        """Load DiT, autoencoder and text encoders from a model folder (FLUX.1 layout) or a ModelScope id.
+
+        ``quantize="float8_e4m3fn"`` stores the DiT's block Linears in fp8. With ``offload``, the weights load
+        into host memory and move to ``device`` as the mode says.
+        """
+        folder = model_folder(source)
+        device = torch.device(device) if device is not None else default_device()
+        load_to = "cpu" if offload else device
+        from .loading import load_autoencoder, load_flow_model
+
+        model = load_flow_model(folder, dtype=dtype, device=load_to, quantize=quantize)
+        ae = load_autoencoder(folder, dtype=dtype, device=load_to)
+        text = TextEncoders.from_folder(folder, model.params.max_sequence_length, dtype=dtype, device=load_to)
+        return cls(model, ae, text, device=device, dtype=dtype, offload=offload)
+
+    def enable_offload(self, mode: OffloadMode | None, *, transfer: Transfer | None = None,
+                       on_move: PlacementLog | None = None) -> None:
+        """Switch memory mode (``None``, ``"model"``, ``"block"``); ``on_move`` records every move."""
+        if self.placement is not None:
+            self.placement.remove()
+        parts = {"text_encoders": self.text_encoders, "model": self.model, "ae": self.ae}
+        self.placement = Placement({k: v for k, v in parts.items() if v is not None},
+                                   transfer or Transfer(self.device), mode, on_move=on_move)
+
+    def image_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` rounded down to multiples of ``2 * downscale`` (16 for FLUX)."""
+        ds = self.ae.params.downscale_factor
+        lh, lw = latent_size(int(height), int(width), ds)
+        if (lh * ds, lw * ds) != (height, width):
+            log.warning("image size %dx%d rounded down to %dx%d (multiples of %d)", width, height, lw * ds,
+                        lh * ds, 2 * ds)
+        return lh * ds, lw * ds
+
+    def timesteps(self, height: int, width: int, steps: int) -> list[float]:
+        """The ``steps + 1`` sampling times for this image size (shifted for dev, linear for schnell)."""
+        ds = self.ae.params.downscale_factor
+        return get_schedule(steps, image_seq_len(*latent_size(height, width, ds)),
+                            shift=self.model.params.shift_schedule)
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str]) -> TextEmbeddings:
+        """Prompts -> :class:`TextEmbeddings` on the device in the compute dtype."""
+        if self.text_encoders is None:
+            raise ValueError("this pipeline has no text encoders: pass text_embeddings")
+        with self.placement.use("text_encoders"):
+            emb = self.text_encoders.encode(prompts)
+        return emb.to(self.device, self.dtype)
+
+    def noise(self, batch: int, latent_height: int, latent_width: int, generator: torch.Generator) -> Tensor:
+        """``[B, C, h, w]`` float32 standard normal noise, drawn on the generator's device."""
+        shape = (batch, self.ae.params.z_channels, latent_height, latent_width)
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1], float32."""
+        with self.placement.use("ae"):
+            pixels = self.ae.decode(latents.to(self.device, float_dtype(self.ae)))
+        return (pixels.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, *, height: int = 1024, width: int = 1024,
+                 num_inference_steps: int | None = None, guidance: float | None = None, true_cfg: float = 1.0,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 latents: Tensor | None = None, output_type: OutputType = "pil", progress: bool = True,
+                 text_embeddings: TextEmbeddings | None = None,
+                 negative_text_embeddings: TextEmbeddings | None = None,
+                 controls: ControlProvider | None = None,
+                 callback: StepCallback | None = None) -> list[Image.Image] | Tensor:
+        """Generate images.
+
+        Args:
+            prompt: one prompt or a list (or ``None`` with ``text_embeddings``, one row per prompt).
+            height, width: rounded down to multiples of 16 (at least 16).
+            num_inference_steps: default ``params.default_steps`` (4 for schnell).
+            guidance: embedded guidance for dev (default 3.5); schnell has none and ignores it with a warning.
+            true_cfg: ``!= 1`` runs the DiT twice per step, ``v_neg + true_cfg * (v - v_neg)``, with
+                ``negative_prompt`` (default the empty prompt) or ``negative_text_embeddings``.
+            seed, generator: the noise source (a CPU generator seeded with ``seed``; random if neither).
+            latents: initial noise ``[B, N, C]`` packed or ``[B, C, h, w]``, instead of drawing it.
+            output_type: ``"pil"`` images, ``"pt"`` ``[B, 3, H, W]`` in [0, 1], ``"latent"`` ``[B, C, h, w]``
+                scaled latents (what ``ae.decode`` takes).
+            controls: per-DiT-call ControlNet residuals.
+        """
+        if output_type not in ("pil", "latent", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        params = self.model.params
+        steps = params.default_steps if num_inference_steps is None else num_inference_steps
+        guidance = self._guidance(guidance)
+        height, width = self.image_size(height, width)
+        ds = self.ae.params.downscale_factor
+        lh, lw = height // ds, width // ds
+        schedule = self.timesteps(height, width, steps)  # validates steps before any encoding
+
+        cond, neg = self._conditioning(prompt, text_embeddings, negative_prompt, negative_text_embeddings,
+                                       true_cfg)
+        neg = None if neg is None else neg.repeat(num_images_per_prompt)
+        cond = cond.repeat(num_images_per_prompt)
+        batch = len(cond)
+
+        img = pack(self._initial_noise(batch, lh, lw, seed, generator, latents)).to(self.device)
+        ids = img_ids(batch, lh, lw, device=self.device)
+        tids = txt_ids(batch, cond.txt.shape[1], device=self.device)
+        bar = _progress(steps, progress)
+
+        def on_step(i: int, t: float, x: Tensor) -> None:
+            bar.update()
+            if callback is not None:
+                callback(i, t, x)
+
+        try:
+            with self.placement.use("model"):
+                img = denoise(self.model, img, ids, cond.txt, tids, cond.y, schedule, guidance, neg=neg,
+                              true_cfg=true_cfg, controls=controls, callback=on_step)
+        finally:
+            bar.close()
+        latents_out = unpack(img, lh, lw)
+        if output_type == "latent":
+            return latents_out
+        images = self.decode(latents_out)
+        return images if output_type == "pt" else to_pil(images)
+
+    def _guidance(self, guidance: float | None) -> float | None:
+        if not self.model.params.guidance_embed:
+            if guidance is not None:
+                log.warning("this model (schnell-type) has no guidance embedding; guidance=%s is ignored",
+                            guidance)
+            return None
+        guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        if not guidance == guidance or guidance < 0:  # NaN or negative
+            raise ValueError(f"guidance must be a non-negative number, got {guidance}")
+        return guidance
+
+    def _conditioning(self, prompt, given: TextEmbeddings | None, negative_prompt,
+                      negative_given: TextEmbeddings | None,
+                      true_cfg: float) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+        """``(prompt embeddings, negative embeddings or None)``; prompts and negatives encoded in one pass."""
+        prompts = _prompt_list(prompt, given, "prompt")
+        count = len(given) if given is not None else len(prompts)
+        negatives = None
+        if true_cfg == 1.0:
+            if negative_prompt is not None or negative_given is not None:
+                log.warning("a negative prompt takes effect only with true_cfg != 1; it is ignored")
+            negative_given = None
+        elif negative_given is None:
+            negative_prompt = "" if negative_prompt is None else negative_prompt  # the unconditional prompt
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * count
+            negatives = _prompt_list(negative_prompt, None, "negative_prompt")
+        elif negative_prompt is not None:
+            raise ValueError("pass either negative_prompt or its text embeddings, not both")
+        encoded = self.encode((prompts or []) + (negatives or [])) if prompts or negatives else None
+        cond = given.to(self.device, self.dtype) if given is not None else encoded[: len(prompts)]
+        neg = negative_given.to(self.device, self.dtype) if negative_given is not None else None
+        if negatives is not None:
+            neg = encoded[len(encoded) - len(negatives):]
+        if neg is not None and len(neg) != len(cond):
+            raise ValueError(f"{len(neg)} negative prompts for {len(cond)} prompts")
+        return cond, neg
+
+    def _initial_noise(self, batch: int, lh: int, lw: int, seed: int | None,
+                       generator: torch.Generator | None, latents: Tensor | None) -> Tensor:
+        """``[B, C, h, w]`` float32 starting noise."""
+        channels = self.ae.params.z_channels
+        if latents is not None:
+            if latents.ndim == 3:
+                latents = unpack(latents, lh, lw)
+            if tuple(latents.shape) != (batch, channels, lh, lw):
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected "
+                                 f"{(batch, channels, lh, lw)} or packed "
+                                 f"{(batch, (lh // 2) * (lw // 2), 4 * channels)}")
+            return latents.float()
+        if generator is None:
+            generator = torch.Generator("cpu")
+            if seed is None:
+                log.info("no seed given; drew seed %d", generator.seed())
+            else:
+                generator.manual_seed(int(seed))
+        elif seed is not None:
+            raise ValueError("pass seed or generator, not both")
+        return self.noise(batch, lh, lw, generator)
+
+
+def _prompt_list(prompts: str | list[str] | None, given: TextEmbeddings | None,
+                 what: str) -> list[str] | None:
+    if (prompts is None) == (given is None):
+        raise ValueError(f"pass either {what} or its text embeddings, not both and not neither")
+    if prompts is None:
+        return None
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompts!r}")
+    return prompts
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="denoising", unit="step", disable=not enabled)

@@ -1,0 +1,35 @@
+"""LoRA and memory-layout helpers shared by the offload and adapter tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flux_lora.lora_formats import LoraWeight
+
+
+def random_lora(model: nn.Module, paths: list[str], rank: int = 2, alpha: float = 4.0,
+                seed: int = 0) -> dict[str, LoraWeight]:
+    """A LoRA on the Linears at ``paths`` with random ``down`` and ``up`` (both non-zero)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for path in paths:
+        layer = model.get_submodule(path)
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        down = torch.randn(rank, layer.in_features, generator=g) * 0.2
+        up = torch.randn(layer.out_features, rank, generator=g) * 0.2
+        out[path] = LoraWeight(down, up, alpha)
+    return out
+
+
+def realign(module: nn.Module) -> nn.Module:
+    """Give every tensor a fresh allocation. Loaded tensors are not 64-byte aligned, and CPU matmuls round
+    differently at different alignments, so bit-equality with freshly allocated copies needs this."""
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                p.data = p.data.clone()
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.clone()
+    return module
