@@ -197,7 +197,7 @@ def _dit_stream(path: Path, wanted: FluxParams | None) -> tuple[FluxParams, Iter
 
 def read_flux_params(source: str | Path) -> FluxParams:
     """The architecture of the DiT at ``source`` (model folder, diffusers folder or file), from headers only."""
-    return _dit_stream(find_dit_file(Path(source)))[0]
+    return _dit_stream(find_dit_file(Path(source)), None)[0]
 
 
 def load_flow_model(
