@@ -44,28 +44,18 @@ P = FluxParams(
     axes_dim=(4, 6, 6),
 )
 NAMES = sorted(linear_shapes(P))
-KINDS = [
-    "img_attn.qkv",
-    "txt_attn.proj",
-    "img_mlp.0",
-    "txt_mlp.2",
-    "img_mod.lin",
-    "linear1",
-    "linear2",
-    "modulation.lin",
-    "img_in",
-    "txt_in",
-    "time_in.in_layer",
-    "vector_in.out_layer",
-    "guidance_in.in_layer",
-    "final_layer.linear",
-    "final_layer.adaLN_modulation.1",
-]
 
 
-def random_lora(
-    names, ranks, alphas, seed: int, dtype=torch.float32, params: FluxParams = P
-) -> dict[str, LoraWeight]:
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matmuls are tiny: on a shared CPU, more threads only add synchronisation cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_lora(names, ranks, alphas, seed: int, dtype=torch.float32, params: FluxParams = P) -> dict[str, LoraWeight]:
     g = torch.Generator().manual_seed(seed)
     shapes = linear_shapes(params)
     return {
@@ -281,9 +271,7 @@ def test_split_to_fused_is_exact(modules, rank, shared_a, same_alpha, ranks, alp
     for i, m in enumerate(modules):
         r = rank if shared_a else ranks[i]
         a = a_shared if shared_a else torch.randn(r, 32, generator=g)
-        parts[m] = LoraWeight(
-            a, torch.randn(LINEAR1_PARTS[m][1], r, generator=g), alpha if same_alpha else alphas[i]
-        )
+        parts[m] = LoraWeight(a, torch.randn(LINEAR1_PARTS[m][1], r, generator=g), alpha if same_alpha else alphas[i])
     fused = from_diffusers_state_dict(_diffusers_parts(parts), P)["single_blocks.0.linear1"]
     delta = fused.delta()
     covered = torch.zeros(224, dtype=torch.bool)
@@ -303,11 +291,7 @@ def test_split_to_fused_is_exact(modules, rank, shared_a, same_alpha, ranks, alp
         assert fused.rank == sum(w.rank for w in parts.values())
     # the diffusers export of the fused LoRA gives one LoRA per original part (compact if B is block-diagonal)
     again = to_diffusers_state_dict({"single_blocks.0.linear1": fused}, P, bake_scale=False)
-    got = {
-        k.removeprefix("transformer.").removesuffix(".lora_A.weight")
-        for k in again
-        if k.endswith("lora_A.weight")
-    }
+    got = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in again if k.endswith("lora_A.weight")}
     assert got == set(modules)
     if not shared_a:
         for m, w in parts.items():
@@ -458,11 +442,17 @@ def test_alpha_from_lora_adapter_metadata():
     assert lora["double_blocks.0.img_attn.proj"].alpha == 8.0
     assert lora["double_blocks.0.img_mlp.2"].alpha == 2.0
     assert lora["single_blocks.0.linear2"].alpha == 8.0
-    rs = read_lora(
-        sd, P, metadata={"lora_adapter_metadata": json.dumps({**cfg, "transformer.use_rslora": True})}
-    )
+    rs = read_lora(sd, P, metadata={"lora_adapter_metadata": json.dumps({**cfg, "transformer.use_rslora": True})})
     assert rs["double_blocks.0.img_attn.proj"].scale == pytest.approx(8 / 2)  # rsLoRA: alpha / sqrt(r)
     assert read_lora(sd, P)["double_blocks.0.img_attn.proj"].alpha == 4.0  # nothing: scale 1
+    # raw peft keys (BFL names) with an unprefixed LoraConfig passed by the caller as a dict
+    raw = {
+        k.replace("transformer.transformer_blocks.0.attn.to_out.0", "base_model.model.double_blocks.0.img_attn.proj"): v
+        for k, v in sd.items()
+        if "to_out" in k
+    }
+    peft = read_lora(raw, P, metadata={"lora_adapter_metadata": {"lora_alpha": 16, "alpha_pattern": {"ff": 1}}})
+    assert detect_layout(raw) == "peft" and peft["double_blocks.0.img_attn.proj"].alpha == 16.0
 
 
 def _kohya_proj(down: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -506,22 +496,14 @@ def test_kohya_file_round_trips_bit_exactly(tmp_path):
     assert set(back) == set(lora)
     for name, w in lora.items():
         assert back[name].down.dtype == torch.bfloat16
-        assert (
-            torch.equal(back[name].down, w.down)
-            and torch.equal(back[name].up, w.up)
-            and back[name].alpha == w.alpha
-        )
+        assert torch.equal(back[name].down, w.down) and torch.equal(back[name].up, w.up) and back[name].alpha == w.alpha
     alpha = dict(iter_tensors(path))["lora_unet_img_in.alpha"]
     assert alpha.dtype == torch.float32 and alpha.ndim == 0
 
 
 def test_kohya_metadata(tmp_path):
-    lora = random_lora(
-        ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"], [4, 4], [8.0, 8.0], seed=8
-    )
-    path = write_lora(
-        tmp_path / "mine.safetensors", lora, P, metadata={"ss_steps": "100", "modelspec.author": "me"}
-    )
+    lora = random_lora(["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"], [4, 4], [8.0, 8.0], seed=8)
+    path = write_lora(tmp_path / "mine.safetensors", lora, P, metadata={"ss_steps": "100", "modelspec.author": "me"})
     meta = read_metadata(path)
     assert meta["format"] == "pt" and meta["ss_network_module"] == "networks.lora_flux"
     assert meta["ss_base_model_version"] == "flux1" and meta["ss_network_dim"] == "4"
@@ -529,16 +511,10 @@ def test_kohya_metadata(tmp_path):
     assert meta["ss_output_name"] == "mine" and meta["ss_steps"] == "100" and meta["modelspec.author"] == "me"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["modelspec.sai_model_spec"] == "1.0.1"
     assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
-    assert (
-        meta["modelspec.title"] == "mine"
-        and meta["modelspec.resolution"] == "1024x1024"
-        and meta["modelspec.date"]
-    )
+    assert meta["modelspec.title"] == "mine" and meta["modelspec.resolution"] == "1024x1024" and meta["modelspec.date"]
     assert "lora_adapter_metadata" not in meta
     data = path.read_bytes()  # kohya's sshs_model_hash: sha256 of everything after the safetensors header
-    assert (
-        meta["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
-    )
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
     assert len(meta["sshs_legacy_hash"]) == 8
     schnell = write_lora(tmp_path / "s.safetensors", lora, replace(P, guidance_embed=False))
     assert read_metadata(schnell)["modelspec.architecture"] == "flux-1-schnell/lora"
@@ -550,9 +526,7 @@ def test_kohya_metadata(tmp_path):
 
 
 def test_kohya_writer_warns_about_modules_diffusers_drops(tmp_path, caplog):
-    lora = random_lora(
-        ["img_in", "final_layer.linear", "double_blocks.0.img_mlp.0"], [2, 2, 2], [1.0] * 3, seed=9
-    )
+    lora = random_lora(["img_in", "final_layer.linear", "double_blocks.0.img_mlp.0"], [2, 2, 2], [1.0] * 3, seed=9)
     with caplog.at_level(logging.WARNING, logger="flux_lora"):
         write_lora(tmp_path / "x.safetensors", lora, P)
     msg = " ".join(r.getMessage() for r in caplog.records)
@@ -606,18 +580,13 @@ def test_convert_cli_both_ways(tmp_path, tiny_dev_dir, caplog):
     d, k = tmp_path / "d.safetensors", tmp_path / "k.safetensors"
     with caplog.at_level(logging.INFO):
         assert convert_main([str(kohya), str(d), "--to", "diffusers", "--model", "tiny"]) == 0
-        assert (
-            convert_main([str(d), str(k), "--to", "kohya", "--model", str(tiny_dev_dir)]) == 0
-        )  # model folder
+        assert convert_main([str(d), str(k), "--to", "kohya", "--model", str(tiny_dev_dir)]) == 0  # model folder
     assert detect_layout(read_keys(d)) == "diffusers" and detect_layout(read_keys(k)) == "kohya"
     back = read_lora(k, tiny)
     for name, w in lora.items():
         assert_delta_close(back[name], w)
     caplog.clear()
-    assert (
-        convert_main([str(kohya), str(tmp_path / "x.safetensors"), "--to", "kohya", "--model", "flux-dev"])
-        == 1
-    )
+    assert convert_main([str(kohya), str(tmp_path / "x.safetensors"), "--to", "kohya", "--model", "flux-dev"]) == 1
     assert "in.safetensors" in caplog.text and "lora_unet_" in caplog.text  # shapes do not fit flux-dev
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "flux_lora.convert_lora"]
