@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I")  # 16-bit grayscale PIL modes (depth maps), read as / 65535
+
 ImageInput = Image.Image | Tensor
 """A PIL image, or a tensor ``[3, H, W]`` / ``[B, 3, H, W]`` (masks: ``[H, W]``, ``[1, H, W]``,
 ``[B, 1, H, W]``) with values in [0, 1]."""
@@ -156,7 +158,11 @@ def controlnet_components(units: Sequence[ControlNetUnit]) -> dict[str, FluxCont
 
 
 def _to_tensor(value: ImageInput, channels: int) -> Tensor:
-    """PIL image or tensor -> float32 ``[B, channels, h, w]`` in [0, 1] (PIL values / 255)."""
+    """PIL image or tensor -> float32 ``[B, channels, h, w]`` in [0, 1] (PIL values / 255, or / 65535 for
+    16-bit images such as depth maps)."""
+    if isinstance(value, Image.Image) and value.mode in WIDE_MODES:
+        t = torch.from_numpy(np.asarray(value).astype(np.float32) / 65535.0).clamp(0, 1)
+        return t.expand(channels, *t.shape)[None]
     if isinstance(value, Image.Image):
         arr = np.asarray(value.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255.0
         t = torch.from_numpy(arr)
@@ -179,6 +185,8 @@ def control_pixels(value: ImageInput, height: int, width: int, *, mask: bool = F
     if abs(w0 / h0 - width / height) > 0.01 * width / height:
         log.warning("control %s of %dx%d is stretched to %dx%d", "mask" if mask else "image", w0, h0, width,
                     height)
+    if isinstance(value, Image.Image) and value.mode in WIDE_MODES:
+        value = _to_tensor(value, 1 if mask else 3)
     if isinstance(value, Image.Image) and value.size != (width, height):
         resample = Image.Resampling.NEAREST if mask else Image.Resampling.LANCZOS
         value = value.resize((width, height), resample=resample)

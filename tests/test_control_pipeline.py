@@ -332,6 +332,20 @@ def test_inpainting_controlnet_with_a_mask(dev_pipe, cns, emb):
     assert (out - dev_pipe(**kw)).abs().max() > 1e-3
 
 
+def test_control_images_at_the_output_size():
+    """16-bit depth maps keep their precision (PIL's RGB conversion would saturate them); masks are resized by
+    nearest neighbour, so a coarse mask lands on the same pixel blocks."""
+    depth = np.arange(H * W, dtype=np.uint16).reshape(H, W) * 40
+    ours = control_pixels(Image.fromarray(depth), H, W)
+    expected = torch.from_numpy(depth.astype(np.float32) / 65535).expand(1, 3, H, W) * 2 - 1
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+    assert control_pixels(Image.fromarray(depth[::2, ::2]), H, W).shape == (1, 3, H, W)
+    coarse = (np.random.default_rng(0).random((H // 4, W // 4)) > 0.5).astype(np.uint8) * 255
+    fine = np.kron(coarse, np.ones((4, 4), dtype=np.uint8))
+    for mask in (Image.fromarray(coarse), torch.from_numpy(coarse / 255.0)):
+        assert torch.equal(control_pixels(mask, H, W, mask=True)[0, 0], torch.from_numpy(fine / 255.0).float())
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
