@@ -3,10 +3,20 @@
     python examples/generate.py --model /path/to/FLUX.1-dev --prompt "a photo of a dog" \\
         --lora style.safetensors:0.8 --quantize float8_e4m3fn --offload model --seed 42 --output dog.png
 
+With ControlNets (each ``--controlnet`` takes the options that follow it; it may repeat):
+
+    python examples/generate.py --model /path/to/FLUX.1-dev --prompt "a house by a lake" \\
+        --controlnet InstantX/FLUX.1-dev-Controlnet-Union:0.7 --control-image edges.png --control-mode canny \\
+        --controlnet jasperai/Flux.1-dev-Controlnet-Depth --control-image depth.png --control-end 0.5
+
 ``--model`` is a folder in the FLUX.1 layout or a ModelScope id. ``--lora FILE[:SCALE]`` may repeat (scale 1 by
-default). Image ``i`` of ``--num-images N`` uses seed ``SEED + i`` and is written to ``OUTPUT-i.png`` (just
-``OUTPUT`` when N is 1); the prompt, seed, steps, guidance, model, LoRAs and quantization go into the PNG's
-text chunks, so the same settings give the same file byte for byte.
+default). ``--controlnet ID_OR_PATH[:SCALE]`` is a diffusers-layout ControlNet folder or a ModelScope id; after
+it come its ``--control-image`` (required; for upscaler and tile modes the low-resolution image itself),
+``--control-mode`` (union ControlNets), ``--mask`` (inpainting ControlNets; white = repaint) and
+``--control-start`` / ``--control-end`` (the fraction of the steps it acts on). ``--quantize`` applies to the
+ControlNets too. Image ``i`` of ``--num-images N`` uses seed ``SEED + i`` and is written to ``OUTPUT-i.png``
+(just ``OUTPUT`` when N is 1); the prompt, seed, steps, guidance, model, LoRAs, ControlNets and quantization go
+into the PNG's text chunks, so the same settings give the same file byte for byte.
 """
 
 from __future__ import annotations
@@ -29,21 +39,47 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from flux_lora.adapters import apply_loras
+from flux_lora.control import ControlNetUnit
 from flux_lora.pipeline import DEFAULT_GUIDANCE, FluxPipeline
 
 log = logging.getLogger("generate")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def lora_spec(spec: str) -> tuple[Path, float]:
-    """``FILE[:SCALE]`` -> ``(path, scale)``; a colon not followed by a number belongs to the path."""
-    path, sep, scale = spec.rpartition(":")
-    if sep and path:
+def split_scale(spec: str) -> tuple[str, float]:
+    """``NAME[:SCALE]`` -> ``(name, scale)``; a colon not followed by a number belongs to the name."""
+    name, sep, scale = spec.rpartition(":")
+    if sep and name:
         try:
-            return Path(path), float(scale)
+            return name, float(scale)
         except ValueError:
             pass
-    return Path(spec), 1.0
+    return spec, 1.0
+
+
+def lora_spec(spec: str) -> tuple[Path, float]:
+    """``FILE[:SCALE]`` -> ``(path, scale)``."""
+    path, scale = split_scale(spec)
+    return Path(path), scale
+
+
+class ControlNetOption(argparse.Action):
+    """``--controlnet`` starts a ControlNet; the ``--control-*`` and ``--mask`` options after it belong to it."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        units = [dict(u) for u in namespace.controlnets]  # copies: the default list is shared between parses
+        if self.dest == "controlnet":
+            source, scale = split_scale(value)
+            units.append({"controlnet": source, "scale": scale})
+        elif not units:
+            parser.error(f"{option_string} {value}: give --controlnet first (options after a --controlnet "
+                         "apply to it)")
+        elif self.dest in units[-1]:
+            parser.error(f"{option_string} given twice for --controlnet {units[-1]['controlnet']} (each "
+                         f"--controlnet takes one; repeat --controlnet for more)")
+        else:
+            units[-1][self.dest] = value
+        namespace.controlnets = units
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--true-cfg", type=float, default=1.0, help="true classifier-free guidance scale")
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]")
     p.add_argument("--lora-mode", choices=["unfused", "fused"], default="unfused")
-    p.add_argument("--quantize", choices=["float8_e4m3fn"], default=None, help="store the DiT in fp8")
+    p.add_argument("--quantize", choices=["float8_e4m3fn"], default=None,
+                   help="store the DiT and ControlNets in fp8")
+    p.set_defaults(controlnets=[])
+    cn = p.add_argument_group("ControlNets (options after a --controlnet apply to it)")
+    cn.add_argument("--controlnet", action=ControlNetOption, metavar="ID_OR_PATH[:SCALE]")
+    cn.add_argument("--control-image", dest="image", type=Path, action=ControlNetOption, metavar="IMAGE")
+    cn.add_argument("--control-mode", dest="mode", action=ControlNetOption, help="union ControlNets: canny, ...")
+    cn.add_argument("--mask", type=Path, action=ControlNetOption, help="inpainting ControlNets: white = repaint")
+    cn.add_argument("--control-start", dest="start", type=float, action=ControlNetOption, metavar="FRACTION")
+    cn.add_argument("--control-end", dest="end", type=float, action=ControlNetOption, metavar="FRACTION")
     p.add_argument("--offload", choices=["none", "model", "block"], default="none")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
@@ -73,7 +118,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--lora {path}: no such file")
     if args.num_images < 1:
         p.error(f"--num-images must be >= 1, got {args.num_images}")
+    images = sum("image" in u for u in args.controlnets)
+    for unit in args.controlnets:
+        if "image" not in unit:
+            p.error(f"--controlnet {unit['controlnet']} has no --control-image ({len(args.controlnets)} "
+                    f"ControlNets, {images} control images: give one --control-image after each --controlnet)")
+        for key in ("image", "mask"):
+            if key in unit and not unit[key].is_file():
+                p.error(f"--{'control-image' if key == 'image' else key} {unit[key]}: no such file")
     return args
+
+
+def load_controlnets(pipe: FluxPipeline, specs: list[dict], quantize: str | None) -> list[ControlNetUnit]:
+    """The ControlNets of the command line (each loaded once, however often it is named) with their inputs."""
+    models, units = {}, []
+    for spec in specs:
+        source = spec["controlnet"]
+        if source not in models:
+            models[source] = pipe.load_controlnet(source, quantize=quantize)
+        mask = Image.open(spec["mask"]) if "mask" in spec else None
+        units.append(ControlNetUnit(models[source], Image.open(spec["image"]), mask=mask, mode=spec.get("mode"),
+                                    scale=spec["scale"], start=spec.get("start", 0.0), end=spec.get("end", 1.0)))
+    return units
+
+
+def controlnet_settings(specs: list[dict]) -> list[dict]:
+    """The ControlNet options as written into the PNG (paths as given)."""
+    return [{"controlnet": s["controlnet"], "scale": s["scale"], "image": str(s["image"]),
+             "mode": s.get("mode"), "mask": str(s["mask"]) if "mask" in s else None,
+             "start": s.get("start", 0.0), "end": s.get("end", 1.0)} for s in specs]
 
 
 def load_loras(pipe: FluxPipeline, specs: list[tuple[Path, float]], mode: str) -> list[str]:
@@ -126,6 +199,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     pipe = FluxPipeline.from_pretrained(args.model, quantize=args.quantize, dtype=DTYPES[args.dtype],
                                         device=args.device, offload=offload)
     loras = load_loras(pipe, args.lora, args.lora_mode)
+    controlnets = load_controlnets(pipe, args.controlnets, args.quantize)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     height, width = pipe.image_size(args.height, args.width)
     steps = pipe.model.params.default_steps if args.steps is None else args.steps
@@ -137,10 +211,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         # schnell gets the user's --guidance only so that the pipeline can warn that it is ignored
         image = pipe(args.prompt, height=height, width=width, num_inference_steps=steps,
                      guidance=guidance if dev else args.guidance, true_cfg=args.true_cfg,
-                     negative_prompt=negative, seed=seed + i, progress=not args.quiet)[0]
+                     negative_prompt=negative, seed=seed + i, controlnets=controlnets,
+                     progress=not args.quiet)[0]
         settings = {"prompt": args.prompt, "seed": seed + i, "steps": steps, "guidance": guidance,
                     "width": width, "height": height, "model": str(args.model), "loras": loras,
-                    "lora_mode": args.lora_mode, "quantize": args.quantize or "none",
+                    "lora_mode": args.lora_mode, "controlnets": controlnet_settings(args.controlnets),
+                    "quantize": args.quantize or "none",
                     "sampler": "euler (flow matching)"}
         if args.true_cfg != 1.0:
             settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")

@@ -1,11 +1,12 @@
 """Memory modes for inference, applied from outside the models.
 
-* model offload: each component (text encoders, DiT, autoencoder) sits on the accelerator only while it runs.
+* model offload: each component (text encoders, DiT, ControlNets, autoencoder) sits on the accelerator only
+  while it runs; a call's ControlNets are loaded together with the DiT.
 * block offload: the DiT's double and single blocks stay in host memory and stream to the accelerator one at a
   time (forward pre/post hooks on each block); its other parts (embedders, final layer, under 1 % of the
-  weights) stay on the accelerator. On CUDA, host copies are pinned and the next block is copied on a side
-  stream while the current one runs; elsewhere the same code runs with synchronous copies. The text encoders
-  and autoencoder are model-offloaded.
+  weights) stay on the accelerator. ControlNets, whose blocks have the same names, stream the same way. On
+  CUDA, host copies are pinned and the next block is copied on a side stream while the current one runs;
+  elsewhere the same code runs with synchronous copies. The text encoders and autoencoder are model-offloaded.
 
 Moving a module swaps each parameter's ``.data`` (and each buffer) between its host tensor, which is kept, and
 a device copy, so "moving back" costs no copy, fp8 stays fp8, Parameter objects (and peft wrappers, LoRA
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Literal
 
 import torch
@@ -225,47 +226,80 @@ class Placement:
     """Where a pipeline's components live, and when they move.
 
     ``mode=None``: every component is moved to the device once. ``"model"``: components stay in host memory
-    and :meth:`use` puts one on the device for the duration of a ``with`` block. ``"block"``: as ``"model"``
+    and :meth:`use` puts them on the device for the duration of a ``with`` block. ``"block"``: as ``"model"``
     for every component but ``dit``, whose blocks stream through :class:`BlockOffload` while its other parts
-    stay on the device.
+    stay on the device. Components that take part in one call only (ControlNets) join with :meth:`joined`.
     """
 
     def __init__(self, components: dict[str, nn.Module], transfer: Transfer, mode: OffloadMode | None = None,
                  *, dit: str = "model", on_move: PlacementLog | None = None):
         if mode not in (None, "model", "block"):
             raise ValueError(f"offload must be None, 'model' or 'block', got {mode!r}")
-        self.components, self.transfer, self.mode = components, transfer, mode
+        self.components, self.transfer, self.mode = dict(components), transfer, mode
         self.on_move = on_move or (lambda action, module: None)
-        self.blocks: BlockOffload | None = None
-        self._dit = dit
-        if mode is None:
-            for module in components.values():
-                module.to(transfer.device)
-            return
+        self.streams: dict[str, BlockOffload] = {}  # components whose blocks stream ("block" mode)
         for name, module in components.items():
-            if mode == "block" and name == dit:
-                self.blocks = BlockOffload(module, transfer, on_move=self.on_move, name=name)
-            else:
-                to_host_(module, transfer)
-        log.info("offload %r: components in host memory, on %s only while they run", mode, transfer.device)
+            self._place(name, module, stream=name == dit)
+        if mode is not None:
+            log.info("offload %r: components in host memory, on %s only while they run", mode, transfer.device)
+
+    @property
+    def blocks(self) -> BlockOffload | None:
+        """The DiT's block streaming in ``"block"`` mode (the first streamed component)."""
+        return next(iter(self.streams.values()), None)
+
+    def _place(self, name: str, module: nn.Module, stream: bool) -> None:
+        if self.mode is None:
+            module.to(self.transfer.device)
+        elif self.mode == "block" and stream:
+            self.streams[name] = BlockOffload(module, self.transfer, on_move=self.on_move, name=name)
+        else:
+            to_host_(module, self.transfer)
 
     @contextmanager
-    def use(self, name: str) -> Iterator[nn.Module]:
-        """Have component ``name`` on the device inside the ``with`` block."""
+    def joined(self, extra: dict[str, nn.Module]) -> Iterator[None]:
+        """Components that take part inside the ``with`` block only (a call's ControlNets), placed as the
+        mode says; in ``"block"`` mode their ``double_blocks`` and ``single_blocks`` stream like the DiT's.
+        Afterwards they are no longer components (in host memory, unless ``mode`` is ``None``)."""
+        clash = sorted(set(extra) & set(self.components))
+        if clash:
+            raise ValueError(f"components {clash} are already placed")
+        try:
+            for name, module in extra.items():
+                self.components[name] = module
+                self._place(name, module, stream=hasattr(module, "double_blocks"))
+            yield
+        finally:
+            for name in extra:
+                stream = self.streams.pop(name, None)
+                if stream is not None:
+                    stream.remove()
+                self.components.pop(name, None)
+
+    @contextmanager
+    def use(self, *names: str) -> Iterator[None]:
+        """Have the components ``names`` on the device inside the ``with`` block (unloaded in reverse)."""
+        with ExitStack() as stack:
+            for name in names:
+                stack.enter_context(self._use(name))
+            yield
+
+    @contextmanager
+    def _use(self, name: str) -> Iterator[None]:
         module = self.components[name]
-        if self.mode is None or (self.mode == "block" and name == self._dit):
-            yield module
+        if self.mode is None or name in self.streams:
+            yield
             return
         loaded = Loaded(module, self.transfer)
         self.on_move("load", name)
         try:
-            yield module
+            yield
         finally:
             loaded.unload()
             self.on_move("unload", name)
 
     def remove(self) -> None:
         """Undo the mode's hooks; offloaded components end in host memory."""
-        if self.blocks is not None:
-            self.blocks.remove()
-            self.blocks = None
+        for stream in self.streams.values():
+            stream.remove()
+        self.streams = {}

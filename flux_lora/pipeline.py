@@ -9,7 +9,7 @@ same image on any device. Shapes come from the autoencoder's downscale factor an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +20,15 @@ from torch import Tensor, nn
 
 from .autoencoder import AutoEncoder
 from .conditioning import TextEmbeddings, TextEncoders
+from .control import (
+    ControlNetProvider,
+    ControlNetUnit,
+    check_units,
+    controlnet_components,
+    encode_units,
+    prepare_images,
+)
+from .controlnet import FluxControlNet, check_compatible
 from .model import ControlResiduals, Flux
 from .offload import OffloadMode, Placement, PlacementLog, Transfer
 from .quantization import FP8
@@ -162,6 +171,17 @@ class FluxPipeline:
         text = TextEncoders.from_folder(folder, model.params.max_sequence_length, dtype=dtype, device=load_to)
         return cls(model, ae, text, device=device, dtype=dtype, offload=offload)
 
+    def load_controlnet(self, source: str | Path, *, quantize: str | None = None) -> FluxControlNet:
+        """Load a ControlNet (folder or ModelScope id) in this pipeline's dtype, into host memory when
+        offloading, else onto the device; use it in a :class:`~flux_lora.control.ControlNetUnit`. Raises
+        ``ValueError`` if it was built for another base model than this pipeline's DiT."""
+        from .controlnet_loading import load_controlnet
+
+        device = "cpu" if self.placement.mode else self.device
+        controlnet = load_controlnet(source, dtype=self.dtype, device=device, quantize=quantize)
+        check_compatible(controlnet, self.model.params, f"ControlNet {source}")
+        return controlnet
+
     def enable_offload(self, mode: OffloadMode | None, *, transfer: Transfer | None = None,
                        on_move: PlacementLog | None = None) -> None:
         """Switch memory mode (``None``, ``"model"``, ``"block"``); ``on_move`` records every move."""
@@ -215,7 +235,7 @@ class FluxPipeline:
                  latents: Tensor | None = None, output_type: OutputType = "pil", progress: bool = True,
                  text_embeddings: TextEmbeddings | None = None,
                  negative_text_embeddings: TextEmbeddings | None = None,
-                 controls: ControlProvider | None = None,
+                 controlnets: Sequence[ControlNetUnit] = (), controls: ControlProvider | None = None,
                  callback: StepCallback | None = None) -> list[Image.Image] | Tensor:
         """Generate images.
 
@@ -230,7 +250,10 @@ class FluxPipeline:
             latents: initial noise ``[B, N, C]`` packed or ``[B, C, h, w]``, instead of drawing it.
             output_type: ``"pil"`` images, ``"pt"`` ``[B, 3, H, W]`` in [0, 1], ``"latent"`` ``[B, C, h, w]``
                 scaled latents (what ``ae.decode`` takes).
-            controls: per-DiT-call ControlNet residuals.
+            controlnets: ControlNets with their control images (see :class:`~flux_lora.control.ControlNetUnit`),
+                all checked before anything runs; a ControlNet that embeds guidance gets ``guidance`` (default
+                3.5) even when the DiT has none.
+            controls: per-DiT-call ControlNet residuals, instead of ``controlnets`` (for custom providers).
         """
         if output_type not in ("pil", "latent", "pt"):
             raise ValueError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
@@ -238,7 +261,11 @@ class FluxPipeline:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         params = self.model.params
         steps = params.default_steps if num_inference_steps is None else num_inference_steps
-        guidance = self._guidance(guidance)
+        units = check_units(controlnets, params, self.dtype)
+        if units and controls is not None:
+            raise ValueError("pass controlnets or controls, not both")
+        control_guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        guidance = self._guidance(guidance, any(u.controlnet.params.trunk.guidance_embed for u in units))
         height, width = self.image_size(height, width)
         ds = self.ae.params.downscale_factor
         lh, lw = height // ds, width // ds
@@ -247,8 +274,10 @@ class FluxPipeline:
         cond, neg = self._conditioning(prompt, text_embeddings, negative_prompt, negative_text_embeddings,
                                        true_cfg)
         neg = None if neg is None else neg.repeat(num_images_per_prompt)
-        cond = cond.repeat(num_images_per_prompt)
+        num_prompts, cond = len(cond), cond.repeat(num_images_per_prompt)
         batch = len(cond)
+        if units:
+            controls = self._control_provider(units, height, width, num_prompts, batch, steps, control_guidance)
 
         img = pack(self._initial_noise(batch, lh, lw, seed, generator, latents)).to(self.device)
         ids = img_ids(batch, lh, lw, device=self.device)
@@ -260,8 +289,9 @@ class FluxPipeline:
             if callback is not None:
                 callback(i, t, x)
 
+        joining = controlnet_components(units)
         try:
-            with self.placement.use("model"):
+            with self.placement.joined(joining), self.placement.use("model", *joining):
                 img = denoise(self.model, img, ids, cond.txt, tids, cond.y, schedule, guidance, neg=neg,
                               true_cfg=true_cfg, controls=controls, callback=on_step)
         finally:
@@ -272,16 +302,23 @@ class FluxPipeline:
         images = self.decode(latents_out)
         return images if output_type == "pt" else to_pil(images)
 
-    def _guidance(self, guidance: float | None) -> float | None:
-        if not self.model.params.guidance_embed:
-            if guidance is not None:
-                log.warning("this model (schnell-type) has no guidance embedding; guidance=%s is ignored",
-                            guidance)
-            return None
-        guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
-        if not guidance == guidance or guidance < 0:  # NaN or negative
+    def _control_provider(self, units: list[ControlNetUnit], height: int, width: int, num_prompts: int,
+                          batch: int, steps: int, guidance: float) -> ControlNetProvider:
+        """Control images checked against the prompt count, then encoded by the autoencoder."""
+        images = prepare_images(units, height, width, num_prompts)
+        with self.placement.use("ae"):
+            encoded = encode_units(units, images, self.ae, batch, self.device, float_dtype(self.ae))
+        return ControlNetProvider(encoded, self.model.params, steps, guidance)
+
+    def _guidance(self, guidance: float | None, for_controlnets: bool = False) -> float | None:
+        """The DiT's guidance (``None`` for schnell); checked too when only ControlNets embed it."""
+        dev = self.model.params.guidance_embed
+        if not dev and guidance is not None and not for_controlnets:
+            log.warning("this model (schnell-type) has no guidance embedding; guidance=%s is ignored", guidance)
+        value = DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        if (dev or for_controlnets) and (not value == value or value < 0):  # NaN or negative
             raise ValueError(f"guidance must be a non-negative number, got {guidance}")
-        return guidance
+        return value if dev else None
 
     def _conditioning(self, prompt, given: TextEmbeddings | None, negative_prompt,
                       negative_given: TextEmbeddings | None,

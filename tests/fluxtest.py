@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flux_lora import sampling as S
@@ -30,3 +31,22 @@ def diffusers_forward(model, x: dict) -> torch.Tensor:
         hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"], timestep=x["timesteps"],
         img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], guidance=x["guidance"], return_dict=False,
     )[0]
+
+
+def diffusers_parts(pipe) -> dict:
+    """diffusers' scheduler (FLUX.1-dev's or -schnell's config), VAE and transformer holding the weights of our
+    ``FluxPipeline``: the model parts of diffusers' Flux pipelines."""
+    diffusers = pytest.importorskip("diffusers")
+    from flux_lora.keymaps import ae_to_diffusers, ae_to_diffusers_config, flux_to_diffusers, flux_to_diffusers_config
+
+    p = pipe.model.params
+    transformer = diffusers.FluxTransformer2DModel(**flux_to_diffusers_config(p))
+    transformer.load_state_dict(flux_to_diffusers(pipe.model.state_dict(), p), strict=True)
+    vae = diffusers.AutoencoderKL(**ae_to_diffusers_config(pipe.ae.params))
+    vae.load_state_dict(ae_to_diffusers(pipe.ae.state_dict(), pipe.ae.params), strict=True)
+    dev = p.guidance_embed
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=dev, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096, shift=3.0 if dev else 1.0,
+    )
+    return dict(scheduler=scheduler, vae=vae, transformer=transformer)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from flux_lora.lora_formats import LoraWeight
+from flux_lora.offload import Transfer
 
 
 def random_lora(model: nn.Module, paths: list[str], rank: int = 2, alpha: float = 4.0,
@@ -33,3 +34,29 @@ def realign(module: nn.Module) -> nn.Module:
             if b is not None:
                 m._buffers[name] = b.clone()
     return module
+
+
+class FakeAccelerator(Transfer):
+    """A distinct placement on the CPU: copies are clones, recognised by their storage. The fake keeps every
+    copy alive, so no later tensor can reuse a copy's address and be mistaken for one."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", pin_memory=False)
+        self._copies: list[torch.Tensor] = []
+        self._addresses: set[int] = set()
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        copy = t.clone()
+        self._copies.append(copy)
+        self._addresses.add(copy.untyped_storage().data_ptr())
+        return copy
+
+    def is_on_device(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self._addresses
+
+
+def while_each_block_runs(model: nn.Module, record) -> list:
+    """Forward hooks calling ``record(i)`` while block ``i`` of ``model`` (double blocks, then single blocks)
+    runs: they sit on a Linear inside each block. Returns the hook handles."""
+    inner = [b.img_attn.qkv for b in model.double_blocks] + [b.linear1 for b in model.single_blocks]
+    return [m.register_forward_hook(lambda *args, i=i: record(i)) for i, m in enumerate(inner)]

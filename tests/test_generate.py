@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,58 @@ def test_bad_arguments(tiny_dev_dir, tmp_path, generate, capsys):
     assert "missing.safetensors: no such file" in capsys.readouterr().err
     assert generate.lora_spec("C:\\loras\\a.safetensors") == (Path("C:\\loras\\a.safetensors"), 1.0)
     assert generate.lora_spec("dir/a.b.safetensors:-0.25") == (Path("dir/a.b.safetensors"), -0.25)
+
+
+# ------------------------------------------------------------------------------------------ ControlNets
+
+
+def _control_images(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    edges, low = tmp_path / "edges.png", tmp_path / "low.png"
+    Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(edges)
+    Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(low)  # tile: the low-resolution image
+    return edges, low
+
+
+def test_cli_with_controlnets_records_them(tiny_dev_dir, tiny_controlnet_dir, tiny_union_controlnet_dir, tmp_path,
+                                           generate):
+    edges, low = _control_images(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--model", str(tiny_dev_dir), *ARGS, "--seed", "3",
+           "--controlnet", f"{tiny_controlnet_dir}:0.8", "--control-image", str(edges),
+           "--controlnet", str(tiny_union_controlnet_dir), "--control-mode", "tile", "--control-image", str(low),
+           "--control-end", "0.5", "--output", str(tmp_path / "cn.png")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    recorded = json.loads(Image.open(tmp_path / "cn.png").text["controlnets"])
+    assert recorded == [
+        {"controlnet": str(tiny_controlnet_dir), "scale": 0.8, "image": str(edges), "mode": None, "mask": None,
+         "start": 0.0, "end": 1.0},
+        {"controlnet": str(tiny_union_controlnet_dir), "scale": 1.0, "image": str(low), "mode": "tile",
+         "mask": None, "start": 0.0, "end": 0.5},
+    ]
+    base = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "3"]
+    plain = generate.main([*base, "--output", str(tmp_path / "plain.png")])[0]
+    assert json.loads(Image.open(plain).text["controlnets"]) == []
+    assert not np.array_equal(_pixels(tmp_path / "cn.png"), _pixels(plain))
+    zero = generate.main([*base, "--controlnet", f"{tiny_controlnet_dir}:0", "--control-image", str(edges),
+                          "--output", str(tmp_path / "zero.png")])[0]
+    assert np.array_equal(_pixels(zero), _pixels(plain))  # scale 0 adds zero residuals
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--control-image", "{edges}"], "--control-image .*: give --controlnet first"),
+    (["--controlnet", "{cn}", "--controlnet", "{cn}", "--control-image", "{edges}"],
+     "--controlnet .* has no --control-image \\(2 ControlNets, 1 control images"),
+    (["--controlnet", "{cn}", "--control-image", "{edges}", "--control-image", "{edges}"],
+     "--control-image given twice for --controlnet"),
+    (["--controlnet", "{cn}", "--control-image", "{missing}"], "--control-image .*missing.png: no such file"),
+])
+def test_bad_controlnet_arguments(extra, message, tiny_dev_dir, tiny_controlnet_dir, tmp_path, generate, capsys):
+    edges, _ = _control_images(tmp_path)
+    paths = dict(edges=edges, cn=tiny_controlnet_dir, missing=tmp_path / "missing.png")
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--model", str(tiny_dev_dir), *ARGS, *(a.format(**paths) for a in extra)])
+    assert re.search(message, capsys.readouterr().err)
+    assert generate.split_scale("InstantX/FLUX.1-dev-Controlnet-Union:0.6") == (
+        "InstantX/FLUX.1-dev-Controlnet-Union", 0.6)

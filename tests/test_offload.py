@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_dit import random_lora, realign
+from helpers_dit import FakeAccelerator, random_lora, realign, while_each_block_runs
 
 from flux_lora.adapters import apply_loras
 from flux_lora.loading import load_flow_model
@@ -22,25 +22,6 @@ from flux_lora.quantization import FP8
 from fluxtest import dit_inputs
 
 KW = dict(height=32, width=48, num_inference_steps=2, seed=0, true_cfg=2.0, output_type="pt", progress=False)
-
-
-class FakeAccelerator(Transfer):
-    """A distinct placement on the CPU: copies are clones, recognised by their storage. The fake keeps every
-    copy alive, so no later tensor can reuse a copy's address and be mistaken for one."""
-
-    def __init__(self) -> None:
-        super().__init__("cpu", pin_memory=False)
-        self._copies: list[torch.Tensor] = []
-        self._addresses: set[int] = set()
-
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        copy = t.clone()
-        self._copies.append(copy)
-        self._addresses.add(copy.untyped_storage().data_ptr())
-        return copy
-
-    def is_on_device(self, t: torch.Tensor) -> bool:
-        return t.untyped_storage().data_ptr() in self._addresses
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +87,12 @@ def test_block_offload_streams_one_block_at_a_time(pipe, baseline, fake):
     blocks = [*model.double_blocks, *model.single_blocks]
     seen = []
 
-    def snapshot(i):
-        def hook(*args):
-            seen.append((i, [j for j, b in enumerate(blocks) if location(b, fake) == "device"],
-                         location(model.img_in, fake), location(model.final_layer, fake),
-                         location(pipe.text_encoders, fake), location(pipe.ae, fake)))
-        return hook
+    def snapshot(i) -> None:
+        seen.append((i, [j for j, b in enumerate(blocks) if location(b, fake) == "device"],
+                     location(model.img_in, fake), location(model.final_layer, fake),
+                     location(pipe.text_encoders, fake), location(pipe.ae, fake)))
 
-    # hooks on a Linear inside each block run while the block itself is running
-    inner = [b.img_attn.qkv for b in model.double_blocks] + [b.linear1 for b in model.single_blocks]
-    hooks = [m.register_forward_hook(snapshot(i)) for i, m in enumerate(inner)]
+    hooks = while_each_block_runs(model, snapshot)
     try:
         pipe.enable_offload("block", transfer=fake, on_move=lambda *e: events.append(e))
         assert [location(b, fake) for b in blocks] == ["host"] * len(blocks)

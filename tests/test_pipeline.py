@@ -13,6 +13,8 @@ from flux_lora.pipeline import DiTInputs, FluxPipeline, denoise
 from flux_lora.quantization import FP8Linear
 from flux_lora.sampling import img_ids, pack, txt_ids
 
+from fluxtest import diffusers_parts
+
 H, W = 64, 96  # latent 8x12, 24 image tokens
 
 
@@ -33,25 +35,8 @@ def _noise(pipe: FluxPipeline, batch: int, seed: int = 0) -> torch.Tensor:
 def _diffusers_pipeline(pipe: FluxPipeline):
     """diffusers' FluxPipeline holding our weights, with FLUX.1-dev's or -schnell's scheduler config."""
     diffusers = pytest.importorskip("diffusers")
-    from flux_lora.keymaps import (
-        ae_to_diffusers,
-        ae_to_diffusers_config,
-        flux_to_diffusers,
-        flux_to_diffusers_config,
-    )
-
-    p = pipe.model.params
-    transformer = diffusers.FluxTransformer2DModel(**flux_to_diffusers_config(p))
-    transformer.load_state_dict(flux_to_diffusers(pipe.model.state_dict(), p), strict=True)
-    vae = diffusers.AutoencoderKL(**ae_to_diffusers_config(pipe.ae.params))
-    vae.load_state_dict(ae_to_diffusers(pipe.ae.state_dict(), pipe.ae.params), strict=True)
-    dev = p.guidance_embed
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=dev, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096, shift=3.0 if dev else 1.0,
-    )
-    return diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
-                                  text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    return diffusers.FluxPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                  **diffusers_parts(pipe))
 
 
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
