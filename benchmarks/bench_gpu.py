@@ -191,10 +191,13 @@ def _train_group(kind: str, params, device: str, group: list[TrainConfig], args,
         loss_fn = dit_loss if kind == "ours" else _peer_loss
         step = functools.partial(train_step, functools.partial(loss_fn, model, batch), opt)
         _free(device)
-        times = time_steps(step, device, args.warmup + 2 * c.compiled, args.steps)
+        start = time.perf_counter()
+        time_steps(step, device, 0, args.warmup + 2 * c.compiled)  # warm-up (and compilation)
+        warmup_s = time.perf_counter() - start
+        times = time_steps(step, device, 0, args.steps)
         flops, med = step_cost(params, c.res, c.checkpointing, args.txt_tokens), statistics.median(times)
         row.update(peak_allocated_GB=_peak_gb(device), median_s_per_step=med, steps_timed=len(times),
-                   min_s=min(times), step_TFLOP=flops / 1e12, achieved_TFLOPs=flops / med / 1e12,
+                   min_s=min(times), warmup_s=warmup_s, step_TFLOP=flops / 1e12, achieved_TFLOPs=flops / med / 1e12,
                    utilisation_of_bf16_peak=None if peak is None else flops / med / 1e12 / peak)
         if args.profile and not any("profile" in r for r in rows):
             trace = args.out.with_name(f"{args.out.stem}.{kind}.{c.res}px.trace.json")
