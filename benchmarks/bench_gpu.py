@@ -1,0 +1,336 @@
+"""GPU benchmark: full-size FLUX.1-dev (random weights, nothing to download) LoRA training and inference.
+
+    python benchmarks/bench_gpu.py --out results.json            # everything, time-boxed to ~9.5 minutes
+    python benchmarks/bench_gpu.py --out quick.json --quick      # ~2-minute smoke run of every code path
+    python benchmarks/bench_gpu.py --parts infer --out infer.json
+
+Parts: ``train`` (ours: fp8 blocks + rank-16 LoRA on the 304 block Linears, batch 1, cached-embedding-shaped
+inputs, 512 and 1024 px, with/without gradient checkpointing, eager/compiled blocks), ``peer`` (the same for
+diffusers' FluxTransformer2DModel + peft LoRA + fp8 layerwise casting), ``infer`` (1024 px, 28 steps: bf16, fp8,
+fp8 + model offload, fp8 + block offload, with real-size random text encoders; needs ``flux_lora.pipeline``).
+Peak memory is ``torch.cuda.max_memory_allocated`` (reset per configuration); step times are medians of CUDA
+events after warm-up; FLOP utilisation divides the analytic step FLOPs (benchmarks/accounting.py) by the time.
+Results are written after every configuration, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import accounting as A
+
+RANK, N_TXT, STEPS = 16, 512, 28
+GB = 1e9
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H20", 148.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("4090", 165.0), ("3090", 71.0))
+GOALS = {  # issue 5, at 1024 px with gradient checkpointing
+    "peak_GB": 18.0, "eager_s_per_step": 0.75, "compiled_s_per_step": 0.48}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    res: int
+    checkpointing: bool
+    compiled: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.res}px {'ckpt' if self.checkpointing else 'no-ckpt'} {'compiled' if self.compiled else 'eager'}"
+
+
+def train_matrix(quick: bool = False, sizes: tuple[int, int] = (1024, 512), compile: bool = True
+                 ) -> list[TrainConfig]:
+    """Configurations in priority order (the goals' first), grouped so one model build serves both sizes."""
+    hi, lo = sizes
+    if quick:
+        configs = [TrainConfig(hi, True, False), TrainConfig(lo, True, False), TrainConfig(lo, True, True)]
+    else:
+        groups = [(True, False), (True, True), (False, False), (False, True)]
+        configs = [TrainConfig(res, ckpt, comp) for ckpt, comp in groups for res in (hi, lo)]
+    return [c for c in configs if compile or not c.compiled]
+
+
+def schedule(parts: set[str], configs: list[TrainConfig]) -> list[tuple[str, list[TrainConfig]]]:
+    """The run order: per (checkpointing, compiled) group, ours then the peer; inference right after the first
+    group, so a time-boxed run measures the goals, their peer ratios and inference before the rest."""
+    groups: dict[tuple[bool, bool], list[TrainConfig]] = {}
+    for c in configs:
+        groups.setdefault((c.checkpointing, c.compiled), []).append(c)
+    jobs: list[tuple[str, list[TrainConfig]]] = []
+    for i, group in enumerate(groups.values()):
+        jobs += [(part, group) for part in ("train", "peer") if part in parts]
+        if i == 0 and "infer" in parts:
+            jobs.append(("infer", []))
+    if not groups and "infer" in parts:
+        jobs.append(("infer", []))
+    return jobs
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
+
+
+def step_cost(params, res: int, checkpointing: bool, n_txt: int = N_TXT, rank: int = RANK) -> float:
+    """Analytic FLOPs of one LoRA step at ``res`` x ``res`` px with ``n_txt`` text tokens, batch 1."""
+    return A.step_flops(params, *A.tokens(res, res, n_txt), checkpointing=checkpointing, lora_rank=rank)
+
+
+def goal_report(train: list[dict]) -> dict:
+    """The issue's goals against the measured rows (missing rows give ``measured: None``)."""
+    rows = {(r["res"], r["checkpointing"], r["compiled"]): r for r in train if "median_s_per_step" in r}
+    eager, comp = rows.get((1024, True, False)), rows.get((1024, True, True))
+    out = {}
+    for key, row, field, goal in (("1024px ckpt eager peak_GB", eager, "peak_allocated_GB", GOALS["peak_GB"]),
+                                  ("1024px ckpt compiled peak_GB", comp, "peak_allocated_GB", GOALS["peak_GB"]),
+                                  ("1024px ckpt eager s/step", eager, "median_s_per_step", GOALS["eager_s_per_step"]),
+                                  ("1024px ckpt compiled s/step", comp, "median_s_per_step",
+                                   GOALS["compiled_s_per_step"])):
+        measured = row[field] if row else None
+        out[key] = dict(goal=goal, measured=measured, met=None if measured is None else measured <= goal)
+    return out
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _free(device: str) -> None:
+    if device.startswith("cuda"):
+        gc.collect()  # drop the previous configuration's tensors before measuring the next
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / GB if device.startswith("cuda") else None
+
+
+def time_steps(step, device: str, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            times.append((start, end))
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    _sync(device)
+    return [s.elapsed_time(e) / 1e3 for s, e in times] if device.startswith("cuda") else times
+
+
+def run_training(kind: str, params, device: str, configs: list[TrainConfig], args, budget: Budget, save,
+                 rows: list[dict]) -> None:
+    """Build each (checkpointing, compiled) model once, then time each resolution on it, appending to ``rows``;
+    a failure (e.g. out of memory) is recorded in its rows and the next group runs."""
+    groups: dict[tuple[bool, bool], list[TrainConfig]] = {}
+    for c in configs:
+        groups.setdefault((c.checkpointing, c.compiled), []).append(c)
+    for group in groups.values():
+        done = len(rows)
+        try:
+            _train_group(kind, params, device, group, args, budget, save, rows)
+        except Exception as e:  # out of memory, compile failure: keep going
+            measured = {r["res"] for r in rows[done:]}
+            rows += [dict(kind=kind, **vars(c), error=f"{type(e).__name__}: {str(e)[:300]}")
+                     for c in group if c.res not in measured]
+            save()
+        _free(device)
+
+
+def _train_group(kind: str, params, device: str, group: list[TrainConfig], args, budget: Budget, save,
+                 rows: list[dict]) -> None:
+    from benchmarks import gpu_models
+    from benchmarks.common import adamw, dit_loss, make_batch, train_step
+
+    if budget.left() < args.min_config_s:
+        rows += [dict(kind=kind, **vars(c), skipped="time budget") for c in group]
+        return
+    _free(device)
+    build = gpu_models.ours if kind == "ours" else gpu_models.peer
+    model = build(params, device, rank=RANK, checkpointing=group[0].checkpointing, compiled=group[0].compiled)
+    opt = adamw(model, fused=device.startswith("cuda"))
+    peak = peak_tflops(torch.cuda.get_device_name() if device.startswith("cuda") else "")
+    for c in group:
+        row = dict(kind=kind, **vars(c))
+        if budget.left() < args.min_config_s:
+            rows.append({**row, "skipped": "time budget"})
+            continue
+        batch = make_batch(params, c.res // 8, c.res // 8, args.txt_tokens, device=device)
+        loss_fn = dit_loss if kind == "ours" else _peer_loss
+        step = functools.partial(train_step, functools.partial(loss_fn, model, batch), opt)
+        _free(device)
+        start = time.perf_counter()
+        time_steps(step, device, 0, args.warmup + 2 * c.compiled)  # warm-up (and compilation)
+        warmup_s = time.perf_counter() - start
+        times = time_steps(step, device, 0, args.steps)
+        flops, med = step_cost(params, c.res, c.checkpointing, args.txt_tokens), statistics.median(times)
+        row.update(peak_allocated_GB=_peak_gb(device), median_s_per_step=med, steps_timed=len(times),
+                   min_s=min(times), warmup_s=warmup_s, step_TFLOP=flops / 1e12, achieved_TFLOPs=flops / med / 1e12,
+                   utilisation_of_bf16_peak=None if peak is None else flops / med / 1e12 / peak)
+        if args.profile and not any("profile" in r for r in rows):
+            trace = args.out.with_name(f"{args.out.stem}.{kind}.{c.res}px.trace.json")
+            row["profile"] = profile_steps(step, device, trace)
+        rows.append(row)
+        save()
+
+
+def profile_steps(step, device: str, trace: Path, steps: int = 2) -> dict:
+    """torch.profiler over ``steps`` steps: the top ops by device (or CPU) time, kernel count, Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    prof.export_chrome_trace(str(trace))
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return dict(steps=steps, trace=trace.name, device_kernels_per_step=kernels / steps,
+                top_ops=events.table(sort_by=sort, row_limit=25).splitlines())
+
+
+def _peer_loss(model, batch):
+    from benchmarks.gpu_models import peer_loss_inputs
+
+    with torch.autocast(batch["x_t"].device.type, dtype=torch.bfloat16):
+        out = model(**peer_loss_inputs(batch))[0]
+    return F.mse_loss(out.float(), batch["target"].float())
+
+
+def compare(ours: list[dict], peer: list[dict]) -> list[dict]:
+    """Peer over ours, per configuration measured by both."""
+    key = lambda r: (r["res"], r["checkpointing"], r["compiled"])  # noqa: E731
+    mine = {key(r): r for r in ours if "median_s_per_step" in r}
+    out = []
+    for r in peer:
+        m = mine.get(key(r))
+        if m and "median_s_per_step" in r:
+            out.append(dict(res=r["res"], checkpointing=r["checkpointing"], compiled=r["compiled"],
+                            time_peer_over_ours=r["median_s_per_step"] / m["median_s_per_step"],
+                            memory_peer_over_ours=None if m["peak_allocated_GB"] is None else
+                            r["peak_allocated_GB"] / m["peak_allocated_GB"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.gpu_infer import run_inference
+
+    first, _, rest = __doc__.partition("\n")
+    ap = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="JSON results (rewritten after every configuration)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer configurations, steps and images")
+    ap.add_argument("--parts", default="train,peer,infer", help="comma list of train, peer, infer")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting configurations after this long "
+                    "(default 570, quick 110)")
+    ap.add_argument("--min-config-s", type=float, default=30.0, help="do not start a configuration with less left")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps per configuration (10; quick 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (3; quick 1), +2 when compiled")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--preset", default="flux-dev", help=argparse.SUPPRESS)  # "small": CPU smoke test only
+    ap.add_argument("--txt-tokens", type=int, default=N_TXT, help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default="1024,512", help=argparse.SUPPRESS)  # training sizes, high then low
+    ap.add_argument("--eager-only", action="store_true", help="skip the torch.compile configurations")
+    ap.add_argument("--profile", action="store_true", help="also profile 2 steps of the first configuration (ours "
+                    "and peer): top kernels in the JSON, a Chrome trace next to --out")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    budget = Budget(args.budget_s or (110.0 if args.quick else 570.0))
+    params = _params(args.preset)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device; run the CPU benchmark (benchmarks/bench_cpu.py) instead", file=sys.stderr)
+        return 2
+    result: dict = dict(env=_env(args), train=[], peer=[], infer=[], errors=[])
+    save = lambda: _write(args.out, result)  # noqa: E731
+    parts = set(args.parts.split(","))
+    unknown = parts - {"train", "peer", "infer"}
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}; use train, peer, infer")
+    if "peer" in parts and importlib.util.find_spec("diffusers") is None:
+        result["errors"].append("peer: diffusers is not installed, so the peer comparison is skipped "
+                                "(pip install diffusers)")
+        parts.discard("peer")
+    configs = train_matrix(args.quick, tuple(int(x) for x in args.sizes.split(",")), not args.eager_only)
+    for part, group in schedule(parts, configs):
+        try:
+            if part == "infer":
+                run_inference(params, args, budget, save, result["infer"])
+            else:
+                run_training("ours" if part == "train" else "peer", params, args.device, group, args, budget, save,
+                             result[part])
+        except Exception as e:  # keep the other parts' figures
+            result["errors"].append(f"{part}: {type(e).__name__}: {e}")
+        _free(args.device)
+        save()
+    result["peer_over_ours"] = compare(result["train"], result["peer"])
+    result["goals"] = goal_report(result["train"])
+    result["env"]["wall_s"] = time.perf_counter() - budget.start
+    save()
+    print(json.dumps(result, indent=2))
+    for e in result["errors"]:
+        print(f"bench_gpu: {e}", file=sys.stderr)
+    return 1 if result["errors"] else 0
+
+
+def _params(preset: str):
+    if preset == "small":
+        from benchmarks.bench_cpu import SMALL
+
+        return SMALL
+    from flux_lora.model import PRESETS
+
+    return PRESETS[preset]
+
+
+def _env(args) -> dict:
+    cuda = args.device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    return dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, preset=args.preset,
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), quick=args.quick, command=" ".join(sys.argv),
+                bf16_peak_TFLOPs=peak_tflops(name), lora_rank=RANK, text_tokens=args.txt_tokens,
+                total_memory_GB=torch.cuda.get_device_properties(0).total_memory / GB if cuda else None)
+
+
+def _write(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
