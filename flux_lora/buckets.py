@@ -161,6 +161,7 @@ class BucketBatchSampler:
         self.batch_size, self.repeats, self.shuffle, self.seed = batch_size, repeats, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
+        self.skip = 0  # batches of this epoch already consumed before a resume
         self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
@@ -197,7 +198,8 @@ class BucketBatchSampler:
         return batches + [batches[i % len(batches)] for i in range(pad)] if batches else batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        yield from self._padded()[self.rank::self.world_size]
+        skip, self.skip = self.skip, 0
+        yield from self._padded()[self.rank::self.world_size][skip:]
 
     def __len__(self) -> int:
         full, partial = 0, 0

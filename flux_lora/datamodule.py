@@ -82,14 +82,46 @@ def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
     return out
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`BucketBatchSampler` that knows how many batches of the current epoch it has
+    handed out. Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict`` on resume, so a run
+    resumed mid-epoch continues with the next batch instead of restarting the epoch (a resume at an epoch's end
+    starts the next epoch whole)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._resume_at: tuple[int, int] | None = None
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        if self._resume_at is not None:
+            epoch, served = self._resume_at
+            sampler.skip = served if sampler.epoch == epoch else 0
+            self._resume_at = None
+        self._served = sampler.skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (state["epoch"], state["served"])
+
+
 def make_dataloader(plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader:
     """The training DataLoader over a complete cache: this rank's bucketed batches (BucketBatchSampler)."""
     sampler = BucketBatchSampler(plan.buckets, [len(v) for v in plan.variants], batch_size=cfg.batch_size,
                                  repeats=cfg.repeats, shuffle=cfg.shuffle, seed=cfg.seed,
                                  drop_last=cfg.drop_last, rank=rank, world_size=world_size)
-    return DataLoader(CachedDataset.from_plan(plan), batch_sampler=sampler, collate_fn=collate,
+    return ResumableDataLoader(CachedDataset.from_plan(plan), batch_sampler=sampler, collate_fn=collate,
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(),
+                      # its own generator: creating an iterator must not draw from the global RNG, whose state a
+                      # resumed run restores (LoRA dropout draws from it)
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 class FluxDataModule(L.LightningDataModule):
