@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
 from flux_lora.autoencoder import AutoEncoder
@@ -17,16 +16,6 @@ from flux_lora.loading import load_autoencoder
 MAX_LENGTH = 32  # the tiny preset's T5 length
 DTYPE = torch.float32
 CAPTIONS = ["a red circle", "a blue square", "a green triangle"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, torch's thread pool costs ~100x the work itself.
-    Autouse in every test module that imports it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_data(root: Path) -> Path:

@@ -11,6 +11,15 @@ import torch
 from flux_lora.tiny import write_tiny_controlnet, write_tiny_model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny tensors: a thread pool costs far more than the work itself (and CI has 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_state():
     dtype = torch.get_default_dtype()

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cache_helpers import (  # noqa: F401  (one_thread: an autouse fixture)
+from cache_helpers import (
     DTYPE,
     MAX_LENGTH,
     Loaders,
     fill_worker,
     forbidden,
-    one_thread,
     setup_run,
     write_data,
 )

@@ -7,7 +7,7 @@ from collections import Counter
 import lightning as L
 import pytest
 import torch
-from cache_helpers import CAPTIONS, DTYPE, MAX_LENGTH, forbidden, one_thread, write_data  # noqa: F401
+from cache_helpers import CAPTIONS, DTYPE, MAX_LENGTH, forbidden, write_data
 from torch import nn
 
 from flux_lora.autoencoder import AutoEncoder
