@@ -49,13 +49,15 @@ def missing_files(folder: Path, components: Iterable[str]) -> list[str]:
 
 
 def resolve_model(source: str | Path, components: Iterable[str] = ALL_COMPONENTS, *, revision: str | None = None,
-                  cache_dir: str | Path | None = None, download: Downloader | None = None) -> Path:
+                  cache_dir: str | Path | None = None, download: Downloader | None = None,
+                  local_files_only: bool = False) -> Path:
     """Return a local folder holding ``components`` of the model named by ``source``.
 
     Args:
         source: a local folder (or file, returned as is) or a ModelScope id such as ``AI-ModelScope/FLUX.1-dev``.
         components: any of ``dit``, ``ae``, ``text_encoders``; only their files are downloaded.
         download: the download function (tests substitute it); defaults to modelscope's ``snapshot_download``.
+        local_files_only: only look in the download cache (e.g. in DDP processes after the first fetched it).
     """
     components = tuple(components)
     unknown = set(components) - set(COMPONENT_PATTERNS)
@@ -71,7 +73,8 @@ def resolve_model(source: str | Path, components: Iterable[str] = ALL_COMPONENTS
     log.info("fetching %s from ModelScope: %s", source, ", ".join(patterns))
     try:
         folder = Path((download or _modelscope_download)(
-            source, revision=revision, cache_dir=str(cache_dir) if cache_dir else None, allow_patterns=patterns))
+            source, revision=revision, cache_dir=str(cache_dir) if cache_dir else None, allow_patterns=patterns,
+            **({"local_files_only": True} if local_files_only else {})))
     except Exception as e:
         raise ModelNotFoundError(
             f"could not download {patterns} of {source!r} from ModelScope ({type(e).__name__}: {e}). If you are "
