@@ -1,0 +1,135 @@
+"""Lightning plumbing for the trainer: atomic, weights-only checkpoints, LoRA files, and sample images."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .autoencoder import AutoEncoder
+from .conditioning import TextEmbeddings
+from .lora_formats import write_lora
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written through a temporary file and a rename, and read back with
+    ``torch.load(weights_only=True)``: they only ever hold tensors and plain Python values."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def lora_metadata(cfg, step: int) -> dict[str, str]:
+    """Training details for the kohya ``ss_*`` keys Forge and the A1111 family display."""
+    t = cfg.train
+    return {
+        "ss_output_name": cfg.name, "ss_steps": str(step), "ss_learning_rate": str(t.learning_rate),
+        "ss_guidance_scale": str(t.guidance), "ss_timestep_sampling": t.timestep_sampling,
+        "ss_weighting_scheme": t.loss_weighting, "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_training_finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ss_base_model": cfg.model.source, "flux_lora.quantize": str(cfg.model.quantize),
+        "modelspec.resolution": f"{cfg.data.resolution}x{cfg.data.resolution}",
+    }
+
+
+def _due(trainer: L.Trainer, every: int, owner: Any) -> bool:
+    """True once per optimizer step that is a multiple of ``every`` (not at the last step: the end hook runs)."""
+    step = trainer.global_step
+    if not every or step == 0 or step % every or step >= trainer.max_steps or getattr(owner, "_last", -1) == step:
+        return False
+    owner._last = step
+    return True
+
+
+class SaveLora(L.Callback):
+    """Writes the adapters as a kohya-layout LoRA every ``every_n_steps`` and at the end (rank 0, atomically):
+    ``<output_dir>/lora/<name>-step<N>.safetensors`` and ``<output_dir>/<name>.safetensors``."""
+
+    def __init__(self, cfg, every_n_steps: int):
+        self.cfg = cfg
+        self.every_n_steps = every_n_steps
+        self.written: list[Path] = []
+
+    def _write(self, trainer: L.Trainer, module, path: Path) -> None:
+        if trainer.is_global_zero:
+            write_lora(path, module.lora_weights(), module.dit.params, layout="kohya",
+                       metadata=lora_metadata(self.cfg, trainer.global_step))
+            self.written.append(path)
+            log.info("wrote %s", path)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if _due(trainer, self.every_n_steps, self):
+            step = trainer.global_step
+            self._write(trainer, module, self.cfg.output_path / "lora" / f"{self.cfg.name}-step{step:06d}.safetensors")
+
+    def on_train_end(self, trainer, module) -> None:
+        self._write(trainer, module, self.cfg.output_path / f"{self.cfg.name}.safetensors")
+
+
+class SampleImages(L.Callback):
+    """Preview images from cached prompt embeddings every ``every_n_steps`` and at the end.
+
+    The autoencoder is loaded only to decode and released right after, so it never sits beside the training DiT."""
+
+    def __init__(self, embeddings: Callable[[], TextEmbeddings],
+                 load_autoencoder: Callable[[torch.device], AutoEncoder], cfg, out_dir: Path):
+        self.embeddings = embeddings
+        self.load_autoencoder = load_autoencoder
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.written: list[Path] = []
+
+    @torch.no_grad()
+    def sample(self, trainer: L.Trainer, module) -> None:
+        from .pipeline import FluxPipeline
+
+        if not trainer.is_global_zero or not self.cfg.prompts:
+            return
+        device = module.device
+        was_training = module.dit.training
+        module.dit.eval()
+        ae = self.load_autoencoder(device)
+        try:
+            pipe = FluxPipeline(module.dit, ae, None, device=device)
+            images = pipe(text_embeddings=self.embeddings(), height=self.cfg.height, width=self.cfg.width,
+                          num_inference_steps=self.cfg.steps, guidance=self.cfg.guidance, seed=self.cfg.seed,
+                          progress=False)
+        finally:
+            del ae
+            module.dit.train(was_training)
+        step = trainer.global_step
+        for i, image in enumerate(images):
+            path = self.out_dir / f"step{step:06d}-{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+            self.written.append(path)
+            experiment = getattr(trainer.logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                import numpy as np
+
+                experiment.add_image(f"samples/{i}", np.asarray(image), step, dataformats="HWC")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if _due(trainer, self.cfg.every_n_steps, self):
+            self.sample(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.sample(trainer, module)

@@ -1,0 +1,116 @@
+"""The experiment configuration: one typed tree of dataclasses, loaded from YAML plus command-line overrides.
+
+Sections: ``model`` (weights, quantization, memory), ``lora`` (what to train), ``data`` (images, captions,
+buckets, cache), ``train`` (objective, optimizer, schedule, checkpoints, devices) and ``sample`` (preview images).
+See ``configs/*.yaml``; every field can be overridden as ``--section.field value`` or ``--field value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from . import config_io
+from .data import DataConfig
+from .lora import LoraConfig
+from .sampling import TimestepSampling
+
+
+@dataclass
+class ModelConfig:
+    """Which FLUX.1 and how it is held in memory."""
+
+    source: str = "AI-ModelScope/FLUX.1-dev"  # a local folder in the official layout or a ModelScope id
+    preset: str | None = None  # architecture preset; None infers it from the checkpoint
+    quantize: Literal["float8_e4m3fn"] | None = None  # store the DiT's block Linears in fp8
+    quant_policy: Literal["blocks", "all"] = "blocks"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPUs, float32 on CPUs
+    gradient_checkpointing: bool = True  # recompute each block in backward
+    compile: bool = False  # torch.compile each block
+    cache_dir: str | None = None  # where ModelScope downloads go
+    tiny_if_missing: bool = False  # write a tiny random model to `source` when it does not exist (CPU demos)
+    tiny_variant: Literal["dev", "schnell"] = "dev"
+
+
+@dataclass
+class TrainConfig:
+    """Objective, optimizer, schedule, checkpoints and devices."""
+
+    max_steps: int = 1000
+    seed: int = 42
+    learning_rate: float = 1e-4
+    optimizer: str = "torch.optim.AdamW"  # any optimizer class by import path
+    optimizer_args: dict = field(default_factory=lambda: {"weight_decay": 0.01})
+    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine ends at learning_rate * min_lr_ratio
+    gradient_clip: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    timestep_sampling: TimestepSampling = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sigmoid_scale: float = 1.0
+    shift: Literal["flux", "fixed", "none"] = "flux"  # flux: resolution-dependent, as the sampler
+    fixed_shift: float = 3.0
+    guidance: float = 1.0  # embedded guidance fed to dev while training
+    caption_dropout: float = 0.0  # probability of training on the empty caption
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = "auto"  # auto: bf16-mixed on GPUs
+    accelerator: str = "auto"
+    devices: str = "auto"  # "auto", a count such as "2", or a list such as "0,1"
+    num_nodes: int = 1
+    strategy: str = "auto"  # Lightning strategy; several devices use DDP
+    save_every_n_steps: int = 250  # LoRA file (0: only at the end)
+    checkpoint_every_n_steps: int = 250  # resumable training state (0: only at the end)
+    log_every_n_steps: int = 10
+    resume: bool = True  # continue from output_dir/checkpoints/last.ckpt when it exists
+    init_lora: str | None = None  # start from this LoRA file (any readable layout) instead of zeros
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if "." not in self.optimizer:
+            raise ValueError(f"train.optimizer must be an import path (torch.optim.AdamW), got {self.optimizer!r}")
+
+
+@dataclass
+class SampleConfig:
+    """Preview images generated from cached prompt embeddings while training."""
+
+    prompts: list[str] = field(default_factory=list)
+    every_n_steps: int = 0  # 0: only at the end (and never when there are no prompts)
+    steps: int | None = None  # None: the model's default (28 dev, 4 schnell)
+    guidance: float = 3.5
+    height: int = 1024
+    width: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "flux-lora"
+    output_dir: str = "outputs/flux-lora"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment and apply command-line overrides (strict: unknown keys and bad values raise)."""
+    return config_io.load(ExperimentConfig, path, overrides)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    return config_io.dump(cfg, path)

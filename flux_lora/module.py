@@ -1,0 +1,183 @@
+"""The Lightning module: a frozen FLUX DiT (fp8 or float) with peft LoRA adapters, trained by flow matching.
+
+The module holds only the DiT; batches arrive with cached latents and text embeddings, so no encoder runs in a
+step. The DiT is built in ``configure_model`` (after the data module has filled the cache and released the
+encoders), and checkpoints hold only what is trained: adapters, optimizer, schedulers, step, RNG states.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import random
+from collections.abc import Callable
+from functools import partial
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import sampling as S
+from .conditioning import TextEmbeddings
+from .config import TrainConfig
+from .lora import (
+    LoraConfig,
+    clean_name,
+    inject_lora,
+    load_lora_weights,
+    lora_state_dict,
+    trainable_parameters,
+)
+from .lora_formats import LoraStateDict
+from .model import Flux, FluxParams
+from .wrappers import compile_blocks, enable_gradient_checkpointing
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then constant or cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"train.optimizer {path!r} cannot be imported ({e})") from None
+
+
+class FluxLoraModule(L.LightningModule):
+    """Flow-matching LoRA training of a frozen FLUX DiT.
+
+    Args:
+        load_model: builds the frozen (optionally fp8) DiT; called once, in ``configure_model``.
+        lora: what to train.
+        train: objective and optimizer settings.
+        empty_embedding: the empty-caption embedding (``txt [1, L, D]``, ``y [1, D]``) for caption dropout; by
+            default taken from the trainer's data module (``empty_embedding()``) when dropout is on.
+        initial_lora: reads LoRA weights to start from, given the model's params (continued training).
+        gradient_checkpointing, compile: memory and speed options applied to the blocks.
+    """
+
+    def __init__(self, load_model: Callable[[torch.device], Flux], lora: LoraConfig, train: TrainConfig,
+                 empty_embedding: TextEmbeddings | None = None,
+                 initial_lora: Callable[[FluxParams], LoraStateDict] | None = None,
+                 gradient_checkpointing: bool = False, compile: bool = False):
+        super().__init__()
+        self.load_model = load_model
+        self.initial_lora = initial_lora
+        self.lora_cfg = lora
+        self.train_cfg = train
+        self.empty_embedding = empty_embedding
+        self.gradient_checkpointing = gradient_checkpointing
+        self.compile_blocks = compile
+        self.dit: Flux | None = None
+        self.strict_loading = False  # checkpoints hold only the adapters, not the frozen base
+
+    def configure_model(self) -> None:
+        if self.dit is not None:
+            return
+        dit = self.load_model(self.device if self._trainer is None else self.trainer.strategy.root_device)
+        inject_lora(dit, self.lora_cfg)
+        if self.initial_lora is not None:
+            load_lora_weights(dit, self.initial_lora(dit.params))
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(dit)
+        if self.compile_blocks:
+            compile_blocks(dit)
+        self.dit = dit.train()  # loaders return eval mode; LoRA dropout needs train mode
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.train_cfg.caption_dropout > 0 and self.empty_embedding is None and datamodule is not None:
+            self.empty_embedding = datamodule.empty_embedding()
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """One flow-matching prediction: ``(prediction [B, N, 64], target [B, N, 64], t [B])``."""
+        cfg, dit = self.train_cfg, self.dit
+        latents = batch["latents"]
+        b, _, h, w = latents.shape
+        seq_len = S.image_seq_len(h, w)
+        x0 = S.pack(latents.float())
+        noise = S.pack(torch.randn(latents.shape, generator=generator)).to(x0.device)
+        t = S.sample_timesteps(
+            b, cfg.timestep_sampling, seq_len=seq_len if cfg.shift == "flux" else None,
+            shift=cfg.fixed_shift if cfg.shift == "fixed" else None, logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std, sigmoid_scale=cfg.sigmoid_scale, generator=generator,
+        ).to(x0.device)
+        txt, y = batch["txt"], batch["y"]
+        if cfg.caption_dropout > 0:
+            if self.empty_embedding is None:
+                raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
+            drop = (torch.rand(b, generator=generator) < cfg.caption_dropout).to(x0.device)
+            empty = self.empty_embedding.to(device=x0.device)
+            txt = torch.where(drop[:, None, None], empty.txt.to(txt.dtype), txt)
+            y = torch.where(drop[:, None], empty.y.to(y.dtype), y)
+        guidance = torch.full((b,), cfg.guidance, device=x0.device) if dit.params.guidance_embed else None
+        pred = dit(
+            img=S.add_noise(x0, noise, t), img_ids=S.img_ids(b, h, w, device=x0.device), txt=txt,
+            txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device), timesteps=t, y=y, guidance=guidance,
+        )
+        return pred, S.flow_target(x0, noise), t
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Noise, times and caption dropout of a micro-batch depend only on (seed, epoch, batch, rank), so a resumed
+        run draws exactly what an uninterrupted one would."""
+        key = (self.train_cfg.seed, self.current_epoch, batch_idx, self.global_rank)
+        return torch.Generator().manual_seed(hash(key) % (2**63))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        pred, target, t = self(batch, self.step_generator(batch_idx))
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2))
+        loss = (per_sample * S.loss_weight(t, self.train_cfg.loss_weighting)).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(t))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            self.log("train/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        params = trainable_parameters(self.dit)
+        optimizer = import_class(cfg.optimizer)(params, lr=cfg.learning_rate, **cfg.optimizer_args)
+        schedule = partial(lr_lambda, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.lr_scheduler,
+                           min_ratio=cfg.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lora_weights(self) -> LoraStateDict:
+        return lora_state_dict(self.dit)
+
+    def _trainable_keys(self) -> set[str]:
+        # state-dict names: the checkpoint wrappers' prefix is not part of them
+        return {clean_name(n) for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable = self._trainable_keys()
+        missing = trainable - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(f"checkpoint lacks adapter weights {sorted(missing)[:3]}: it was made with other "
+                             "lora settings (rank, targets) than this run's")
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

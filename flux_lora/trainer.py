@@ -1,0 +1,147 @@
+"""One training run: config -> data check -> model files -> cache (then encoders released) -> LoRA training.
+
+``run(cfg)`` is what ``train.py`` calls. Order matters for memory: the data is scanned before any model is
+loaded (bad input fails in seconds), the Lightning data module fills the embedding/latent cache and releases the
+encoders in ``prepare_data``, and the DiT is built only afterwards, in the module's ``configure_model``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from . import hub
+from .callbacks import AtomicCheckpointIO, SampleImages, SaveLora
+from .config import ExperimentConfig, save_config
+from .data import scan
+from .datamodule import FluxDataModule
+from .loading import load_autoencoder, load_flow_model, read_flux_params
+from .lora_formats import read_lora
+from .model import Flux, FluxParams, get_params
+from .module import FluxLoraModule
+from .tiny import write_tiny_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def compute_dtype(cfg: ExperimentConfig, accelerator: str) -> torch.dtype:
+    if cfg.model.dtype != "auto":
+        return _DTYPES[cfg.model.dtype]
+    return torch.float32 if accelerator == "cpu" else torch.bfloat16
+
+
+def resolve_accelerator(cfg: ExperimentConfig) -> str:
+    acc = cfg.train.accelerator
+    if acc == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return acc
+
+
+def model_folder(cfg: ExperimentConfig) -> Path:
+    """The local model folder: written (tiny) or downloaded (ModelScope) when needed. In DDP, processes other than
+    the first of a node reuse what the first one fetched instead of downloading again."""
+    m = cfg.model
+    if m.tiny_if_missing and not Path(m.source).exists():
+        log.info("writing a tiny random FLUX model to %s (model.tiny_if_missing)", m.source)
+        write_tiny_model(m.source, variant=m.tiny_variant)
+    return hub.resolve_model(m.source, cache_dir=m.cache_dir,
+                             local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0)
+
+
+def read_params(folder: Path, preset: str | None) -> FluxParams:
+    """Architecture from the preset or, without one, from the DiT file (nothing is loaded)."""
+    return get_params(preset) if preset else read_flux_params(folder)
+
+
+def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
+    """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan."""
+    scan(cfg.data)  # bad data fails here, before any model is touched
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    folder = model_folder(cfg)
+    params = read_params(folder, cfg.model.preset)
+    accelerator = resolve_accelerator(cfg)
+    dtype = compute_dtype(cfg, accelerator)
+    out = cfg.output_path
+
+    datamodule = FluxDataModule.from_model_folder(cfg.data, folder, params.max_sequence_length, dtype,
+                                                  sample_prompts=cfg.sample.prompts)
+    initial = partial(read_lora, cfg.train.init_lora) if cfg.train.init_lora else None
+    module = FluxLoraModule(partial(_load_for_training, cfg, folder, dtype), cfg.lora, cfg.train,
+                            initial_lora=initial, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                            compile=cfg.model.compile)
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.train.checkpoint_every_n_steps or None, save_last=True,
+                        save_top_k=-1 if cfg.train.checkpoint_every_n_steps else 1),
+        SaveLora(cfg, cfg.train.save_every_n_steps),
+    ]
+    if cfg.sample.prompts:
+        callbacks.append(SampleImages(datamodule.sample_embeddings,
+                                      partial(_load_ae, folder, dtype), cfg.sample, out / "samples"))
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "32-true" if accelerator == "cpu" else "bf16-mixed"
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy, precision=precision, max_steps=cfg.train.max_steps,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches, gradient_clip_val=cfg.train.gradient_clip,
+        log_every_n_steps=cfg.train.log_every_n_steps, default_root_dir=out, callbacks=callbacks,
+        logger=_logger(out, cfg.name), plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+        num_sanity_val_steps=0, enable_model_summary=False,
+    )
+    return trainer, module, datamodule
+
+
+def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, device: torch.device) -> Flux:
+    return load_flow_model(folder, cfg.model.preset, dtype=dtype, device=device, quantize=cfg.model.quantize,
+                           quant_policy=cfg.model.quant_policy)
+
+
+def _load_ae(folder: Path, dtype: torch.dtype, device: torch.device):
+    return load_autoencoder(folder, dtype=dtype, device=device)
+
+
+def _devices(value: str) -> int | str | list[int]:
+    if value == "auto":
+        return "auto"
+    if "," in value:
+        return [int(v) for v in value.split(",") if v]
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def _logger(out: Path, name: str):
+    try:
+        import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(out, name="logs", version="")
+    except ImportError:
+        from lightning.pytorch.loggers import CSVLogger
+
+        log.info("tensorboard is not installed: logging to CSV")
+        return CSVLogger(out, name="logs", version="")
+
+
+def last_checkpoint(cfg: ExperimentConfig) -> Path | None:
+    path = cfg.output_path / "checkpoints" / "last.ckpt"
+    return path if cfg.train.resume and path.is_file() else None
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    """Train, and return the path of the final LoRA file."""
+    trainer, module, datamodule = build(cfg)
+    if trainer.is_global_zero:
+        save_config(cfg, cfg.output_path / "config.yaml")
+    ckpt = last_checkpoint(cfg)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    return cfg.output_path / f"{cfg.name}.safetensors"

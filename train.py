@@ -1,0 +1,34 @@
+"""Train a FLUX.1 LoRA: ``python train.py --config configs/<experiment>.yaml [--section.field value ...]``.
+
+Any config field can be overridden, by dotted path (``--train.learning_rate 5e-5``) or, where unambiguous, by its
+name (``--quantize float8_e4m3fn``, ``--max_steps 200``). See README.md and configs/.
+"""
+
+import argparse
+import logging
+import sys
+
+from flux_lora.config import load_config
+from flux_lora.config_io import ConfigError
+from flux_lora.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Other options: config overrides.")
+    parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, overrides)
+        from flux_lora.trainer import run
+
+        lora = run(cfg)
+    except (ConfigError, DataError) as e:
+        logging.getLogger("train").error("%s", e)
+        return 2
+    logging.getLogger("train").info("LoRA written to %s", lora)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
