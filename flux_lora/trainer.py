@@ -78,9 +78,10 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
                             initial_lora=initial, gradient_checkpointing=cfg.model.gradient_checkpointing,
                             compile=cfg.model.compile)
     callbacks: list[L.Callback] = [
+        # last.ckpt plus the two newest periodic checkpoints (each holds adapters and optimizer state)
         ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.train.checkpoint_every_n_steps or None, save_last=True,
-                        save_top_k=-1 if cfg.train.checkpoint_every_n_steps else 1),
+                        monitor="step", mode="max", save_top_k=2),
         SaveLora(cfg, cfg.train.save_every_n_steps),
     ]
     if cfg.sample.prompts:
