@@ -1,0 +1,70 @@
+"""Pieces of the trainer in isolation: targets, schedules, optimizers, the command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flux_lora.config import TrainConfig
+from flux_lora.lora import LoraConfig, inject_lora, select_targets
+from flux_lora.model import PRESETS, Flux
+from flux_lora.module import FluxLoraModule, import_class, lr_lambda
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_default_targets_are_the_304_block_linears():
+    with torch.device("meta"):
+        model = Flux(PRESETS["flux-dev"])
+    targets = select_targets(model, LoraConfig().targets)
+    assert len(targets) == 304 and all(t.startswith(("double_blocks.", "single_blocks.")) for t in targets)
+    assert len(select_targets(model, ["*.img_attn.qkv", "*.linear1"])) == 19 + 38
+    with pytest.raises(ValueError, match=r"lora.targets entry '\*.qkvv' matches no Linear layer"):
+        select_targets(model, ["*.qkvv"])
+
+
+def test_rank_alpha_and_rslora_scales():
+    model = Flux(PRESETS["tiny"])
+    inject_lora(model, LoraConfig(rank=4, alpha=8, targets=["*.linear2"], use_rslora=True))
+    layer = model.single_blocks[0].linear2
+    assert layer.scaling["default"] == pytest.approx(8 / 2)  # alpha / sqrt(rank)
+    assert layer.lora_A["default"].weight.shape == (4, layer.in_features)
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0  # default init: the LoRA starts as a no-op
+
+
+def test_learning_rate_schedules():
+    warm = [lr_lambda(s, warmup=4, total=20, schedule="constant", min_ratio=0.0) for s in range(8)]
+    assert warm[:4] == [0.25, 0.5, 0.75, 1.0] and warm[4:] == [1.0] * 4
+    cos = [lr_lambda(s, warmup=0, total=10, schedule="cosine", min_ratio=0.1) for s in (0, 5, 10, 20)]
+    assert cos == pytest.approx([1.0, 0.55, 0.1, 0.1])
+
+
+def test_optimizer_by_class_path():
+    module = FluxLoraModule(lambda device: None, LoraConfig(), TrainConfig(optimizer="torch.optim.SGD",
+                                                                          optimizer_args={"momentum": 0.9}))
+    module.dit = Flux(PRESETS["tiny"])
+    inject_lora(module.dit, LoraConfig(rank=2, alpha=2, targets=["*.linear1"]))
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 2 * 2 * (64 + 7 * 64)
+    with pytest.raises(ValueError, match="torch.optim.Adamm"):
+        import_class("torch.optim.Adamm")
+
+
+def _train_py(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                                       "PATH": "/usr/bin:/bin"})
+
+
+def test_train_py_reports_bad_config_and_data_before_loading_models(tmp_path):
+    bad = _train_py("--config", str(ROOT / "configs/tiny.yaml"), "--lora.rnak", "4", cwd=tmp_path)
+    assert bad.returncode == 2 and "did you mean 'lora.rank'" in bad.stderr
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"not a png")
+    empty = _train_py("--config", str(ROOT / "configs/tiny.yaml"), "--data.source", str(tmp_path / "imgs"),
+                      "--model.source", str(tmp_path / "no-model"), cwd=tmp_path)
+    assert empty.returncode == 2, empty.stderr[-2000:]
+    assert "a.png" in empty.stderr and not (tmp_path / "no-model").exists()  # nothing was loaded or written
