@@ -118,13 +118,15 @@ class FluxLoraModule(L.LightningModule):
         if cfg.caption_dropout > 0:
             if self.empty_embedding is None:
                 raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
+            if self.empty_embedding.txt.device != x0.device:  # moved once, not every step
+                self.empty_embedding = self.empty_embedding.to(device=x0.device)
             drop = (torch.rand(b, generator=generator) < cfg.caption_dropout).to(x0.device)
-            empty = self.empty_embedding.to(device=x0.device)
-            txt = torch.where(drop[:, None, None], empty.txt.to(txt.dtype), txt)
-            y = torch.where(drop[:, None], empty.y.to(y.dtype), y)
+            txt = torch.where(drop[:, None, None], self.empty_embedding.txt.to(txt.dtype), txt)
+            y = torch.where(drop[:, None], self.empty_embedding.y.to(y.dtype), y)
         guidance = torch.full((b,), cfg.guidance, device=x0.device) if dit.params.guidance_embed else None
+        # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16 input)
         pred = dit(
-            img=S.add_noise(x0, noise, t), img_ids=S.img_ids(b, h, w, device=x0.device), txt=txt,
+            img=S.add_noise(x0, noise, t).to(dit.img_in.bias.dtype), img_ids=S.img_ids(b, h, w, device=x0.device), txt=txt,
             txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device), timesteps=t, y=y, guidance=guidance,
         )
         return pred, S.flow_target(x0, noise), t
