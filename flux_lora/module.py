@@ -124,10 +124,10 @@ class FluxLoraModule(L.LightningModule):
             txt = torch.where(drop[:, None, None], self.empty_embedding.txt.to(txt.dtype), txt)
             y = torch.where(drop[:, None], self.empty_embedding.y.to(y.dtype), y)
         guidance = torch.full((b,), cfg.guidance, device=x0.device) if dit.params.guidance_embed else None
-        # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16 input)
+        # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
         pred = dit(
-            img=S.add_noise(x0, noise, t).to(dit.img_in.bias.dtype), img_ids=S.img_ids(b, h, w, device=x0.device), txt=txt,
-            txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device), timesteps=t, y=y, guidance=guidance,
+            img=S.add_noise(x0, noise, t).to(dit.img_in.bias.dtype), img_ids=S.img_ids(b, h, w, device=x0.device),
+            txt=txt, txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device), timesteps=t, y=y, guidance=guidance,
         )
         return pred, S.flow_target(x0, noise), t
 
