@@ -178,3 +178,13 @@ def test_peft_wraps_fp8_linear_with_float32_adapters():
     model(**x).square().mean().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(".lora_" in n for n in grads)
+
+
+def test_lightning_bf16_true_keeps_fp8_storage():
+    """Lightning's bf16-true converts every floating parameter to bf16; FP8Linear keeps its fp8 weight."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    model = quantize_(Flux(PRESETS["tiny"]))
+    model = HalfPrecision("bf16-true").convert_module(model)
+    assert model.double_blocks[0].img_attn.qkv.weight.dtype == FP8
+    assert model.img_in.weight.dtype == torch.bfloat16

@@ -81,7 +81,9 @@ def test_fp8_training_trains_only_float32_adapters(tmp_path, model_dir, monkeypa
 
     monkeypatch.setattr(TextEncoders, "encode", count_text)
     monkeypatch.setattr(AutoEncoder, "encode", count_ae)
-    cfg = tiny_config(tmp_path, model_dir, "--quantize=float8_e4m3fn", "--max_steps=3", "--caption_dropout=0.5")
+    # bf16-mixed, as on a GPU: autocast must leave the fp8 weights fp8 (bf16-true would convert them)
+    cfg = tiny_config(tmp_path, model_dir, "--quantize=float8_e4m3fn", "--max_steps=3", "--caption_dropout=0.5",
+                      "--train.precision=bf16-mixed")
     probe = Probe(count_encoders=True)
     trainer, module = fit(cfg, probe)
     assert calls["text"] > 0 and calls["ae"] > 0  # the cache was filled by the real encoders...
