@@ -11,12 +11,13 @@ import logging
 import pytest
 import torch
 
-from flux_lora import sampling as S
 from flux_lora.checkpoint import read_keys, read_metadata
 from flux_lora.keymaps import flux_to_diffusers, flux_to_diffusers_config
 from flux_lora.lora_formats import LoraWeight, fuse_row_blocks, read_lora, write_lora
 from flux_lora.lora_keys import detect_layout, linear_shapes
 from flux_lora.model import PRESETS, Flux, FluxParams
+
+from fluxtest import diffusers_forward, dit_inputs
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -29,30 +30,12 @@ REAL_WIDTH = FluxParams(vec_in_dim=32, context_in_dim=32, depth=1, depth_single_
 
 
 def _inputs(p: FluxParams, batch=2, lat_h=4, lat_w=6, txt_len=5, seed=0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        img=S.pack(torch.randn(batch, p.in_channels // 4, lat_h, lat_w, generator=g)),
-        img_ids=S.img_ids(batch, lat_h, lat_w),
-        txt=torch.randn(batch, txt_len, p.context_in_dim, generator=g),
-        txt_ids=S.txt_ids(batch, txt_len),
-        timesteps=torch.rand(batch, generator=g),
-        y=torch.randn(batch, p.vec_in_dim, generator=g),
-        guidance=torch.tensor([3.5, 1.0][:batch]) if p.guidance_embed else None,
-    )
+    return dit_inputs(p, batch, lat_h, lat_w, txt_len, seed)
 
 
 def _diffusers_out(model, x: dict) -> torch.Tensor:
     with torch.no_grad():
-        return model(
-            hidden_states=x["img"],
-            encoder_hidden_states=x["txt"],
-            pooled_projections=x["y"],
-            timestep=x["timesteps"],
-            img_ids=x["img_ids"][0],
-            txt_ids=x["txt_ids"][0],
-            guidance=x["guidance"],
-            return_dict=False,
-        )[0]
+        return diffusers_forward(model, x)
 
 
 def _models(p: FluxParams, share: bool = False):
