@@ -134,32 +134,42 @@ class FluxDataModule(L.LightningDataModule):
         load_text_encoders / load_autoencoder: build fresh encoders; called only if something is missing.
         sample_prompts: prompts whose embeddings the sampling callback needs (:meth:`sample_embeddings`).
         device: where to encode; default: the trainer's root device, else the CPU.
+        scanned: the result of :func:`flux_lora.data.scan` when the caller already has it (scanning hashes
+            every image, so it is done once per process).
     """
 
     def __init__(self, cfg: DataConfig, text_spec: TextEncoderSpec, ae_spec: AutoEncoderSpec,
                  load_text_encoders: Callable[[], TextEncoders], load_autoencoder: Callable[[], AutoEncoder],
-                 sample_prompts: Sequence[str] = (), device: str | torch.device | None = None):
+                 sample_prompts: Sequence[str] = (), device: str | torch.device | None = None,
+                 scanned: ScannedData | None = None):
         super().__init__()
         self.cfg, self.text_spec, self.ae_spec = cfg, text_spec, ae_spec
         self.load_text_encoders, self.load_autoencoder = load_text_encoders, load_autoencoder
         self.sample_prompts, self.device = list(sample_prompts), device
         self.plan: CachePlan | None = None
+        self._scanned = scanned
 
     @classmethod
     def from_model_folder(cls, cfg: DataConfig, folder: str | Path, max_length: int, dtype: torch.dtype,
-                          sample_prompts: Sequence[str] = (), device: str | torch.device | None = None
-                          ) -> FluxDataModule:
+                          sample_prompts: Sequence[str] = (), device: str | torch.device | None = None,
+                          scanned: ScannedData | None = None) -> FluxDataModule:
         """Encoders in one FLUX.1-layout folder (``text_encoder*/``, ``tokenizer*/``, ``ae.safetensors``)."""
         folder = Path(folder)
         dm = cls(cfg, TextEncoderSpec.from_folder(folder, max_length, dtype),
-                 AutoEncoderSpec.from_folder(folder, dtype), _never, _never, sample_prompts, device)
+                 AutoEncoderSpec.from_folder(folder, dtype), _never, _never, sample_prompts, device, scanned)
         # Picklable partials (for ddp_spawn) that load straight onto the encoding device, not via the host.
         dm.load_text_encoders = functools.partial(_folder_text_encoders, dm, folder, max_length, dtype)
         dm.load_autoencoder = functools.partial(_folder_autoencoder, dm, folder, dtype)
         return dm
 
+    def scan(self) -> ScannedData:
+        """Read and check the training data (once per process: every image's bytes are hashed)."""
+        if self._scanned is None:
+            self._scanned = scan(self.cfg)
+        return self._scanned
+
     def _plan(self) -> tuple[ScannedData, CachePlan]:
-        data = scan(self.cfg)
+        data = self.scan()
         return data, plan_cache(data, self.cfg, self.text_spec, self.ae_spec, self.sample_prompts)
 
     def _device(self) -> torch.device:

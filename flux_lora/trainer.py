@@ -63,7 +63,7 @@ def read_params(folder: Path, preset: str | None) -> FluxParams:
 
 def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
     """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan."""
-    scan(cfg.data)  # bad data fails here, before any model is touched
+    scanned = scan(cfg.data)  # bad data fails here, before any model is touched
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = model_folder(cfg)
     params = read_params(folder, cfg.model.preset)
@@ -72,7 +72,7 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
     out = cfg.output_path
 
     datamodule = FluxDataModule.from_model_folder(cfg.data, folder, params.max_sequence_length, dtype,
-                                                  sample_prompts=cfg.sample.prompts)
+                                                  sample_prompts=cfg.sample.prompts, scanned=scanned)
     initial = partial(read_lora, cfg.train.init_lora) if cfg.train.init_lora else None
     module = FluxLoraModule(partial(_load_for_training, cfg, folder, dtype), cfg.lora, cfg.train,
                             initial_lora=initial, gradient_checkpointing=cfg.model.gradient_checkpointing,
