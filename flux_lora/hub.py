@@ -21,7 +21,6 @@ COMPONENT_PATTERNS: dict[str, tuple[str, ...]] = {
     "controlnet": ("*.json", "diffusion_pytorch_model*.safetensors"),
 }
 ALL_COMPONENTS = ("dit", "ae", "text_encoders")  # a FLUX.1 model folder
-KNOWN_IDS = ("AI-ModelScope/FLUX.1-dev", "AI-ModelScope/FLUX.1-schnell")
 
 Downloader = Callable[..., str]
 

@@ -232,10 +232,10 @@ def load_flow_model(
         model = Flux(params)
     fp8_in_file = set()
     if not path.is_dir():
-        fp8_in_file = {k.removesuffix(".weight") for k, d in read_dtypes(path).items()
+        dtypes = read_dtypes(path)
+        prefix = detect_prefix(list(dtypes), DIT_MARKER)
+        fp8_in_file = {k[len(prefix):].removesuffix(".weight") for k, d in dtypes.items()
                        if d == "F8_E4M3" and k.endswith(".weight")}
-        prefix = detect_prefix(list(read_dtypes(path)), DIT_MARKER)
-        fp8_in_file = {k[len(prefix):] for k in fp8_in_file}
     policy = default_predicate(quant_policy) if quantize else (lambda n, m: False)
     quantize_(model, lambda n, m: policy(n, m) or n in fp8_in_file, per_channel=per_channel_scale)
 

@@ -79,7 +79,7 @@ class FluxLoraModule(L.LightningModule):
         self.train_cfg = train
         self.empty_embedding = empty_embedding
         self.gradient_checkpointing = gradient_checkpointing
-        self.compile_blocks = compile
+        self.use_compile = compile
         self.dit: Flux | None = None
         self.strict_loading = False  # checkpoints hold only the adapters, not the frozen base
 
@@ -92,7 +92,7 @@ class FluxLoraModule(L.LightningModule):
             load_lora_weights(dit, self.initial_lora(dit.params))
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(dit)
-        if self.compile_blocks:
+        if self.use_compile:
             compile_blocks(dit)
         self.dit = dit.train()  # loaders return eval mode; LoRA dropout needs train mode
 

@@ -46,15 +46,6 @@ P = FluxParams(
 NAMES = sorted(linear_shapes(P))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matmuls are tiny: on a shared CPU, more threads only add synchronisation cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_lora(names, ranks, alphas, seed: int, dtype=torch.float32, params: FluxParams = P) -> dict[str, LoraWeight]:
     g = torch.Generator().manual_seed(seed)
     shapes = linear_shapes(params)

@@ -63,7 +63,7 @@ def fit(cfg, *callbacks):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_dev_dir, tmp_path_factory):
+def model_dir(tiny_dev_dir):
     return tiny_dev_dir
 
 
