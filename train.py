@@ -8,9 +8,8 @@ import argparse
 import logging
 import sys
 
-from flux_lora.config import load_config
+from flux_lora.config import DataError, load_config
 from flux_lora.config_io import ConfigError
-from flux_lora.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)
-        from flux_lora.trainer import run
+        from flux_lora.training.run import run
 
         lora = run(cfg)
     except (ConfigError, DataError) as e:

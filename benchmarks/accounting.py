@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from flux_lora.model import FluxParams
+from flux_lora.model.flux import FluxParams
 
 ATTENTION_BACKWARD = 2.5
 DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")

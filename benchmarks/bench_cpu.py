@@ -38,9 +38,9 @@ from benchmarks.common import (
 )
 from benchmarks.measure import count_flops, count_ops, held_for_backward, module_calls
 from flux_lora import sampling as S
-from flux_lora.autoencoder import AE_PRESETS, AutoEncoder
-from flux_lora.model import PRESETS, Flux, FluxParams
-from flux_lora.quantization import FP8Linear, default_predicate, quantize_, storage_bytes
+from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
+from flux_lora.model.flux import PRESETS, Flux, FluxParams
+from flux_lora.model.fp8 import FP8Linear, default_predicate, quantize_, storage_bytes
 
 # d = 256 (4 heads x 64), MLP 4d, 2 double + 4 single blocks; the encoders' widths (T5 4096, CLIP 768) as in FLUX.
 SMALL = replace(PRESETS["flux-dev"], hidden_size=256, num_heads=4, axes_dim=(8, 28, 28), depth=2,

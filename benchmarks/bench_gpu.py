@@ -7,7 +7,7 @@
 Parts: ``train`` (ours: fp8 blocks + rank-16 LoRA on the 304 block Linears, batch 1, cached-embedding-shaped
 inputs, 512 and 1024 px, with/without gradient checkpointing, eager/compiled blocks), ``peer`` (the same for
 diffusers' FluxTransformer2DModel + peft LoRA + fp8 layerwise casting), ``infer`` (1024 px, 28 steps: bf16, fp8,
-fp8 + model offload, fp8 + block offload, with real-size random text encoders; needs ``flux_lora.pipeline``).
+fp8 + model offload, fp8 + block offload, with real-size random text encoders; needs ``flux_lora.inference.pipeline``).
 Peak memory is ``torch.cuda.max_memory_allocated`` (reset per configuration); step times are medians of CUDA
 events after warm-up; FLOP utilisation divides the analytic step FLOPs (benchmarks/accounting.py) by the time.
 Results are written after every configuration, so an interrupted run keeps what it measured.
@@ -312,7 +312,7 @@ def _params(preset: str):
         from benchmarks.bench_cpu import SMALL
 
         return SMALL
-    from flux_lora.model import PRESETS
+    from flux_lora.model.flux import PRESETS
 
     return PRESETS[preset]
 

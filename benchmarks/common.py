@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flux_lora import sampling as S
-from flux_lora.layers import RMSNorm
-from flux_lora.lora import LoraConfig, inject_lora
-from flux_lora.model import Flux, FluxParams
-from flux_lora.quantization import FP8Linear, default_predicate, dequantize_weight, quantize_
-from flux_lora.wrappers import enable_gradient_checkpointing
+from flux_lora.config import LoraConfig
+from flux_lora.lora.peft_adapters import inject_lora
+from flux_lora.model.flux import Flux, FluxParams
+from flux_lora.model.fp8 import FP8Linear, default_predicate, dequantize_weight, quantize_
+from flux_lora.model.layers import RMSNorm
+from flux_lora.training.block_wrappers import enable_gradient_checkpointing
 
 WEIGHT_STD = 0.02
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from flux_lora.quantization import FP8Linear
+from flux_lora.model.fp8 import FP8Linear
 
 WARMUP, REPEATS = 5, 20
 

@@ -1,9 +1,9 @@
 """Inference part of ``bench_gpu.py``: seconds per image and peak memory at 1024 px, 28 steps, for bf16, fp8,
 fp8 + model offload and fp8 + block offload, with real-size text encoders and autoencoder (random weights).
 
-Depends on ``flux_lora.pipeline.FluxPipeline`` (``FluxPipeline(model, ae, text_encoders, device=, dtype=)``,
+Depends on ``flux_lora.inference.pipeline.FluxPipeline`` (``FluxPipeline(model, ae, text_encoders, device=, dtype=)``,
 ``enable_offload(None | "model" | "block")``, ``__call__(prompt, height=, width=, num_inference_steps=,
-guidance=, seed=, output_type=, progress=)``) and ``flux_lora.offload``.
+guidance=, seed=, output_type=, progress=)``) and ``flux_lora.inference.offload``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ MODES = (("bf16", None, None), ("fp8", "blocks", None), ("fp8 + model offload", 
 
 def _pipeline_class():
     try:
-        from flux_lora.pipeline import FluxPipeline
+        from flux_lora.inference.pipeline import FluxPipeline
     except ImportError as e:
-        raise RuntimeError("flux_lora.pipeline is missing from this checkout; the inference benchmark needs the "
-                           "pipeline (FluxPipeline and flux_lora.offload) merged") from e
+        raise RuntimeError("flux_lora.inference.pipeline is missing from this checkout; the inference benchmark needs the "
+                           "pipeline (FluxPipeline and flux_lora.inference.offload) merged") from e
     return FluxPipeline
 
 

@@ -10,10 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.common import clip_l_config, materialise_, random_dit, t5_xxl_config
-from flux_lora.autoencoder import AE_PRESETS, AutoEncoder
-from flux_lora.lora import LoraConfig, inject_lora
-from flux_lora.model import FluxParams
-from flux_lora.wrappers import compile_blocks, enable_gradient_checkpointing
+from flux_lora.config import LoraConfig
+from flux_lora.lora.peft_adapters import inject_lora
+from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
+from flux_lora.model.flux import FluxParams
+from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 
 BLOCK_LISTS = ("double_blocks", "single_blocks", "transformer_blocks", "single_transformer_blocks",
                "encoder.block", "text_model.encoder.layers")
@@ -37,7 +38,7 @@ def peer(params: FluxParams, device: str, *, rank: int, checkpointing: bool, com
     import peft
     from diffusers import FluxTransformer2DModel
 
-    from flux_lora.keymaps import flux_to_diffusers_config
+    from flux_lora.weights.keymaps import flux_to_diffusers_config
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**flux_to_diffusers_config(params)).to(torch.bfloat16)
@@ -104,10 +105,10 @@ class FixedTokenizer:
 
 def text_encoders(params: FluxParams, device: str, *, full_size: bool = True):
     """CLIP-L and T5-XXL (or one-layer versions of the DiT's widths) with random bf16 weights on ``device``,
-    wrapped as :class:`flux_lora.conditioning.TextEncoders`."""
+    wrapped as :class:`flux_lora.model.text_encoders.TextEncoders`."""
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from flux_lora.conditioning import TextEncoders
+    from flux_lora.model.text_encoders import TextEncoders
 
     small = {} if full_size else dict(num_hidden_layers=1, intermediate_size=64, num_attention_heads=2)
     clip_cfg = clip_l_config(hidden_size=params.vec_in_dim, projection_dim=params.vec_in_dim, **small)

@@ -38,9 +38,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch
 from PIL import Image, PngImagePlugin
 
-from flux_lora.adapters import apply_loras
-from flux_lora.control import ControlNetUnit
-from flux_lora.pipeline import DEFAULT_GUIDANCE, FluxPipeline
+from flux_lora.inference.control import ControlNetUnit
+from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline
+from flux_lora.lora.runtime import apply_loras
 
 log = logging.getLogger("generate")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -153,7 +153,7 @@ def load_loras(pipe: FluxPipeline, specs: list[tuple[Path, float]], mode: str) -
     """Read and apply the LoRA files; returns ``FILE:SCALE`` labels for the metadata."""
     if not specs:
         return []
-    from flux_lora.lora_formats import read_lora
+    from flux_lora.lora.files import read_lora
 
     loras, names = [], set()
     for i, (path, scale) in enumerate(specs):

@@ -7,14 +7,120 @@ See ``configs/*.yaml``; every field can be overridden as ``--section.field value
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import config_io
-from .data import DataConfig
-from .lora import LoraConfig
-from .sampling import TimestepSampling
+from flux_lora import config_io
+from flux_lora.sampling import SIDE_MULTIPLE, TimestepSampling
+
+DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file, column or setting."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training images and captions come from, how they are bucketed, and where the cache lives.
+
+    Attributes:
+        source: image folder, ``datasets`` save_to_disk folder, imagefolder with metadata, or dataset name.
+        image_column / caption_column: columns of a ``datasets`` source (imagefolder: ``image`` / ``text``).
+        split: split of a ``datasets`` source.
+        caption_extension: caption file suffix in an image folder.
+        default_caption: caption for images without one; ``None`` makes a missing caption an error.
+        resolution: target side; buckets have an area close to ``resolution**2``.
+        bucket_step: spacing of the bucket widths (a multiple of 16); larger means fewer, fuller buckets.
+        max_aspect: longest bucket side over shortest; more extreme images are cropped to it.
+        upscale: enlarge images smaller than their bucket (default: they get a bucket of their own size).
+        crop: ``center`` or ``random`` (``crop_variants`` random crops per image are cached, one
+            drawn per use).
+        flip: also cache a mirrored copy of each crop and draw it half of the time.
+        repeats: times each image appears per epoch.
+        batch_size: images per batch, all from one bucket.
+        drop_last: drop each bucket's last partial batch.
+        num_workers: DataLoader workers (reading cached tensors only).
+        shuffle / seed: per-epoch shuffling, deterministic from ``seed``; also seeds random-crop choice.
+        cache_dir: folder of the content-keyed latent and embedding cache.
+        encode_batch_size: images or captions per encoder call while filling the cache.
+    """
+
+    source: str = ""
+    image_column: str = "image"
+    caption_column: str = "text"
+    split: str = "train"
+    caption_extension: str = ".txt"
+    default_caption: str | None = None
+    resolution: int = 1024
+    bucket_step: int = 16
+    max_aspect: float = 4.0
+    upscale: bool = False
+    crop: str = "center"
+    crop_variants: int = 4
+    flip: bool = False
+    repeats: int = 1
+    batch_size: int = 1
+    drop_last: bool = False
+    num_workers: int = 0
+    shuffle: bool = True
+    seed: int = 0
+    cache_dir: str = ".cache/flux-lora"
+    encode_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> DataError:
+            return DataError(f"data.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if self.resolution < SIDE_MULTIPLE or self.resolution % SIDE_MULTIPLE:
+            raise bad("resolution", f"a positive multiple of {SIDE_MULTIPLE}")
+        if self.bucket_step < SIDE_MULTIPLE or self.bucket_step % SIDE_MULTIPLE:
+            raise bad("bucket_step", f"a positive multiple of {SIDE_MULTIPLE}")
+        if not self.max_aspect >= 1.0:
+            raise bad("max_aspect", ">= 1")
+        if self.crop not in ("center", "random"):
+            raise bad("crop", "'center' or 'random'")
+        for name in ("crop_variants", "repeats", "batch_size", "encode_batch_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, ">= 1")
+        if self.num_workers < 0:
+            raise bad("num_workers", ">= 0")
+        if not self.caption_extension.startswith("."):
+            raise bad("caption_extension", "a suffix starting with '.'")
+        if not self.cache_dir:
+            raise bad("cache_dir", "a folder path")
+
+
+@dataclass
+class LoraConfig:
+    """What to train: ``rank`` and ``alpha`` (scale = alpha / rank, or alpha / sqrt(rank) with ``use_rslora``),
+    ``dropout`` on the adapter input, ``init`` of A ("default": Kaiming-uniform A and zero B, "gaussian"), and
+    ``targets``, globs over BFL module names selecting Linear layers."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: Literal["default", "gaussian"] = "default"
+    use_rslora: bool = False
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("default", "gaussian"):
+            raise ValueError(f"lora.init must be 'default' or 'gaussian', got {self.init!r}")
+        if not self.targets:
+            raise ValueError("lora.targets is empty: name at least one module glob, e.g. 'double_blocks.*'")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
 @dataclass

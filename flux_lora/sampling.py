@@ -14,6 +14,9 @@ from torch import Tensor
 
 TimestepSampling = Literal["uniform", "logit_normal", "sigmoid"]
 
+SIDE_MULTIPLE = 16
+"""Image sides are multiples of this: the autoencoder's 8x downscale times the DiT's 2x2 patches."""
+
 
 def pack(latents: Tensor) -> Tensor:
     """``[B, C, H, W]`` latents -> ``[B, (H/2)(W/2), 4C]`` tokens of 2x2 patches (channel = c*4 + ph*2 + pw)."""

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from flux_lora.autoencoder import AutoEncoder
-from flux_lora.cache import AutoEncoderSpec, CachePlan, TextEncoderSpec, fill_cache, plan_cache
-from flux_lora.conditioning import TextEncoders
-from flux_lora.data import DataConfig, ScannedData, scan
-from flux_lora.loading import load_autoencoder
+from flux_lora.config import DataConfig
+from flux_lora.data.cache import AutoEncoderSpec, CachePlan, TextEncoderSpec, fill_cache, plan_cache
+from flux_lora.data.scan import ScannedData, scan
+from flux_lora.model.autoencoder import AutoEncoder
+from flux_lora.model.text_encoders import TextEncoders
+from flux_lora.weights.loading import load_autoencoder
 
 MAX_LENGTH = 32  # the tiny preset's T5 length
 DTYPE = torch.float32

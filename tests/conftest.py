@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flux_lora.tiny import write_tiny_controlnet, write_tiny_model
+from flux_lora.weights.tiny import write_tiny_controlnet, write_tiny_model
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora.controlnet import ControlNetParams
-from flux_lora.model import ControlResiduals
+from flux_lora.model.controlnet import ControlNetParams
+from flux_lora.model.flux import ControlResiduals
 
 from fluxtest import dit_inputs
 

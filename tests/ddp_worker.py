@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from flux_lora import datamodule  # noqa: E402
+from flux_lora.data import datamodule  # noqa: E402
 from flux_lora.config import load_config  # noqa: E402
-from flux_lora.trainer import build, last_checkpoint  # noqa: E402
+from flux_lora.training.run import build, last_checkpoint  # noqa: E402
 
 LOADS = {"text": 0, "ae": 0}
 _text, _ae = datamodule._folder_text_encoders, datamodule._folder_autoencoder

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flux_lora import sampling as S
-from flux_lora.model import FluxParams
+from flux_lora.model.flux import FluxParams
 
 
 def dit_inputs(p: FluxParams, batch: int = 2, lat_h: int = 6, lat_w: int = 8, txt_len: int = 7,
@@ -37,7 +37,12 @@ def diffusers_parts(pipe) -> dict:
     """diffusers' scheduler (FLUX.1-dev's or -schnell's config), VAE and transformer holding the weights of our
     ``FluxPipeline``: the model parts of diffusers' Flux pipelines."""
     diffusers = pytest.importorskip("diffusers")
-    from flux_lora.keymaps import ae_to_diffusers, ae_to_diffusers_config, flux_to_diffusers, flux_to_diffusers_config
+    from flux_lora.weights.keymaps import (
+        ae_to_diffusers,
+        ae_to_diffusers_config,
+        flux_to_diffusers,
+        flux_to_diffusers_config,
+    )
 
     p = pipe.model.params
     transformer = diffusers.FluxTransformer2DModel(**flux_to_diffusers_config(p))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flux_lora.lora_formats import LoraWeight
-from flux_lora.offload import Transfer
+from flux_lora.inference.offload import Transfer
+from flux_lora.lora.weight import LoraWeight
 
 
 def random_lora(model: nn.Module, paths: list[str], rank: int = 2, alpha: float = 4.0,

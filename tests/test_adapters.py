@@ -9,7 +9,7 @@ import torch
 from helpers_dit import random_lora
 from torch import nn
 
-from flux_lora.adapters import (
+from flux_lora.lora.runtime import (
     RUNTIME_ATTR,
     RuntimeLoras,
     applied_loras,
@@ -18,9 +18,9 @@ from flux_lora.adapters import (
     set_lora_scale,
     unfuse_loras,
 )
-from flux_lora.model import PRESETS, Flux
-from flux_lora.quantization import FP8, FP8Linear, quantize_
-from flux_lora.tiny import random_flux
+from flux_lora.model.flux import PRESETS, Flux
+from flux_lora.model.fp8 import FP8, FP8Linear, quantize_
+from flux_lora.weights.tiny import random_flux
 
 from fluxtest import dit_inputs
 

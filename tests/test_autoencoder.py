@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from flux_lora.autoencoder import AE_PRESETS, AutoEncoder
-from flux_lora.keymaps import ae_to_diffusers, ae_to_diffusers_config
-from flux_lora.loading import load_autoencoder
+from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
+from flux_lora.weights.keymaps import ae_to_diffusers, ae_to_diffusers_config
+from flux_lora.weights.loading import load_autoencoder
 
 diffusers = pytest.importorskip("diffusers")
 P = AE_PRESETS["tiny"]

@@ -11,7 +11,7 @@ from benchmarks import accounting as A
 from benchmarks import bench_cpu as B
 from benchmarks import bench_gpu as G
 from benchmarks.measure import count_flops
-from flux_lora.model import PRESETS, Flux
+from flux_lora.model.flux import PRESETS, Flux
 
 FULL = PRESETS["flux-dev"]
 

@@ -19,9 +19,9 @@ from cache_helpers import (
     write_data,
 )
 
-from flux_lora.autoencoder import AutoEncoder
-from flux_lora.buckets import apply_placement
-from flux_lora.cache import (
+from flux_lora.config import DataConfig, DataError
+from flux_lora.data.buckets import apply_placement
+from flux_lora.data.cache import (
     AutoEncoderSpec,
     TextEncoderSpec,
     fill_cache,
@@ -29,12 +29,13 @@ from flux_lora.cache import (
     load_text_embeddings,
     plan_cache,
 )
-from flux_lora.conditioning import TextEncoders
-from flux_lora.data import DataConfig, DataError, scan
-from flux_lora.datamodule import FluxDataModule, make_dataloader
-from flux_lora.fingerprint import fingerprint_file, fingerprint_module, fingerprint_paths
-from flux_lora.loading import load_autoencoder
-from flux_lora.tiny import write_tiny_model
+from flux_lora.data.datamodule import FluxDataModule, make_dataloader
+from flux_lora.data.fingerprint import fingerprint_file, fingerprint_module, fingerprint_paths
+from flux_lora.data.scan import scan
+from flux_lora.model.autoencoder import AutoEncoder
+from flux_lora.model.text_encoders import TextEncoders
+from flux_lora.weights.loading import load_autoencoder
+from flux_lora.weights.tiny import write_tiny_model
 
 
 @pytest.fixture
@@ -161,7 +162,7 @@ def test_training_batches_touch_no_encoder(tmp_path, data_dir, tiny_dev_dir, mon
     for cls, name in [(TextEncoders, "encode"), (TextEncoders, "forward"), (AutoEncoder, "encode"),
                       (AutoEncoder, "forward"), (TextEncoders, "from_folder")]:
         monkeypatch.setattr(cls, name, boom)
-    monkeypatch.setattr("flux_lora.loading.load_autoencoder", boom)
+    monkeypatch.setattr("flux_lora.weights.loading.load_autoencoder", boom)
     batches = list(make_dataloader(plan.refresh(), cfg))
     assert sum(len(b["caption"]) for b in batches) == 3
     for b in batches:
@@ -233,7 +234,7 @@ def test_loader_dtype_must_match_the_spec(tmp_path, data_dir, tiny_dev_dir):
 def test_file_fingerprint_samples_large_safetensors(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    import flux_lora.fingerprint as fp
+    import flux_lora.data.fingerprint as fp
 
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.arange(200_000, dtype=torch.float32)}, str(path))

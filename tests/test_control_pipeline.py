@@ -13,15 +13,15 @@ import torch
 from helpers_dit import FakeAccelerator, random_lora, realign, while_each_block_runs
 from PIL import Image
 
-from flux_lora.adapters import apply_loras, remove_loras
-from flux_lora.control import ControlNetUnit, control_pixels
-from flux_lora.controlnet import ControlNetParams, FluxControlNet, encode_control
-from flux_lora.controlnet_loading import load_controlnet
-from flux_lora.offload import location
-from flux_lora.pipeline import FluxPipeline
-from flux_lora.quantization import FP8, FP8Linear
+from flux_lora.inference.control import ControlNetUnit, control_pixels
+from flux_lora.inference.offload import location
+from flux_lora.inference.pipeline import FluxPipeline
+from flux_lora.lora.runtime import apply_loras, remove_loras
+from flux_lora.model.controlnet import ControlNetParams, FluxControlNet, encode_control
+from flux_lora.model.fp8 import FP8, FP8Linear
 from flux_lora.sampling import pack
-from flux_lora.tiny import tiny_controlnet_params, write_tiny_controlnet
+from flux_lora.weights.controlnet_loading import load_controlnet
+from flux_lora.weights.tiny import tiny_controlnet_params, write_tiny_controlnet
 
 from fluxtest import diffusers_parts
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 from controlnettest import controlnet_inputs as inputs
 
-from flux_lora.controlnet import ControlNetParams, FluxControlNet, combine_residuals
-from flux_lora.controlnet_loading import (
+from flux_lora.model.controlnet import ControlNetParams, FluxControlNet, combine_residuals
+from flux_lora.model.flux import PRESETS, ControlResiduals
+from flux_lora.weights.controlnet_loading import (
     controlnet_config,
     controlnet_params_from_config,
     controlnet_to_diffusers,
     load_controlnet,
 )
-from flux_lora.keymaps import flux_to_diffusers, flux_to_diffusers_config
-from flux_lora.model import PRESETS, ControlResiduals
-from flux_lora.tiny import random_flux, tiny_controlnet_params, write_tiny_controlnet
+from flux_lora.weights.keymaps import flux_to_diffusers, flux_to_diffusers_config
+from flux_lora.weights.tiny import random_flux, tiny_controlnet_params, write_tiny_controlnet
 
 diffusers = pytest.importorskip("diffusers")
 

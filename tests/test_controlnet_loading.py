@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from controlnettest import controlnet_inputs, flat, rel_error
 
 from flux_lora import sampling as S
-from flux_lora import tiny
-from flux_lora.autoencoder import AE_PRESETS
-from flux_lora.checkpoint import CheckpointError, iter_tensors
-from flux_lora.controlnet import (
+from flux_lora.weights import tiny
+from flux_lora.model.autoencoder import AE_PRESETS
+from flux_lora.model.controlnet import (
     ControlNetParams,
     FluxControlNet,
     check_compatible,
@@ -24,15 +23,16 @@ from flux_lora.controlnet import (
     mask_to_latent,
     resolve_mode,
 )
-from flux_lora.controlnet_loading import (
+from flux_lora.model.flux import PRESETS
+from flux_lora.model.fp8 import FP8, FP8Linear, default_predicate, quantize_, storage_bytes
+from flux_lora.weights.controlnet_loading import (
     controlnet_config,
     controlnet_params_from_config,
     load_controlnet,
     resolve_controlnet,
 )
-from flux_lora.model import PRESETS
-from flux_lora.quantization import FP8, FP8Linear, default_predicate, quantize_, storage_bytes
-from flux_lora.tiny import random_autoencoder, tiny_controlnet_params, write_tiny_controlnet
+from flux_lora.weights.safetensors_io import CheckpointError, iter_tensors
+from flux_lora.weights.tiny import random_autoencoder, tiny_controlnet_params, write_tiny_controlnet
 
 TINY, DEV = PRESETS["tiny"], PRESETS["flux-dev"]
 

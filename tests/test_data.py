@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from flux_lora.buckets import (
+from flux_lora.config import DataConfig, DataError
+from flux_lora.data.buckets import (
     SIDE_MULTIPLE,
     BucketBatchSampler,
     apply_placement,
@@ -22,8 +23,8 @@ from flux_lora.buckets import (
     cover_scale,
     placements,
 )
-from flux_lora.data import DataConfig, DataError, scan
-from flux_lora.datamodule import collate
+from flux_lora.data.datamodule import collate
+from flux_lora.data.scan import scan
 
 
 def write_image(path: Path, size: tuple[int, int], colour=(200, 40, 40)) -> Path:

@@ -10,11 +10,11 @@ import torch
 from cache_helpers import CAPTIONS, DTYPE, MAX_LENGTH, forbidden, write_data
 from torch import nn
 
-from flux_lora.autoencoder import AutoEncoder
-from flux_lora.cache import AutoEncoderSpec, TextEncoderSpec
-from flux_lora.conditioning import TextEncoders
-from flux_lora.data import DataConfig
-from flux_lora.datamodule import FluxDataModule
+from flux_lora.config import DataConfig
+from flux_lora.data.cache import AutoEncoderSpec, TextEncoderSpec
+from flux_lora.data.datamodule import FluxDataModule
+from flux_lora.model.autoencoder import AutoEncoder
+from flux_lora.model.text_encoders import TextEncoders
 
 
 class Recorder(L.LightningModule):

@@ -15,8 +15,8 @@ import pytest
 from helpers_dit import random_lora
 from PIL import Image
 
-from flux_lora.model import PRESETS
-from flux_lora.tiny import random_flux
+from flux_lora.model.flux import PRESETS
+from flux_lora.weights.tiny import random_flux
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
 ARGS = ["--prompt", "a photo of a dog", "--height", "32", "--width", "48", "--steps", "2", "--dtype", "float32",
@@ -59,7 +59,7 @@ def test_cli_writes_pngs_with_metadata_deterministically(tiny_dev_dir, tmp_path,
 
 
 def test_lora_changes_the_image_and_is_recorded(tiny_dev_dir, tmp_path, generate):
-    lora_formats = pytest.importorskip("flux_lora.lora_formats")
+    lora_formats = pytest.importorskip("flux_lora.lora.files")
     if not hasattr(lora_formats, "write_lora"):
         pytest.skip("read_lora / write_lora are not merged yet")
     params = PRESETS["tiny"]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux_lora import hub
-from flux_lora.checkpoint import CheckpointError
-from flux_lora.conditioning import TextEncoders
-from flux_lora.loading import load_autoencoder, load_flow_model
-from flux_lora.model import PRESETS
-from flux_lora.quantization import FP8, FP8Linear
-from flux_lora.tiny import random_flux
+from flux_lora.weights import hub
+from flux_lora.model.flux import PRESETS
+from flux_lora.model.fp8 import FP8, FP8Linear
+from flux_lora.model.text_encoders import TextEncoders
+from flux_lora.weights.loading import load_autoencoder, load_flow_model
+from flux_lora.weights.safetensors_io import CheckpointError
+from flux_lora.weights.tiny import random_flux
 
 from fluxtest import dit_inputs
 

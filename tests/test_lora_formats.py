@@ -15,11 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux_lora.checkpoint import iter_tensors, read_keys, read_metadata
-from flux_lora.convert_lora import main as convert_main
-from flux_lora.lora_formats import (
+from flux_lora.lora.convert import main as convert_main
+from flux_lora.lora.files import (
     LoraFormatError,
-    LoraWeight,
     from_diffusers_state_dict,
     from_kohya_state_dict,
     from_state_dict,
@@ -28,8 +26,10 @@ from flux_lora.lora_formats import (
     to_kohya_state_dict,
     write_lora,
 )
-from flux_lora.lora_keys import detect_layout, linear_shapes
-from flux_lora.model import PRESETS, Flux, FluxParams
+from flux_lora.lora.keys import detect_layout, linear_shapes
+from flux_lora.lora.weight import LoraWeight
+from flux_lora.model.flux import PRESETS, Flux, FluxParams
+from flux_lora.weights.safetensors_io import iter_tensors, read_keys, read_metadata
 
 # Tiny and odd-sized on purpose: hidden 32 (q/k/v blocks of 32 rows), mlp 128, in/out channels 16.
 P = FluxParams(
@@ -580,7 +580,7 @@ def test_convert_cli_both_ways(tmp_path, tiny_dev_dir, caplog):
     assert convert_main([str(kohya), str(tmp_path / "x.safetensors"), "--to", "kohya", "--model", "flux-dev"]) == 1
     assert "in.safetensors" in caplog.text and "lora_unet_" in caplog.text  # shapes do not fit flux-dev
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "flux_lora.convert_lora"]
+    cmd = [sys.executable, "-m", "flux_lora.lora.convert"]
     run = subprocess.run(
         [
             *cmd,

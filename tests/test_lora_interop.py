@@ -11,11 +11,12 @@ import logging
 import pytest
 import torch
 
-from flux_lora.checkpoint import read_keys, read_metadata
-from flux_lora.keymaps import flux_to_diffusers, flux_to_diffusers_config
-from flux_lora.lora_formats import LoraWeight, fuse_row_blocks, read_lora, write_lora
-from flux_lora.lora_keys import detect_layout, linear_shapes
-from flux_lora.model import PRESETS, Flux, FluxParams
+from flux_lora.lora.files import read_lora, write_lora
+from flux_lora.lora.keys import detect_layout, linear_shapes
+from flux_lora.lora.weight import LoraWeight, fuse_row_blocks
+from flux_lora.model.flux import PRESETS, Flux, FluxParams
+from flux_lora.weights.keymaps import flux_to_diffusers, flux_to_diffusers_config
+from flux_lora.weights.safetensors_io import read_keys, read_metadata
 
 from fluxtest import diffusers_forward, dit_inputs
 

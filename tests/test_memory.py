@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux_lora.model import PRESETS, Flux
+from flux_lora.model.flux import PRESETS, Flux
 
 PARAMS = replace(PRESETS["flux-dev"], hidden_size=768, num_heads=6, depth=2, depth_single_blocks=2,
                  vec_in_dim=64, context_in_dim=256)
@@ -34,8 +34,8 @@ def sample():  # the kernel keeps no high-water mark of anonymous memory: sample
         anon[0] = max(anon[0], status("RssAnon:"))
         time.sleep(0.002)
 
-from flux_lora.loading import load_flow_model
-from flux_lora.model import Flux, FluxParams
+from flux_lora.weights.loading import load_flow_model
+from flux_lora.model.flux import Flux, FluxParams
 from safetensors.torch import load_file
 path, mode = Path(sys.argv[1]), sys.argv[2]
 params = FluxParams.from_dict(json.loads(sys.argv[3]))

@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flux_lora.keymaps import flux_linear_maps, flux_to_diffusers, flux_to_diffusers_config
-from flux_lora.loading import load_flow_model
-from flux_lora.model import PRESETS, Flux, FluxParams, count_parameters
+from flux_lora.model.flux import PRESETS, Flux, FluxParams, count_parameters
+from flux_lora.weights.keymaps import flux_linear_maps, flux_to_diffusers, flux_to_diffusers_config
+from flux_lora.weights.loading import load_flow_model
 
 from fluxtest import diffusers_forward, dit_inputs
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flux_lora.config import TrainConfig
-from flux_lora.lora import LoraConfig, inject_lora, select_targets
-from flux_lora.model import PRESETS, Flux
-from flux_lora.module import FluxLoraModule, import_class, lr_lambda
+from flux_lora.config import LoraConfig, TrainConfig
+from flux_lora.lora.peft_adapters import inject_lora, select_targets
+from flux_lora.model.flux import PRESETS, Flux
+from flux_lora.training.module import FluxLoraModule, import_class, lr_lambda
 
 ROOT = Path(__file__).parents[1]
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from helpers_dit import FakeAccelerator, random_lora, realign, while_each_block_runs
 
-from flux_lora.adapters import apply_loras
-from flux_lora.loading import load_flow_model
-from flux_lora.offload import BlockOffload, Transfer, location
-from flux_lora.pipeline import FluxPipeline
-from flux_lora.quantization import FP8
+from flux_lora.inference.offload import BlockOffload, Transfer, location
+from flux_lora.inference.pipeline import FluxPipeline
+from flux_lora.lora.runtime import apply_loras
+from flux_lora.model.fp8 import FP8
+from flux_lora.weights.loading import load_flow_model
 
 from fluxtest import dit_inputs
 

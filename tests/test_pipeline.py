@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from flux_lora.model import ControlResiduals
-from flux_lora.pipeline import DiTInputs, FluxPipeline, denoise
-from flux_lora.quantization import FP8Linear
+from flux_lora.inference.denoise import DiTInputs, denoise
+from flux_lora.inference.pipeline import FluxPipeline
+from flux_lora.model.flux import ControlResiduals
+from flux_lora.model.fp8 import FP8Linear
 from flux_lora.sampling import img_ids, pack, txt_ids
 
 from fluxtest import diffusers_parts
@@ -148,7 +149,7 @@ def test_seed_determinism(dev_pipe):
 
 
 def test_size_is_rounded_down_to_multiples_of_16(dev_pipe, caplog):
-    with caplog.at_level(logging.WARNING, logger="flux_lora.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.inference.pipeline"):
         images = dev_pipe("a dog", height=70, width=50, num_inference_steps=1, seed=0, progress=False)
     assert images[0].size == (48, 64)
     assert "rounded down to 48x64" in caplog.text
@@ -181,7 +182,7 @@ def test_bad_input_errors(dev_pipe):
 
 
 def test_from_pretrained_resolves_a_modelscope_id(tiny_dev_dir, monkeypatch):
-    import flux_lora.hub as hub
+    import flux_lora.weights.hub as hub
 
     calls = []
 
@@ -199,7 +200,7 @@ def test_from_pretrained_resolves_a_modelscope_id(tiny_dev_dir, monkeypatch):
 
 def test_schnell_ignores_guidance_with_a_warning(schnell_pipe, caplog):
     kw = dict(height=32, width=32, seed=0, output_type="latent", progress=False)
-    with caplog.at_level(logging.WARNING, logger="flux_lora.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.inference.pipeline"):
         a = schnell_pipe("a dog", guidance=7.0, **kw)
     assert "guidance=7.0 is ignored" in caplog.text
     assert torch.equal(a, schnell_pipe("a dog", **kw))

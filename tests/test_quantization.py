@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flux_lora.loading import load_flow_model
-from flux_lora.model import PRESETS, Flux
-from flux_lora.quantization import (
+from flux_lora.model.flux import PRESETS, Flux
+from flux_lora.model.fp8 import (
     FP8,
     FP8Linear,
     default_predicate,
@@ -17,6 +16,7 @@ from flux_lora.quantization import (
     quantize_weight,
     storage_bytes,
 )
+from flux_lora.weights.loading import load_flow_model
 
 from fluxtest import dit_inputs
 
@@ -166,7 +166,8 @@ def test_backward_keeps_no_float_weight_copies():
 def test_peft_wraps_fp8_linear_with_float32_adapters():
     """peft wraps FP8Linear like any Linear; our injection keeps the adapters in float32 (peft alone makes them
     fp8 on an fp8 base), and only they receive gradients."""
-    from flux_lora.lora import LoraConfig, inject_lora
+    from flux_lora.config import LoraConfig
+    from flux_lora.lora.peft_adapters import inject_lora
 
     model = quantize_(_realistic_tiny())
     names = inject_lora(model, LoraConfig(rank=4, alpha=4, targets=["*.qkv", "*.linear1"]))

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from flux_lora.autoencoder import AutoEncoder
-from flux_lora.conditioning import TextEncoders
 from flux_lora.config import load_config
-from flux_lora.lora_formats import read_lora
-from flux_lora.quantization import FP8, FP8Linear
-from flux_lora.trainer import build, last_checkpoint, run
+from flux_lora.lora.files import read_lora
+from flux_lora.model.autoencoder import AutoEncoder
+from flux_lora.model.fp8 import FP8, FP8Linear
+from flux_lora.model.text_encoders import TextEncoders
+from flux_lora.training.run import build, last_checkpoint, run
 
 ROOT = Path(__file__).parents[1]
 
@@ -131,7 +131,7 @@ def test_outputs_of_a_run(tmp_path, model_dir):
 
 
 def _params(model_dir):
-    from flux_lora.trainer import read_params
+    from flux_lora.training.run import read_params
 
     return read_params(model_dir, None)
 
@@ -167,11 +167,11 @@ def test_resume_equals_uninterrupted(tmp_path, model_dir, stop_at):
 def test_lora_learns_the_training_images(tmp_path, model_dir):
     """After training, sampling each training caption from fixed noise lands measurably closer to that image's
     latents with the LoRA than without it."""
-    from flux_lora.adapters import apply_loras
-    from flux_lora.cache import load_text_embeddings
-    from flux_lora.datamodule import CachedDataset, FluxDataModule
-    from flux_lora.loading import load_autoencoder, load_flow_model
-    from flux_lora.pipeline import FluxPipeline
+    from flux_lora.data.cache import load_text_embeddings
+    from flux_lora.data.datamodule import CachedDataset, FluxDataModule
+    from flux_lora.inference.pipeline import FluxPipeline
+    from flux_lora.lora.runtime import apply_loras
+    from flux_lora.weights.loading import load_autoencoder, load_flow_model
 
     cfg = tiny_config(tmp_path, model_dir, "--max_steps=300", "--learning_rate=3e-3", "--caption_dropout=0",
                       "--train.timestep_sampling=logit_normal", "--train.save_every_n_steps=0",

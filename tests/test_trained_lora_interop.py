@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from flux_lora.adapters import apply_loras
-from flux_lora.checkpoint import read_keys
-from flux_lora.convert_lora import main as convert
-from flux_lora.keymaps import flux_to_diffusers, flux_to_diffusers_config
-from flux_lora.loading import load_flow_model
-from flux_lora.lora_formats import read_lora
+from flux_lora.lora.convert import main as convert
+from flux_lora.lora.files import read_lora
+from flux_lora.lora.runtime import apply_loras
+from flux_lora.weights.keymaps import flux_to_diffusers, flux_to_diffusers_config
+from flux_lora.weights.loading import load_flow_model
+from flux_lora.weights.safetensors_io import read_keys
 
 diffusers = pytest.importorskip("diffusers")
 

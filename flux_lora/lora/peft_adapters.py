@@ -11,49 +11,17 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-from .lora_formats import LoraStateDict, LoraWeight
+from flux_lora.config import LoraConfig
+from flux_lora.lora.weight import LoraStateDict, LoraWeight
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
-DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")
-
-
-@dataclass
-class LoraConfig:
-    """What to train: ``rank`` and ``alpha`` (scale = alpha / rank, or alpha / sqrt(rank) with ``use_rslora``),
-    ``dropout`` on the adapter input, ``init`` of A ("default": Kaiming-uniform A and zero B, "gaussian"), and
-    ``targets``, globs over BFL module names selecting Linear layers."""
-
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    init: Literal["default", "gaussian"] = "default"
-    use_rslora: bool = False
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in ("default", "gaussian"):
-            raise ValueError(f"lora.init must be 'default' or 'gaussian', got {self.init!r}")
-        if not self.targets:
-            raise ValueError("lora.targets is empty: name at least one module glob, e.g. 'double_blocks.*'")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
 def clean_name(name: str) -> str:

@@ -1,10 +1,10 @@
 """LoRA weights in one canonical form, and the file layouts other tools use.
 
 Canonical form: ``dict[str, LoraWeight]`` keyed by the BFL module path of a Linear in
-:class:`flux_lora.model.Flux` (``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``, ...), fused
+:class:`flux_lora.model.flux.Flux` (``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``, ...), fused
 layouts kept fused. The update of a module is ``delta_W = (alpha / rank) * up @ down``.
 
-Reading (:func:`read_lora`, :func:`from_state_dict`) accepts every layout listed in :mod:`flux_lora.lora_keys`
+Reading (:func:`read_lora`, :func:`from_state_dict`) accepts every layout listed in :mod:`flux_lora.lora.keys`
 (kohya, ComfyUI, diffusers/peft, XLabs, raw peft, OneTrainer, LyCORIS, DiffSynth) and folds split q/k/v(/mlp)
 LoRAs back into the fused Linear exactly. Writing (:func:`write_lora`) produces the kohya layout (the most
 widely loadable: ComfyUI, Forge, kohya, diffusers, ours) or the diffusers layout (``transformer.*`` split, for
@@ -16,15 +16,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .checkpoint import iter_tensors, read_metadata, save_file_atomic
-from .keymaps import flux_linear_maps
-from .lora_keys import (
+from flux_lora.lora.keys import (
     LoraFormatError,
     Target,
     alpha_value,
@@ -35,108 +32,17 @@ from .lora_keys import (
     pair_error,
     split_suffix,
 )
-from .lora_metadata import diffusers_metadata, kohya_metadata, peft_alpha_rule, warn_kohya_non_block
-from .model import FluxParams
+from flux_lora.lora.metadata import diffusers_metadata, kohya_metadata, peft_alpha_rule, warn_kohya_non_block
+from flux_lora.lora.weight import LoraStateDict, LoraWeight, fuse_row_blocks, split_row_blocks
+from flux_lora.model.flux import FluxParams
+from flux_lora.weights.keymaps import flux_linear_maps
+from flux_lora.weights.safetensors_io import iter_tensors, read_metadata, save_file_atomic
 
 log = logging.getLogger(__name__)
 
 # Layouts whose alpha, when the file has no ``.alpha`` keys, comes from a peft config (lora_adapter_metadata).
 _PEFT_FAMILY = ("diffusers", "peft", "diffsynth")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
-
-
-@dataclass
-class LoraWeight:
-    """One module's LoRA: ``down [r, in]``, ``up [out, r]``, ``alpha`` (scale = alpha / r)."""
-
-    down: Tensor
-    up: Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``[out, in]`` weight update ``scale * up @ down``."""
-        return self.scale * (self.up.to(dtype) @ self.down.to(dtype))
-
-
-LoraStateDict = dict[str, LoraWeight]
-
-
-# ------------------------------------------------------------------------------------- fused <-> split math
-
-
-def _same_scale(ws: list[LoraWeight]) -> bool:
-    return all(w.alpha * ws[0].rank == ws[0].alpha * w.rank for w in ws[1:])
-
-
-def fuse_row_blocks(blocks: list[tuple[int, LoraWeight]], out_features: int) -> LoraWeight:
-    """LoRAs on row blocks of one Linear (``(first row, LoRA)``; rows not covered get no update) -> one LoRA.
-
-    Exact. If all blocks share the same ``down`` (as after a fused->split export), the result keeps that
-    ``down`` at rank r and stacks the ups. Otherwise the ranks are concatenated: ``down = cat(down_i)``,
-    ``up`` block diagonal. Equal per-block scales are kept (alpha, or sum(alpha_i) for concatenated ranks);
-    different scales are baked into ``up`` (float32) with ``alpha = rank``.
-    """
-    blocks = sorted(blocks, key=lambda b: b[0])
-    (start0, w0) = blocks[0]
-    if len(blocks) == 1 and start0 == 0 and w0.up.shape[0] == out_features:
-        return w0
-    ws = [w for _, w in blocks]
-    same = _same_scale(ws)
-    dtype = ws[0].up.dtype
-    for w in ws:
-        dtype = torch.promote_types(torch.promote_types(dtype, w.up.dtype), w.down.dtype)
-    if not same:
-        dtype = torch.promote_types(dtype, torch.float32)
-
-    def part_up(w: LoraWeight) -> Tensor:
-        return w.up.to(dtype) if same else w.scale * w.up.to(dtype)
-
-    if all(w.down.shape == w0.down.shape and torch.equal(w.down, w0.down) for w in ws[1:]):
-        up = w0.up.new_zeros((out_features, w0.rank), dtype=dtype)
-        for start, w in blocks:
-            up[start : start + w.up.shape[0]] = part_up(w)
-        return LoraWeight(w0.down.to(dtype), up, w0.alpha if same else float(w0.rank))
-    rank = sum(w.rank for w in ws)
-    up = w0.up.new_zeros((out_features, rank), dtype=dtype)
-    col = 0
-    for start, w in blocks:
-        up[start : start + w.up.shape[0], col : col + w.rank] = part_up(w)
-        col += w.rank
-    down = torch.cat([w.down.to(dtype) for w in ws])
-    return LoraWeight(down, up, sum(w.alpha for w in ws) if same else float(rank))
-
-
-def split_row_blocks(w: LoraWeight, sizes: list[int] | tuple[int, ...]) -> list[LoraWeight | None]:
-    """One LoRA on a fused Linear -> one LoRA per block of ``sizes`` rows (None: no update). Exact.
-
-    Blocks share ``down`` and take their rows of ``up``. When each block's non-zero ``up`` columns are
-    disjoint from the others' (a LoRA fused from parts with different downs), each block keeps only its own
-    rank columns.
-    Blocks whose ``up`` is all zero are dropped unless every block is zero (an untrained LoRA keeps its
-    modules).
-    """
-    ups = list(torch.split(w.up, list(sizes), dim=0))
-    masks = [(u != 0).any(dim=0) for u in ups]
-    live = [i for i, m in enumerate(masks) if m.any()]
-    if not live:
-        return [LoraWeight(w.down, u, w.alpha) for u in ups]
-    out: list[LoraWeight | None] = [None] * len(ups)
-    disjoint = len(live) > 1 and bool((sum(masks[i].int() for i in live) <= 1).all())
-    for i in live:
-        if disjoint:
-            m = masks[i]
-            out[i] = LoraWeight(w.down[m], ups[i][:, m], w.alpha * int(m.sum()) / w.rank)
-        else:
-            out[i] = LoraWeight(w.down, ups[i], w.alpha)
-    return out
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -405,7 +311,7 @@ def write_lora(
     """Write ``lora`` as a safetensors file (atomically) in the ``kohya`` or ``diffusers`` layout.
 
     kohya: fused modules, float32 ``.alpha``, ``format``/``ss_*``/``modelspec.*``/``sshs_*`` metadata (see
-    :mod:`flux_lora.lora_metadata`). diffusers: split ``transformer.*`` modules, scale baked into lora_B
+    :mod:`flux_lora.lora.metadata`). diffusers: split ``transformer.*`` modules, scale baked into lora_B
     unless ``bake_scale=False`` (then float ``.alpha`` keys). ``metadata`` adds (or overrides) header entries;
     values must be strings.
     """

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora_formats import LoraStateDict, LoraWeight
-from .quantization import FP8Linear
+from flux_lora.lora.weight import LoraStateDict, LoraWeight
+from flux_lora.model.fp8 import FP8Linear
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .autoencoder import AutoEncoderParams
-from .model import FluxParams
+from flux_lora.model.autoencoder import AutoEncoderParams
+from flux_lora.model.flux import FluxParams
 
 
 @dataclass(frozen=True)

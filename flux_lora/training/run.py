@@ -16,16 +16,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from . import hub
-from .callbacks import AtomicCheckpointIO, SampleImages, SaveLora
-from .config import ExperimentConfig, save_config
-from .data import scan
-from .datamodule import FluxDataModule
-from .loading import load_autoencoder, load_flow_model, read_flux_params
-from .lora_formats import read_lora
-from .model import Flux, FluxParams, get_params
-from .module import FluxLoraModule
-from .tiny import write_tiny_model
+from flux_lora.config import ExperimentConfig, save_config
+from flux_lora.data.datamodule import FluxDataModule
+from flux_lora.data.scan import scan
+from flux_lora.lora.files import read_lora
+from flux_lora.model.flux import Flux, FluxParams, get_params
+from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora
+from flux_lora.training.module import FluxLoraModule
+from flux_lora.weights import hub
+from flux_lora.weights.loading import load_autoencoder, load_flow_model, read_flux_params
+from flux_lora.weights.tiny import write_tiny_model
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from .loading import PARAMS_METADATA_KEY
-from .lora_keys import LoraFormatError
-from .model import FluxParams
+from flux_lora.lora.keys import LoraFormatError
+from flux_lora.model.flux import FluxParams
+from flux_lora.weights.loading import PARAMS_METADATA_KEY
 
 if TYPE_CHECKING:
-    from .lora_formats import LoraStateDict
+    from flux_lora.lora.weight import LoraStateDict
 
 log = logging.getLogger(__name__)
 

@@ -42,12 +42,13 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .autoencoder import AutoEncoder
-from .buckets import Placement, apply_placement, bucket_sizes, choose_bucket, placements
-from .checkpoint import save_file_atomic
-from .conditioning import CLIP_MAX_LENGTH, TextEmbeddings, TextEncoders
-from .data import DataConfig, ScannedData
-from .fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
+from flux_lora.config import DataConfig
+from flux_lora.data.buckets import Placement, apply_placement, bucket_sizes, choose_bucket, placements
+from flux_lora.data.fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
+from flux_lora.data.scan import ScannedData
+from flux_lora.model.autoencoder import AutoEncoder
+from flux_lora.model.text_encoders import CLIP_MAX_LENGTH, TextEmbeddings, TextEncoders
+from flux_lora.weights.safetensors_io import save_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class AutoEncoderSpec:
     @classmethod
     def from_folder(cls, source: str | Path, dtype: torch.dtype | str) -> AutoEncoderSpec:
         """From ``ae.safetensors`` in a model folder, a diffusers ``vae/`` folder or a single file."""
-        from .loading import find_ae_file
+        from flux_lora.weights.loading import find_ae_file
 
         return cls(fingerprint_paths([find_ae_file(Path(source))]), _dtype_name(dtype))
 

@@ -30,88 +30,14 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from .buckets import SIDE_MULTIPLE
+from flux_lora.config import DataConfig, DataError
+from flux_lora.sampling import SIDE_MULTIPLE
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the file, column or setting."""
-
-
-@dataclass
-class DataConfig:
-    """Where the training images and captions come from, how they are bucketed, and where the cache lives.
-
-    Attributes:
-        source: image folder, ``datasets`` save_to_disk folder, imagefolder with metadata, or dataset name.
-        image_column / caption_column: columns of a ``datasets`` source (imagefolder: ``image`` / ``text``).
-        split: split of a ``datasets`` source.
-        caption_extension: caption file suffix in an image folder.
-        default_caption: caption for images without one; ``None`` makes a missing caption an error.
-        resolution: target side; buckets have an area close to ``resolution**2``.
-        bucket_step: spacing of the bucket widths (a multiple of 16); larger means fewer, fuller buckets.
-        max_aspect: longest bucket side over shortest; more extreme images are cropped to it.
-        upscale: enlarge images smaller than their bucket (default: they get a bucket of their own size).
-        crop: ``center`` or ``random`` (``crop_variants`` random crops per image are cached, one
-            drawn per use).
-        flip: also cache a mirrored copy of each crop and draw it half of the time.
-        repeats: times each image appears per epoch.
-        batch_size: images per batch, all from one bucket.
-        drop_last: drop each bucket's last partial batch.
-        num_workers: DataLoader workers (reading cached tensors only).
-        shuffle / seed: per-epoch shuffling, deterministic from ``seed``; also seeds random-crop choice.
-        cache_dir: folder of the content-keyed latent and embedding cache.
-        encode_batch_size: images or captions per encoder call while filling the cache.
-    """
-
-    source: str = ""
-    image_column: str = "image"
-    caption_column: str = "text"
-    split: str = "train"
-    caption_extension: str = ".txt"
-    default_caption: str | None = None
-    resolution: int = 1024
-    bucket_step: int = 16
-    max_aspect: float = 4.0
-    upscale: bool = False
-    crop: str = "center"
-    crop_variants: int = 4
-    flip: bool = False
-    repeats: int = 1
-    batch_size: int = 1
-    drop_last: bool = False
-    num_workers: int = 0
-    shuffle: bool = True
-    seed: int = 0
-    cache_dir: str = ".cache/flux-lora"
-    encode_batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        def bad(name: str, rule: str) -> DataError:
-            return DataError(f"data.{name} must be {rule}, got {getattr(self, name)!r}")
-
-        if self.resolution < SIDE_MULTIPLE or self.resolution % SIDE_MULTIPLE:
-            raise bad("resolution", f"a positive multiple of {SIDE_MULTIPLE}")
-        if self.bucket_step < SIDE_MULTIPLE or self.bucket_step % SIDE_MULTIPLE:
-            raise bad("bucket_step", f"a positive multiple of {SIDE_MULTIPLE}")
-        if not self.max_aspect >= 1.0:
-            raise bad("max_aspect", ">= 1")
-        if self.crop not in ("center", "random"):
-            raise bad("crop", "'center' or 'random'")
-        for name in ("crop_variants", "repeats", "batch_size", "encode_batch_size"):
-            if getattr(self, name) < 1:
-                raise bad(name, ">= 1")
-        if self.num_workers < 0:
-            raise bad("num_workers", ">= 0")
-        if not self.caption_extension.startswith("."):
-            raise bad("caption_extension", "a suffix starting with '.'")
-        if not self.cache_dir:
-            raise bad("cache_dir", "a folder path")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-SIDE_MULTIPLE = 16
+from flux_lora.sampling import SIDE_MULTIPLE
 
 Size = tuple[int, int]
 

@@ -17,8 +17,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
-from .checkpoint import (
+from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
+from flux_lora.model.flux import PRESETS, Flux, FluxParams, get_params
+from flux_lora.model.fp8 import FP8, FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
+from flux_lora.weights.keymaps import (
+    DiffusersToFlux,
+    ae_diffusers_to_bfl_key,
+    ae_module_pairs,
+    ae_params_from_diffusers_config,
+    params_from_diffusers_config,
+)
+from flux_lora.weights.safetensors_io import (
     CheckpointError,
     assign_tensor,
     detect_prefix,
@@ -30,15 +39,6 @@ from .checkpoint import (
     sharded_files,
     target_shapes,
 )
-from .keymaps import (
-    DiffusersToFlux,
-    ae_diffusers_to_bfl_key,
-    ae_module_pairs,
-    ae_params_from_diffusers_config,
-    params_from_diffusers_config,
-)
-from .model import PRESETS, Flux, FluxParams, get_params
-from .quantization import FP8, FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, sharded_files
-from .controlnet import ControlNetParams, FluxControlNet
-from .hub import Downloader, ModelNotFoundError, resolve_model
-from .keymaps import (
+from flux_lora.model.controlnet import ControlNetParams, FluxControlNet
+from flux_lora.model.fp8 import QuantPolicy, default_predicate, quantize_
+from flux_lora.weights.hub import Downloader, ModelNotFoundError, resolve_model
+from flux_lora.weights.keymaps import (
     DiffusersToFlux,
     LinearMap,
     TensorMap,
@@ -31,8 +31,8 @@ from .keymaps import (
     maps_to_diffusers,
     params_from_diffusers_config,
 )
-from .loading import convert_diffusers_files, stream_into
-from .quantization import QuantPolicy, default_predicate, quantize_
+from flux_lora.weights.loading import convert_diffusers_files, stream_into
+from flux_lora.weights.safetensors_io import CheckpointError, sharded_files
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def controlnet_to_diffusers(sd: dict[str, Tensor], p: ControlNetParams) -> dict[
 
 def resolve_controlnet(source: str | Path, download: Downloader | None = None) -> Path:
     """The default resolver: a local path as is, or a ModelScope id (e.g.
-    ``InstantX/FLUX.1-dev-Controlnet-Union-alpha``) downloaded through :func:`flux_lora.hub.resolve_model`."""
+    ``InstantX/FLUX.1-dev-Controlnet-Union-alpha``) downloaded through :func:`flux_lora.weights.hub.resolve_model`."""
     try:
         return resolve_model(source, ["controlnet"], download=download)
     except ModelNotFoundError as e:

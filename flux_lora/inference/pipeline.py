@@ -9,18 +9,16 @@ same image on any device. Shapes come from the autoencoder's downscale factor an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
-from .autoencoder import AutoEncoder
-from .conditioning import TextEmbeddings, TextEncoders
-from .control import (
+from flux_lora.dtypes import float_dtype
+from flux_lora.inference.control import (
     ControlNetProvider,
     ControlNetUnit,
     check_units,
@@ -28,11 +26,14 @@ from .control import (
     encode_units,
     prepare_images,
 )
-from .controlnet import FluxControlNet, check_compatible
-from .model import ControlResiduals, Flux
-from .offload import OffloadMode, Placement, PlacementLog, Transfer
-from .quantization import FP8
-from .sampling import euler_step, get_schedule, image_seq_len, img_ids, latent_size, pack, txt_ids, unpack
+from flux_lora.inference.denoise import ControlProvider, StepCallback, denoise
+from flux_lora.inference.offload import OffloadMode, Placement, PlacementLog, Transfer
+from flux_lora.model.autoencoder import AutoEncoder
+from flux_lora.model.controlnet import FluxControlNet, check_compatible
+from flux_lora.model.flux import Flux
+from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
+from flux_lora.sampling import get_schedule, image_seq_len, img_ids, latent_size, pack, txt_ids, unpack
+from flux_lora.weights.hub import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -40,79 +41,8 @@ DEFAULT_GUIDANCE = 3.5
 OutputType = Literal["pil", "latent", "pt"]
 
 
-@dataclass
-class DiTInputs:
-    """The inputs of one DiT call during sampling (twice per step with true CFG: ``negative`` tells which)."""
-
-    step: int
-    img: Tensor
-    img_ids: Tensor
-    txt: Tensor
-    txt_ids: Tensor
-    timesteps: Tensor
-    y: Tensor
-    guidance: Tensor | None
-    negative: bool = False
-
-
-ControlProvider = Callable[[DiTInputs], ControlResiduals | None]
-"""Per-call ControlNet residuals (``None`` for none), e.g. from one or several ControlNets summed."""
-StepCallback = Callable[[int, float, Tensor], None]
-"""Called after each step with ``(step index, t of the step, latents [B, N, C] after it)``."""
-
-
-def _velocity(model: nn.Module, inputs: DiTInputs, controls: ControlProvider | None) -> Tensor:
-    residuals = controls(inputs) if controls is not None else None
-    return model(img=inputs.img, img_ids=inputs.img_ids, txt=inputs.txt, txt_ids=inputs.txt_ids,
-                 timesteps=inputs.timesteps, y=inputs.y, guidance=inputs.guidance, controls=residuals)
-
-
-def denoise(model: nn.Module, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, y: Tensor,
-            timesteps: list[float], guidance: float | None, *, neg: TextEmbeddings | None = None,
-            true_cfg: float = 1.0, controls: ControlProvider | None = None,
-            callback: StepCallback | None = None) -> Tensor:
-    """Integrate the flow ODE from ``timesteps[0]`` to ``timesteps[-1]`` with Euler steps.
-
-    Args:
-        img: ``[B, N, C]`` packed noise; the state is kept in its dtype (float32 recommended) and cast to the
-            compute dtype (that of ``txt``) for each DiT call.
-        img_ids, txt_ids: ``[B, N, 3]`` and ``[B, L, 3]`` position ids.
-        txt, y: ``[B, L, D]`` T5 states and ``[B, d]`` CLIP vectors, in the compute dtype.
-        timesteps: ``num_steps + 1`` times from 1 (noise) down to 0 (see :func:`sampling.get_schedule`).
-        guidance: embedded guidance strength (dev), ``None`` for models without guidance (schnell).
-        neg: negative-prompt embeddings (batch ``B``) for true CFG: ``v = v_neg + true_cfg * (v - v_neg)``.
-        controls: per-call ControlNet residual provider.
-
-    Returns:
-        ``[B, N, C]`` latents at ``timesteps[-1]``, in the dtype of ``img``.
-    """
-    dtype, batch = txt.dtype, img.shape[0]
-    g = None if guidance is None else torch.full((batch,), float(guidance), device=img.device, dtype=dtype)
-    use_cfg = neg is not None and true_cfg != 1.0
-    for i, (t_cur, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
-        t_vec = torch.full((batch,), t_cur, device=img.device, dtype=dtype)
-        x = img.to(dtype)
-        v = _velocity(model, DiTInputs(i, x, img_ids, txt, txt_ids, t_vec, y, g), controls)
-        if use_cfg:
-            neg_inputs = DiTInputs(i, x, img_ids, neg.txt, txt_ids, t_vec, neg.y, g, negative=True)
-            v_neg = _velocity(model, neg_inputs, controls)
-            v = v_neg + true_cfg * (v - v_neg)
-        img = euler_step(img, v, t_cur, t_prev)
-        if callback is not None:
-            callback(i, t_cur, img)
-    return img
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def float_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of the first floating-point, non-fp8 parameter (the compute dtype of an fp8 DiT)."""
-    for p in module.parameters():
-        if p.dtype.is_floating_point and p.dtype != FP8:
-            return p.dtype
-    return torch.float32
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -123,8 +53,6 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 def model_folder(source: str | Path) -> Path:
     """A local model folder, or the folder a ModelScope id (``AI-ModelScope/FLUX.1-dev``) downloads to."""
-    from .hub import resolve_model
-
     path = resolve_model(source, ("dit", "ae", "text_encoders"))
     if not path.is_dir():
         raise ValueError(f"{source} is a file; pass a model folder (DiT, autoencoder and text encoders)")
@@ -135,7 +63,7 @@ class FluxPipeline:
     """Prompts to images with a FLUX.1 DiT, its autoencoder and its text encoders.
 
     ``device`` is where computation runs; ``offload`` (``None``, ``"model"``, ``"block"``) decides where the
-    components wait in between (see :mod:`flux_lora.offload`). ``text_encoders`` may be ``None`` when every
+    components wait in between (see :mod:`flux_lora.inference.offload`). ``text_encoders`` may be ``None`` when every
     call passes ``text_embeddings``.
     """
 
@@ -164,7 +92,7 @@ class FluxPipeline:
         folder = model_folder(source)
         device = torch.device(device) if device is not None else default_device()
         load_to = "cpu" if offload else device
-        from .loading import load_autoencoder, load_flow_model
+        from flux_lora.weights.loading import load_autoencoder, load_flow_model
 
         model = load_flow_model(folder, dtype=dtype, device=load_to, quantize=quantize)
         ae = load_autoencoder(folder, dtype=dtype, device=load_to)
@@ -173,9 +101,9 @@ class FluxPipeline:
 
     def load_controlnet(self, source: str | Path, *, quantize: str | None = None) -> FluxControlNet:
         """Load a ControlNet (folder or ModelScope id) in this pipeline's dtype, into host memory when
-        offloading, else onto the device; use it in a :class:`~flux_lora.control.ControlNetUnit`. Raises
+        offloading, else onto the device; use it in a :class:`~flux_lora.inference.control.ControlNetUnit`. Raises
         ``ValueError`` if it was built for another base model than this pipeline's DiT."""
-        from .controlnet_loading import load_controlnet
+        from flux_lora.weights.controlnet_loading import load_controlnet
 
         device = "cpu" if self.placement.mode else self.device
         controlnet = load_controlnet(source, dtype=self.dtype, device=device, quantize=quantize)
@@ -250,7 +178,7 @@ class FluxPipeline:
             latents: initial noise ``[B, N, C]`` packed or ``[B, C, h, w]``, instead of drawing it.
             output_type: ``"pil"`` images, ``"pt"`` ``[B, 3, H, W]`` in [0, 1], ``"latent"`` ``[B, C, h, w]``
                 scaled latents (what ``ae.decode`` takes).
-            controlnets: ControlNets with their control images (see :class:`~flux_lora.control.ControlNetUnit`),
+            controlnets: ControlNets with their control images (see :class:`~flux_lora.inference.control.ControlNetUnit`),
                 all checked before anything runs; a ControlNet that embeds guidance gets ``guidance`` (default
                 3.5) even when the DiT has none.
             controls: per-DiT-call ControlNet residuals, instead of ``controlnets`` (for custom providers).

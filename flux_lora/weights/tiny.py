@@ -1,6 +1,6 @@
 """Write a complete tiny FLUX.1 model folder in the official layout, deterministic by seed.
 
-    python -m flux_lora.tiny OUTDIR [--variant dev|schnell] [--seed 0] [--no-controlnets]
+    python -m flux_lora.weights.tiny OUTDIR [--variant dev|schnell] [--seed 0] [--no-controlnets]
 
 The folder holds ``flux1-<variant>.safetensors`` (tiny DiT, BFL keys), ``ae.safetensors`` (tiny autoencoder),
 ``text_encoder/`` + ``tokenizer/`` (tiny CLIP) and ``text_encoder_2/`` + ``tokenizer_2/`` (tiny T5), saved with
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
-from .checkpoint import save_file_atomic
-from .controlnet import MASK_CHANNELS, PATCH_AREA, ControlNetParams, FluxControlNet
-from .controlnet_loading import controlnet_config, controlnet_to_diffusers
-from .loading import PARAMS_METADATA_KEY
-from .model import PRESETS, Flux, FluxParams
+from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
+from flux_lora.model.controlnet import MASK_CHANNELS, PATCH_AREA, ControlNetParams, FluxControlNet
+from flux_lora.model.flux import PRESETS, Flux, FluxParams
+from flux_lora.weights.controlnet_loading import controlnet_config, controlnet_to_diffusers
+from flux_lora.weights.loading import PARAMS_METADATA_KEY
+from flux_lora.weights.safetensors_io import save_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def write_tiny_model(out: str | Path, variant: str = "dev", seed: int = DEFAULT_
                      {PARAMS_METADATA_KEY: json.dumps(ae_params.to_dict()), "format": "pt"})
     build_text_encoders(out, params, seed)
     (out / "README.md").write_text(
-        f"Tiny FLUX.1-{variant}-shaped model with random weights (seed {seed}), written by flux_lora.tiny.\n"
+        f"Tiny FLUX.1-{variant}-shaped model with random weights (seed {seed}), written by flux_lora.weights.tiny.\n"
         "For tests and offline demos only: it produces noise, not pictures.\n"
     )
     log.info("wrote tiny %s model to %s", variant, out)

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import sampling as S
-from .conditioning import TextEmbeddings
-from .config import TrainConfig
-from .lora import (
+from flux_lora import sampling as S
+from flux_lora.config import TrainConfig
+from flux_lora.lora.peft_adapters import (
     LoraConfig,
     clean_name,
     inject_lora,
@@ -30,9 +29,10 @@ from .lora import (
     lora_state_dict,
     trainable_parameters,
 )
-from .lora_formats import LoraStateDict
-from .model import Flux, FluxParams
-from .wrappers import compile_blocks, enable_gradient_checkpointing
+from flux_lora.lora.weight import LoraStateDict
+from flux_lora.model.flux import Flux, FluxParams
+from flux_lora.model.text_encoders import TextEmbeddings
+from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Steering generation with ControlNets: what the user gives per ControlNet, its checks, and the residual
-provider :func:`flux_lora.pipeline.denoise` calls.
+provider :func:`flux_lora.inference.pipeline.denoise` calls.
 
 A :class:`ControlNetUnit` is one ControlNet with its control image (and mask, for inpainting ControlNets), a
 conditioning scale, the fraction of the steps it acts on, and a mode for union models. The same union
@@ -19,7 +19,6 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .controlnet import (
+from flux_lora.dtypes import float_dtype
+from flux_lora.inference.denoise import DiTInputs
+from flux_lora.model.controlnet import (
     NEEDS_MASK,
     TAKES_NO_MASK,
     FluxControlNet,
@@ -36,10 +37,7 @@ from .controlnet import (
     encode_control,
     resolve_mode,
 )
-from .model import ControlResiduals, FluxParams
-
-if TYPE_CHECKING:
-    from .pipeline import DiTInputs
+from flux_lora.model.flux import ControlResiduals, FluxParams
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ class ControlNetUnit:
     """One ControlNet's part in a generation.
 
     Attributes:
-        controlnet: the model (:func:`flux_lora.controlnet_loading.load_controlnet`).
+        controlnet: the model (:func:`flux_lora.weights.controlnet_loading.load_controlnet`).
         image: the control image (edges, depth, pose, ...; for upscaler and tile modes the low-resolution
             image itself), resized to the output size. A batch must have one image per prompt.
         mask: inpainting ControlNets only: white (1) marks the pixels to repaint.
@@ -125,7 +123,6 @@ def _check_unit(unit: ControlNetUnit, flux: FluxParams, dtype: torch.dtype, name
                          f"end={unit.end}")
     if not math.isfinite(unit.scale):
         raise ValueError(f"{name}: scale must be a finite number, got {unit.scale}")
-    from .pipeline import float_dtype  # (pipeline.py imports this module)
 
     cn_dtype = float_dtype(cn)
     if cn_dtype != dtype:
@@ -149,7 +146,7 @@ def check_units(units: Sequence[ControlNetUnit], flux: FluxParams, dtype: torch.
 
 def controlnet_components(units: Sequence[ControlNetUnit]) -> dict[str, FluxControlNet]:
     """The distinct ControlNets of ``units`` (a union model may serve several) as ``controlnet.i`` components
-    for :meth:`flux_lora.offload.Placement.joined`."""
+    for :meth:`flux_lora.inference.offload.Placement.joined`."""
     distinct = {id(u.controlnet): u.controlnet for u in units}
     return {f"controlnet.{i}": cn for i, cn in enumerate(distinct.values())}
 
@@ -253,10 +250,10 @@ def encode_units(units: Sequence[ControlNetUnit], images: list[tuple[Tensor, Ten
 
 
 class ControlNetProvider:
-    """The residual provider of :func:`flux_lora.pipeline.denoise` for encoded units.
+    """The residual provider of :func:`flux_lora.inference.pipeline.denoise` for encoded units.
 
     At each DiT call it runs the units whose window holds the step and sums their residuals
-    (:func:`~flux_lora.controlnet.combine_residuals`); a negative-prompt call (true CFG) gets the residuals of
+    (:func:`~flux_lora.model.controlnet.combine_residuals`); a negative-prompt call (true CFG) gets the residuals of
     the same step's positive call. ControlNets that embed guidance get the DiT's guidance, or ``guidance``
     when the DiT has none (a FLUX.1-dev ControlNet on schnell).
     """

@@ -13,9 +13,9 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .autoencoder import AutoEncoder
-from .conditioning import TextEmbeddings
-from .lora_formats import write_lora
+from flux_lora.lora.files import write_lora
+from flux_lora.model.autoencoder import AutoEncoder
+from flux_lora.model.text_encoders import TextEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class SampleImages(L.Callback):
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, module) -> None:
-        from .pipeline import FluxPipeline
+        from flux_lora.inference.pipeline import FluxPipeline
 
         if not trainer.is_global_zero or not self.cfg.prompts:
             return

@@ -34,9 +34,9 @@ from itertools import accumulate
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
-from .keymaps import flux_linear_maps
-from .model import Flux, FluxParams
+from flux_lora.model.flux import Flux, FluxParams
+from flux_lora.weights.keymaps import flux_linear_maps
+from flux_lora.weights.safetensors_io import CheckpointError
 
 LAYOUTS = ("kohya", "comfyui", "diffusers", "xlabs", "peft", "onetrainer", "lycoris", "diffsynth")
 

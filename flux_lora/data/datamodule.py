@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .autoencoder import AutoEncoder
-from .buckets import BucketBatchSampler
-from .cache import (
+from flux_lora.config import DataConfig
+from flux_lora.data.buckets import BucketBatchSampler
+from flux_lora.data.cache import (
     AutoEncoderSpec,
     CachePlan,
     CacheStore,
@@ -31,9 +31,10 @@ from .cache import (
     load_text_embeddings,
     plan_cache,
 )
-from .conditioning import TextEmbeddings, TextEncoders
-from .data import DataConfig, ScannedData, scan
-from .loading import load_autoencoder
+from flux_lora.data.scan import ScannedData, scan
+from flux_lora.model.autoencoder import AutoEncoder
+from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
+from flux_lora.weights.loading import load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class FluxDataModule(L.LightningDataModule):
         load_text_encoders / load_autoencoder: build fresh encoders; called only if something is missing.
         sample_prompts: prompts whose embeddings the sampling callback needs (:meth:`sample_embeddings`).
         device: where to encode; default: the trainer's root device, else the CPU.
-        scanned: the result of :func:`flux_lora.data.scan` when the caller already has it (scanning hashes
+        scanned: the result of :func:`flux_lora.data.scan.scan` when the caller already has it (scanning hashes
             every image, so it is done once per process).
     """
 

@@ -4,7 +4,7 @@ A ControlNet is a short copy of the DiT: the same embedders, ``depth`` double an
 single blocks, plus ``control_in`` (packed control latents, and for inpainting ControlNets a packed mask, into
 the image stream), an optional ``mode_embedder`` (union models: one extra text token naming the control type),
 and one output projection per block (``controlnet_blocks``, ``controlnet_single_blocks``, zero at
-initialisation by design). Its forward returns :class:`~flux_lora.model.ControlResiduals`, which the DiT adds
+initialisation by design). Its forward returns :class:`~flux_lora.model.flux.ControlResiduals`, which the DiT adds
 after its blocks.
 
 Loading from the diffusers layout lives in ``controlnet_loading.py``.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import DoubleStreamBlock, EmbedND, MLPEmbedder, SingleStreamBlock, timestep_embedding
-from .model import ControlResiduals, FluxParams
-from .sampling import pack
+from flux_lora.model.flux import ControlResiduals, FluxParams
+from flux_lora.model.layers import DoubleStreamBlock, EmbedND, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from flux_lora.sampling import pack
 
 # Control types of union ControlNets, by index (InstantX / Shakker-Labs model cards). How many modes a model
 # has comes from its config (``num_mode``); these names only spell the indices.

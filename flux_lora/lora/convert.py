@@ -1,6 +1,6 @@
 """Convert a FLUX LoRA file from any readable layout to the kohya or the diffusers layout.
 
-    python -m flux_lora.convert_lora IN.safetensors OUT.safetensors --to kohya [--model flux-dev]
+    python -m flux_lora.lora.convert IN.safetensors OUT.safetensors --to kohya [--model flux-dev]
 
 ``--model`` is a preset name (``flux-dev``, ``flux-schnell``, ...) or a model folder / DiT file whose
 architecture is read from its headers; the LoRA's shapes are checked against it. Exits non-zero with a
@@ -14,11 +14,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .loading import read_flux_params
-from .lora_formats import read_lora, write_lora
-from .model import PRESETS, FluxParams
+from flux_lora.lora.files import read_lora, write_lora
+from flux_lora.model.flux import PRESETS, FluxParams
+from flux_lora.weights.loading import read_flux_params
 
-log = logging.getLogger("flux_lora.convert_lora")
+log = logging.getLogger("flux_lora.lora.convert")
 
 
 def resolve_params(model: str) -> FluxParams:
@@ -34,7 +34,7 @@ def resolve_params(model: str) -> FluxParams:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m flux_lora.convert_lora", description=__doc__.split("\n\n")[0]
+        prog="python -m flux_lora.lora.convert", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("input", help="LoRA file (.safetensors) in any supported layout")
     parser.add_argument("output", help="file to write")

@@ -1,0 +1,43 @@
+"""Names of dtypes as they appear in configs and on the command line, and the one quantize setting."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+Quantize = Literal["float8_e4m3fn"]
+"""How the DiT's selected Linears are stored: ``float8_e4m3fn`` (or ``None`` for the checkpoint's float dtype)."""
+QUANTIZE_VALUES: tuple[str, ...] = get_args(Quantize)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def check_quantize(quantize: str | None, what: str = "quantize") -> Quantize | None:
+    """``quantize`` itself when it is ``None`` or a supported storage dtype; otherwise one clear error."""
+    if quantize is not None and quantize not in QUANTIZE_VALUES:
+        raise ValueError(f"{what} must be None or one of {list(QUANTIZE_VALUES)}, got {quantize!r}")
+    return quantize  # type: ignore[return-value]
+
+
+def dtype_from_name(name: str, what: str = "dtype") -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"{what} must be one of {sorted(DTYPES)}, got {name!r}") from None
+
+
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the first floating-point, non-fp8 parameter (the compute dtype of an fp8 DiT)."""
+    for p in module.parameters():
+        if p.dtype.is_floating_point and p.dtype != FP8:
+            return p.dtype
+    return torch.float32

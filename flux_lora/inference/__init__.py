@@ -1,0 +1,1 @@
+"""Inference: the sampling loop, the pipeline, ControlNet units and CPU offload."""
