@@ -40,26 +40,40 @@ class LinearSpec:
 def dit_linears(p: FluxParams) -> list[LinearSpec]:
     """Every Linear of the DiT in module order, with its shape and row kind."""
     d, m = p.hidden_size, p.mlp_hidden_dim
-    out = [LinearSpec("img_in", p.in_channels, d, "img"),
-           LinearSpec("time_in.in_layer", 256, d, "sample"), LinearSpec("time_in.out_layer", d, d, "sample"),
-           LinearSpec("vector_in.in_layer", p.vec_in_dim, d, "sample"),
-           LinearSpec("vector_in.out_layer", d, d, "sample")]
+    out = [
+        LinearSpec("img_in", p.in_channels, d, "img"),
+        LinearSpec("time_in.in_layer", 256, d, "sample"),
+        LinearSpec("time_in.out_layer", d, d, "sample"),
+        LinearSpec("vector_in.in_layer", p.vec_in_dim, d, "sample"),
+        LinearSpec("vector_in.out_layer", d, d, "sample"),
+    ]
     if p.guidance_embed:
-        out += [LinearSpec("guidance_in.in_layer", 256, d, "sample"),
-                LinearSpec("guidance_in.out_layer", d, d, "sample")]
+        out += [
+            LinearSpec("guidance_in.in_layer", 256, d, "sample"),
+            LinearSpec("guidance_in.out_layer", d, d, "sample"),
+        ]
     out.append(LinearSpec("txt_in", p.context_in_dim, d, "txt"))
     for i in range(p.depth):
         for s in ("img", "txt"):
             b = f"double_blocks.{i}.{s}"
-            out += [LinearSpec(f"{b}_mod.lin", d, 6 * d, "sample"),
-                    LinearSpec(f"{b}_attn.qkv", d, 3 * d, s), LinearSpec(f"{b}_attn.proj", d, d, s),
-                    LinearSpec(f"{b}_mlp.0", d, m, s), LinearSpec(f"{b}_mlp.2", m, d, s)]
+            out += [
+                LinearSpec(f"{b}_mod.lin", d, 6 * d, "sample"),
+                LinearSpec(f"{b}_attn.qkv", d, 3 * d, s),
+                LinearSpec(f"{b}_attn.proj", d, d, s),
+                LinearSpec(f"{b}_mlp.0", d, m, s),
+                LinearSpec(f"{b}_mlp.2", m, d, s),
+            ]
     for i in range(p.depth_single_blocks):
         b = f"single_blocks.{i}"
-        out += [LinearSpec(f"{b}.linear1", d, 3 * d + m, "all"), LinearSpec(f"{b}.linear2", d + m, d, "all"),
-                LinearSpec(f"{b}.modulation.lin", d, 3 * d, "sample")]
-    out += [LinearSpec("final_layer.linear", d, p.out_channels, "img"),
-            LinearSpec("final_layer.adaLN_modulation.1", d, 2 * d, "sample")]
+        out += [
+            LinearSpec(f"{b}.linear1", d, 3 * d + m, "all"),
+            LinearSpec(f"{b}.linear2", d + m, d, "all"),
+            LinearSpec(f"{b}.modulation.lin", d, 3 * d, "sample"),
+        ]
+    out += [
+        LinearSpec("final_layer.linear", d, p.out_channels, "img"),
+        LinearSpec("final_layer.adaLN_modulation.1", d, 2 * d, "sample"),
+    ]
     return out
 
 
@@ -68,19 +82,27 @@ def lora_targets(p: FluxParams, globs: tuple[str, ...] | list[str] = DEFAULT_TAR
     return [s for s in dit_linears(p) if any(fnmatch.fnmatchcase(s.name, g) for g in globs)]
 
 
-def lora_parameter_count(p: FluxParams, rank: int, globs: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
-                         rows: tuple[str, ...] | None = None) -> int:
+def lora_parameter_count(
+    p: FluxParams, rank: int, globs: tuple[str, ...] | list[str] = DEFAULT_TARGETS, rows: tuple[str, ...] | None = None
+) -> int:
     """``rank * sum(in + out)`` over the targets (optionally only those whose rows are in ``rows``)."""
-    return sum(rank * (s.in_features + s.out_features) for s in lora_targets(p, globs)
-               if rows is None or s.rows in rows)
+    return sum(
+        rank * (s.in_features + s.out_features) for s in lora_targets(p, globs) if rows is None or s.rows in rows
+    )
 
 
 def _row_count(rows: str, n_img: int, n_txt: int) -> int:
     return {"img": n_img, "txt": n_txt, "all": n_img + n_txt, "sample": 1}[rows]
 
 
-def forward_flops(p: FluxParams, n_img: int, n_txt: int, batch: int = 1, lora_rank: int = 0,
-                  lora_globs: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> dict[str, float]:
+def forward_flops(
+    p: FluxParams,
+    n_img: int,
+    n_txt: int,
+    batch: int = 1,
+    lora_rank: int = 0,
+    lora_globs: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+) -> dict[str, float]:
     """FLOPs of one forward pass.
 
     Returns:
@@ -99,12 +121,21 @@ def forward_flops(p: FluxParams, n_img: int, n_txt: int, batch: int = 1, lora_ra
             lora += 2 * n * lora_rank * (s.in_features + s.out_features)
     seq = n_img + n_txt
     attention = 4.0 * seq * seq * p.hidden_size * (p.depth + p.depth_single_blocks) * batch
-    return dict(linear=token, per_sample=sample, lora=lora, attention=attention,
-                total=token + sample + lora + attention)
+    return dict(
+        linear=token, per_sample=sample, lora=lora, attention=attention, total=token + sample + lora + attention
+    )
 
 
-def step_flops(p: FluxParams, n_img: int, n_txt: int, *, checkpointing: bool, batch: int = 1,
-               lora_rank: int = 16, lora_globs: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> float:
+def step_flops(
+    p: FluxParams,
+    n_img: int,
+    n_txt: int,
+    *,
+    checkpointing: bool,
+    batch: int = 1,
+    lora_rank: int = 16,
+    lora_globs: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+) -> float:
     """FLOPs of one LoRA training step (forward + backward) with a frozen base; per-sample Linears need no
     input gradient and are counted once."""
     f = forward_flops(p, n_img, n_txt, batch, lora_rank, lora_globs)

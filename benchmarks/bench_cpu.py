@@ -43,8 +43,7 @@ from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import FP8Linear, default_predicate, quantize_, storage_bytes
 
 # d = 256 (4 heads x 64), MLP 4d, 2 double + 4 single blocks; the encoders' widths (T5 4096, CLIP 768) as in FLUX.
-SMALL = replace(PRESETS["flux-dev"], hidden_size=256, num_heads=4, axes_dim=(8, 28, 28), depth=2,
-                depth_single_blocks=4)
+SMALL = replace(PRESETS["flux-dev"], hidden_size=256, num_heads=4, axes_dim=(8, 28, 28), depth=2, depth_single_blocks=4)
 LATENT = 32  # 32 x 32 latent -> 16 x 16 packed = 256 image tokens
 N_TXT = 32
 RANK = 16
@@ -91,13 +90,19 @@ def storage(base: Flux) -> dict:
     out: dict = {"small": {"bf16_bytes": storage_bytes(base)}, "full_flux_dev": {"bf16_GB": 2 * n_full / GB}}
     for policy in POLICIES:
         small = storage_bytes(quantize_(copy.deepcopy(base), default_predicate(policy)))
-        out["small"][policy] = dict(bytes=small, ratio=small / out["small"]["bf16_bytes"],
-                                    closed_form_bytes=_expected_fp8_bytes(SMALL, policy, n_small))
+        out["small"][policy] = dict(
+            bytes=small,
+            ratio=small / out["small"]["bf16_bytes"],
+            closed_form_bytes=_expected_fp8_bytes(SMALL, policy, n_small),
+        )
         model = _meta_dit(full, policy)
         fp8 = storage_bytes(model)
-        out["full_flux_dev"][policy] = dict(GB=fp8 / GB, ratio=fp8 / GB / out["full_flux_dev"]["bf16_GB"],
-                                            closed_form_GB=_expected_fp8_bytes(full, policy, n_full) / GB,
-                                            kept_in_bf16=kept_float(model))
+        out["full_flux_dev"][policy] = dict(
+            GB=fp8 / GB,
+            ratio=fp8 / GB / out["full_flux_dev"]["bf16_GB"],
+            closed_form_GB=_expected_fp8_bytes(full, policy, n_full) / GB,
+            kept_in_bf16=kept_float(model),
+        )
     return out
 
 
@@ -116,10 +121,12 @@ def held_bytes(base: Flux, batch: dict) -> dict:
         out["checkpointing" if ckpt else "no_checkpointing"] = row
     tokens = batch["x_t"].shape[1] + batch["txt"].shape[1]
     blocks = SMALL.depth + SMALL.depth_single_blocks
-    out["bf16_elements_per_token_per_block_in_d"] = (
-        out["no_checkpointing"]["bf16"]["held"] / (2 * SMALL.hidden_size * tokens * blocks))
-    out["naive_minus_bf16_bytes"] = out["no_checkpointing"]["fp8_naive"]["held"] - out["no_checkpointing"]["bf16"][
-        "held"]
+    out["bf16_elements_per_token_per_block_in_d"] = out["no_checkpointing"]["bf16"]["held"] / (
+        2 * SMALL.hidden_size * tokens * blocks
+    )
+    out["naive_minus_bf16_bytes"] = (
+        out["no_checkpointing"]["fp8_naive"]["held"] - out["no_checkpointing"]["bf16"]["held"]
+    )
     return out
 
 
@@ -133,23 +140,32 @@ def flop_ratios(base: Flux, batch: dict) -> dict:
     n_img, n_txt = batch["x_t"].shape[1], batch["txt"].shape[1]
     model = variant(base, "fp8", rank=RANK)
     fwd = count_flops(lambda: loss(model, batch))
-    out = dict(forward=fwd["total"], analytic_forward=A.forward_flops(SMALL, n_img, n_txt, lora_rank=RANK)["total"],
-               forward_by_op={k: v for k, v in fwd.items() if k != "total"})
+    out = dict(
+        forward=fwd["total"],
+        analytic_forward=A.forward_flops(SMALL, n_img, n_txt, lora_rank=RANK)["total"],
+        forward_by_op={k: v for k, v in fwd.items() if k != "total"},
+    )
     for ckpt in (False, True):
         m = variant(base, "fp8", rank=RANK, checkpointing=ckpt)
         step = count_flops(lambda m=m: loss(m, batch).backward())["total"]
         key = "checkpointing" if ckpt else "no_checkpointing"
-        out[key] = dict(step=step, ratio=step / fwd["total"],
-                        analytic_ratio=A.step_flops(SMALL, n_img, n_txt, checkpointing=ckpt, lora_rank=RANK)
-                        / out["analytic_forward"])
+        out[key] = dict(
+            step=step,
+            ratio=step / fwd["total"],
+            analytic_ratio=A.step_flops(SMALL, n_img, n_txt, checkpointing=ckpt, lora_rank=RANK)
+            / out["analytic_forward"],
+        )
     leak = variant(base, "bf16", rank=RANK).requires_grad_(True)  # "bf16": the base as it is
-    out["control_base_weight_grads_ratio"] = count_flops(lambda: loss(leak, batch).backward())["total"] / fwd[
-        "total"]
+    out["control_base_weight_grads_ratio"] = count_flops(lambda: loss(leak, batch).backward())["total"] / fwd["total"]
     full, (n_img, n_txt) = PRESETS["flux-dev"], A.tokens(1024, 1024, 512)
     f = A.forward_flops(full, n_img, n_txt, lora_rank=RANK)["total"]
     out["full_flux_dev_1024px"] = dict(
-        forward_TFLOP=f / 1e12, **{k: A.step_flops(full, n_img, n_txt, checkpointing=c, lora_rank=RANK) / f
-                                   for k, c in (("ratio_no_checkpointing", False), ("ratio_checkpointing", True))})
+        forward_TFLOP=f / 1e12,
+        **{
+            k: A.step_flops(full, n_img, n_txt, checkpointing=c, lora_rank=RANK) / f
+            for k, c in (("ratio_no_checkpointing", False), ("ratio_checkpointing", True))
+        },
+    )
     return out
 
 
@@ -164,17 +180,24 @@ def trainable_audit(base: Flux, batch: dict) -> dict:
     named = dict(model.named_parameters())
     with_grad = [n for n, p in named.items() if p.grad is not None]
     opt.step()
-    moments = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
-                  if k in ("exp_avg", "exp_avg_sq"))
+    moments = sum(
+        v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")
+    )
     n_train = sum(p.numel() for p in named.values() if p.requires_grad)
     full = PRESETS["flux-dev"]
     return dict(
-        trainable=n_train, with_grad=sum(named[n].numel() for n in with_grad),
-        only_lora=all(".lora_" in n for n in with_grad), analytic=A.lora_parameter_count(SMALL, RANK),
-        adamw_moment_bytes=moments, full_flux_dev_rank16=dict(
-            targets=len(A.lora_targets(full)), params=A.lora_parameter_count(full, RANK),
+        trainable=n_train,
+        with_grad=sum(named[n].numel() for n in with_grad),
+        only_lora=all(".lora_" in n for n in with_grad),
+        analytic=A.lora_parameter_count(SMALL, RANK),
+        adamw_moment_bytes=moments,
+        full_flux_dev_rank16=dict(
+            targets=len(A.lora_targets(full)),
+            params=A.lora_parameter_count(full, RANK),
             token_path_params=A.lora_parameter_count(full, RANK, rows=("img", "txt", "all")),
-            weights_grads_adamw_GB=16 * A.lora_parameter_count(full, RANK) / GB))
+            weights_grads_adamw_GB=16 * A.lora_parameter_count(full, RANK) / GB,
+        ),
+    )
 
 
 # ---------------------------------------------------------------- B6: op counts
@@ -200,11 +223,30 @@ def tiny_encoders(p: FluxParams, seed: int = 0) -> dict[str, nn.Module]:
     from transformers import CLIPTextModel, T5EncoderModel
 
     torch.manual_seed(seed)
-    clip = CLIPTextModel(clip_l_config(vocab_size=100, hidden_size=p.vec_in_dim, intermediate_size=64,
-                                       num_hidden_layers=1, num_attention_heads=2, projection_dim=p.vec_in_dim,
-                                       bos_token_id=97, eos_token_id=98, pad_token_id=99))
-    t5 = T5EncoderModel(t5_xxl_config(vocab_size=100, d_model=p.context_in_dim, d_kv=8, d_ff=32, num_layers=1,
-                                      num_heads=2, relative_attention_num_buckets=8))
+    clip = CLIPTextModel(
+        clip_l_config(
+            vocab_size=100,
+            hidden_size=p.vec_in_dim,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            projection_dim=p.vec_in_dim,
+            bos_token_id=97,
+            eos_token_id=98,
+            pad_token_id=99,
+        )
+    )
+    t5 = T5EncoderModel(
+        t5_xxl_config(
+            vocab_size=100,
+            d_model=p.context_in_dim,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+        )
+    )
     return dict(clip=clip.eval(), t5=t5.eval(), ae=AutoEncoder(AE_PRESETS["tiny"]).eval())
 
 
@@ -219,9 +261,12 @@ def encode_batch(enc: dict[str, nn.Module], n_txt: int, pixels: int, dtype: torc
     b = make_batch(SMALL, x0.shape[2], x0.shape[3], n_txt, dtype=dtype, seed=seed)
     noise = torch.randn(x0.shape, generator=g)
     x0, noise = S.pack(x0).to(dtype), S.pack(noise).to(dtype)
-    b.update(x_t=S.add_noise(x0, noise, b["t"]), target=S.flow_target(x0, noise),
-             txt=enc["t5"](input_ids=t5_ids).last_hidden_state.to(dtype),
-             y=enc["clip"](input_ids=clip_ids).pooler_output.to(dtype))
+    b.update(
+        x_t=S.add_noise(x0, noise, b["t"]),
+        target=S.flow_target(x0, noise),
+        txt=enc["t5"](input_ids=t5_ids).last_hidden_state.to(dtype),
+        y=enc["clip"](input_ids=clip_ids).pooler_output.to(dtype),
+    )
     return b
 
 
@@ -235,8 +280,11 @@ def encoder_work(model: nn.Module, batch: dict, step_from_ids=None) -> dict:
     pixels = LATENT * AE_PRESETS["tiny"].downscale_factor
     with module_calls(enc.values()) as uncached:
         train_step(lambda: loss(model, encode_batch(enc, N_TXT, pixels, batch["x_t"].dtype)), opt)
-    return dict(cached_step_encoder_calls=cached[0], uncached_step_encoder_calls=uncached[0],
-                full_size_share=full_size_encoder_share())
+    return dict(
+        cached_step_encoder_calls=cached[0],
+        uncached_step_encoder_calls=uncached[0],
+        full_size_share=full_size_encoder_share(),
+    )
 
 
 def full_size_encoder_share() -> dict:
@@ -247,16 +295,22 @@ def full_size_encoder_share() -> dict:
     with torch.device("meta"):
         t5, clip, ae = T5EncoderModel(t5_xxl_config()), CLIPTextModel(clip_l_config()), AutoEncoder(AE_PRESETS["flux"])
     ids = torch.zeros(1, 512, dtype=torch.long, device="meta")
-    out = dict(t5_TFLOP=count_flops(lambda: t5(input_ids=ids))["total"] / 1e12,
-               clip_TFLOP=count_flops(lambda: clip(input_ids=ids[:, :77]))["total"] / 1e12,
-               t5_bf16_GB=2 * sum(p.numel() for p in t5.parameters()) / GB)
+    out = dict(
+        t5_TFLOP=count_flops(lambda: t5(input_ids=ids))["total"] / 1e12,
+        clip_TFLOP=count_flops(lambda: clip(input_ids=ids[:, :77]))["total"] / 1e12,
+        t5_bf16_GB=2 * sum(p.numel() for p in t5.parameters()) / GB,
+    )
     full = PRESETS["flux-dev"]
     for px in (512, 1024):
         x = torch.zeros(1, 3, px, px, device="meta")
         ae_flops = count_flops(lambda x=x: ae.encode(x))["total"]
         step = A.step_flops(full, *A.tokens(px, px, 512), checkpointing=True, lora_rank=RANK)
-        out[f"{px}px"] = dict(ae_encoder_TFLOP=ae_flops / 1e12, step_TFLOP=step / 1e12,
-                              t5_share_of_step=out["t5_TFLOP"] * 1e12 / step, ae_share_of_step=ae_flops / step)
+        out[f"{px}px"] = dict(
+            ae_encoder_TFLOP=ae_flops / 1e12,
+            step_TFLOP=step / 1e12,
+            t5_share_of_step=out["t5_TFLOP"] * 1e12 / step,
+            ae_share_of_step=ae_flops / step,
+        )
     return out
 
 
@@ -267,8 +321,15 @@ def full_size_encoder_share() -> dict:
 def fp8_error(base: Flux, batch: dict) -> dict:
     """B9: relative output error against the bf16 model (same weights, bf16 compute) of fp8 per-channel-scaled
     and plain-cast storage, per policy; and fp8 storage against bf16 compute on the dequantized weights."""
-    x = dict(img=batch["x_t"], img_ids=batch["img_ids"], txt=batch["txt"], txt_ids=batch["txt_ids"],
-             timesteps=batch["t"], y=batch["y"], guidance=batch["guidance"])
+    x = dict(
+        img=batch["x_t"],
+        img_ids=batch["img_ids"],
+        txt=batch["txt"],
+        txt_ids=batch["txt_ids"],
+        timesteps=batch["t"],
+        y=batch["y"],
+        guidance=batch["guidance"],
+    )
     ref = base(**x)
     out: dict = {}
     for policy in POLICIES:
@@ -295,8 +356,10 @@ def _linear_error(seed: int = 0) -> dict[str, float]:
     lin.weight.copy_(torch.randn(3 * d, d, generator=g) * 0.02)
     x = torch.randn(64, d, generator=g).bfloat16()
     ref = lin(x)
-    return {("scaled" if pc else "plain"): relative_error(FP8Linear.from_linear(lin, per_channel=pc)(x), ref)
-            for pc in (True, False)}
+    return {
+        ("scaled" if pc else "plain"): relative_error(FP8Linear.from_linear(lin, per_channel=pc)(x), ref)
+        for pc in (True, False)
+    }
 
 
 # ---------------------------------------------------------------- driver
@@ -308,14 +371,26 @@ def run(timing: bool = False) -> dict:
     base, batch = random_dit(SMALL), small_batch()
     base32, batch32 = random_dit(SMALL, dtype=torch.float32), small_batch(torch.float32)
     result = dict(
-        config=dict(params={k: v for k, v in SMALL.to_dict().items() if k in (
-            "hidden_size", "num_heads", "depth", "depth_single_blocks", "context_in_dim", "vec_in_dim")},
-            image_tokens=batch["x_t"].shape[1], text_tokens=N_TXT, batch=1, lora_rank=RANK, weight_std=0.02,
+        config=dict(
+            params={
+                k: v
+                for k, v in SMALL.to_dict().items()
+                if k in ("hidden_size", "num_heads", "depth", "depth_single_blocks", "context_in_dim", "vec_in_dim")
+            },
+            image_tokens=batch["x_t"].shape[1],
+            text_tokens=N_TXT,
+            batch=1,
+            lora_rank=RANK,
+            weight_std=0.02,
             compute="B1 B2 B6 B9: bf16 weights, bf16 autocast, float32 LoRA adapters; B3 B4 B7 (counts that "
-                    "do not depend on the dtype): float32"),
-        B1_storage=storage(base), B2_held_for_backward=held_bytes(base, batch),
-        B3_flops=flop_ratios(base32, batch32), B4_trainable=trainable_audit(base32, batch32),
-        B6_ops=op_counts(base, batch), B7_encoders=encoder_work(variant(base32, "fp8", rank=RANK), batch32),
+            "do not depend on the dtype): float32",
+        ),
+        B1_storage=storage(base),
+        B2_held_for_backward=held_bytes(base, batch),
+        B3_flops=flop_ratios(base32, batch32),
+        B4_trainable=trainable_audit(base32, batch32),
+        B6_ops=op_counts(base, batch),
+        B7_encoders=encoder_work(variant(base32, "fp8", rank=RANK), batch32),
         B9_fp8_error=fp8_error(base, batch),
     )
     if timing:
@@ -330,8 +405,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument("--timing", action="store_true", help="add the (never asserted) B5/B8 timing section")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the counts do not depend on "
-                    "it, and on a shared machine more threads can be many times slower)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the counts do not depend on "
+        "it, and on a shared machine more threads can be many times slower)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     text = json.dumps(run(args.timing), indent=2)

@@ -37,10 +37,21 @@ from benchmarks import accounting as A
 RANK, N_TXT, STEPS = 16, 512, 28
 GB = 1e9
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H20", 148.0), ("A100", 312.0),
-                    ("L40S", 362.0), ("4090", 165.0), ("3090", 71.0))
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H20", 148.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("4090", 165.0),
+    ("3090", 71.0),
+)
 GOALS = {  # issue 5, at 1024 px with gradient checkpointing
-    "peak_GB": 18.0, "eager_s_per_step": 0.75, "compiled_s_per_step": 0.48}
+    "peak_GB": 18.0,
+    "eager_s_per_step": 0.75,
+    "compiled_s_per_step": 0.48,
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,7 @@ class TrainConfig:
         return f"{self.res}px {'ckpt' if self.checkpointing else 'no-ckpt'} {'compiled' if self.compiled else 'eager'}"
 
 
-def train_matrix(quick: bool = False, sizes: tuple[int, int] = (1024, 512), compile: bool = True
-                 ) -> list[TrainConfig]:
+def train_matrix(quick: bool = False, sizes: tuple[int, int] = (1024, 512), compile: bool = True) -> list[TrainConfig]:
     """Configurations in priority order (the goals' first), grouped so one model build serves both sizes."""
     hi, lo = sizes
     if quick:
@@ -96,11 +106,12 @@ def goal_report(train: list[dict]) -> dict:
     rows = {(r["res"], r["checkpointing"], r["compiled"]): r for r in train if "median_s_per_step" in r}
     eager, comp = rows.get((1024, True, False)), rows.get((1024, True, True))
     out = {}
-    for key, row, field, goal in (("1024px ckpt eager peak_GB", eager, "peak_allocated_GB", GOALS["peak_GB"]),
-                                  ("1024px ckpt compiled peak_GB", comp, "peak_allocated_GB", GOALS["peak_GB"]),
-                                  ("1024px ckpt eager s/step", eager, "median_s_per_step", GOALS["eager_s_per_step"]),
-                                  ("1024px ckpt compiled s/step", comp, "median_s_per_step",
-                                   GOALS["compiled_s_per_step"])):
+    for key, row, field, goal in (
+        ("1024px ckpt eager peak_GB", eager, "peak_allocated_GB", GOALS["peak_GB"]),
+        ("1024px ckpt compiled peak_GB", comp, "peak_allocated_GB", GOALS["peak_GB"]),
+        ("1024px ckpt eager s/step", eager, "median_s_per_step", GOALS["eager_s_per_step"]),
+        ("1024px ckpt compiled s/step", comp, "median_s_per_step", GOALS["compiled_s_per_step"]),
+    ):
         measured = row[field] if row else None
         out[key] = dict(goal=goal, measured=measured, met=None if measured is None else measured <= goal)
     return out
@@ -150,8 +161,9 @@ def time_steps(step, device: str, warmup: int, steps: int) -> list[float]:
     return [s.elapsed_time(e) / 1e3 for s, e in times] if device.startswith("cuda") else times
 
 
-def run_training(kind: str, params, device: str, configs: list[TrainConfig], args, budget: Budget, save,
-                 rows: list[dict]) -> None:
+def run_training(
+    kind: str, params, device: str, configs: list[TrainConfig], args, budget: Budget, save, rows: list[dict]
+) -> None:
     """Build each (checkpointing, compiled) model once, then time each resolution on it, appending to ``rows``;
     a failure (e.g. out of memory) is recorded in its rows and the next group runs."""
     groups: dict[tuple[bool, bool], list[TrainConfig]] = {}
@@ -163,14 +175,18 @@ def run_training(kind: str, params, device: str, configs: list[TrainConfig], arg
             _train_group(kind, params, device, group, args, budget, save, rows)
         except Exception as e:  # out of memory, compile failure: keep going
             measured = {r["res"] for r in rows[done:]}
-            rows += [dict(kind=kind, **vars(c), error=f"{type(e).__name__}: {str(e)[:300]}")
-                     for c in group if c.res not in measured]
+            rows += [
+                dict(kind=kind, **vars(c), error=f"{type(e).__name__}: {str(e)[:300]}")
+                for c in group
+                if c.res not in measured
+            ]
             save()
         _free(device)
 
 
-def _train_group(kind: str, params, device: str, group: list[TrainConfig], args, budget: Budget, save,
-                 rows: list[dict]) -> None:
+def _train_group(
+    kind: str, params, device: str, group: list[TrainConfig], args, budget: Budget, save, rows: list[dict]
+) -> None:
     from benchmarks import gpu_models
     from benchmarks.common import adamw, dit_loss, make_batch, train_step
 
@@ -196,9 +212,16 @@ def _train_group(kind: str, params, device: str, group: list[TrainConfig], args,
         warmup_s = time.perf_counter() - start
         times = time_steps(step, device, 0, args.steps)
         flops, med = step_cost(params, c.res, c.checkpointing, args.txt_tokens), statistics.median(times)
-        row.update(peak_allocated_GB=_peak_gb(device), median_s_per_step=med, steps_timed=len(times),
-                   min_s=min(times), warmup_s=warmup_s, step_TFLOP=flops / 1e12, achieved_TFLOPs=flops / med / 1e12,
-                   utilisation_of_bf16_peak=None if peak is None else flops / med / 1e12 / peak)
+        row.update(
+            peak_allocated_GB=_peak_gb(device),
+            median_s_per_step=med,
+            steps_timed=len(times),
+            min_s=min(times),
+            warmup_s=warmup_s,
+            step_TFLOP=flops / 1e12,
+            achieved_TFLOPs=flops / med / 1e12,
+            utilisation_of_bf16_peak=None if peak is None else flops / med / 1e12 / peak,
+        )
         if args.profile and not any("profile" in r for r in rows):
             trace = args.out.with_name(f"{args.out.stem}.{kind}.{c.res}px.trace.json")
             row["profile"] = profile_steps(step, device, trace)
@@ -220,8 +243,12 @@ def profile_steps(step, device: str, trace: Path, steps: int = 2) -> dict:
     sort = "cuda_time_total" if cuda else "cpu_time_total"
     events = prof.key_averages()
     kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-    return dict(steps=steps, trace=trace.name, device_kernels_per_step=kernels / steps,
-                top_ops=events.table(sort_by=sort, row_limit=25).splitlines())
+    return dict(
+        steps=steps,
+        trace=trace.name,
+        device_kernels_per_step=kernels / steps,
+        top_ops=events.table(sort_by=sort, row_limit=25).splitlines(),
+    )
 
 
 def _peer_loss(model, batch):
@@ -240,10 +267,17 @@ def compare(ours: list[dict], peer: list[dict]) -> list[dict]:
     for r in peer:
         m = mine.get(key(r))
         if m and "median_s_per_step" in r:
-            out.append(dict(res=r["res"], checkpointing=r["checkpointing"], compiled=r["compiled"],
-                            time_peer_over_ours=r["median_s_per_step"] / m["median_s_per_step"],
-                            memory_peer_over_ours=None if m["peak_allocated_GB"] is None else
-                            r["peak_allocated_GB"] / m["peak_allocated_GB"]))
+            out.append(
+                dict(
+                    res=r["res"],
+                    checkpointing=r["checkpointing"],
+                    compiled=r["compiled"],
+                    time_peer_over_ours=r["median_s_per_step"] / m["median_s_per_step"],
+                    memory_peer_over_ours=None
+                    if m["peak_allocated_GB"] is None
+                    else r["peak_allocated_GB"] / m["peak_allocated_GB"],
+                )
+            )
     return out
 
 
@@ -255,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="JSON results (rewritten after every configuration)")
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer configurations, steps and images")
     ap.add_argument("--parts", default="train,peer,infer", help="comma list of train, peer, infer")
-    ap.add_argument("--budget-s", type=float, default=None, help="stop starting configurations after this long "
-                    "(default 570, quick 110)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting configurations after this long (default 570, quick 110)",
+    )
     ap.add_argument("--min-config-s", type=float, default=30.0, help="do not start a configuration with less left")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps per configuration (10; quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (3; quick 1), +2 when compiled")
@@ -265,8 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--txt-tokens", type=int, default=N_TXT, help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="1024,512", help=argparse.SUPPRESS)  # training sizes, high then low
     ap.add_argument("--eager-only", action="store_true", help="skip the torch.compile configurations")
-    ap.add_argument("--profile", action="store_true", help="also profile 2 steps of the first configuration (ours "
-                    "and peer): top kernels in the JSON, a Chrome trace next to --out")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile 2 steps of the first configuration (ours "
+        "and peer): top kernels in the JSON, a Chrome trace next to --out",
+    )
     args = ap.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -282,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}; use train, peer, infer")
     if "peer" in parts and importlib.util.find_spec("diffusers") is None:
-        result["errors"].append("peer: diffusers is not installed, so the peer comparison is skipped "
-                                "(pip install diffusers)")
+        result["errors"].append(
+            "peer: diffusers is not installed, so the peer comparison is skipped (pip install diffusers)"
+        )
         parts.discard("peer")
     configs = train_matrix(args.quick, tuple(int(x) for x in args.sizes.split(",")), not args.eager_only)
     for part, group in schedule(parts, configs):
@@ -291,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             if part == "infer":
                 run_inference(params, args, budget, save, result["infer"])
             else:
-                run_training("ours" if part == "train" else "peer", params, args.device, group, args, budget, save,
-                             result[part])
+                run_training(
+                    "ours" if part == "train" else "peer", params, args.device, group, args, budget, save, result[part]
+                )
         except Exception as e:  # keep the other parts' figures
             result["errors"].append(f"{part}: {type(e).__name__}: {e}")
         _free(args.device)
@@ -320,10 +364,19 @@ def _params(preset: str):
 def _env(args) -> dict:
     cuda = args.device.startswith("cuda")
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    return dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, preset=args.preset,
-                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), quick=args.quick, command=" ".join(sys.argv),
-                bf16_peak_TFLOPs=peak_tflops(name), lora_rank=RANK, text_tokens=args.txt_tokens,
-                total_memory_GB=torch.cuda.get_device_properties(0).total_memory / GB if cuda else None)
+    return dict(
+        device=name,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        preset=args.preset,
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        quick=args.quick,
+        command=" ".join(sys.argv),
+        bf16_peak_TFLOPs=peak_tflops(name),
+        lora_rank=RANK,
+        text_tokens=args.txt_tokens,
+        total_memory_GB=torch.cuda.get_device_properties(0).total_memory / GB if cuda else None,
+    )
 
 
 def _write(path: Path, result: dict) -> None:

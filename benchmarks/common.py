@@ -52,8 +52,13 @@ def _init_leaf_(module: nn.Module, std: float, generator: torch.Generator | None
                 p.copy_(normal(p.shape, p.device))
 
 
-def materialise_(model: nn.Module, device: str | torch.device, std: float = WEIGHT_STD, seed: int = 0,
-                 chunks: list[nn.Module] | None = None) -> nn.Module:
+def materialise_(
+    model: nn.Module,
+    device: str | torch.device,
+    std: float = WEIGHT_STD,
+    seed: int = 0,
+    chunks: list[nn.Module] | None = None,
+) -> nn.Module:
     """Give a meta-device model (already in its storage dtypes) random weights on ``device``, one chunk at a time
     (by default each top-level child and each double/single block); :class:`FP8Linear` layers are quantized from
     a float weight that exists for one layer only. Returns ``model``."""
@@ -72,8 +77,13 @@ def _dit_chunks(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def random_dit(params: FluxParams, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", seed: int = 0,
-               quantize: str | None = None) -> Flux:
+def random_dit(
+    params: FluxParams,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+    seed: int = 0,
+    quantize: str | None = None,
+) -> Flux:
     """A DiT with random weights built through the meta device; ``quantize`` ("blocks"/"all") stores those
     Linears in fp8 (per-channel scaled) from the start."""
     with torch.device("meta"):
@@ -92,8 +102,7 @@ class NaiveFP8Linear(FP8Linear):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def variant(base: Flux, base_kind: str, *, rank: int = 16, checkpointing: bool = False,
-            policy: str = "blocks") -> Flux:
+def variant(base: Flux, base_kind: str, *, rank: int = 16, checkpointing: bool = False, policy: str = "blocks") -> Flux:
     """A copy of a float ``base`` set up for LoRA training: ``base_kind`` is ``bf16`` (as is), ``fp8`` (our
     FP8Linear) or ``fp8_naive`` (:class:`NaiveFP8Linear`); LoRA ``rank`` on the default targets."""
     model = copy.deepcopy(base)
@@ -111,9 +120,17 @@ def variant(base: Flux, base_kind: str, *, rank: int = 16, checkpointing: bool =
     return model.train()
 
 
-def make_batch(params: FluxParams, latent_h: int, latent_w: int, n_txt: int, *, batch: int = 1,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0
-               ) -> dict[str, Tensor]:
+def make_batch(
+    params: FluxParams,
+    latent_h: int,
+    latent_w: int,
+    n_txt: int,
+    *,
+    batch: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> dict[str, Tensor]:
     """A training batch as it comes from the caches: latents ``x0`` (packed), T5 states ``txt`` and CLIP ``y``
     of the model's widths, plus the step's noise and times (drawn here so every variant sees the same ones)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -124,19 +141,31 @@ def make_batch(params: FluxParams, latent_h: int, latent_w: int, n_txt: int, *, 
     c = params.in_channels // 4
     x0, noise = S.pack(randn(batch, c, latent_h, latent_w)), S.pack(randn(batch, c, latent_h, latent_w))
     t = S.sample_timesteps(batch, generator=g).to(device)
-    return dict(x_t=S.add_noise(x0, noise, t), target=S.flow_target(x0, noise), t=t,
-                txt=randn(batch, n_txt, params.context_in_dim), y=randn(batch, params.vec_in_dim),
-                img_ids=S.img_ids(batch, latent_h, latent_w, device=device),
-                txt_ids=S.txt_ids(batch, n_txt, device=device),
-                guidance=torch.full((batch,), 3.5, device=device) if params.guidance_embed else None)
+    return dict(
+        x_t=S.add_noise(x0, noise, t),
+        target=S.flow_target(x0, noise),
+        t=t,
+        txt=randn(batch, n_txt, params.context_in_dim),
+        y=randn(batch, params.vec_in_dim),
+        img_ids=S.img_ids(batch, latent_h, latent_w, device=device),
+        txt_ids=S.txt_ids(batch, n_txt, device=device),
+        guidance=torch.full((batch,), 3.5, device=device) if params.guidance_embed else None,
+    )
 
 
 def dit_loss(model: nn.Module, b: dict[str, Tensor], autocast: bool = True) -> Tensor:
     """Flow-matching MSE of the DiT on a cached batch (bf16 autocast, as Lightning's ``bf16-mixed``)."""
     device = b["x_t"].device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-        out = model(img=b["x_t"], img_ids=b["img_ids"], txt=b["txt"], txt_ids=b["txt_ids"], timesteps=b["t"],
-                    y=b["y"], guidance=b["guidance"])
+        out = model(
+            img=b["x_t"],
+            img_ids=b["img_ids"],
+            txt=b["txt"],
+            txt_ids=b["txt_ids"],
+            timesteps=b["t"],
+            y=b["y"],
+            guidance=b["guidance"],
+        )
     return F.mse_loss(out.float(), b["target"].float())
 
 
@@ -164,9 +193,21 @@ def t5_xxl_config(**overrides):
     """transformers config of FLUX's T5 encoder (T5 v1.1 XXL), optionally shrunk by ``overrides``."""
     from transformers import T5Config
 
-    cfg = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-               use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    cfg = dict(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     return T5Config(**{**cfg, **overrides})
 
 
@@ -174,7 +215,17 @@ def clip_l_config(**overrides):
     """transformers config of FLUX's CLIP text encoder (ViT-L/14's), optionally shrunk by ``overrides``."""
     from transformers import CLIPTextConfig
 
-    cfg = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-               num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-               bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    cfg = dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
     return CLIPTextConfig(**{**cfg, **overrides})

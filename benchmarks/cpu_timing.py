@@ -21,8 +21,9 @@ from flux_lora.model.fp8 import FP8Linear
 WARMUP, REPEATS = 5, 20
 
 
-def _median_seconds(fns: dict[str, Callable[[], object]], warmup: int = WARMUP, repeats: int = REPEATS
-                    ) -> dict[str, float]:
+def _median_seconds(
+    fns: dict[str, Callable[[], object]], warmup: int = WARMUP, repeats: int = REPEATS
+) -> dict[str, float]:
     """Median seconds of each function, run in turn within each repeat so background load hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -45,8 +46,12 @@ def cast_overhead(width: int = 1024, rows: tuple[int, ...] = (64, 256, 1024, 409
     out = {}
     for m in rows:
         x = torch.randn(m, width, generator=g).bfloat16().requires_grad_(True)
-        t = _median_seconds({name: (lambda layer=layer, x=x: layer(x).sum().backward())
-                             for name, layer in (("bf16", ref), ("fp8", fp8))})
+        t = _median_seconds(
+            {
+                name: (lambda layer=layer, x=x: layer(x).sum().backward())
+                for name, layer in (("bf16", ref), ("fp8", fp8))
+            }
+        )
         out[f"M={m}"] = t["fp8"] / t["bf16"]
     return out
 
@@ -91,9 +96,17 @@ def _lightning_overhead(steps: int) -> dict[str, float]:
             self.ends.append(time.perf_counter())
 
     clock = Clock()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10**6,
-                        callbacks=[clock])
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10**6,
+        callbacks=[clock],
+    )
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     trainer.fit(Module(), loader)
 
@@ -106,13 +119,17 @@ def _lightning_overhead(steps: int) -> dict[str, float]:
         ends.append(time.perf_counter())
 
     def per_step_ms(t: list[float]) -> float:  # median step after the first WARMUP steps
-        return statistics.median(b - a for a, b in zip(t[WARMUP:], t[WARMUP + 1:], strict=False)) * 1e3
+        return statistics.median(b - a for a, b in zip(t[WARMUP:], t[WARMUP + 1 :], strict=False)) * 1e3
 
     lightning_ms, plain_ms = per_step_ms(clock.ends), per_step_ms(ends)
-    return dict(lightning_ms_per_step=lightning_ms, plain_ms_per_step=plain_ms,
-                overhead_ms_per_step=lightning_ms - plain_ms)
+    return dict(
+        lightning_ms_per_step=lightning_ms, plain_ms_per_step=plain_ms, overhead_ms_per_step=lightning_ms - plain_ms
+    )
 
 
 def run_timing() -> dict:
-    return dict(note="CPU wall-clock trends; not GPU predictions", B5_fp8_over_bf16_time=cast_overhead(),
-                B8_lightning=lightning_overhead())
+    return dict(
+        note="CPU wall-clock trends; not GPU predictions",
+        B5_fp8_over_bf16_time=cast_overhead(),
+        B8_lightning=lightning_overhead(),
+    )

@@ -12,16 +12,22 @@ import time
 
 import torch
 
-MODES = (("bf16", None, None), ("fp8", "blocks", None), ("fp8 + model offload", "blocks", "model"),
-         ("fp8 + block offload", "blocks", "block"))
+MODES = (
+    ("bf16", None, None),
+    ("fp8", "blocks", None),
+    ("fp8 + model offload", "blocks", "model"),
+    ("fp8 + block offload", "blocks", "block"),
+)
 
 
 def _pipeline_class():
     try:
         from flux_lora.inference.pipeline import FluxPipeline
     except ImportError as e:
-        raise RuntimeError("flux_lora.inference.pipeline is missing from this checkout; the inference benchmark needs the "
-                           "pipeline (FluxPipeline and flux_lora.inference.offload) merged") from e
+        raise RuntimeError(
+            "flux_lora.inference.pipeline is missing from this checkout; the inference benchmark needs the "
+            "pipeline (FluxPipeline and flux_lora.inference.offload) merged"
+        ) from e
     return FluxPipeline
 
 
@@ -48,12 +54,14 @@ def run_inference(params, args, budget, save, rows: list[dict]) -> None:
                     pipe.enable_offload(None)
                 pipe = None
                 _free(device)
-                pipe = pipeline_cls(random_dit(params, device=device, quantize=quantize), ae, text, device=device,
-                                    dtype=torch.bfloat16)
+                pipe = pipeline_cls(
+                    random_dit(params, device=device, quantize=quantize), ae, text, device=device, dtype=torch.bfloat16
+                )
                 built = quantize
             pipe.enable_offload(offload)
-            call = dict(prompt="a benchmark", height=res, width=res, guidance=3.5, seed=0, output_type="pt",
-                        progress=False)
+            call = dict(
+                prompt="a benchmark", height=res, width=res, guidance=3.5, seed=0, output_type="pt", progress=False
+            )
             pipe(num_inference_steps=1, **call)  # warm-up: kernels, allocator, pinned buffers
             _free(device)
             _sync(device)

@@ -16,8 +16,14 @@ from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
 from flux_lora.model.flux import FluxParams
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 
-BLOCK_LISTS = ("double_blocks", "single_blocks", "transformer_blocks", "single_transformer_blocks",
-               "encoder.block", "text_model.encoder.layers")
+BLOCK_LISTS = (
+    "double_blocks",
+    "single_blocks",
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "encoder.block",
+    "text_model.encoder.layers",
+)
 
 
 def ours(params: FluxParams, device: str, *, rank: int, checkpointing: bool, compiled: bool) -> nn.Module:
@@ -44,8 +50,11 @@ def peer(params: FluxParams, device: str, *, rank: int, checkpointing: bool, com
         model = FluxTransformer2DModel(**flux_to_diffusers_config(params)).to(torch.bfloat16)
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     materialise_(model, device, chunks=_chunks(model))
-    targets = [n for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    targets = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    ]
     model.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
@@ -60,8 +69,16 @@ def peer(params: FluxParams, device: str, *, rank: int, checkpointing: bool, com
 
 def peer_loss_inputs(b: dict[str, Tensor]) -> dict:
     """Our cached batch as diffusers' keyword arguments (it scales times and guidance by 1000 itself)."""
-    return dict(hidden_states=b["x_t"], encoder_hidden_states=b["txt"], pooled_projections=b["y"], timestep=b["t"],
-                img_ids=b["img_ids"][0], txt_ids=b["txt_ids"][0], guidance=b["guidance"], return_dict=False)
+    return dict(
+        hidden_states=b["x_t"],
+        encoder_hidden_states=b["txt"],
+        pooled_projections=b["y"],
+        timestep=b["t"],
+        img_ids=b["img_ids"][0],
+        txt_ids=b["txt_ids"][0],
+        guidance=b["guidance"],
+        return_dict=False,
+    )
 
 
 def _chunks(model: nn.Module) -> list[nn.Module]:
@@ -122,8 +139,7 @@ def text_encoders(params: FluxParams, device: str, *, full_size: bool = True):
         owner, _, attr = name.rpartition(".")
         assert attr == "position_ids", name
         setattr(clip.get_submodule(owner), attr, torch.arange(buf.shape[-1], device=device).expand(1, -1))
-    return TextEncoders(clip, FixedTokenizer(clip_cfg.eos_token_id), t5, FixedTokenizer(1),
-                        params.max_sequence_length)
+    return TextEncoders(clip, FixedTokenizer(clip_cfg.eos_token_id), t5, FixedTokenizer(1), params.max_sequence_length)
 
 
 def autoencoder(device: str, preset: str = "flux") -> AutoEncoder:

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 aten = torch.ops.aten
 
+
 # torch's FLOP counter has formulas for the CUDA attention kernels only; price the CPU flash kernel the same way
 # (forward 4 S^2 D, backward 2.5x with the recomputed scores), so CPU counts match what a GPU would run.
 def _flash_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:

@@ -72,27 +72,28 @@ class ControlNetOption(argparse.Action):
             source, scale = split_scale(value)
             units.append({"controlnet": source, "scale": scale})
         elif not units:
-            parser.error(f"{option_string} {value}: give --controlnet first (options after a --controlnet "
-                         "apply to it)")
+            parser.error(f"{option_string} {value}: give --controlnet first (options after a --controlnet apply to it)")
         elif self.dest in units[-1]:
-            parser.error(f"{option_string} given twice for --controlnet {units[-1]['controlnet']} (each "
-                         f"--controlnet takes one; repeat --controlnet for more)")
+            parser.error(
+                f"{option_string} given twice for --controlnet {units[-1]['controlnet']} (each "
+                f"--controlnet takes one; repeat --controlnet for more)"
+            )
         else:
             units[-1][self.dest] = value
         namespace.controlnets = units
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--model", required=True, help="model folder (FLUX.1 layout) or ModelScope id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="used with --true-cfg != 1 (default: empty)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="true classifier-free guidance scale")
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]")
     p.add_argument("--lora-mode", choices=["unfused", "fused"], default="unfused")
-    p.add_argument("--quantize", choices=["float8_e4m3fn"], default=None,
-                   help="store the DiT and ControlNets in fp8")
+    p.add_argument("--quantize", choices=["float8_e4m3fn"], default=None, help="store the DiT and ControlNets in fp8")
     p.set_defaults(controlnets=[])
     cn = p.add_argument_group("ControlNets (options after a --controlnet apply to it)")
     cn.add_argument("--controlnet", action=ControlNetOption, metavar="ID_OR_PATH[:SCALE]")
@@ -121,8 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     images = sum("image" in u for u in args.controlnets)
     for unit in args.controlnets:
         if "image" not in unit:
-            p.error(f"--controlnet {unit['controlnet']} has no --control-image ({len(args.controlnets)} "
-                    f"ControlNets, {images} control images: give one --control-image after each --controlnet)")
+            p.error(
+                f"--controlnet {unit['controlnet']} has no --control-image ({len(args.controlnets)} "
+                f"ControlNets, {images} control images: give one --control-image after each --controlnet)"
+            )
         for key in ("image", "mask"):
             if key in unit and not unit[key].is_file():
                 p.error(f"--{'control-image' if key == 'image' else key} {unit[key]}: no such file")
@@ -137,16 +140,34 @@ def load_controlnets(pipe: FluxPipeline, specs: list[dict], quantize: str | None
         if source not in models:
             models[source] = pipe.load_controlnet(source, quantize=quantize)
         mask = Image.open(spec["mask"]) if "mask" in spec else None
-        units.append(ControlNetUnit(models[source], Image.open(spec["image"]), mask=mask, mode=spec.get("mode"),
-                                    scale=spec["scale"], start=spec.get("start", 0.0), end=spec.get("end", 1.0)))
+        units.append(
+            ControlNetUnit(
+                models[source],
+                Image.open(spec["image"]),
+                mask=mask,
+                mode=spec.get("mode"),
+                scale=spec["scale"],
+                start=spec.get("start", 0.0),
+                end=spec.get("end", 1.0),
+            )
+        )
     return units
 
 
 def controlnet_settings(specs: list[dict]) -> list[dict]:
     """The ControlNet options as written into the PNG (paths as given)."""
-    return [{"controlnet": s["controlnet"], "scale": s["scale"], "image": str(s["image"]),
-             "mode": s.get("mode"), "mask": str(s["mask"]) if "mask" in s else None,
-             "start": s.get("start", 0.0), "end": s.get("end", 1.0)} for s in specs]
+    return [
+        {
+            "controlnet": s["controlnet"],
+            "scale": s["scale"],
+            "image": str(s["image"]),
+            "mode": s.get("mode"),
+            "mask": str(s["mask"]) if "mask" in s else None,
+            "start": s.get("start", 0.0),
+            "end": s.get("end", 1.0),
+        }
+        for s in specs
+    ]
 
 
 def load_loras(pipe: FluxPipeline, specs: list[tuple[Path, float]], mode: str) -> list[str]:
@@ -196,8 +217,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     offload = None if args.offload == "none" else args.offload
-    pipe = FluxPipeline.from_pretrained(args.model, quantize=args.quantize, dtype=DTYPES[args.dtype],
-                                        device=args.device, offload=offload)
+    pipe = FluxPipeline.from_pretrained(
+        args.model, quantize=args.quantize, dtype=DTYPES[args.dtype], device=args.device, offload=offload
+    )
     loras = load_loras(pipe, args.lora, args.lora_mode)
     controlnets = load_controlnets(pipe, args.controlnets, args.quantize)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -209,15 +231,32 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written = []
     for i in range(args.num_images):
         # schnell gets the user's --guidance only so that the pipeline can warn that it is ignored
-        image = pipe(args.prompt, height=height, width=width, num_inference_steps=steps,
-                     guidance=guidance if dev else args.guidance, true_cfg=args.true_cfg,
-                     negative_prompt=negative, seed=seed + i, controlnets=controlnets,
-                     progress=not args.quiet)[0]
-        settings = {"prompt": args.prompt, "seed": seed + i, "steps": steps, "guidance": guidance,
-                    "width": width, "height": height, "model": str(args.model), "loras": loras,
-                    "lora_mode": args.lora_mode, "controlnets": controlnet_settings(args.controlnets),
-                    "quantize": args.quantize or "none",
-                    "sampler": "euler (flow matching)"}
+        image = pipe(
+            args.prompt,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance=guidance if dev else args.guidance,
+            true_cfg=args.true_cfg,
+            negative_prompt=negative,
+            seed=seed + i,
+            controlnets=controlnets,
+            progress=not args.quiet,
+        )[0]
+        settings = {
+            "prompt": args.prompt,
+            "seed": seed + i,
+            "steps": steps,
+            "guidance": guidance,
+            "width": width,
+            "height": height,
+            "model": str(args.model),
+            "loras": loras,
+            "lora_mode": args.lora_mode,
+            "controlnets": controlnet_settings(args.controlnets),
+            "quantize": args.quantize or "none",
+            "sampler": "euler (flow matching)",
+        }
         if args.true_cfg != 1.0:
             settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")
         path = output_path(args.output, i, args.num_images)

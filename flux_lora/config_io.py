@@ -202,6 +202,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, YAML-safe mapping of a dataclass tree (Paths as strings)."""
+
     def plain(v):
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -210,6 +211,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return str(v) if isinstance(v, Path) else v
+
     return plain(cfg)
 
 
@@ -221,5 +223,3 @@ def dump(cfg: Any, path: str | Path) -> Path:
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
     return path
-
-

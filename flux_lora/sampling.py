@@ -63,8 +63,9 @@ def image_seq_len(latent_height: int, latent_width: int) -> int:
     return (latent_height // 2) * (latent_width // 2)
 
 
-def resolution_shift(seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
-                     base_seq_len: int = 256, max_seq_len: int = 4096) -> float:
+def resolution_shift(
+    seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, base_seq_len: int = 256, max_seq_len: int = 4096
+) -> float:
     """FLUX's ``mu``: linear in the image token count, 0.5 at 256 tokens and 1.15 at 4096 (1024x1024)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return m * seq_len + (base_shift - m * base_seq_len)
@@ -77,8 +78,9 @@ def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
     return torch.where(t <= 0, torch.zeros_like(t), out)
 
 
-def get_schedule(num_steps: int, seq_len: int, shift: bool = True, base_shift: float = 0.5,
-                 max_shift: float = 1.15) -> list[float]:
+def get_schedule(
+    num_steps: int, seq_len: int, shift: bool = True, base_shift: float = 0.5, max_shift: float = 1.15
+) -> list[float]:
     """``num_steps + 1`` times from 1 to 0; shifted by :func:`resolution_shift` for dev, linear for schnell."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -88,10 +90,18 @@ def get_schedule(num_steps: int, seq_len: int, shift: bool = True, base_shift: f
     return t.tolist()
 
 
-def sample_timesteps(batch: int, method: TimestepSampling = "logit_normal", *, seq_len: int | None = None,
-                     shift: float | None = None, logit_mean: float = 0.0, logit_std: float = 1.0,
-                     sigmoid_scale: float = 1.0, generator: torch.Generator | None = None,
-                     device=None) -> Tensor:
+def sample_timesteps(
+    batch: int,
+    method: TimestepSampling = "logit_normal",
+    *,
+    seq_len: int | None = None,
+    shift: float | None = None,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    sigmoid_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> Tensor:
     """Draw one training time per sample, ``[B]`` in (0, 1).
 
     ``uniform``: U(0, 1). ``logit_normal``: sigmoid(N(mean, std)). ``sigmoid``: sigmoid(scale * N(0, 1)).

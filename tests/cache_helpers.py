@@ -75,8 +75,9 @@ def forbidden():
     raise AssertionError("an encoder was loaded although the cache is complete")
 
 
-def setup_run(data_dir: Path, model: Path, cache: Path, prompts=("a cat",),
-              **kw) -> tuple[DataConfig, ScannedData, CachePlan]:
+def setup_run(
+    data_dir: Path, model: Path, cache: Path, prompts=("a cat",), **kw
+) -> tuple[DataConfig, ScannedData, CachePlan]:
     """Scan ``data_dir`` and plan the cache for the tiny model in ``model``."""
     cfg = DataConfig(source=str(data_dir), resolution=64, cache_dir=str(cache), **kw)
     data = scan(cfg)

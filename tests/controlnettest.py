@@ -10,8 +10,9 @@ from flux_lora.model.flux import ControlResiduals
 from fluxtest import dit_inputs
 
 
-def controlnet_inputs(p: ControlNetParams, batch: int = 2, lat_h: int = 4, lat_w: int = 6, txt_len: int = 5,
-                      seed: int = 0) -> dict[str, torch.Tensor | None]:
+def controlnet_inputs(
+    p: ControlNetParams, batch: int = 2, lat_h: int = 4, lat_w: int = 6, txt_len: int = 5, seed: int = 0
+) -> dict[str, torch.Tensor | None]:
     """Random keyword inputs of ``FluxControlNet.forward``: the DiT's, plus a random control input."""
     x = dit_inputs(p.trunk, batch, lat_h, lat_w, txt_len, seed)
     g = torch.Generator().manual_seed(seed + 1)

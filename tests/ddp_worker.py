@@ -50,8 +50,17 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer, module):
         path = self.out / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps({"captions": self.captions, "digests": self.digests, "loads": LOADS,
-                                    "world_size": trainer.world_size, "pid": os.getpid()}))
+        path.write_text(
+            json.dumps(
+                {
+                    "captions": self.captions,
+                    "digests": self.digests,
+                    "loads": LOADS,
+                    "world_size": trainer.world_size,
+                    "pid": os.getpid(),
+                }
+            )
+        )
 
 
 def main() -> None:

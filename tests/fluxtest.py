@@ -9,8 +9,9 @@ from flux_lora import sampling as S
 from flux_lora.model.flux import FluxParams
 
 
-def dit_inputs(p: FluxParams, batch: int = 2, lat_h: int = 6, lat_w: int = 8, txt_len: int = 7,
-               seed: int = 0) -> dict[str, torch.Tensor | None]:
+def dit_inputs(
+    p: FluxParams, batch: int = 2, lat_h: int = 6, lat_w: int = 8, txt_len: int = 7, seed: int = 0
+) -> dict[str, torch.Tensor | None]:
     """Random keyword inputs for ``Flux.forward`` (BFL names)."""
     g = torch.Generator().manual_seed(seed)
     img = S.pack(torch.randn(batch, p.in_channels // 4, lat_h, lat_w, generator=g))
@@ -28,8 +29,14 @@ def dit_inputs(p: FluxParams, batch: int = 2, lat_h: int = 6, lat_w: int = 8, tx
 def diffusers_forward(model, x: dict) -> torch.Tensor:
     """Run diffusers' FluxTransformer2DModel on :func:`dit_inputs`."""
     return model(
-        hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"], timestep=x["timesteps"],
-        img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], guidance=x["guidance"], return_dict=False,
+        hidden_states=x["img"],
+        encoder_hidden_states=x["txt"],
+        pooled_projections=x["y"],
+        timestep=x["timesteps"],
+        img_ids=x["img_ids"][0],
+        txt_ids=x["txt_ids"][0],
+        guidance=x["guidance"],
+        return_dict=False,
     )[0]
 
 
@@ -51,7 +58,11 @@ def diffusers_parts(pipe) -> dict:
     vae.load_state_dict(ae_to_diffusers(pipe.ae.state_dict(), pipe.ae.params), strict=True)
     dev = p.guidance_embed
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=dev, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096, shift=3.0 if dev else 1.0,
+        use_dynamic_shifting=dev,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        shift=3.0 if dev else 1.0,
     )
     return dict(scheduler=scheduler, vae=vae, transformer=transformer)

@@ -9,8 +9,9 @@ from flux_lora.inference.offload import Transfer
 from flux_lora.lora.weight import LoraWeight
 
 
-def random_lora(model: nn.Module, paths: list[str], rank: int = 2, alpha: float = 4.0,
-                seed: int = 0) -> dict[str, LoraWeight]:
+def random_lora(
+    model: nn.Module, paths: list[str], rank: int = 2, alpha: float = 4.0, seed: int = 0
+) -> dict[str, LoraWeight]:
     """A LoRA on the Linears at ``paths`` with random ``down`` and ``up`` (both non-zero)."""
     g = torch.Generator().manual_seed(seed)
     out = {}

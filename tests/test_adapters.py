@@ -24,8 +24,14 @@ from flux_lora.weights.tiny import random_flux
 
 from fluxtest import dit_inputs
 
-PATHS = ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2", "single_blocks.0.linear1",
-         "single_blocks.1.linear2", "final_layer.adaLN_modulation.1", "img_in"]
+PATHS = [
+    "double_blocks.0.img_attn.qkv",
+    "double_blocks.1.txt_mlp.2",
+    "single_blocks.0.linear1",
+    "single_blocks.1.linear2",
+    "final_layer.adaLN_modulation.1",
+    "img_in",
+]
 
 
 @pytest.fixture
@@ -154,8 +160,13 @@ def test_fp8_base(fp8_model):
 
     remove_loras(fp8_model)
     after = fp8_model.state_dict()
-    assert all(torch.equal(after[n].view(torch.uint8) if after[n].dtype == FP8 else after[n],
-                           t.view(torch.uint8) if t.dtype == FP8 else t) for n, t in base_bytes.items())
+    assert all(
+        torch.equal(
+            after[n].view(torch.uint8) if after[n].dtype == FP8 else after[n],
+            t.view(torch.uint8) if t.dtype == FP8 else t,
+        )
+        for n, t in base_bytes.items()
+    )
 
 
 @pytest.mark.parametrize("mode", ["unfused", "fused"])

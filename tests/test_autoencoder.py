@@ -53,8 +53,9 @@ def test_ae_safetensors_roundtrip_into_diffusers(tiny_dev_dir):
     vae.load_state_dict(ae_to_diffusers(ours.state_dict(), ours.params), strict=True)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(ours.encode(x), (vae.encode(x).latent_dist.mode() - 0.1159) * 0.3611,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ours.encode(x), (vae.encode(x).latent_dist.mode() - 0.1159) * 0.3611, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_sampled_latents_differ_from_mean():

@@ -50,8 +50,7 @@ def batch32():
 def test_accounting_lists_exactly_the_models_linears(params):
     with torch.device("meta"):
         model = Flux(params)
-    actual = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear)}
+    actual = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {s.name: (s.in_features, s.out_features) for s in A.dit_linears(params)} == actual
 
 
@@ -69,17 +68,24 @@ def test_analytic_flops_match_the_reference_tables(res, fwd, step, step_ckpt):
     n_img, n_txt = A.tokens(res, res, 512)
     assert A.forward_flops(FULL, n_img, n_txt)["total"] / 1e12 == pytest.approx(fwd, rel=2e-3)
     assert A.step_flops(FULL, n_img, n_txt, checkpointing=False, lora_rank=0) / 1e12 == pytest.approx(step, rel=2e-3)
-    assert A.step_flops(FULL, n_img, n_txt, checkpointing=True, lora_rank=0) / 1e12 == pytest.approx(step_ckpt,
-                                                                                                      rel=2e-3)
+    assert A.step_flops(FULL, n_img, n_txt, checkpointing=True, lora_rank=0) / 1e12 == pytest.approx(
+        step_ckpt, rel=2e-3
+    )
 
 
 def test_analytic_forward_equals_torchs_flop_counter_at_full_size():
     """The accounting bench_gpu divides by is what torch counts for FLUX.1-dev at 1024 px (on the meta device)."""
     with torch.device("meta"):
         model = Flux(FULL).to(torch.bfloat16)
-        x = dict(img=torch.zeros(1, 4096, 64, dtype=torch.bfloat16), img_ids=torch.zeros(1, 4096, 3),
-                 txt=torch.zeros(1, 512, 4096, dtype=torch.bfloat16), txt_ids=torch.zeros(1, 512, 3),
-                 timesteps=torch.zeros(1), y=torch.zeros(1, 768, dtype=torch.bfloat16), guidance=torch.zeros(1))
+        x = dict(
+            img=torch.zeros(1, 4096, 64, dtype=torch.bfloat16),
+            img_ids=torch.zeros(1, 4096, 3),
+            txt=torch.zeros(1, 512, 4096, dtype=torch.bfloat16),
+            txt_ids=torch.zeros(1, 512, 3),
+            timesteps=torch.zeros(1),
+            y=torch.zeros(1, 768, dtype=torch.bfloat16),
+            guidance=torch.zeros(1),
+        )
     assert count_flops(lambda: model(**x))["total"] == A.forward_flops(FULL, 4096, 512)["total"]
 
 
@@ -120,8 +126,12 @@ def test_flop_ratios(base32, batch32):
 
 def test_trainable_parameters_and_optimizer_state(base32, batch32):
     r = B.trainable_audit(base32, batch32)
-    assert r["trainable"] == r["with_grad"] == r["analytic"] == B.RANK * sum(
-        s.in_features + s.out_features for s in A.lora_targets(B.SMALL))
+    assert (
+        r["trainable"]
+        == r["with_grad"]
+        == r["analytic"]
+        == B.RANK * sum(s.in_features + s.out_features for s in A.lora_targets(B.SMALL))
+    )
     assert r["only_lora"]
     assert r["adamw_moment_bytes"] == 2 * 4 * r["analytic"]
 
@@ -167,8 +177,28 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     """Every part of bench_gpu.py (ours, the diffusers peer, inference in all four memory modes) at tiny size."""
     pytest.importorskip("diffusers")
     out = tmp_path / "smoke.json"
-    rc = G.main(["--out", str(out), "--device", "cpu", "--preset", "tiny", "--quick", "--eager-only",
-                 "--sizes", "64,32", "--txt-tokens", "8", "--steps", "1", "--warmup", "0", "--min-config-s", "0"])
+    rc = G.main(
+        [
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--quick",
+            "--eager-only",
+            "--sizes",
+            "64,32",
+            "--txt-tokens",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--min-config-s",
+            "0",
+        ]
+    )
     r = json.loads(out.read_text())
     assert rc == 0 and not r["errors"]
     assert [row["res"] for row in r["train"]] == [64, 32] and all("median_s_per_step" in x for x in r["train"])

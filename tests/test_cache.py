@@ -159,8 +159,13 @@ def test_training_batches_touch_no_encoder(tmp_path, data_dir, tiny_dev_dir, mon
     def boom(*a, **k):
         raise AssertionError("an encoder ran during training")
 
-    for cls, name in [(TextEncoders, "encode"), (TextEncoders, "forward"), (AutoEncoder, "encode"),
-                      (AutoEncoder, "forward"), (TextEncoders, "from_folder")]:
+    for cls, name in [
+        (TextEncoders, "encode"),
+        (TextEncoders, "forward"),
+        (AutoEncoder, "encode"),
+        (AutoEncoder, "forward"),
+        (TextEncoders, "from_folder"),
+    ]:
         monkeypatch.setattr(cls, name, boom)
     monkeypatch.setattr("flux_lora.weights.loading.load_autoencoder", boom)
     batches = list(make_dataloader(plan.refresh(), cfg))
@@ -190,8 +195,9 @@ def test_concurrent_fill_from_two_processes(tmp_path, data_dir, tiny_dev_dir):
 
 def test_empty_and_sample_prompts_always_cached(tmp_path, data_dir, tiny_dev_dir):
     cfg = DataConfig(source=str(data_dir), resolution=64, cache_dir=str(tmp_path / "cache"))
-    dm = FluxDataModule.from_model_folder(cfg, tiny_dev_dir, MAX_LENGTH, DTYPE,
-                                          sample_prompts=["a cat", "a dog"], device="cpu")
+    dm = FluxDataModule.from_model_folder(
+        cfg, tiny_dev_dir, MAX_LENGTH, DTYPE, sample_prompts=["a cat", "a dog"], device="cpu"
+    )
     dm.prepare_data()
     dm.setup("fit")
     empty, samples = dm.empty_embedding(), dm.sample_embeddings()
@@ -222,8 +228,12 @@ def test_data_errors_come_before_any_encoder_load(tmp_path, data_dir, tiny_dev_d
 def test_loader_dtype_must_match_the_spec(tmp_path, data_dir, tiny_dev_dir):
     cfg = DataConfig(source=str(data_dir), resolution=64, cache_dir=str(tmp_path / "cache"))
     data = scan(cfg)
-    plan = plan_cache(data, cfg, TextEncoderSpec.from_folder(tiny_dev_dir, MAX_LENGTH, torch.bfloat16),
-                      AutoEncoderSpec.from_folder(tiny_dev_dir, DTYPE))
+    plan = plan_cache(
+        data,
+        cfg,
+        TextEncoderSpec.from_folder(tiny_dev_dir, MAX_LENGTH, torch.bfloat16),
+        AutoEncoderSpec.from_folder(tiny_dev_dir, DTYPE),
+    )
     with pytest.raises(ValueError, match="computes in float32 but the cache plan expects bfloat16"):
         fill_cache(plan, data, Loaders(tiny_dev_dir).text, forbidden, progress=False)
 

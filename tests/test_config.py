@@ -12,8 +12,12 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"tiny.yaml", "flux-dev_lora-r16_fp8.yaml", "flux-schnell_lora-r16.yaml",
-            "flux-dev_lora-lowmem.yaml"} <= names
+    assert {
+        "tiny.yaml",
+        "flux-dev_lora-r16_fp8.yaml",
+        "flux-schnell_lora-r16.yaml",
+        "flux-dev_lora-lowmem.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -30,9 +34,21 @@ def test_dev_experiment_is_what_it_says():
 
 
 def test_overrides_by_name_and_path(tmp_path):
-    cfg = load_config(CONFIGS[0], ["--quantize", "float8_e4m3fn", "--train.learning_rate", "5e-5",
-                                   "lora.rank=4", "--max_steps=7", "--sample.prompts", '["a: b", c]',
-                                   "--data.default_caption", "a photo: of 5e-5"])
+    cfg = load_config(
+        CONFIGS[0],
+        [
+            "--quantize",
+            "float8_e4m3fn",
+            "--train.learning_rate",
+            "5e-5",
+            "lora.rank=4",
+            "--max_steps=7",
+            "--sample.prompts",
+            '["a: b", c]',
+            "--data.default_caption",
+            "a photo: of 5e-5",
+        ],
+    )
     assert cfg.model.quantize == "float8_e4m3fn"
     assert cfg.train.learning_rate == 5e-5 and cfg.lora.rank == 4 and cfg.train.max_steps == 7
     assert cfg.sample.prompts == ["a: b", "c"]

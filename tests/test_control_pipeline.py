@@ -56,8 +56,12 @@ def schnell_pipe(tiny_schnell_dir) -> FluxPipeline:
 def cns(dev_pipe, tiny_controlnet_dir, tiny_union_controlnet_dir, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("controlnets")
     inpaint = write_tiny_controlnet(tmp / "inpaint", seed=2, params=tiny_controlnet_params(inpainting=True))
-    folders = {"plain": tiny_controlnet_dir, "union": tiny_union_controlnet_dir, "inpaint": inpaint,
-               "plain2": write_tiny_controlnet(tmp / "plain2", seed=5)}
+    folders = {
+        "plain": tiny_controlnet_dir,
+        "union": tiny_union_controlnet_dir,
+        "inpaint": inpaint,
+        "plain2": write_tiny_controlnet(tmp / "plain2", seed=5),
+    }
     return {name: realign(dev_pipe.load_controlnet(f)) for name, f in folders.items()} | {"folders": folders}
 
 
@@ -97,8 +101,12 @@ class Calls:
 CASES = {
     "one, true CFG": ("dev", [("plain", 1, None, 0.8, 0.0, 0.6)], False, 2.0),
     "two": ("dev", [("plain", (2, W, H), None, 0.7, 0.3, 1.0), ("plain2", 3, None, 1.2, 0.0, 0.6)], True, 1.0),
-    "union, two modes": ("dev", [("union", 4, "canny", 0.6, 0.0, 1.0), ("union", (5, 24, 16), "tile", 0.9, 0.0, 1.0)],
-                         True, 1.0),
+    "union, two modes": (
+        "dev",
+        [("union", 4, "canny", 0.6, 0.0, 1.0), ("union", (5, 24, 16), "tile", 0.9, 0.0, 1.0)],
+        True,
+        1.0,
+    ),
     "dev ControlNet, schnell DiT": ("schnell", [("plain", 6, None, 1.0, 0.0, 1.0)], False, 1.0),
 }
 
@@ -107,8 +115,14 @@ def _diffusers_pipeline(pipe: FluxPipeline, folders: list, multi: bool):
     diffusers = pytest.importorskip("diffusers")
     refs = [diffusers.FluxControlNetModel.from_pretrained(f, torch_dtype=torch.float32).eval() for f in folders]
     controlnet = diffusers.FluxMultiControlNetModel(refs) if multi else refs[0]
-    return diffusers.FluxControlNetPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                            tokenizer_2=None, controlnet=controlnet, **diffusers_parts(pipe))
+    return diffusers.FluxControlNetPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        controlnet=controlnet,
+        **diffusers_parts(pipe),
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -121,8 +135,9 @@ def test_denoising_matches_diffusers_controlnet_pipeline(case, dev_pipe, schnell
     from diffusers.pipelines.flux import pipeline_flux_controlnet as ref_module
 
     # diffusers samples the autoencoder's posterior; we take its mean
-    monkeypatch.setattr(ref_module, "retrieve_latents",
-                        functools.partial(ref_module.retrieve_latents, sample_mode="argmax"))
+    monkeypatch.setattr(
+        ref_module, "retrieve_latents", functools.partial(ref_module.retrieve_latents, sample_mode="argmax")
+    )
     units, ref_images = [], []
     for name, image, mode, scale, start, end in specs:
         if isinstance(image, tuple):
@@ -136,17 +151,29 @@ def test_denoising_matches_diffusers_controlnet_pipeline(case, dev_pipe, schnell
     theirs = _diffusers_pipeline(pipe, [cns["folders"][n] for n in names], multi)
     modes = [{"canny": 0, "tile": 1, "depth": 2}.get(m) for _, _, m, *_ in specs]
     neg = pipe.encode(["blurry", "dark"]) if true_cfg != 1.0 else None
-    ref_kw = dict(control_image=ref_images if multi else ref_images[0], control_mode=modes if multi else modes[0],
-                  controlnet_conditioning_scale=[s[3] for s in specs], control_guidance_start=[s[4] for s in specs],
-                  control_guidance_end=[s[5] for s in specs])
+    ref_kw = dict(
+        control_image=ref_images if multi else ref_images[0],
+        control_mode=modes if multi else modes[0],
+        controlnet_conditioning_scale=[s[3] for s in specs],
+        control_guidance_start=[s[4] for s in specs],
+        control_guidance_end=[s[5] for s in specs],
+    )
     if neg is not None:
         ref_kw.update(negative_prompt_embeds=neg.txt, negative_pooled_prompt_embeds=neg.y, true_cfg_scale=true_cfg)
     noise = _noise(pipe)
-    ref = theirs(prompt_embeds=emb.txt, pooled_prompt_embeds=emb.y, latents=noise, guidance_scale=3.5,
-                 max_sequence_length=pipe.model.params.max_sequence_length, height=H, width=W,
-                 num_inference_steps=KW["num_inference_steps"], output_type="latent", **ref_kw).images
-    kw = dict(text_embeddings=emb, negative_text_embeddings=neg, true_cfg=true_cfg, latents=noise, guidance=3.5,
-              **KW)
+    ref = theirs(
+        prompt_embeds=emb.txt,
+        pooled_prompt_embeds=emb.y,
+        latents=noise,
+        guidance_scale=3.5,
+        max_sequence_length=pipe.model.params.max_sequence_length,
+        height=H,
+        width=W,
+        num_inference_steps=KW["num_inference_steps"],
+        output_type="latent",
+        **ref_kw,
+    ).images
+    kw = dict(text_embeddings=emb, negative_text_embeddings=neg, true_cfg=true_cfg, latents=noise, guidance=3.5, **KW)
     ours = pipe(controlnets=units, **kw)
     torch.testing.assert_close(pack(ours), ref, atol=1e-5, rtol=1e-5)
     assert (ours - pipe(**kw)).abs().max() > 1e-2  # the ControlNets steered the run
@@ -159,15 +186,25 @@ def test_denoising_matches_diffusers_controlnet_pipeline(case, dev_pipe, schnell
 def test_window_runs_the_controlnet_only_inside_it(start, end, steps, dev_pipe, cns, emb):
     cn, image = cns["plain"], _image(7)
     with Calls(cn) as calls:
-        out = dev_pipe(text_embeddings=emb, controlnets=[ControlNetUnit(cn, image, scale=0.8, start=start, end=end)],
-                       seed=0, **KW)
+        out = dev_pipe(
+            text_embeddings=emb, controlnets=[ControlNetUnit(cn, image, scale=0.8, start=start, end=end)], seed=0, **KW
+        )
     schedule = dev_pipe.timesteps(H, W, 4)
     assert [c["timesteps"][0].item() for c in calls.kwargs] == pytest.approx([schedule[i] for i in steps])
     control = encode_control(dev_pipe.ae, control_pixels(image, H, W), cn.params).expand(2, -1, -1)
 
     def every_step(x):  # the ControlNet at every step, at scale 0 outside the window
-        return cn(img=x.img, img_ids=x.img_ids, txt=x.txt, txt_ids=x.txt_ids, timesteps=x.timesteps, y=x.y,
-                  control=control, guidance=x.guidance, scale=0.8 if x.step in steps else 0.0)
+        return cn(
+            img=x.img,
+            img_ids=x.img_ids,
+            txt=x.txt,
+            txt_ids=x.txt_ids,
+            timesteps=x.timesteps,
+            y=x.y,
+            control=control,
+            guidance=x.guidance,
+            scale=0.8 if x.step in steps else 0.0,
+        )
 
     assert torch.equal(out, dev_pipe(text_embeddings=emb, controls=every_step, seed=0, **KW))
     always = dev_pipe(text_embeddings=emb, controlnets=[ControlNetUnit(cn, image, scale=0.8)], seed=0, **KW)
@@ -178,8 +215,14 @@ def test_true_cfg_reuses_the_positive_residuals(dev_pipe, cns, emb):
     neg = dev_pipe.encode(["blurry", "dark"])
     units = [ControlNetUnit(cns["plain"], _image(8), scale=0.8), ControlNetUnit(cns["union"], _image(9), mode="pose")]
     with Calls(dev_pipe.model) as dit, Calls(cns["plain"], cns["union"]) as controlnet:
-        dev_pipe(text_embeddings=emb, negative_text_embeddings=neg, true_cfg=3.0, controlnets=units, seed=0,
-                 **{**KW, "num_inference_steps": 3})
+        dev_pipe(
+            text_embeddings=emb,
+            negative_text_embeddings=neg,
+            true_cfg=3.0,
+            controlnets=units,
+            seed=0,
+            **{**KW, "num_inference_steps": 3},
+        )
     assert len(dit.kwargs) == 6 and len(controlnet.kwargs) == 3 * 2  # ControlNets on positive calls only
     for step in range(3):
         positive, negative = dit.kwargs[2 * step], dit.kwargs[2 * step + 1]
@@ -225,8 +268,10 @@ def test_fp8_controlnet_in_the_pipeline(dev_pipe, cns, emb, capsys):
     quantized = dev_pipe(controlnets=[ControlNetUnit(fp8, image, mode="depth")], **kw)
     effect, error = (full - plain).abs().mean().item(), (quantized - full).abs().mean().item()
     with capsys.disabled():
-        print(f"\nfp8 union ControlNet, float32 compute: mean |fp8 - float| {error:.2e}, "
-              f"mean |ControlNet effect| {effect:.2e}")
+        print(
+            f"\nfp8 union ControlNet, float32 compute: mean |fp8 - float| {error:.2e}, "
+            f"mean |ControlNet effect| {effect:.2e}"
+        )
     assert 0 < error < 0.05 * effect
 
 
@@ -235,10 +280,19 @@ def test_fp8_controlnet_in_the_pipeline(dev_pipe, cns, emb, capsys):
 
 def test_model_offload_loads_controlnets_with_the_dit(dev_pipe, cns, emb):
     plain, union = cns["plain"], cns["union"]
-    units = [ControlNetUnit(plain, _image(12), scale=0.8), ControlNetUnit(union, _image(13), mode="depth", end=0.6),
-             ControlNetUnit(union, _image(14), mode="canny", scale=0.5)]
-    kw = dict(text_embeddings=emb, controlnets=units, seed=0, true_cfg=2.0,
-              negative_text_embeddings=dev_pipe.encode(["", ""]), **{**KW, "num_inference_steps": 2})
+    units = [
+        ControlNetUnit(plain, _image(12), scale=0.8),
+        ControlNetUnit(union, _image(13), mode="depth", end=0.6),
+        ControlNetUnit(union, _image(14), mode="canny", scale=0.5),
+    ]
+    kw = dict(
+        text_embeddings=emb,
+        controlnets=units,
+        seed=0,
+        true_cfg=2.0,
+        negative_text_embeddings=dev_pipe.encode(["", ""]),
+        **{**KW, "num_inference_steps": 2},
+    )
     baseline = dev_pipe(**kw)
     fake, events, seen = FakeAccelerator(), [], {}
     parts = {"model": dev_pipe.model, "ae": dev_pipe.ae, "plain": plain, "union": union}
@@ -246,10 +300,15 @@ def test_model_offload_loads_controlnets_with_the_dit(dev_pipe, cns, emb):
     def snapshot(stage):
         def hook(*args) -> None:
             seen.setdefault(stage, {n: location(m, fake) for n, m in parts.items()})
+
         return hook
 
-    stages = {"encode control": dev_pipe.ae.encoder, "ControlNet": plain.double_blocks[0],
-              "DiT": dev_pipe.model.double_blocks[0], "decode": dev_pipe.ae.decoder}
+    stages = {
+        "encode control": dev_pipe.ae.encoder,
+        "ControlNet": plain.double_blocks[0],
+        "DiT": dev_pipe.model.double_blocks[0],
+        "decode": dev_pipe.ae.decoder,
+    }
     hooks = [m.register_forward_hook(snapshot(stage)) for stage, m in stages.items()]
     try:
         dev_pipe.enable_offload("model", transfer=fake, on_move=lambda *e: events.append(e))
@@ -261,28 +320,50 @@ def test_model_offload_loads_controlnets_with_the_dit(dev_pipe, cns, emb):
         dev_pipe.enable_offload(None)
     assert torch.equal(out, dev_pipe.decode(baseline))
     on_device = {"model": "device", "ae": "host", "plain": "device", "union": "device"}
-    assert seen == {"encode control": {"model": "host", "ae": "device", "plain": "host", "union": "host"},
-                    "ControlNet": on_device, "DiT": on_device,
-                    "decode": {"model": "host", "ae": "device", "plain": "host", "union": "host"}}
+    assert seen == {
+        "encode control": {"model": "host", "ae": "device", "plain": "host", "union": "host"},
+        "ControlNet": on_device,
+        "DiT": on_device,
+        "decode": {"model": "host", "ae": "device", "plain": "host", "union": "host"},
+    }
     assert after == dict.fromkeys(parts, "host")
-    assert events == [("load", "ae"), ("unload", "ae"), ("load", "model"), ("load", "controlnet.0"),
-                      ("load", "controlnet.1"), ("unload", "controlnet.1"), ("unload", "controlnet.0"),
-                      ("unload", "model"), ("load", "ae"), ("unload", "ae")]
+    assert events == [
+        ("load", "ae"),
+        ("unload", "ae"),
+        ("load", "model"),
+        ("load", "controlnet.0"),
+        ("load", "controlnet.1"),
+        ("unload", "controlnet.1"),
+        ("unload", "controlnet.0"),
+        ("unload", "model"),
+        ("load", "ae"),
+        ("unload", "ae"),
+    ]
 
 
 def test_block_offload_streams_controlnet_blocks(dev_pipe, cns, emb):
     cn = cns["union"]
-    kw = dict(text_embeddings=emb, controlnets=[ControlNetUnit(cn, _image(15), mode="tile")], seed=0,
-              **{**KW, "num_inference_steps": 2})
+    kw = dict(
+        text_embeddings=emb,
+        controlnets=[ControlNetUnit(cn, _image(15), mode="tile")],
+        seed=0,
+        **{**KW, "num_inference_steps": 2},
+    )
     baseline = dev_pipe(**kw)
     fake, events, seen = FakeAccelerator(), [], []
     cn_blocks = [*cn.double_blocks, *cn.single_blocks]
     dit_blocks = [*dev_pipe.model.double_blocks, *dev_pipe.model.single_blocks]
 
     def snapshot(i) -> None:
-        seen.append((i, [j for j, b in enumerate(cn_blocks) if location(b, fake) == "device"],
-                     [j for j, b in enumerate(dit_blocks) if location(b, fake) == "device"],
-                     location(cn.img_in, fake), location(cn.controlnet_blocks, fake)))
+        seen.append(
+            (
+                i,
+                [j for j, b in enumerate(cn_blocks) if location(b, fake) == "device"],
+                [j for j, b in enumerate(dit_blocks) if location(b, fake) == "device"],
+                location(cn.img_in, fake),
+                location(cn.controlnet_blocks, fake),
+            )
+        )
 
     hooks = while_each_block_runs(cn, snapshot)
     try:
@@ -301,9 +382,11 @@ def test_block_offload_streams_controlnet_blocks(dev_pipe, cns, emb):
         assert dit_on_device == [] and (img_in, projections) == ("device", "device")
     assert after == "host"
     loads = [name for action, name in events if action == "load" and name.startswith("controlnet.0.")]
-    assert loads[:n] == [f"controlnet.0.{g}.{i}" for g, count in (("double_blocks", len(cn.double_blocks)),
-                                                                  ("single_blocks", len(cn.single_blocks)))
-                         for i in range(count)]
+    assert loads[:n] == [
+        f"controlnet.0.{g}.{i}"
+        for g, count in (("double_blocks", len(cn.double_blocks)), ("single_blocks", len(cn.single_blocks)))
+        for i in range(count)
+    ]
 
 
 # ------------------------------------------------------------------------------------------ inpainting
@@ -353,17 +436,23 @@ def _bad_unit(case: str, cns: dict, tiny_controlnet_dir) -> tuple[ControlNetUnit
     image, mask = _image(17), Image.new("L", (W, H), 255)
     other = ControlNetParams(replace(tiny_controlnet_params().trunk, hidden_size=96, num_heads=3))
     units = {
-        "image count": (ControlNetUnit(cns["plain"], torch.rand(3, 3, H, W)),
-                        r"controlnets\[1\].image is a batch of 3 for 2 prompts"),
+        "image count": (
+            ControlNetUnit(cns["plain"], torch.rand(3, 3, H, W)),
+            r"controlnets\[1\].image is a batch of 3 for 2 prompts",
+        ),
         "unknown mode": (ControlNetUnit(cns["union"], image, mode="sketch"), "unknown union control mode 'sketch'"),
         "no mode": (ControlNetUnit(cns["union"], image), "union ControlNet .* needs a mode"),
         "mode, not union": (ControlNetUnit(cns["plain"], image, mode="canny"), "not a union model"),
         "missing mask": (ControlNetUnit(cns["inpaint"], image), "inpainting ControlNet .* needs a mask"),
         "mask, not inpainting": (ControlNetUnit(cns["plain"], image, mask=mask), "takes none"),
-        "another base model": (ControlNetUnit(FluxControlNet(other), image),
-                               r"controlnets\[1\] was built for another base model: hidden size 96"),
-        "dtype": (ControlNetUnit(load_controlnet(tiny_controlnet_dir, dtype=torch.bfloat16), image),
-                  "computes in torch.bfloat16, the pipeline in torch.float32"),
+        "another base model": (
+            ControlNetUnit(FluxControlNet(other), image),
+            r"controlnets\[1\] was built for another base model: hidden size 96",
+        ),
+        "dtype": (
+            ControlNetUnit(load_controlnet(tiny_controlnet_dir, dtype=torch.bfloat16), image),
+            "computes in torch.bfloat16, the pipeline in torch.float32",
+        ),
         "window": (ControlNetUnit(cns["plain"], image, start=0.5, end=0.5), "0 <= start < end <= 1"),
         "no image": (ControlNetUnit(cns["plain"], None), "no control image"),
         "image shape": (ControlNetUnit(cns["plain"], torch.rand(1, 32, 48)), r"has shape \(1, 32, 48\)"),
@@ -372,9 +461,23 @@ def _bad_unit(case: str, cns: dict, tiny_controlnet_dir) -> tuple[ControlNetUnit
     return units[case]
 
 
-@pytest.mark.parametrize("case", ["image count", "unknown mode", "no mode", "mode, not union", "missing mask",
-                                  "mask, not inpainting", "another base model", "dtype", "window", "no image",
-                                  "image shape", "image range"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "image count",
+        "unknown mode",
+        "no mode",
+        "mode, not union",
+        "missing mask",
+        "mask, not inpainting",
+        "another base model",
+        "dtype",
+        "window",
+        "no image",
+        "image shape",
+        "image range",
+    ],
+)
 def test_bad_input_fails_before_any_denoising_step(case, dev_pipe, cns, emb, tiny_controlnet_dir):
     unit, message = _bad_unit(case, cns, tiny_controlnet_dir)
     modules = [dev_pipe.model, cns["plain"], cns["union"], cns["inpaint"], unit.controlnet]
@@ -385,8 +488,13 @@ def test_bad_input_fails_before_any_denoising_step(case, dev_pipe, cns, emb, tin
 
 def test_controlnets_or_a_custom_provider(dev_pipe, cns, emb):
     with pytest.raises(ValueError, match="controlnets or controls, not both"):
-        dev_pipe(text_embeddings=emb, controlnets=[ControlNetUnit(cns["plain"], _image(19))],
-                 controls=lambda x: None, seed=0, **KW)
+        dev_pipe(
+            text_embeddings=emb,
+            controlnets=[ControlNetUnit(cns["plain"], _image(19))],
+            controls=lambda x: None,
+            seed=0,
+            **KW,
+        )
 
 
 def test_loading_a_controlnet_for_another_base_model(dev_pipe, tmp_path):

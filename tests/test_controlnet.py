@@ -29,22 +29,30 @@ CONFIGS = {
     "no-guidance": tiny_controlnet_params(PRESETS["tiny-schnell"]),
     "doubles-only": ControlNetParams(replace(TINY, depth=2, depth_single_blocks=0)),  # as jasperai, alimama
     # FLUX's head size and RoPE axes
-    "real-head": ControlNetParams(replace(TINY, hidden_size=256, num_heads=2, axes_dim=(16, 56, 56)),
-                                  num_modes=10),
+    "real-head": ControlNetParams(replace(TINY, hidden_size=256, num_heads=2, axes_dim=(16, 56, 56)), num_modes=10),
 }
 
 
 def diffusers_kwargs(x: dict) -> dict:
     """:func:`inputs` under diffusers' argument names (shared by its ControlNet and transformer)."""
-    return dict(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
-                guidance=x["guidance"], return_dict=False)
+    return dict(
+        hidden_states=x["img"],
+        encoder_hidden_states=x["txt"],
+        pooled_projections=x["y"],
+        timestep=x["timesteps"],
+        img_ids=x["img_ids"][0],
+        txt_ids=x["txt_ids"][0],
+        guidance=x["guidance"],
+        return_dict=False,
+    )
 
 
-def diffusers_residuals(ref, x: dict, mode: torch.Tensor | None = None, scale: float = 1.0
-                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    double, single = ref(controlnet_cond=x["control"], controlnet_mode=mode, conditioning_scale=scale,
-                         **diffusers_kwargs(x))
+def diffusers_residuals(
+    ref, x: dict, mode: torch.Tensor | None = None, scale: float = 1.0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    double, single = ref(
+        controlnet_cond=x["control"], controlnet_mode=mode, conditioning_scale=scale, **diffusers_kwargs(x)
+    )
     return list(double or []), list(single or [])
 
 
@@ -92,11 +100,18 @@ def test_loads_diffusers_written_shards(tiny_union_controlnet_dir, tmp_path):
     assert_residuals_equal(ours(**x, mode=mode), *diffusers_residuals(ref.eval(), x, mode[:, None]))
 
 
-@pytest.mark.parametrize(("name", "cfg", "params", "tensors"), [
-    ("InstantX/FLUX.1-dev-Controlnet-Union-alpha", dict(num_layers=5, num_single_layers=10, num_mode=10),
-     3_301_956_608, 249),
-    ("jasperai/Flux.1-dev-Controlnet-Depth", dict(num_layers=5, num_single_layers=0), 1_791_605_248, 148),
-])
+@pytest.mark.parametrize(
+    ("name", "cfg", "params", "tensors"),
+    [
+        (
+            "InstantX/FLUX.1-dev-Controlnet-Union-alpha",
+            dict(num_layers=5, num_single_layers=10, num_mode=10),
+            3_301_956_608,
+            249,
+        ),
+        ("jasperai/Flux.1-dev-Controlnet-Depth", dict(num_layers=5, num_single_layers=0), 1_791_605_248, 148),
+    ],
+)
 def test_full_size_key_layout_matches_diffusers(name, cfg, params, tensors):
     """At full size, on the meta device: every tensor maps to diffusers' name and shape. (jasperai's 1.79 B
     parameters are its 3.58 GB bf16 file.)"""
@@ -151,8 +166,9 @@ def test_flux_adds_residuals_like_diffusers(n_double, n_single, dit_pair):
     single = [torch.randn(shape, generator=g) for _ in range(n_single)]
     args = (x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"], x["guidance"])
     ours = model(*args, controls=ControlResiduals(double, single))
-    theirs = ref(controlnet_block_samples=double or None, controlnet_single_block_samples=single or None,
-                 **diffusers_kwargs(x))[0]
+    theirs = ref(
+        controlnet_block_samples=double or None, controlnet_single_block_samples=single or None, **diffusers_kwargs(x)
+    )[0]
     assert (ours - model(*args)).abs().max() > 1e-2
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
 
@@ -161,8 +177,9 @@ def test_flux_adds_residuals_like_diffusers(n_double, n_single, dit_pair):
 
 
 def _multi(refs: list, x: dict, controls: list, modes: list, scales: list) -> tuple[list, list]:
-    return diffusers.FluxMultiControlNetModel(refs)(controlnet_cond=controls, controlnet_mode=modes,
-                                                    conditioning_scale=scales, **diffusers_kwargs(x))
+    return diffusers.FluxMultiControlNetModel(refs)(
+        controlnet_cond=controls, controlnet_mode=modes, conditioning_scale=scales, **diffusers_kwargs(x)
+    )
 
 
 @torch.no_grad()
@@ -171,8 +188,7 @@ def test_two_controlnets_and_two_union_modes_match_diffusers_multi(tmp_path):
     (image, mode) pairs, each pair with its own scale."""
     x, x2 = inputs(tiny_controlnet_params()), inputs(tiny_controlnet_params(), seed=9)
     folders = [write_tiny_controlnet(tmp_path / f"cn{s}", seed=s) for s in (1, 2)]
-    refs = [diffusers.FluxControlNetModel.from_pretrained(f, torch_dtype=torch.float32).eval()
-            for f in folders]
+    refs = [diffusers.FluxControlNetModel.from_pretrained(f, torch_dtype=torch.float32).eval() for f in folders]
     ours = [load_controlnet(f, dtype=torch.float32) for f in folders]
     no_mode = torch.tensor([-1, -1])  # what diffusers' pipeline passes for non-union ControlNets
     double, single = _multi(refs, x, [x["control"], x2["control"]], [no_mode, no_mode], [0.6, 1.3])
@@ -184,8 +200,7 @@ def test_two_controlnets_and_two_union_modes_match_diffusers_multi(tmp_path):
     union = load_controlnet(folder, dtype=torch.float32)
     modes = [torch.tensor([0, 0]), torch.tensor([2, 2])]
     double, single = _multi([ref], x, [x["control"], x2["control"]], modes, [0.5, 0.8])
-    mine = [union(**x, mode="canny", scale=0.5),
-            union(**{**x, "control": x2["control"]}, mode="depth", scale=0.8)]
+    mine = [union(**x, mode="canny", scale=0.5), union(**{**x, "control": x2["control"]}, mode="depth", scale=0.8)]
     assert_residuals_equal(combine_residuals(mine, TINY), double, single)
 
 

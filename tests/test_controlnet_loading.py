@@ -79,6 +79,7 @@ def test_cli_writes_both_controlnets(tmp_path, monkeypatch):
 def test_fp8_storage_and_error(tiny_union_controlnet_dir, capsys):
     """fp8 against float32, with float32 compute (the quantization alone) and bf16 compute (as deployed), for
     the "blocks" policy (double and single blocks; embedders and output projections stay in float) and "all"."""
+
     def load(dtype: torch.dtype, policy: str | None = None) -> FluxControlNet:
         quantize = "float8_e4m3fn" if policy else None
         return load_controlnet(tiny_union_controlnet_dir, dtype=dtype, quantize=quantize, quant_policy=policy)
@@ -92,9 +93,13 @@ def test_fp8_storage_and_error(tiny_union_controlnet_dir, capsys):
 
     x = controlnet_inputs(f32.params, lat_h=8, lat_w=8)
     ref = flat(f32(**x, mode="depth"))
-    models = {"bf16": bf16, "fp8 blocks": fp8, "fp8 all": load(torch.bfloat16, "all"),
-              "fp8 blocks, f32 compute": load(torch.float32, "blocks"),
-              "fp8 all, f32 compute": load(torch.float32, "all")}
+    models = {
+        "bf16": bf16,
+        "fp8 blocks": fp8,
+        "fp8 all": load(torch.bfloat16, "all"),
+        "fp8 blocks, f32 compute": load(torch.float32, "blocks"),
+        "fp8 all, f32 compute": load(torch.float32, "all"),
+    }
     errors = {}
     for name, m in models.items():
         dtype = m.txt_in.bias.dtype  # the compute dtype (biases stay in float, fp8 or not)
@@ -108,12 +113,17 @@ def test_fp8_storage_and_error(tiny_union_controlnet_dir, capsys):
     assert sizes["fp8 blocks"] < 0.7  # the tiny model's embedders are a large share; see the full-size test
 
 
-@pytest.mark.parametrize(("name", "params"), [
-    ("InstantX union-alpha", ControlNetParams(replace(DEV, depth=5, depth_single_blocks=10), num_modes=10)),
-    ("jasperai depth / normals / upscaler", ControlNetParams(replace(DEV, depth=5, depth_single_blocks=0))),
-    ("alimama inpainting alpha / beta",
-     ControlNetParams(replace(DEV, depth=6, depth_single_blocks=0), extra_channels=4)),
-])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("InstantX union-alpha", ControlNetParams(replace(DEV, depth=5, depth_single_blocks=10), num_modes=10)),
+        ("jasperai depth / normals / upscaler", ControlNetParams(replace(DEV, depth=5, depth_single_blocks=0))),
+        (
+            "alimama inpainting alpha / beta",
+            ControlNetParams(replace(DEV, depth=6, depth_single_blocks=0), extra_channels=4),
+        ),
+    ],
+)
 def test_fp8_storage_at_full_size(name, params, capsys):
     """Storage of the real ControlNets (built on the meta device): the blocks hold ~95 % of the weights."""
     with torch.device("meta"):
@@ -121,8 +131,10 @@ def test_fp8_storage_at_full_size(name, params, capsys):
         fp8 = quantize_(FluxControlNet(params).to(torch.bfloat16), default_predicate("blocks"))
     ratio = storage_bytes(fp8) / storage_bytes(bf16)
     with capsys.disabled():
-        print(f"\n{name}: bf16 {storage_bytes(bf16) / 2**30:.2f} GiB, "
-              f"fp8 {storage_bytes(fp8) / 2**30:.2f} GiB ({ratio:.3f})")
+        print(
+            f"\n{name}: bf16 {storage_bytes(bf16) / 2**30:.2f} GiB, "
+            f"fp8 {storage_bytes(fp8) / 2**30:.2f} GiB ({ratio:.3f})"
+        )
     assert 0.5 < ratio < 0.54
 
 
@@ -135,15 +147,18 @@ def _write_config(folder, **changes):
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"_class_name": "SD3ControlNetModel"}, "not a FLUX ControlNet"),
-    ({"_class_name": "FluxTransformer2DModel"}, "FLUX DiT, not a ControlNet"),
-    ({"conditioning_embedding_channels": 16}, "pixel-space hint encoder"),
-    ({"patch_size": 2}, "patch_size 2"),
-    ({"use_fancy_norm": True}, "unknown config keys ['use_fancy_norm']"),
-    ({"extra_condition_channels": 12}, "extra_channels=12 is not supported"),
-    ({"attention_head_dim": 30}, "must equal the head size"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"_class_name": "SD3ControlNetModel"}, "not a FLUX ControlNet"),
+        ({"_class_name": "FluxTransformer2DModel"}, "FLUX DiT, not a ControlNet"),
+        ({"conditioning_embedding_channels": 16}, "pixel-space hint encoder"),
+        ({"patch_size": 2}, "patch_size 2"),
+        ({"use_fancy_norm": True}, "unknown config keys ['use_fancy_norm']"),
+        ({"extra_condition_channels": 12}, "extra_channels=12 is not supported"),
+        ({"attention_head_dim": 30}, "must equal the head size"),
+    ],
+)
 def test_bad_configs_name_the_problem(tmp_path, changes, message):
     folder = write_tiny_controlnet(tmp_path, seed=0)
     _write_config(folder, **changes)
@@ -152,12 +167,15 @@ def test_bad_configs_name_the_problem(tmp_path, changes, message):
     assert "config.json" in str(e.value)
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"num_layers": 2}, r"missing keys \['double_blocks.1"),
-    ({"num_single_layers": 1}, r"unexpected key '\w*single_\w*blocks.1.*for the ControlNet in .*config"),
-    ({"extra_condition_channels": 4}, r"'control_in.weight' has shape \(64, 64\), the model .* \(64, 68\)"),
-    ({"num_mode": 10}, r"missing keys \['mode_embedder.weight'\]"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_layers": 2}, r"missing keys \['double_blocks.1"),
+        ({"num_single_layers": 1}, r"unexpected key '\w*single_\w*blocks.1.*for the ControlNet in .*config"),
+        ({"extra_condition_channels": 4}, r"'control_in.weight' has shape \(64, 64\), the model .* \(64, 68\)"),
+        ({"num_mode": 10}, r"missing keys \['mode_embedder.weight'\]"),
+    ],
+)
 def test_config_and_weights_that_disagree(tmp_path, changes, message):
     folder = write_tiny_controlnet(tmp_path, seed=0)
     _write_config(folder, **changes)
@@ -188,18 +206,22 @@ def test_missing_folder_and_config(tmp_path):
         load_controlnet(tmp_path / "InstantX/FLUX.1-dev-Controlnet-Union-alpha")
     with pytest.raises(CheckpointError, match="holds no config.json"):
         load_controlnet(tmp_path)
-    resolved = load_controlnet("some/model-id", dtype=torch.float32,
-                               resolve=lambda s: write_tiny_controlnet(tmp_path / s.replace("/", "--")))
+    resolved = load_controlnet(
+        "some/model-id", dtype=torch.float32, resolve=lambda s: write_tiny_controlnet(tmp_path / s.replace("/", "--"))
+    )
     assert controlnet_config(resolved.params) == controlnet_config(tiny_controlnet_params())
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (dict(hidden_size=96, num_heads=3), "hidden size 96 != the DiT's 64"),
-    (dict(context_in_dim=48), r"T5 width \(joint_attention_dim\) 48 != the DiT's 32"),
-    (dict(axes_dim=(4, 14, 14)), r"RoPE axes \(4, 14, 14\) != the DiT's \(8, 12, 12\)"),
-    (dict(depth=3), "3 double blocks > the DiT's 2"),
-    (dict(in_channels=128), "latent channels"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(hidden_size=96, num_heads=3), "hidden size 96 != the DiT's 64"),
+        (dict(context_in_dim=48), r"T5 width \(joint_attention_dim\) 48 != the DiT's 32"),
+        (dict(axes_dim=(4, 14, 14)), r"RoPE axes \(4, 14, 14\) != the DiT's \(8, 12, 12\)"),
+        (dict(depth=3), "3 double blocks > the DiT's 2"),
+        (dict(in_channels=128), "latent channels"),
+    ],
+)
 def test_controlnet_for_another_base_model(change, message):
     p = ControlNetParams(replace(tiny_controlnet_params().trunk, **change))
     with pytest.raises(ValueError, match="built for another base model: .*" + message):

@@ -83,9 +83,10 @@ def test_imagefolder_metadata(tmp_path, fmt):
 def test_saved_dataset_with_custom_columns_embeds_bytes(tmp_path):
     datasets = pytest.importorskip("datasets")
     pictures = [Image.new("RGB", (64 + 16 * i, 64), (10 * i, 100, 50)) for i in range(3)]
-    ds = datasets.Dataset.from_dict({"picture": pictures, "prompt": [f"row {i}" for i in range(3)]},
-                                    features=datasets.Features({"picture": datasets.Image(),
-                                                                "prompt": datasets.Value("string")}))
+    ds = datasets.Dataset.from_dict(
+        {"picture": pictures, "prompt": [f"row {i}" for i in range(3)]},
+        features=datasets.Features({"picture": datasets.Image(), "prompt": datasets.Value("string")}),
+    )
     ds.save_to_disk(str(tmp_path / "saved"))
     data = scan(cfg_for(tmp_path / "saved", tmp_path, image_column="picture", caption_column="prompt"))
     assert [r.caption for r in data.records] == ["row 0", "row 1", "row 2"]
@@ -96,9 +97,10 @@ def test_saved_dataset_with_custom_columns_embeds_bytes(tmp_path):
 
 def test_missing_column_names_column_and_available(tmp_path):
     datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_dict({"picture": [Image.new("RGB", (64, 64))], "prompt": ["x"]},
-                                    features=datasets.Features({"picture": datasets.Image(),
-                                                                "prompt": datasets.Value("string")}))
+    ds = datasets.Dataset.from_dict(
+        {"picture": [Image.new("RGB", (64, 64))], "prompt": ["x"]},
+        features=datasets.Features({"picture": datasets.Image(), "prompt": datasets.Value("string")}),
+    )
     ds.save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(DataError, match=r"'caption'.*caption_column.*\['picture', 'prompt'\]"):
         scan(cfg_for(tmp_path / "saved", tmp_path, image_column="picture", caption_column="caption"))
@@ -143,13 +145,16 @@ def test_empty_dataset_is_an_error(tmp_path, setup):
         scan(cfg_for(source, tmp_path) if source else DataConfig(source="", cache_dir=str(tmp_path)))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("resolution", 100, "data.resolution must be a positive multiple of 16, got 100"),
-    ("crop", "left", "data.crop must be 'center' or 'random', got 'left'"),
-    ("batch_size", 0, "data.batch_size must be >= 1, got 0"),
-    ("caption_extension", "txt", "data.caption_extension"),
-    ("bucket_step", 24, "data.bucket_step"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("resolution", 100, "data.resolution must be a positive multiple of 16, got 100"),
+        ("crop", "left", "data.crop must be 'center' or 'random', got 'left'"),
+        ("batch_size", 0, "data.batch_size must be >= 1, got 0"),
+        ("caption_extension", "txt", "data.caption_extension"),
+        ("bucket_step", 24, "data.bucket_step"),
+    ],
+)
 def test_config_validation_names_field_and_value(field, value, match):
     with pytest.raises(DataError, match=match):
         DataConfig(**{field: value})
@@ -160,7 +165,7 @@ def test_config_validation_names_field_and_value(field, value, match):
 
 @pytest.mark.parametrize("resolution", [64, 512, 1024])
 def test_buckets_sides_multiple_of_16_area_close_aspect_limited(resolution):
-    area = resolution ** 2
+    area = resolution**2
     sizes = bucket_sizes(resolution, max_aspect=4.0)
     assert (resolution, resolution) in sizes
     for w, h in sizes:
@@ -210,8 +215,7 @@ def test_no_upscaling_small_images_get_their_own_bucket():
         assert bucket[0] % 16 == 0 and bucket[1] % 16 == 0
         assert abs(math.log(bucket[0] / bucket[1]) - math.log(w / h)) < 0.05
     assert choose_bucket(500, 400, buckets, resolution=1024, max_aspect=4.0, upscale=True) in buckets
-    assert cover_scale(500, 400, choose_bucket(500, 400, buckets, resolution=1024, max_aspect=4.0,
-                                               upscale=True)) > 1.0
+    assert cover_scale(500, 400, choose_bucket(500, 400, buckets, resolution=1024, max_aspect=4.0, upscale=True)) > 1.0
 
 
 def test_center_and_random_crops():

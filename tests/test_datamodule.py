@@ -37,23 +37,41 @@ class Recorder(L.LightningModule):
 
 def test_trainer_fit_reads_only_the_cache(tmp_path, tiny_dev_dir, monkeypatch):
     data_dir = write_data(tmp_path / "data")
-    cfg = DataConfig(source=str(data_dir), resolution=64, cache_dir=str(tmp_path / "cache"), repeats=2,
-                     batch_size=2, flip=True)
-    dm = FluxDataModule.from_model_folder(cfg, tiny_dev_dir, MAX_LENGTH, DTYPE, sample_prompts=["a cat"],
-                                          device="cpu")
+    cfg = DataConfig(
+        source=str(data_dir), resolution=64, cache_dir=str(tmp_path / "cache"), repeats=2, batch_size=2, flip=True
+    )
+    dm = FluxDataModule.from_model_folder(cfg, tiny_dev_dir, MAX_LENGTH, DTYPE, sample_prompts=["a cat"], device="cpu")
     dm.prepare_data()  # fills the cache with the real tiny encoders
 
     def boom(*args, **kwargs):
         raise AssertionError("an encoder ran during training")
 
-    for cls, name in [(TextEncoders, "encode"), (TextEncoders, "forward"), (AutoEncoder, "encode"),
-                      (AutoEncoder, "forward")]:
+    for cls, name in [
+        (TextEncoders, "encode"),
+        (TextEncoders, "forward"),
+        (AutoEncoder, "encode"),
+        (AutoEncoder, "forward"),
+    ]:
         monkeypatch.setattr(cls, name, boom)
-    dm = FluxDataModule(cfg, TextEncoderSpec.from_folder(tiny_dev_dir, MAX_LENGTH, DTYPE),
-                        AutoEncoderSpec.from_folder(tiny_dev_dir, DTYPE), forbidden, forbidden, ["a cat"])
+    dm = FluxDataModule(
+        cfg,
+        TextEncoderSpec.from_folder(tiny_dev_dir, MAX_LENGTH, DTYPE),
+        AutoEncoderSpec.from_folder(tiny_dev_dir, DTYPE),
+        forbidden,
+        forbidden,
+        ["a cat"],
+    )
     module = Recorder()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, datamodule=dm)
     assert sorted(module.seen) == [0, 1]
     for epoch, captions in module.seen.items():
@@ -64,7 +82,8 @@ def test_trainer_fit_reads_only_the_cache(tmp_path, tiny_dev_dir, monkeypatch):
 
 def test_dataloader_before_setup_is_an_error(tmp_path, tiny_dev_dir):
     cfg = DataConfig(source=str(tmp_path), resolution=64, cache_dir=str(tmp_path / "cache"))
-    dm = FluxDataModule(cfg, TextEncoderSpec("x", MAX_LENGTH, "float32"), AutoEncoderSpec("y", "float32"),
-                        forbidden, forbidden)
+    dm = FluxDataModule(
+        cfg, TextEncoderSpec("x", MAX_LENGTH, "float32"), AutoEncoderSpec("y", "float32"), forbidden, forbidden
+    )
     with pytest.raises(RuntimeError, match="prepare_data"):
         dm.train_dataloader()

@@ -14,11 +14,23 @@ def test_two_process_ddp(tmp_path, tiny_dev_dir):
     out = tmp_path / "records"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "tests/ddp_worker.py"), str(out), f"--model.source={tiny_dev_dir}",
-           f"--output_dir={tmp_path / 'run'}", f"--data.cache_dir={tmp_path / 'cache'}",
-           f"--data.source={ROOT / 'examples/data'}", "--train.accelerator=cpu", "--train.devices=2",
-           "--train.strategy=ddp", "--max_steps=3", "--sample.prompts=[]", "--train.save_every_n_steps=0",
-           "--train.checkpoint_every_n_steps=0", "--data.batch_size=1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests/ddp_worker.py"),
+        str(out),
+        f"--model.source={tiny_dev_dir}",
+        f"--output_dir={tmp_path / 'run'}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--data.source={ROOT / 'examples/data'}",
+        "--train.accelerator=cpu",
+        "--train.devices=2",
+        "--train.strategy=ddp",
+        "--max_steps=3",
+        "--sample.prompts=[]",
+        "--train.save_every_n_steps=0",
+        "--train.checkpoint_every_n_steps=0",
+        "--data.batch_size=1",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))

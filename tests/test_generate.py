@@ -19,8 +19,21 @@ from flux_lora.model.flux import PRESETS
 from flux_lora.weights.tiny import random_flux
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
-ARGS = ["--prompt", "a photo of a dog", "--height", "32", "--width", "48", "--steps", "2", "--dtype", "float32",
-        "--device", "cpu", "--quiet"]
+ARGS = [
+    "--prompt",
+    "a photo of a dog",
+    "--height",
+    "32",
+    "--width",
+    "48",
+    "--steps",
+    "2",
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +50,19 @@ def _pixels(path: Path) -> np.ndarray:
 
 def test_cli_writes_pngs_with_metadata_deterministically(tiny_dev_dir, tmp_path, generate):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--model", str(tiny_dev_dir), *ARGS, "--seed", "5", "--num-images", "2",
-           "--output", str(tmp_path / "a.png")]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        str(tiny_dev_dir),
+        *ARGS,
+        "--seed",
+        "5",
+        "--num-images",
+        "2",
+        "--output",
+        str(tmp_path / "a.png"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     first, second = tmp_path / "a-0.png", tmp_path / "a-1.png"
@@ -64,8 +88,9 @@ def test_lora_changes_the_image_and_is_recorded(tiny_dev_dir, tmp_path, generate
         pytest.skip("read_lora / write_lora are not merged yet")
     params = PRESETS["tiny"]
     paths = ["double_blocks.0.img_attn.qkv", "single_blocks.1.linear1", "double_blocks.1.img_mlp.0"]
-    lora_file = lora_formats.write_lora(tmp_path / "style.safetensors", random_lora(random_flux(params, 0), paths),
-                                        params)
+    lora_file = lora_formats.write_lora(
+        tmp_path / "style.safetensors", random_lora(random_flux(params, 0), paths), params
+    )
     base_args = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "1"]
     plain = generate.main([*base_args, "--output", str(tmp_path / "plain.png")])[0]
     styled = generate.main([*base_args, "--lora", f"{lora_file}:0.7", "--output", str(tmp_path / "l.png")])[0]
@@ -94,40 +119,90 @@ def _control_images(tmp_path: Path) -> tuple[Path, Path]:
     return edges, low
 
 
-def test_cli_with_controlnets_records_them(tiny_dev_dir, tiny_controlnet_dir, tiny_union_controlnet_dir, tmp_path,
-                                           generate):
+def test_cli_with_controlnets_records_them(
+    tiny_dev_dir, tiny_controlnet_dir, tiny_union_controlnet_dir, tmp_path, generate
+):
     edges, low = _control_images(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--model", str(tiny_dev_dir), *ARGS, "--seed", "3",
-           "--controlnet", f"{tiny_controlnet_dir}:0.8", "--control-image", str(edges),
-           "--controlnet", str(tiny_union_controlnet_dir), "--control-mode", "tile", "--control-image", str(low),
-           "--control-end", "0.5", "--output", str(tmp_path / "cn.png")]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        str(tiny_dev_dir),
+        *ARGS,
+        "--seed",
+        "3",
+        "--controlnet",
+        f"{tiny_controlnet_dir}:0.8",
+        "--control-image",
+        str(edges),
+        "--controlnet",
+        str(tiny_union_controlnet_dir),
+        "--control-mode",
+        "tile",
+        "--control-image",
+        str(low),
+        "--control-end",
+        "0.5",
+        "--output",
+        str(tmp_path / "cn.png"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     recorded = json.loads(Image.open(tmp_path / "cn.png").text["controlnets"])
     assert recorded == [
-        {"controlnet": str(tiny_controlnet_dir), "scale": 0.8, "image": str(edges), "mode": None, "mask": None,
-         "start": 0.0, "end": 1.0},
-        {"controlnet": str(tiny_union_controlnet_dir), "scale": 1.0, "image": str(low), "mode": "tile",
-         "mask": None, "start": 0.0, "end": 0.5},
+        {
+            "controlnet": str(tiny_controlnet_dir),
+            "scale": 0.8,
+            "image": str(edges),
+            "mode": None,
+            "mask": None,
+            "start": 0.0,
+            "end": 1.0,
+        },
+        {
+            "controlnet": str(tiny_union_controlnet_dir),
+            "scale": 1.0,
+            "image": str(low),
+            "mode": "tile",
+            "mask": None,
+            "start": 0.0,
+            "end": 0.5,
+        },
     ]
     base = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "3"]
     plain = generate.main([*base, "--output", str(tmp_path / "plain.png")])[0]
     assert json.loads(Image.open(plain).text["controlnets"]) == []
     assert not np.array_equal(_pixels(tmp_path / "cn.png"), _pixels(plain))
-    zero = generate.main([*base, "--controlnet", f"{tiny_controlnet_dir}:0", "--control-image", str(edges),
-                          "--output", str(tmp_path / "zero.png")])[0]
+    zero = generate.main(
+        [
+            *base,
+            "--controlnet",
+            f"{tiny_controlnet_dir}:0",
+            "--control-image",
+            str(edges),
+            "--output",
+            str(tmp_path / "zero.png"),
+        ]
+    )[0]
     assert np.array_equal(_pixels(zero), _pixels(plain))  # scale 0 adds zero residuals
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--control-image", "{edges}"], "--control-image .*: give --controlnet first"),
-    (["--controlnet", "{cn}", "--controlnet", "{cn}", "--control-image", "{edges}"],
-     "--controlnet .* has no --control-image \\(2 ControlNets, 1 control images"),
-    (["--controlnet", "{cn}", "--control-image", "{edges}", "--control-image", "{edges}"],
-     "--control-image given twice for --controlnet"),
-    (["--controlnet", "{cn}", "--control-image", "{missing}"], "--control-image .*missing.png: no such file"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--control-image", "{edges}"], "--control-image .*: give --controlnet first"),
+        (
+            ["--controlnet", "{cn}", "--controlnet", "{cn}", "--control-image", "{edges}"],
+            "--controlnet .* has no --control-image \\(2 ControlNets, 1 control images",
+        ),
+        (
+            ["--controlnet", "{cn}", "--control-image", "{edges}", "--control-image", "{edges}"],
+            "--control-image given twice for --controlnet",
+        ),
+        (["--controlnet", "{cn}", "--control-image", "{missing}"], "--control-image .*missing.png: no such file"),
+    ],
+)
 def test_bad_controlnet_arguments(extra, message, tiny_dev_dir, tiny_controlnet_dir, tmp_path, generate, capsys):
     edges, _ = _control_images(tmp_path)
     paths = dict(edges=edges, cn=tiny_controlnet_dir, missing=tmp_path / "missing.png")
@@ -135,4 +210,6 @@ def test_bad_controlnet_arguments(extra, message, tiny_dev_dir, tiny_controlnet_
         generate.parse_args(["--model", str(tiny_dev_dir), *ARGS, *(a.format(**paths) for a in extra)])
     assert re.search(message, capsys.readouterr().err)
     assert generate.split_scale("InstantX/FLUX.1-dev-Controlnet-Union:0.6") == (
-        "InstantX/FLUX.1-dev-Controlnet-Union", 0.6)
+        "InstantX/FLUX.1-dev-Controlnet-Union",
+        0.6,
+    )

@@ -58,8 +58,11 @@ def test_single_file_with_prefix(tiny_dev_dir, tmp_path, prefix):
     sd = _sd(tiny_dev_dir / "flux1-dev.safetensors")
     extra = {"text_encoders.clip_l.whatever.weight": torch.zeros(2)}  # an all-in-one file's other parts
     path = tmp_path / "merged.safetensors"
-    save_file({**{prefix + k: v for k, v in sd.items()}, **extra}, str(path),
-              metadata=json.loads(json.dumps({"flux_lora.params": json.dumps(PRESETS["tiny"].to_dict())})))
+    save_file(
+        {**{prefix + k: v for k, v in sd.items()}, **extra},
+        str(path),
+        metadata=json.loads(json.dumps({"flux_lora.params": json.dumps(PRESETS["tiny"].to_dict())})),
+    )
     a = load_flow_model(path, dtype=torch.float32)
     b = load_flow_model(tiny_dev_dir, dtype=torch.float32)
     for (ka, ta), (kb, tb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
@@ -86,8 +89,7 @@ def test_scaled_fp8_files_load(tiny_dev_dir, tmp_path):
     """Our own quantized state dict (per-channel weight_scale) and ComfyUI's scaled fp8 (scale_weight)."""
     model = load_flow_model(tiny_dev_dir, dtype=torch.float32, quantize="float8_e4m3fn")
     path = tmp_path / "ours-fp8.safetensors"
-    save_file(model.state_dict(), str(path),
-              metadata={"flux_lora.params": json.dumps(PRESETS["tiny"].to_dict())})
+    save_file(model.state_dict(), str(path), metadata={"flux_lora.params": json.dumps(PRESETS["tiny"].to_dict())})
     again = load_flow_model(path, dtype=torch.float32)
     torch.testing.assert_close(_velocity(again, again.params), _velocity(model, model.params), rtol=0, atol=0)
 

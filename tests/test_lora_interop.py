@@ -110,9 +110,7 @@ def _load_with_diffusers(pipe, path, caplog) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name.startswith("diffusers")
-        and r.levelno >= logging.WARNING
-        and "text_encoder" not in r.getMessage()
+        if r.name.startswith("diffusers") and r.levelno >= logging.WARNING and "text_encoder" not in r.getMessage()
     ]
 
 
@@ -125,9 +123,7 @@ def test_our_diffusers_file_in_diffusers_loader(tmp_path, caplog, bake):
     x = _inputs(TINY)
     base = ours(**x).detach()
     lora = _random_lora(TINY, sorted(linear_shapes(TINY)), seed=1)
-    path = write_lora(
-        tmp_path / "pytorch_lora_weights.safetensors", lora, TINY, layout="diffusers", bake_scale=bake
-    )
+    path = write_lora(tmp_path / "pytorch_lora_weights.safetensors", lora, TINY, layout="diffusers", bake_scale=bake)
     assert detect_layout(read_keys(path)) == "diffusers"
     warnings = _load_with_diffusers(_pipeline(theirs), path, caplog)
     assert warnings == []
@@ -146,17 +142,13 @@ def test_our_kohya_file_in_diffusers_loader_at_real_width(tmp_path, caplog):
     x = _inputs(REAL_WIDTH, batch=1, lat_h=2, lat_w=4, txt_len=3)
     with torch.no_grad():
         base = ours(**x)
-    blocks = sorted(
-        n for n in linear_shapes(REAL_WIDTH) if n.startswith(("double_blocks.", "single_blocks."))
-    )
+    blocks = sorted(n for n in linear_shapes(REAL_WIDTH) if n.startswith(("double_blocks.", "single_blocks.")))
     lora = _random_lora(REAL_WIDTH, blocks, seed=2, rank=lambda i: 4, alpha=lambda i: 8.0)
     g = torch.Generator().manual_seed(3)
     split = [
         (
             k * 3072,
-            LoraWeight(
-                0.05 * torch.randn(2, 3072, generator=g), 0.05 * torch.randn(3072, 2, generator=g), 3.0
-            ),
+            LoraWeight(0.05 * torch.randn(2, 3072, generator=g), 0.05 * torch.randn(3072, 2, generator=g), 3.0),
         )
         for k in range(3)
     ]
@@ -164,9 +156,7 @@ def test_our_kohya_file_in_diffusers_loader_at_real_width(tmp_path, caplog):
     assert (lora["double_blocks.0.txt_attn.qkv"].rank, lora["double_blocks.0.txt_attn.qkv"].alpha) == (6, 9.0)
     path = write_lora(tmp_path / "kohya.safetensors", lora, REAL_WIDTH)
     assert _load_with_diffusers(_pipeline(theirs), path, caplog) == []
-    assert len(_adapter_state(theirs)) == 2 * (
-        len(blocks) + 2 + 2 + 3
-    )  # split: qkv (2 more each), linear1 (3)
+    assert len(_adapter_state(theirs)) == 2 * (len(blocks) + 2 + 2 + 3)  # split: qkv (2 more each), linear1 (3)
     want = _diffusers_out(theirs, x)
     _merge(ours, lora)
     with torch.no_grad():

@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 
 from flux_lora.model.flux import PRESETS, Flux
 
-PARAMS = replace(PRESETS["flux-dev"], hidden_size=768, num_heads=6, depth=2, depth_single_blocks=2,
-                 vec_in_dim=64, context_in_dim=256)
+PARAMS = replace(
+    PRESETS["flux-dev"], hidden_size=768, num_heads=6, depth=2, depth_single_blocks=2, vec_in_dim=64, context_in_dim=256
+)
 
 SCRIPT = r"""
 import json, sys, threading, time, torch
@@ -67,8 +68,13 @@ def big_checkpoint(tmp_path_factory) -> Path:
 
 
 def _peak(path: Path, mode: str) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(path), mode, json.dumps(PARAMS.to_dict())],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(path), mode, json.dumps(PARAMS.to_dict())],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

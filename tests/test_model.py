@@ -22,10 +22,13 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize(("name", "params", "tensors"), [
-    ("flux-dev", 11_901_408_320, 780),
-    ("flux-schnell", 11_891_178_560, 776),
-])
+@pytest.mark.parametrize(
+    ("name", "params", "tensors"),
+    [
+        ("flux-dev", 11_901_408_320, 780),
+        ("flux-schnell", 11_891_178_560, 776),
+    ],
+)
 def test_full_size_counts(name, params, tensors):
     with torch.device("meta"):
         model = Flux(PRESETS[name])

@@ -42,8 +42,9 @@ def test_learning_rate_schedules():
 
 
 def test_optimizer_by_class_path():
-    module = FluxLoraModule(lambda device: None, LoraConfig(), TrainConfig(optimizer="torch.optim.SGD",
-                                                                          optimizer_args={"momentum": 0.9}))
+    module = FluxLoraModule(
+        lambda device: None, LoraConfig(), TrainConfig(optimizer="torch.optim.SGD", optimizer_args={"momentum": 0.9})
+    )
     module.dit = Flux(PRESETS["tiny"])
     inject_lora(module.dit, LoraConfig(rank=2, alpha=2, targets=["*.linear1"]))
     opt = module.configure_optimizers()["optimizer"]
@@ -54,9 +55,14 @@ def test_optimizer_by_class_path():
 
 
 def _train_py(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                                       "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_train_py_reports_bad_config_and_data_before_loading_models(tmp_path):
@@ -64,7 +70,14 @@ def test_train_py_reports_bad_config_and_data_before_loading_models(tmp_path):
     assert bad.returncode == 2 and "did you mean 'lora.rank'" in bad.stderr
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(b"not a png")
-    empty = _train_py("--config", str(ROOT / "configs/tiny.yaml"), "--data.source", str(tmp_path / "imgs"),
-                      "--model.source", str(tmp_path / "no-model"), cwd=tmp_path)
+    empty = _train_py(
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--data.source",
+        str(tmp_path / "imgs"),
+        "--model.source",
+        str(tmp_path / "no-model"),
+        cwd=tmp_path,
+    )
     assert empty.returncode == 2, empty.stderr[-2000:]
     assert "a.png" in empty.stderr and not (tmp_path / "no-model").exists()  # nothing was loaded or written

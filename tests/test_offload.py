@@ -58,11 +58,14 @@ def test_model_offload_moves_each_component_only_while_it_runs(pipe, baseline, f
     def snapshot(stage):
         def hook(*args) -> None:
             seen.setdefault(stage, {n: location(m, fake) for n, m in parts.items()})
+
         return hook
 
-    hooks = [pipe.text_encoders.t5.register_forward_hook(snapshot("encode")),
-             pipe.model.double_blocks[0].register_forward_hook(snapshot("denoise")),
-             pipe.ae.decoder.register_forward_hook(snapshot("decode"))]
+    hooks = [
+        pipe.text_encoders.t5.register_forward_hook(snapshot("encode")),
+        pipe.model.double_blocks[0].register_forward_hook(snapshot("denoise")),
+        pipe.ae.decoder.register_forward_hook(snapshot("decode")),
+    ]
     try:
         pipe.enable_offload("model", transfer=fake, on_move=lambda *e: events.append(e))
         out = pipe("a dog", **KW)
@@ -88,9 +91,16 @@ def test_block_offload_streams_one_block_at_a_time(pipe, baseline, fake):
     seen = []
 
     def snapshot(i) -> None:
-        seen.append((i, [j for j, b in enumerate(blocks) if location(b, fake) == "device"],
-                     location(model.img_in, fake), location(model.final_layer, fake),
-                     location(pipe.text_encoders, fake), location(pipe.ae, fake)))
+        seen.append(
+            (
+                i,
+                [j for j, b in enumerate(blocks) if location(b, fake) == "device"],
+                location(model.img_in, fake),
+                location(model.final_layer, fake),
+                location(pipe.text_encoders, fake),
+                location(pipe.ae, fake),
+            )
+        )
 
     hooks = while_each_block_runs(model, snapshot)
     try:
@@ -136,8 +146,13 @@ def test_block_offload_with_peft_adapters_runtime_loras_and_fp8(tiny_dev_dir, qu
         seen = []
 
         def record(*args) -> None:
-            seen.append((location(wrapper.lora_A, fake), wrapper.base_layer.weight.dtype,
-                         fake.is_on_device(wrapper.base_layer.weight)))
+            seen.append(
+                (
+                    location(wrapper.lora_A, fake),
+                    wrapper.base_layer.weight.dtype,
+                    fake.is_on_device(wrapper.base_layer.weight),
+                )
+            )
 
         hook = wrapper.register_forward_hook(record)
         offload = BlockOffload(model, fake)

@@ -36,8 +36,9 @@ def _noise(pipe: FluxPipeline, batch: int, seed: int = 0) -> torch.Tensor:
 def _diffusers_pipeline(pipe: FluxPipeline):
     """diffusers' FluxPipeline holding our weights, with FLUX.1-dev's or -schnell's scheduler config."""
     diffusers = pytest.importorskip("diffusers")
-    return diffusers.FluxPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                  **diffusers_parts(pipe))
+    return diffusers.FluxPipeline(
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, **diffusers_parts(pipe)
+    )
 
 
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
@@ -47,8 +48,14 @@ def test_matches_diffusers(variant, dev_pipe, schnell_pipe):
     emb = pipe.encode(["a photo of a dog", "red car at night"])
     noise = _noise(pipe, 2)
     kw = dict(height=H, width=W, num_inference_steps=4)
-    ref_kw = dict(prompt_embeds=emb.txt, pooled_prompt_embeds=emb.y, latents=noise, guidance_scale=3.5,
-                  max_sequence_length=pipe.model.params.max_sequence_length, **kw)
+    ref_kw = dict(
+        prompt_embeds=emb.txt,
+        pooled_prompt_embeds=emb.y,
+        latents=noise,
+        guidance_scale=3.5,
+        max_sequence_length=pipe.model.params.max_sequence_length,
+        **kw,
+    )
 
     ours = pipe(text_embeddings=emb, latents=noise, output_type="latent", progress=False, **kw)
     ref = theirs(output_type="latent", **ref_kw).images
@@ -56,8 +63,9 @@ def test_matches_diffusers(variant, dev_pipe, schnell_pipe):
     torch.testing.assert_close(pack(ours), ref, atol=1e-5, rtol=1e-5)
     # diffusers' scheduler ran the same schedule (it appends the final 0)
     expected = pipe.timesteps(H, W, 4)
-    torch.testing.assert_close(theirs.scheduler.sigmas.double(), torch.tensor(expected, dtype=torch.float64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        theirs.scheduler.sigmas.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     if variant == "schnell":
         assert expected == [1.0, 0.75, 0.5, 0.25, 0.0]
 
@@ -83,8 +91,16 @@ def test_model_called_at_schedule_times_with_guidance(dev_pipe):
         with_kwargs=True,
     )
     try:
-        dev_pipe("a cat", height=H, width=W, num_inference_steps=3, guidance=2.5, seed=0,
-                 output_type="latent", progress=False)
+        dev_pipe(
+            "a cat",
+            height=H,
+            width=W,
+            num_inference_steps=3,
+            guidance=2.5,
+            seed=0,
+            output_type="latent",
+            progress=False,
+        )
     finally:
         hook.remove()
     assert [t for t, _ in seen] == pytest.approx(dev_pipe.timesteps(H, W, 3)[:-1], abs=1e-7)
@@ -99,9 +115,15 @@ def test_true_cfg_is_the_analytic_combination(dev_pipe):
     plain = dev_pipe(text_embeddings=pos, **kw)
 
     def velocity(emb):
-        return dev_pipe.model(img=noise, img_ids=img_ids(1, H // 8, W // 8), txt=emb.txt,
-                              txt_ids=txt_ids(1, emb.txt.shape[1]), timesteps=torch.ones(1), y=emb.y,
-                              guidance=torch.full((1,), 3.5))
+        return dev_pipe.model(
+            img=noise,
+            img_ids=img_ids(1, H // 8, W // 8),
+            txt=emb.txt,
+            txt_ids=txt_ids(1, emb.txt.shape[1]),
+            timesteps=torch.ones(1),
+            y=emb.y,
+            guidance=torch.full((1,), 3.5),
+        )
 
     with torch.no_grad():
         v, v_neg = velocity(pos), velocity(neg)
@@ -130,8 +152,9 @@ def test_several_images_per_prompt_are_prompt_major(dev_pipe):
     for i, j in [(0, 0), (1, 0), (2, 1), (3, 1)]:  # row i belongs to prompt j
         single = dev_pipe(prompts[j], latents=noise[i : i + 1], **kw)
         torch.testing.assert_close(out[i : i + 1], single, atol=1e-5, rtol=1e-5)
-    drawn = dev_pipe("a dog", num_images_per_prompt=3, seed=0, height=32, width=32, output_type="latent",
-                     progress=False)
+    drawn = dev_pipe(
+        "a dog", num_images_per_prompt=3, seed=0, height=32, width=32, output_type="latent", progress=False
+    )
     assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])
 
 
@@ -235,6 +258,7 @@ def test_control_provider_is_called_per_dit_call(dev_pipe):
 
 def test_denoise_is_the_euler_loop(dev_pipe):
     """denoise() with a velocity that is constant in x integrates exactly: x_end = x0 - (t0 - t_end) v."""
+
     class Constant(torch.nn.Module):
         def forward(self, img, **kwargs):
             return torch.full_like(img, 0.5)
@@ -245,8 +269,7 @@ def test_denoise_is_the_euler_loop(dev_pipe):
 
 
 def test_fp8_pipeline(tiny_dev_dir, dev_pipe):
-    pipe = FluxPipeline.from_pretrained(tiny_dev_dir, quantize="float8_e4m3fn", dtype=torch.float32,
-                                        device="cpu")
+    pipe = FluxPipeline.from_pretrained(tiny_dev_dir, quantize="float8_e4m3fn", dtype=torch.float32, device="cpu")
     assert isinstance(pipe.model.double_blocks[0].img_attn.qkv, FP8Linear)
     assert pipe.model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
     kw = dict(height=32, width=32, num_inference_steps=2, seed=0, output_type="pt", progress=False)

@@ -26,12 +26,12 @@ def test_quantize_weight_per_channel_scales():
     q, s = quantize_weight(w)
     assert q.dtype == FP8 and s.dtype == torch.float32 and s.shape == (64,)
     assert torch.equal(torch.log2(s), torch.log2(s).round())  # powers of two: exact in bf16
-    rows_max = (q.float().abs().amax(1))
+    rows_max = q.float().abs().amax(1)
     assert ((rows_max >= 224) & (rows_max <= 448)).all()  # (224, 448] before rounding to e4m3
-    rel = ((dequantize_weight(q, s, torch.float32) - w).norm(dim=1) / w.norm(dim=1))
+    rel = (dequantize_weight(q, s, torch.float32) - w).norm(dim=1) / w.norm(dim=1)
     assert rel.max() < 0.05  # every row keeps e4m3's relative precision
     q1, s1 = quantize_weight(w, per_channel=False)
-    rel1 = ((dequantize_weight(q1, s1, torch.float32) - w).norm(dim=1) / w.norm(dim=1))
+    rel1 = (dequantize_weight(q1, s1, torch.float32) - w).norm(dim=1) / w.norm(dim=1)
     assert rel1[:8].min() > 0.5  # plain cast: the smallest rows drown in subnormals or flush to zero
 
 
@@ -145,8 +145,10 @@ def _saved_bytes(model: nn.Module, x: dict) -> int:
 def test_backward_keeps_no_float_weight_copies():
     p = PRESETS["tiny"]
     bf16 = _realistic_tiny().to(torch.bfloat16)
-    x = {k: (v.to(torch.bfloat16) if v is not None and k in ("img", "txt", "y") else v)
-         for k, v in dit_inputs(p, lat_h=8, lat_w=8, seed=2).items()}
+    x = {
+        k: (v.to(torch.bfloat16) if v is not None and k in ("img", "txt", "y") else v)
+        for k, v in dit_inputs(p, lat_h=8, lat_w=8, seed=2).items()
+    }
     for k in ("img", "txt", "y"):  # every block Linear then sits on the gradient path (as with LoRA everywhere)
         x[k].requires_grad_(True)
     ours = quantize_(copy.deepcopy(bf16))

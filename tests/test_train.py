@@ -22,11 +22,20 @@ ROOT = Path(__file__).parents[1]
 
 
 def tiny_config(tmp_path: Path, model_dir: Path, *overrides: str):
-    return load_config(ROOT / "configs/tiny.yaml", [
-        f"--model.source={model_dir}", f"--output_dir={tmp_path / 'run'}", f"--data.cache_dir={tmp_path / 'cache'}",
-        f"--data.source={ROOT / 'examples/data'}", "--train.log_every_n_steps=1", "--sample.prompts=[]",
-        "--train.accelerator=cpu", "--train.devices=1", *overrides,
-    ])
+    return load_config(
+        ROOT / "configs/tiny.yaml",
+        [
+            f"--model.source={model_dir}",
+            f"--output_dir={tmp_path / 'run'}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--data.source={ROOT / 'examples/data'}",
+            "--train.log_every_n_steps=1",
+            "--sample.prompts=[]",
+            "--train.accelerator=cpu",
+            "--train.devices=1",
+            *overrides,
+        ],
+    )
 
 
 class Probe(L.Callback):
@@ -82,8 +91,14 @@ def test_fp8_training_trains_only_float32_adapters(tmp_path, model_dir, monkeypa
     monkeypatch.setattr(TextEncoders, "encode", count_text)
     monkeypatch.setattr(AutoEncoder, "encode", count_ae)
     # bf16-mixed, as on a GPU: autocast must leave the fp8 weights fp8 (bf16-true would convert them)
-    cfg = tiny_config(tmp_path, model_dir, "--quantize=float8_e4m3fn", "--max_steps=3", "--caption_dropout=0.5",
-                      "--train.precision=bf16-mixed")
+    cfg = tiny_config(
+        tmp_path,
+        model_dir,
+        "--quantize=float8_e4m3fn",
+        "--max_steps=3",
+        "--caption_dropout=0.5",
+        "--train.precision=bf16-mixed",
+    )
     probe = Probe(count_encoders=True)
     trainer, module = fit(cfg, probe)
     assert calls["text"] > 0 and calls["ae"] > 0  # the cache was filled by the real encoders...
@@ -108,8 +123,15 @@ def test_fp8_training_trains_only_float32_adapters(tmp_path, model_dir, monkeypa
 
 
 def test_outputs_of_a_run(tmp_path, model_dir):
-    cfg = tiny_config(tmp_path, model_dir, "--max_steps=4", "--train.save_every_n_steps=2",
-                      "--train.checkpoint_every_n_steps=2", "--sample.prompts=[a red circle]", "--sample.steps=2")
+    cfg = tiny_config(
+        tmp_path,
+        model_dir,
+        "--max_steps=4",
+        "--train.save_every_n_steps=2",
+        "--train.checkpoint_every_n_steps=2",
+        "--sample.prompts=[a red circle]",
+        "--sample.steps=2",
+    )
     lora_path = run(cfg)
     out = cfg.output_path
     assert lora_path == out / "tiny.safetensors" and lora_path.is_file()
@@ -145,8 +167,14 @@ def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_equals_uninterrupted(tmp_path, model_dir, stop_at):
     """k steps, stop, resume to 8 == 8 straight: data order, crops, noise, dropout, optimizer and LR schedule.
     The 8 images make 4 batches an epoch, so 3 stops mid-epoch and 4 at an epoch's end."""
-    args = ["--max_steps=8", f"--train.checkpoint_every_n_steps={stop_at}", "--lora.dropout=0.1",
-            "--caption_dropout=0.3", "--data.crop=random", "--data.flip=true"]
+    args = [
+        "--max_steps=8",
+        f"--train.checkpoint_every_n_steps={stop_at}",
+        "--lora.dropout=0.1",
+        "--caption_dropout=0.3",
+        "--data.crop=random",
+        "--data.flip=true",
+    ]
     straight = tiny_config(tmp_path / "a", model_dir, *args)
     fit(straight)
     interrupted = tiny_config(tmp_path / "b", model_dir, *args)
@@ -173,9 +201,17 @@ def test_lora_learns_the_training_images(tmp_path, model_dir):
     from flux_lora.lora.runtime import apply_loras
     from flux_lora.weights.loading import load_autoencoder, load_flow_model
 
-    cfg = tiny_config(tmp_path, model_dir, "--max_steps=300", "--learning_rate=3e-3", "--caption_dropout=0",
-                      "--train.timestep_sampling=logit_normal", "--train.save_every_n_steps=0",
-                      "--train.checkpoint_every_n_steps=0", "--model.gradient_checkpointing=false")
+    cfg = tiny_config(
+        tmp_path,
+        model_dir,
+        "--max_steps=300",
+        "--learning_rate=3e-3",
+        "--caption_dropout=0",
+        "--train.timestep_sampling=logit_normal",
+        "--train.save_every_n_steps=0",
+        "--train.checkpoint_every_n_steps=0",
+        "--model.gradient_checkpointing=false",
+    )
     probe = Probe()
     trainer, module = fit(cfg, probe)
     assert sum(probe.losses[-20:]) < 0.8 * sum(probe.losses[:20])  # the loss falls
@@ -192,8 +228,16 @@ def test_lora_learns_the_training_images(tmp_path, model_dir):
         for i in range(len(dataset)):
             target = dataset[i]["latents"].float()
             emb = load_text_embeddings(dm.plan, [dataset.captions[i]])
-            out = pipe(text_embeddings=emb, height=8 * target.shape[1], width=8 * target.shape[2], seed=i,
-                       num_inference_steps=8, guidance=1.0, output_type="latent", progress=False)
+            out = pipe(
+                text_embeddings=emb,
+                height=8 * target.shape[1],
+                width=8 * target.shape[2],
+                seed=i,
+                num_inference_steps=8,
+                guidance=1.0,
+                output_type="latent",
+                progress=False,
+            )
             total += float((out[0] - target).square().mean())
         return total / len(dataset)
 

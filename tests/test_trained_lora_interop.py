@@ -24,8 +24,15 @@ from test_train import fit, tiny_config  # noqa: E402
 
 
 def test_trained_lora_loads_in_diffusers_and_matches_our_pipeline(tmp_path, tiny_dev_dir, caplog):
-    cfg = tiny_config(tmp_path, tiny_dev_dir, "--max_steps=30", "--learning_rate=3e-3", "--quantize=float8_e4m3fn",
-                      "--train.save_every_n_steps=0", "--train.checkpoint_every_n_steps=0")
+    cfg = tiny_config(
+        tmp_path,
+        tiny_dev_dir,
+        "--max_steps=30",
+        "--learning_rate=3e-3",
+        "--quantize=float8_e4m3fn",
+        "--train.save_every_n_steps=0",
+        "--train.checkpoint_every_n_steps=0",
+    )
     fit(cfg)
     kohya = cfg.output_path / "tiny.safetensors"
     # tiny widths go through the diffusers layout (diffusers' kohya converter hard-codes hidden 3072)

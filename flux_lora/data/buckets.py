@@ -61,8 +61,9 @@ def fit_bucket(width: int, height: int, resolution: int, max_aspect: float) -> S
     return (min(w, limit(h)), h) if w >= h else (w, min(h, limit(w)))
 
 
-def choose_bucket(width: int, height: int, buckets: Sequence[Size], *, resolution: int, max_aspect: float,
-                  upscale: bool) -> Size:
+def choose_bucket(
+    width: int, height: int, buckets: Sequence[Size], *, resolution: int, max_aspect: float, upscale: bool
+) -> Size:
     """The bucket for a ``width x height`` image: the standard bucket of closest aspect ratio (in log space;
     ties go to the smaller bucket), or, without ``upscale``, :func:`fit_bucket` when that bucket would need
     enlarging."""
@@ -89,8 +90,13 @@ class Placement:
         return self.left, self.top, self.left + self.bucket[0], self.top + self.bucket[1]
 
     def to_dict(self) -> dict:
-        return {"bucket": list(self.bucket), "resized": list(self.resized), "left": self.left,
-                "top": self.top, "flip": self.flip}
+        return {
+            "bucket": list(self.bucket),
+            "resized": list(self.resized),
+            "left": self.left,
+            "top": self.top,
+            "flip": self.flip,
+        }
 
 
 def resized_size(width: int, height: int, bucket: Size) -> Size:
@@ -107,8 +113,9 @@ def apply_placement(image: Image.Image, placement: Placement) -> Image.Image:
     return ImageOps.mirror(image) if placement.flip else image
 
 
-def placements(width: int, height: int, bucket: Size, *, crop: str, variants: int, flip: bool,
-               seed: str) -> list[Placement]:
+def placements(
+    width: int, height: int, bucket: Size, *, crop: str, variants: int, flip: bool, seed: str
+) -> list[Placement]:
     """The cached training variants of one image: one center crop, or ``variants`` distinct random crops
     (fewer when the image has fewer possible positions) drawn by a generator seeded by ``seed`` (so every
     process and every run picks the same ones); each crop also mirrored when ``flip``."""
@@ -148,9 +155,19 @@ class BucketBatchSampler:
     ``batch_sampler.sampler``, so ``sampler`` refers to this object itself.
     """
 
-    def __init__(self, buckets: Sequence[Size], num_variants: Sequence[int], *, batch_size: int,
-                 repeats: int = 1, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        buckets: Sequence[Size],
+        num_variants: Sequence[int],
+        *,
+        batch_size: int,
+        repeats: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if len(buckets) != len(num_variants):
             raise ValueError(f"{len(buckets)} buckets for {len(num_variants)} samples")
         if not 0 <= rank < world_size:
@@ -183,7 +200,7 @@ class BucketBatchSampler:
                 rng.shuffle(members)
             items = [(i, rng.randrange(self.num_variants[i])) for i in members]
             for start in range(0, len(items), self.batch_size):
-                batch = items[start:start + self.batch_size]
+                batch = items[start : start + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         if self.shuffle:
@@ -199,7 +216,7 @@ class BucketBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         skip, self.skip = self.skip, 0
-        yield from self._padded()[self.rank::self.world_size][skip:]
+        yield from self._padded()[self.rank :: self.world_size][skip:]
 
     def __len__(self) -> int:
         full, partial = 0, 0

@@ -54,8 +54,12 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 # What TextEncoders.tokenize does; part of every text key, so a change here invalidates the text cache.
-TOKENIZER_SETTINGS = {"clip_max_length": CLIP_MAX_LENGTH, "padding": "max_length", "truncation": True,
-                      "attention_mask": False}
+TOKENIZER_SETTINGS = {
+    "clip_max_length": CLIP_MAX_LENGTH,
+    "padding": "max_length",
+    "truncation": True,
+    "attention_mask": False,
+}
 LATENT_SETTINGS = {"resample": "lanczos", "latent": "mean", "pixels": "[-1, 1]"}
 TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -86,13 +90,22 @@ class TextEncoderSpec:
     def from_module(cls, encoders: TextEncoders) -> TextEncoderSpec:
         """From loaded encoders (hashes every weight; meant for small or already-loaded models)."""
         extra = [tokenizer_identity(encoders.clip_tokenizer), tokenizer_identity(encoders.t5_tokenizer)]
-        return cls(fingerprint_module(encoders, extra), encoders.max_length,
-                   _dtype_name(next(encoders.t5.parameters()).dtype))
+        return cls(
+            fingerprint_module(encoders, extra), encoders.max_length, _dtype_name(next(encoders.t5.parameters()).dtype)
+        )
 
     def key(self, caption: str) -> str:
-        return _sha({"v": CACHE_VERSION, "kind": "text", "encoder": self.fingerprint,
-                     "max_length": self.max_length, "dtype": self.dtype, "tokenizer": TOKENIZER_SETTINGS,
-                     "caption": caption})
+        return _sha(
+            {
+                "v": CACHE_VERSION,
+                "kind": "text",
+                "encoder": self.fingerprint,
+                "max_length": self.max_length,
+                "dtype": self.dtype,
+                "tokenizer": TOKENIZER_SETTINGS,
+                "caption": caption,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -111,12 +124,20 @@ class AutoEncoderSpec:
 
     @classmethod
     def from_module(cls, ae: AutoEncoder) -> AutoEncoderSpec:
-        return cls(fingerprint_module(ae, [json.dumps(ae.params.to_dict())]),
-                   _dtype_name(next(ae.parameters()).dtype))
+        return cls(fingerprint_module(ae, [json.dumps(ae.params.to_dict())]), _dtype_name(next(ae.parameters()).dtype))
 
     def key(self, image_hash: str, placement: Placement) -> str:
-        return _sha({"v": CACHE_VERSION, "kind": "latent", "encoder": self.fingerprint, "dtype": self.dtype,
-                     "image": image_hash, "placement": placement.to_dict(), "settings": LATENT_SETTINGS})
+        return _sha(
+            {
+                "v": CACHE_VERSION,
+                "kind": "latent",
+                "encoder": self.fingerprint,
+                "dtype": self.dtype,
+                "image": image_hash,
+                "placement": placement.to_dict(),
+                "settings": LATENT_SETTINGS,
+            }
+        )
 
 
 class CacheStore:
@@ -196,24 +217,43 @@ class CachePlan:
         return replace(self, missing_text=missing_text, missing_latents=missing_latents)
 
 
-def plan_cache(data: ScannedData, cfg: DataConfig, text_spec: TextEncoderSpec, ae_spec: AutoEncoderSpec,
-               sample_prompts: Sequence[str] = ()) -> CachePlan:
+def plan_cache(
+    data: ScannedData,
+    cfg: DataConfig,
+    text_spec: TextEncoderSpec,
+    ae_spec: AutoEncoderSpec,
+    sample_prompts: Sequence[str] = (),
+) -> CachePlan:
     """Buckets, crop variants and cache keys for every record, and what is missing. Loads no encoder."""
     standard = bucket_sizes(cfg.resolution, cfg.max_aspect, cfg.bucket_step)
     buckets, variants = [], []
     for i, r in enumerate(data.records):
-        bucket = choose_bucket(r.width, r.height, standard, resolution=cfg.resolution,
-                               max_aspect=cfg.max_aspect, upscale=cfg.upscale)
-        places = placements(r.width, r.height, bucket, crop=cfg.crop, variants=cfg.crop_variants,
-                            flip=cfg.flip, seed=f"{cfg.seed}:{r.image_hash}")
+        bucket = choose_bucket(
+            r.width, r.height, standard, resolution=cfg.resolution, max_aspect=cfg.max_aspect, upscale=cfg.upscale
+        )
+        places = placements(
+            r.width,
+            r.height,
+            bucket,
+            crop=cfg.crop,
+            variants=cfg.crop_variants,
+            flip=cfg.flip,
+            seed=f"{cfg.seed}:{r.image_hash}",
+        )
         buckets.append(bucket)
         variants.append([LatentJob(i, p, ae_spec.key(r.image_hash, p)) for p in places])
     captions = [r.caption for r in data.records]
     text_keys = {c: text_spec.key(c) for c in dict.fromkeys(["", *captions, *sample_prompts])}
     plan = CachePlan(Path(cfg.cache_dir), text_spec, ae_spec, captions, buckets, variants, text_keys)
     plan = plan.refresh()
-    log.info("cache %s: %d of %d captions and %d of %d latents to encode", plan.root, len(plan.missing_text),
-             len(text_keys), len(plan.missing_latents), sum(map(len, variants)))
+    log.info(
+        "cache %s: %d of %d captions and %d of %d latents to encode",
+        plan.root,
+        len(plan.missing_text),
+        len(text_keys),
+        len(plan.missing_latents),
+        sum(map(len, variants)),
+    )
     return plan
 
 
@@ -268,19 +308,22 @@ def _check_dtype(module: nn.Module, expected: str, what: str) -> None:
         sizes[_dtype_name(p.dtype)] += p.numel()
     found = sizes.most_common(1)[0][0] if sizes else None
     if found != expected:
-        raise ValueError(f"the loaded {what} computes in {found} but the cache plan expects {expected}; "
-                         "build the spec with the dtype the loader uses")
+        raise ValueError(
+            f"the loaded {what} computes in {found} but the cache plan expects {expected}; "
+            "build the spec with the dtype the loader uses"
+        )
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _encode_texts(encoders: TextEncoders, plan: CachePlan, batch_size: int, progress: bool) -> int:
     store = plan.store
-    with tqdm(total=len(plan.missing_text), desc="caching text embeddings", unit="caption",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(plan.missing_text), desc="caching text embeddings", unit="caption", disable=not progress
+    ) as bar:
         for batch in _batches(sorted(plan.missing_text), batch_size):
             emb = encoders.encode(batch).to("cpu")
             for i, caption in enumerate(batch):
@@ -295,8 +338,9 @@ def image_to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def _encode_latents(ae: AutoEncoder, plan: CachePlan, data: ScannedData, device: torch.device,
-                    batch_size: int, progress: bool) -> int:
+def _encode_latents(
+    ae: AutoEncoder, plan: CachePlan, data: ScannedData, device: torch.device, batch_size: int, progress: bool
+) -> int:
     store, dtype = plan.store, getattr(torch, plan.ae_spec.dtype)
     jobs = sorted(plan.missing_latents, key=lambda j: (j.placement.bucket, j.record, j.key))
     decoded: tuple[int, Image.Image] | None = None  # variants of one image come in a row: decode it once
@@ -316,9 +360,15 @@ def _encode_latents(ae: AutoEncoder, plan: CachePlan, data: ScannedData, device:
     return len(jobs)
 
 
-def fill_cache(plan: CachePlan, data: ScannedData, load_text_encoders: Callable[[], TextEncoders],
-               load_autoencoder: Callable[[], AutoEncoder], device: str | torch.device = "cpu",
-               batch_size: int = 4, progress: bool = True) -> FillStats:
+def fill_cache(
+    plan: CachePlan,
+    data: ScannedData,
+    load_text_encoders: Callable[[], TextEncoders],
+    load_autoencoder: Callable[[], AutoEncoder],
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> FillStats:
     """Encode whatever ``plan`` finds missing (re-checked under the fill lock), writing each entry as soon as
     it is encoded. A loader is called only if an entry it serves is missing; what it returns is owned by this
     call: moved to ``device``, used, then destroyed by :func:`release` (so return fresh encoders, not
@@ -335,16 +385,27 @@ def fill_cache(plan: CachePlan, data: ScannedData, load_text_encoders: Callable[
         plan = plan.refresh()
         texts = latents = 0
         if plan.missing_text:
-            texts = _with_encoder(load_text_encoders, device, plan.text_spec.dtype, "text encoders",
-                                  lambda te: _encode_texts(te, plan, batch_size, progress))
+            texts = _with_encoder(
+                load_text_encoders,
+                device,
+                plan.text_spec.dtype,
+                "text encoders",
+                lambda te: _encode_texts(te, plan, batch_size, progress),
+            )
         if plan.missing_latents:
-            latents = _with_encoder(load_autoencoder, device, plan.ae_spec.dtype, "autoencoder",
-                                    lambda ae: _encode_latents(ae, plan, data, device, batch_size, progress))
+            latents = _with_encoder(
+                load_autoencoder,
+                device,
+                plan.ae_spec.dtype,
+                "autoencoder",
+                lambda ae: _encode_latents(ae, plan, data, device, batch_size, progress),
+            )
     return FillStats(texts, latents)
 
 
-def _with_encoder(load: Callable[[], nn.Module], device: torch.device, dtype: str, what: str,
-                  work: Callable[[nn.Module], int]) -> int:
+def _with_encoder(
+    load: Callable[[], nn.Module], device: torch.device, dtype: str, what: str, work: Callable[[nn.Module], int]
+) -> int:
     """Load, check the dtype, run ``work``, and release the encoder whatever happens."""
     module = load().to(device)
     try:

@@ -47,18 +47,23 @@ class CachedDataset(Dataset):
     ``caption`` (str).
     A plain integer ``i`` means variant 0."""
 
-    def __init__(self, root: str | Path, latent_keys: list[list[str]], text_keys: list[str],
-                 captions: list[str]):
+    def __init__(self, root: str | Path, latent_keys: list[list[str]], text_keys: list[str], captions: list[str]):
         self.root, self.latent_keys = Path(root), latent_keys
         self.text_keys, self.captions = text_keys, captions
 
     @classmethod
     def from_plan(cls, plan: CachePlan) -> CachedDataset:
         if not plan.complete:
-            raise RuntimeError(f"the cache {plan.root} is incomplete ({len(plan.missing_text)} captions, "
-                               f"{len(plan.missing_latents)} latents missing): fill it first")
-        return cls(plan.root, [[j.key for j in jobs] for jobs in plan.variants],
-                   [plan.text_keys[c] for c in plan.captions], list(plan.captions))
+            raise RuntimeError(
+                f"the cache {plan.root} is incomplete ({len(plan.missing_text)} captions, "
+                f"{len(plan.missing_latents)} latents missing): fill it first"
+            )
+        return cls(
+            plan.root,
+            [[j.key for j in jobs] for jobs in plan.variants],
+            [plan.text_keys[c] for c in plan.captions],
+            list(plan.captions),
+        )
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -77,8 +82,7 @@ def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
     shapes = {tuple(s["latents"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(f"a batch mixes latent sizes {sorted(shapes)}; batch with BucketBatchSampler")
-    out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples])
-                                          for k in ("latents", "txt", "y")}
+    out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples]) for k in ("latents", "txt", "y")}
     out["caption"] = [s["caption"] for s in samples]
     return out
 
@@ -114,15 +118,28 @@ class ResumableDataLoader(DataLoader):
 
 def make_dataloader(plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader:
     """The training DataLoader over a complete cache: this rank's bucketed batches (BucketBatchSampler)."""
-    sampler = BucketBatchSampler(plan.buckets, [len(v) for v in plan.variants], batch_size=cfg.batch_size,
-                                 repeats=cfg.repeats, shuffle=cfg.shuffle, seed=cfg.seed,
-                                 drop_last=cfg.drop_last, rank=rank, world_size=world_size)
-    return ResumableDataLoader(CachedDataset.from_plan(plan), batch_sampler=sampler, collate_fn=collate,
-                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                      pin_memory=torch.cuda.is_available(),
-                      # its own generator: creating an iterator must not draw from the global RNG, whose state a
-                      # resumed run restores (LoRA dropout draws from it)
-                      generator=torch.Generator().manual_seed(cfg.seed))
+    sampler = BucketBatchSampler(
+        plan.buckets,
+        [len(v) for v in plan.variants],
+        batch_size=cfg.batch_size,
+        repeats=cfg.repeats,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        drop_last=cfg.drop_last,
+        rank=rank,
+        world_size=world_size,
+    )
+    return ResumableDataLoader(
+        CachedDataset.from_plan(plan),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        # its own generator: creating an iterator must not draw from the global RNG, whose state a
+        # resumed run restores (LoRA dropout draws from it)
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 class FluxDataModule(L.LightningDataModule):
@@ -139,10 +156,17 @@ class FluxDataModule(L.LightningDataModule):
             every image, so it is done once per process).
     """
 
-    def __init__(self, cfg: DataConfig, text_spec: TextEncoderSpec, ae_spec: AutoEncoderSpec,
-                 load_text_encoders: Callable[[], TextEncoders], load_autoencoder: Callable[[], AutoEncoder],
-                 sample_prompts: Sequence[str] = (), device: str | torch.device | None = None,
-                 scanned: ScannedData | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        text_spec: TextEncoderSpec,
+        ae_spec: AutoEncoderSpec,
+        load_text_encoders: Callable[[], TextEncoders],
+        load_autoencoder: Callable[[], AutoEncoder],
+        sample_prompts: Sequence[str] = (),
+        device: str | torch.device | None = None,
+        scanned: ScannedData | None = None,
+    ):
         super().__init__()
         self.cfg, self.text_spec, self.ae_spec = cfg, text_spec, ae_spec
         self.load_text_encoders, self.load_autoencoder = load_text_encoders, load_autoencoder
@@ -151,13 +175,28 @@ class FluxDataModule(L.LightningDataModule):
         self._scanned = scanned
 
     @classmethod
-    def from_model_folder(cls, cfg: DataConfig, folder: str | Path, max_length: int, dtype: torch.dtype,
-                          sample_prompts: Sequence[str] = (), device: str | torch.device | None = None,
-                          scanned: ScannedData | None = None) -> FluxDataModule:
+    def from_model_folder(
+        cls,
+        cfg: DataConfig,
+        folder: str | Path,
+        max_length: int,
+        dtype: torch.dtype,
+        sample_prompts: Sequence[str] = (),
+        device: str | torch.device | None = None,
+        scanned: ScannedData | None = None,
+    ) -> FluxDataModule:
         """Encoders in one FLUX.1-layout folder (``text_encoder*/``, ``tokenizer*/``, ``ae.safetensors``)."""
         folder = Path(folder)
-        dm = cls(cfg, TextEncoderSpec.from_folder(folder, max_length, dtype),
-                 AutoEncoderSpec.from_folder(folder, dtype), _never, _never, sample_prompts, device, scanned)
+        dm = cls(
+            cfg,
+            TextEncoderSpec.from_folder(folder, max_length, dtype),
+            AutoEncoderSpec.from_folder(folder, dtype),
+            _never,
+            _never,
+            sample_prompts,
+            device,
+            scanned,
+        )
         # Picklable partials (for ddp_spawn) that load straight onto the encoding device, not via the host.
         dm.load_text_encoders = functools.partial(_folder_text_encoders, dm, folder, max_length, dtype)
         dm.load_autoencoder = functools.partial(_folder_autoencoder, dm, folder, dtype)
@@ -183,14 +222,17 @@ class FluxDataModule(L.LightningDataModule):
         """Scan, plan, and fill what is missing (then the encoders are released)."""
         data, plan = self._plan()
         if not plan.complete:
-            fill_cache(plan, data, self.load_text_encoders, self.load_autoencoder, self._device(),
-                       self.cfg.encode_batch_size)
+            fill_cache(
+                plan, data, self.load_text_encoders, self.load_autoencoder, self._device(), self.cfg.encode_batch_size
+            )
 
     def setup(self, stage: str | None = None) -> None:
         _, plan = self._plan()
         if not plan.complete:
-            raise RuntimeError(f"the cache {plan.root} is incomplete on this process after prepare_data; "
-                               "with several nodes, give each its own cache folder or share one filesystem")
+            raise RuntimeError(
+                f"the cache {plan.root} is incomplete on this process after prepare_data; "
+                "with several nodes, give each its own cache folder or share one filesystem"
+            )
         self.plan = plan
 
     def train_dataloader(self) -> DataLoader:
@@ -216,8 +258,7 @@ def _never():
     raise AssertionError("replaced in FluxDataModule.from_model_folder")
 
 
-def _folder_text_encoders(dm: FluxDataModule, folder: Path, max_length: int,
-                          dtype: torch.dtype) -> TextEncoders:
+def _folder_text_encoders(dm: FluxDataModule, folder: Path, max_length: int, dtype: torch.dtype) -> TextEncoders:
     return TextEncoders.from_folder(folder, max_length, dtype=dtype, device=dm._device())
 
 

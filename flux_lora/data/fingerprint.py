@@ -62,8 +62,11 @@ def fingerprint_file(path: str | Path) -> str:
 def model_files(folder: Path) -> list[Path]:
     """The files under ``folder`` that take part in its fingerprint, in a stable order."""
     files = [
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES and p.name not in IGNORED_NAMES
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix in MODEL_FILE_SUFFIXES
+        and p.name not in IGNORED_NAMES
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     ]
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())

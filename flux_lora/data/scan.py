@@ -148,8 +148,12 @@ def _folder_items(folder: Path, cfg: DataConfig) -> list[tuple[str, str | None, 
     items = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if (path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file()
-                or any(p.startswith(".") for p in rel.parts) or cache in path.resolve().parents):
+        if (
+            path.suffix.lower() not in IMAGE_EXTENSIONS
+            or not path.is_file()
+            or any(p.startswith(".") for p in rel.parts)
+            or cache in path.resolve().parents
+        ):
             continue
         caption_file = path.with_suffix(cfg.caption_extension)
         caption = None
@@ -171,13 +175,11 @@ def _load_datasets_source(cfg: DataConfig):
         if source.is_dir() and any((source / m).is_file() for m in SAVED_DATASET_MARKERS):
             ds = datasets.load_from_disk(str(source))
         elif source.is_dir():
-            ds = datasets.load_dataset("imagefolder", data_dir=str(source), split=cfg.split,
-                                       cache_dir=hf_cache)
+            ds = datasets.load_dataset("imagefolder", data_dir=str(source), split=cfg.split, cache_dir=hf_cache)
         else:
             ds = datasets.load_dataset(cfg.source, split=cfg.split, cache_dir=hf_cache)
     except Exception as e:
-        raise DataError(f"data.source {cfg.source!r} could not be read as a dataset "
-                        f"({type(e).__name__}: {e})") from e
+        raise DataError(f"data.source {cfg.source!r} could not be read as a dataset ({type(e).__name__}: {e})") from e
     if isinstance(ds, datasets.DatasetDict):
         if cfg.split not in ds:
             raise DataError(f"data.split {cfg.split!r} is not in {cfg.source}; splits: {sorted(ds)}")
@@ -190,8 +192,9 @@ def _dataset_items(ds, cfg: DataConfig) -> tuple[Any, list[tuple[str, str | None
 
     for role, column in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)):
         if column not in ds.column_names:
-            raise DataError(f"column {column!r} (data.{role}) is not in dataset {cfg.source}; "
-                            f"available columns: {ds.column_names}")
+            raise DataError(
+                f"column {column!r} (data.{role}) is not in dataset {cfg.source}; available columns: {ds.column_names}"
+            )
     ds = ds.select_columns([cfg.image_column, cfg.caption_column])
     if isinstance(ds.features[cfg.image_column], datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
@@ -251,8 +254,7 @@ def scan(cfg: DataConfig) -> ScannedData:
                 continue
             caption = cfg.default_caption
         path = ref if kind == "folder" else _cell_path(ref)
-        records.append(ImageRecord(name, caption, digest, probed[0], probed[1], path=path,
-                                   row=None if path else row))
+        records.append(ImageRecord(name, caption, digest, probed[0], probed[1], path=path, row=None if path else row))
     _check_scan(cfg, records, skipped, missing, len(items))
     return ScannedData(cfg.source, records, skipped, dataset, cfg.image_column)
 
@@ -266,8 +268,11 @@ def _cell_path(cell: Any) -> str | None:
 
 def _check_scan(cfg: DataConfig, records: list, skipped: list, missing: list[str], total: int) -> None:
     if missing:
-        where = f"a {cfg.caption_extension} file beside each image" if source_kind(cfg.source) == "folder" \
+        where = (
+            f"a {cfg.caption_extension} file beside each image"
+            if source_kind(cfg.source) == "folder"
             else f"column {cfg.caption_column!r}"
+        )
         raise DataError(
             f"{len(missing)} image(s) in {cfg.source} have no caption ({where}), e.g. {missing[:5]}; "
             "add captions or set data.default_caption"

@@ -89,8 +89,9 @@ def _check_image(value, what: str, channels: int) -> None:
     shape = tuple(value.shape)
     ok = (value.ndim in (3, 4) and shape[-3] == channels) or (channels == 1 and value.ndim == 2)
     if not ok or min(shape) < 1:
-        raise ValueError(f"{what} has shape {shape}; expected [{channels}, H, W] or [B, {channels}, H, W] "
-                         "with values in [0, 1]")
+        raise ValueError(
+            f"{what} has shape {shape}; expected [{channels}, H, W] or [B, {channels}, H, W] with values in [0, 1]"
+        )
     low, high = value.min().item(), value.max().item()
     if not (low >= 0.0 and high <= 1.0):
         raise ValueError(f"{what} has values in [{low:.3g}, {high:.3g}]; tensors take values in [0, 1]")
@@ -103,8 +104,10 @@ def _check_unit(unit: ControlNetUnit, flux: FluxParams, dtype: torch.dtype, name
         raise TypeError(f"{name}.controlnet must be a FluxControlNet, got {type(cn).__name__}")
     check_compatible(cn, flux, name)
     if cn.params.is_union and unit.mode is None:
-        raise ValueError(f"{name}: a union ControlNet ({cn.params.num_modes} modes) needs a mode, by name "
-                         "(canny, tile, depth, blur, pose, gray, lq) or index")
+        raise ValueError(
+            f"{name}: a union ControlNet ({cn.params.num_modes} modes) needs a mode, by name "
+            "(canny, tile, depth, blur, pose, gray, lq) or index"
+        )
     try:
         mode = None if unit.mode is None else resolve_mode(unit.mode, cn.params.num_modes)
     except ValueError as e:
@@ -119,15 +122,17 @@ def _check_unit(unit: ControlNetUnit, flux: FluxParams, dtype: torch.dtype, name
     if unit.mask is not None:
         _check_image(unit.mask, f"{name}.mask", 1)
     if not (0.0 <= unit.start < unit.end <= 1.0):
-        raise ValueError(f"{name}: the step window must satisfy 0 <= start < end <= 1, got start={unit.start}, "
-                         f"end={unit.end}")
+        raise ValueError(
+            f"{name}: the step window must satisfy 0 <= start < end <= 1, got start={unit.start}, end={unit.end}"
+        )
     if not math.isfinite(unit.scale):
         raise ValueError(f"{name}: scale must be a finite number, got {unit.scale}")
 
     cn_dtype = float_dtype(cn)
     if cn_dtype != dtype:
-        raise ValueError(f"{name}: the ControlNet computes in {cn_dtype}, the pipeline in {dtype}; load it "
-                         f"with dtype={dtype}")
+        raise ValueError(
+            f"{name}: the ControlNet computes in {cn_dtype}, the pipeline in {dtype}; load it with dtype={dtype}"
+        )
     return replace(unit, mode=mode)
 
 
@@ -180,8 +185,7 @@ def control_pixels(value: ImageInput, height: int, width: int, *, mask: bool = F
     """
     w0, h0 = value.size if isinstance(value, Image.Image) else (value.shape[-1], value.shape[-2])
     if abs(w0 / h0 - width / height) > 0.01 * width / height:
-        log.warning("control %s of %dx%d is stretched to %dx%d", "mask" if mask else "image", w0, h0, width,
-                    height)
+        log.warning("control %s of %dx%d is stretched to %dx%d", "mask" if mask else "image", w0, h0, width, height)
     if isinstance(value, Image.Image) and value.mode in WIDE_MODES:
         value = _to_tensor(value, 1 if mask else 3)
     if isinstance(value, Image.Image) and value.size != (width, height):
@@ -198,13 +202,15 @@ def control_pixels(value: ImageInput, height: int, width: int, *, mask: bool = F
 
 def _batch(t: Tensor, num_prompts: int, what: str) -> int:
     if t.shape[0] not in (1, num_prompts):
-        raise ValueError(f"{what} is a batch of {t.shape[0]} for {num_prompts} prompts: give one image, or "
-                         "one per prompt")
+        raise ValueError(
+            f"{what} is a batch of {t.shape[0]} for {num_prompts} prompts: give one image, or one per prompt"
+        )
     return t.shape[0]
 
 
-def prepare_images(units: Sequence[ControlNetUnit], height: int, width: int,
-                   num_prompts: int) -> list[tuple[Tensor, Tensor | None]]:
+def prepare_images(
+    units: Sequence[ControlNetUnit], height: int, width: int, num_prompts: int
+) -> list[tuple[Tensor, Tensor | None]]:
     """Each unit's ``(image [b, 3, H, W] in [-1, 1], mask [b, 1, H, W] or None)`` at the output size, with
     ``b`` 1 or ``num_prompts`` (image and mask brought to the same ``b``)."""
     out = []
@@ -233,8 +239,14 @@ class EncodedUnit:
 
 
 @torch.no_grad()
-def encode_units(units: Sequence[ControlNetUnit], images: list[tuple[Tensor, Tensor | None]],
-                 ae: torch.nn.Module, batch: int, device: torch.device, dtype: torch.dtype) -> list[EncodedUnit]:
+def encode_units(
+    units: Sequence[ControlNetUnit],
+    images: list[tuple[Tensor, Tensor | None]],
+    ae: torch.nn.Module,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[EncodedUnit]:
     """Encode each unit's control image (masked and with its mask, for inpainting) with the autoencoder ``ae``
     (the posterior mean) and repeat it to ``batch`` rows: one image for all, or one per prompt repeated for
     each of its images (prompt-major, as the prompts are). ``dtype``: the autoencoder's."""
@@ -243,8 +255,9 @@ def encode_units(units: Sequence[ControlNetUnit], images: list[tuple[Tensor, Ten
         mask = None if mask is None else mask.to(device)
         control = encode_control(ae, image.to(device, dtype), unit.controlnet.params, mask)
         rows = control.shape[0]
-        control = control.expand(batch, *control.shape[1:]) if rows == 1 else control.repeat_interleave(
-            batch // rows, 0)
+        control = (
+            control.expand(batch, *control.shape[1:]) if rows == 1 else control.repeat_interleave(batch // rows, 0)
+        )
         encoded.append(EncodedUnit(unit.controlnet, control, unit.mode, unit.scale, unit.start, unit.end))
     return encoded
 
@@ -277,6 +290,15 @@ class ControlNetProvider:
             g = x.guidance
             if g is None:
                 g = torch.full((x.img.shape[0],), self.guidance, device=x.img.device, dtype=x.img.dtype)
-        return unit.controlnet(img=x.img, img_ids=x.img_ids, txt=x.txt, txt_ids=x.txt_ids,
-                               timesteps=x.timesteps, y=x.y, control=unit.control.to(x.img.device), guidance=g,
-                               mode=unit.mode, scale=unit.scale)
+        return unit.controlnet(
+            img=x.img,
+            img_ids=x.img_ids,
+            txt=x.txt,
+            txt_ids=x.txt_ids,
+            timesteps=x.timesteps,
+            y=x.y,
+            control=unit.control.to(x.img.device),
+            guidance=g,
+            mode=unit.mode,
+            scale=unit.scale,
+        )

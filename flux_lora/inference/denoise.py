@@ -37,14 +37,33 @@ StepCallback = Callable[[int, float, Tensor], None]
 
 def _velocity(model: nn.Module, inputs: DiTInputs, controls: ControlProvider | None) -> Tensor:
     residuals = controls(inputs) if controls is not None else None
-    return model(img=inputs.img, img_ids=inputs.img_ids, txt=inputs.txt, txt_ids=inputs.txt_ids,
-                 timesteps=inputs.timesteps, y=inputs.y, guidance=inputs.guidance, controls=residuals)
+    return model(
+        img=inputs.img,
+        img_ids=inputs.img_ids,
+        txt=inputs.txt,
+        txt_ids=inputs.txt_ids,
+        timesteps=inputs.timesteps,
+        y=inputs.y,
+        guidance=inputs.guidance,
+        controls=residuals,
+    )
 
 
-def denoise(model: nn.Module, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, y: Tensor,
-            timesteps: list[float], guidance: float | None, *, neg: TextEmbeddings | None = None,
-            true_cfg: float = 1.0, controls: ControlProvider | None = None,
-            callback: StepCallback | None = None) -> Tensor:
+def denoise(
+    model: nn.Module,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    y: Tensor,
+    timesteps: list[float],
+    guidance: float | None,
+    *,
+    neg: TextEmbeddings | None = None,
+    true_cfg: float = 1.0,
+    controls: ControlProvider | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
     """Integrate the flow ODE from ``timesteps[0]`` to ``timesteps[-1]`` with Euler steps.
 
     Args:

@@ -146,19 +146,28 @@ class BlockOffload:
     a block holds when it is called are the ones moved.
     """
 
-    def __init__(self, model: nn.Module, transfer: Transfer, *, prefetch: bool = True,
-                 on_move: PlacementLog | None = None, name: str = "model"):
+    def __init__(
+        self,
+        model: nn.Module,
+        transfer: Transfer,
+        *,
+        prefetch: bool = True,
+        on_move: PlacementLog | None = None,
+        name: str = "model",
+    ):
         self.transfer = transfer
         self.prefetch = prefetch
         self.on_move = on_move or (lambda action, module: None)
-        self.blocks = [(f"{name}.{group}.{i}", block) for group in ("double_blocks", "single_blocks")
-                       for i, block in enumerate(getattr(model, group))]
+        self.blocks = [
+            (f"{name}.{group}.{i}", block)
+            for group in ("double_blocks", "single_blocks")
+            for i, block in enumerate(getattr(model, group))
+        ]
         to_host_(model, transfer)  # so that remove() leaves every tensor in host memory, wherever it started
         self.rest = Loaded(model, transfer, skip=_subtree_ids([b for _, b in self.blocks]))
         self._pending: dict[int, tuple[Loaded, torch.cuda.Event | None]] = {}
         self._active: dict[int, Loaded] = {}
-        self._hooks = [model.register_forward_pre_hook(self._start),
-                       model.register_forward_hook(self._finish)]
+        self._hooks = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._finish)]
         for i, (_, block) in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(self._pre_hook(i)))
             self._hooks.append(block.register_forward_hook(self._post_hook(i)))
@@ -196,6 +205,7 @@ class BlockOffload:
             idle = following not in self._pending and following not in self._active
             if self.prefetch and following < len(self.blocks) and idle:
                 self._fetch(following)
+
         return hook
 
     def _post_hook(self, i: int):
@@ -204,6 +214,7 @@ class BlockOffload:
             if loaded is not None:
                 loaded.unload()
                 self.on_move("unload", self.blocks[i][0])
+
         return hook
 
     def release(self) -> None:
@@ -231,8 +242,15 @@ class Placement:
     stay on the device. Components that take part in one call only (ControlNets) join with :meth:`joined`.
     """
 
-    def __init__(self, components: dict[str, nn.Module], transfer: Transfer, mode: OffloadMode | None = None,
-                 *, dit: str = "model", on_move: PlacementLog | None = None):
+    def __init__(
+        self,
+        components: dict[str, nn.Module],
+        transfer: Transfer,
+        mode: OffloadMode | None = None,
+        *,
+        dit: str = "model",
+        on_move: PlacementLog | None = None,
+    ):
         if mode not in (None, "model", "block"):
             raise ValueError(f"offload must be None, 'model' or 'block', got {mode!r}")
         self.components, self.transfer, self.mode = dict(components), transfer, mode

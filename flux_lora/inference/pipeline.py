@@ -67,13 +67,22 @@ class FluxPipeline:
     call passes ``text_embeddings``.
     """
 
-    def __init__(self, model: Flux, ae: AutoEncoder, text_encoders: TextEncoders | None, *,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 offload: OffloadMode | None = None):
+    def __init__(
+        self,
+        model: Flux,
+        ae: AutoEncoder,
+        text_encoders: TextEncoders | None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        offload: OffloadMode | None = None,
+    ):
         packed = ae.params.z_channels * 4
         if packed != model.params.in_channels:
-            raise ValueError(f"the autoencoder's {ae.params.z_channels} latent channels pack to {packed}, "
-                             f"the DiT takes {model.params.in_channels}")
+            raise ValueError(
+                f"the autoencoder's {ae.params.z_channels} latent channels pack to {packed}, "
+                f"the DiT takes {model.params.in_channels}"
+            )
         self.model, self.ae, self.text_encoders = model, ae, text_encoders
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or float_dtype(model)
@@ -81,9 +90,15 @@ class FluxPipeline:
         self.enable_offload(offload)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, *, quantize: str | None = None,
-                        dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
-                        offload: OffloadMode | None = None) -> FluxPipeline:
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        quantize: str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        offload: OffloadMode | None = None,
+    ) -> FluxPipeline:
         """Load DiT, autoencoder and text encoders from a model folder (FLUX.1 layout) or a ModelScope id.
 
         ``quantize="float8_e4m3fn"`` stores the DiT's block Linears in fp8. With ``offload``, the weights load
@@ -110,29 +125,33 @@ class FluxPipeline:
         check_compatible(controlnet, self.model.params, f"ControlNet {source}")
         return controlnet
 
-    def enable_offload(self, mode: OffloadMode | None, *, transfer: Transfer | None = None,
-                       on_move: PlacementLog | None = None) -> None:
+    def enable_offload(
+        self, mode: OffloadMode | None, *, transfer: Transfer | None = None, on_move: PlacementLog | None = None
+    ) -> None:
         """Switch memory mode (``None``, ``"model"``, ``"block"``); ``on_move`` records every move."""
         if self.placement is not None:
             self.placement.remove()
         parts = {"text_encoders": self.text_encoders, "model": self.model, "ae": self.ae}
-        self.placement = Placement({k: v for k, v in parts.items() if v is not None},
-                                   transfer or Transfer(self.device), mode, on_move=on_move)
+        self.placement = Placement(
+            {k: v for k, v in parts.items() if v is not None}, transfer or Transfer(self.device), mode, on_move=on_move
+        )
 
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         """``(height, width)`` rounded down to multiples of ``2 * downscale`` (16 for FLUX)."""
         ds = self.ae.params.downscale_factor
         lh, lw = latent_size(int(height), int(width), ds)
         if (lh * ds, lw * ds) != (height, width):
-            log.warning("image size %dx%d rounded down to %dx%d (multiples of %d)", width, height, lw * ds,
-                        lh * ds, 2 * ds)
+            log.warning(
+                "image size %dx%d rounded down to %dx%d (multiples of %d)", width, height, lw * ds, lh * ds, 2 * ds
+            )
         return lh * ds, lw * ds
 
     def timesteps(self, height: int, width: int, steps: int) -> list[float]:
         """The ``steps + 1`` sampling times for this image size (shifted for dev, linear for schnell)."""
         ds = self.ae.params.downscale_factor
-        return get_schedule(steps, image_seq_len(*latent_size(height, width, ds)),
-                            shift=self.model.params.shift_schedule)
+        return get_schedule(
+            steps, image_seq_len(*latent_size(height, width, ds)), shift=self.model.params.shift_schedule
+        )
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> TextEmbeddings:
@@ -156,15 +175,28 @@ class FluxPipeline:
         return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, *, height: int = 1024, width: int = 1024,
-                 num_inference_steps: int | None = None, guidance: float | None = None, true_cfg: float = 1.0,
-                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
-                 seed: int | None = None, generator: torch.Generator | None = None,
-                 latents: Tensor | None = None, output_type: OutputType = "pil", progress: bool = True,
-                 text_embeddings: TextEmbeddings | None = None,
-                 negative_text_embeddings: TextEmbeddings | None = None,
-                 controlnets: Sequence[ControlNetUnit] = (), controls: ControlProvider | None = None,
-                 callback: StepCallback | None = None) -> list[Image.Image] | Tensor:
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int | None = None,
+        guidance: float | None = None,
+        true_cfg: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        output_type: OutputType = "pil",
+        progress: bool = True,
+        text_embeddings: TextEmbeddings | None = None,
+        negative_text_embeddings: TextEmbeddings | None = None,
+        controlnets: Sequence[ControlNetUnit] = (),
+        controls: ControlProvider | None = None,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image] | Tensor:
         """Generate images.
 
         Args:
@@ -199,8 +231,7 @@ class FluxPipeline:
         lh, lw = height // ds, width // ds
         schedule = self.timesteps(height, width, steps)  # validates steps before any encoding
 
-        cond, neg = self._conditioning(prompt, text_embeddings, negative_prompt, negative_text_embeddings,
-                                       true_cfg)
+        cond, neg = self._conditioning(prompt, text_embeddings, negative_prompt, negative_text_embeddings, true_cfg)
         neg = None if neg is None else neg.repeat(num_images_per_prompt)
         num_prompts, cond = len(cond), cond.repeat(num_images_per_prompt)
         batch = len(cond)
@@ -220,8 +251,20 @@ class FluxPipeline:
         joining = controlnet_components(units)
         try:
             with self.placement.joined(joining), self.placement.use("model", *joining):
-                img = denoise(self.model, img, ids, cond.txt, tids, cond.y, schedule, guidance, neg=neg,
-                              true_cfg=true_cfg, controls=controls, callback=on_step)
+                img = denoise(
+                    self.model,
+                    img,
+                    ids,
+                    cond.txt,
+                    tids,
+                    cond.y,
+                    schedule,
+                    guidance,
+                    neg=neg,
+                    true_cfg=true_cfg,
+                    controls=controls,
+                    callback=on_step,
+                )
         finally:
             bar.close()
         latents_out = unpack(img, lh, lw)
@@ -230,8 +273,16 @@ class FluxPipeline:
         images = self.decode(latents_out)
         return images if output_type == "pt" else to_pil(images)
 
-    def _control_provider(self, units: list[ControlNetUnit], height: int, width: int, num_prompts: int,
-                          batch: int, steps: int, guidance: float) -> ControlNetProvider:
+    def _control_provider(
+        self,
+        units: list[ControlNetUnit],
+        height: int,
+        width: int,
+        num_prompts: int,
+        batch: int,
+        steps: int,
+        guidance: float,
+    ) -> ControlNetProvider:
         """Control images checked against the prompt count, then encoded by the autoencoder."""
         images = prepare_images(units, height, width, num_prompts)
         with self.placement.use("ae"):
@@ -248,9 +299,14 @@ class FluxPipeline:
             raise ValueError(f"guidance must be a non-negative number, got {guidance}")
         return value if dev else None
 
-    def _conditioning(self, prompt, given: TextEmbeddings | None, negative_prompt,
-                      negative_given: TextEmbeddings | None,
-                      true_cfg: float) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+    def _conditioning(
+        self,
+        prompt,
+        given: TextEmbeddings | None,
+        negative_prompt,
+        negative_given: TextEmbeddings | None,
+        true_cfg: float,
+    ) -> tuple[TextEmbeddings, TextEmbeddings | None]:
         """``(prompt embeddings, negative embeddings or None)``; prompts and negatives encoded in one pass."""
         prompts = _prompt_list(prompt, given, "prompt")
         count = len(given) if given is not None else len(prompts)
@@ -270,22 +326,25 @@ class FluxPipeline:
         cond = given.to(self.device, self.dtype) if given is not None else encoded[: len(prompts)]
         neg = negative_given.to(self.device, self.dtype) if negative_given is not None else None
         if negatives is not None:
-            neg = encoded[len(encoded) - len(negatives):]
+            neg = encoded[len(encoded) - len(negatives) :]
         if neg is not None and len(neg) != len(cond):
             raise ValueError(f"{len(neg)} negative prompts for {len(cond)} prompts")
         return cond, neg
 
-    def _initial_noise(self, batch: int, lh: int, lw: int, seed: int | None,
-                       generator: torch.Generator | None, latents: Tensor | None) -> Tensor:
+    def _initial_noise(
+        self, batch: int, lh: int, lw: int, seed: int | None, generator: torch.Generator | None, latents: Tensor | None
+    ) -> Tensor:
         """``[B, C, h, w]`` float32 starting noise."""
         channels = self.ae.params.z_channels
         if latents is not None:
             if latents.ndim == 3:
                 latents = unpack(latents, lh, lw)
             if tuple(latents.shape) != (batch, channels, lh, lw):
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected "
-                                 f"{(batch, channels, lh, lw)} or packed "
-                                 f"{(batch, (lh // 2) * (lw // 2), 4 * channels)}")
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)}, expected "
+                    f"{(batch, channels, lh, lw)} or packed "
+                    f"{(batch, (lh // 2) * (lw // 2), 4 * channels)}"
+                )
             return latents.float()
         if generator is None:
             generator = torch.Generator("cpu")
@@ -298,8 +357,7 @@ class FluxPipeline:
         return self.noise(batch, lh, lw, generator)
 
 
-def _prompt_list(prompts: str | list[str] | None, given: TextEmbeddings | None,
-                 what: str) -> list[str] | None:
+def _prompt_list(prompts: str | list[str] | None, given: TextEmbeddings | None, what: str) -> list[str] | None:
     if (prompts is None) == (given is None):
         raise ValueError(f"pass either {what} or its text embeddings, not both and not neither")
     if prompts is None:

@@ -26,16 +26,12 @@ def resolve_params(model: str) -> FluxParams:
     if model in PRESETS:
         return PRESETS[model]
     if not Path(model).exists():
-        raise ValueError(
-            f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path"
-        )
+        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path")
     return read_flux_params(model)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m flux_lora.lora.convert", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m flux_lora.lora.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="LoRA file (.safetensors) in any supported layout")
     parser.add_argument("output", help="file to write")
     parser.add_argument("--to", required=True, choices=("kohya", "diffusers"), help="layout of the output")

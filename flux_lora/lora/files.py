@@ -93,9 +93,7 @@ def to_kohya_state_dict(lora: LoraStateDict, params: FluxParams) -> dict[str, Te
     return sd
 
 
-def to_diffusers_state_dict(
-    lora: LoraStateDict, params: FluxParams, bake_scale: bool = True
-) -> dict[str, Tensor]:
+def to_diffusers_state_dict(lora: LoraStateDict, params: FluxParams, bake_scale: bool = True) -> dict[str, Tensor]:
     """Canonical LoRA -> diffusers keys ``transformer.<diffusers module>.lora_A/.lora_B.weight``.
 
     Fused q/k/v(/mlp) are split by rows (:func:`split_row_blocks`); ``norm_out.linear`` gets its up rows
@@ -111,9 +109,7 @@ def to_diffusers_state_dict(
             split = split_row_blocks(w, m.sizes)
         else:
             split = [LoraWeight(w.down, m.to_diffusers_rows(w.up)[0], w.alpha)]
-        parts.update(
-            (module, part) for module, part in zip(m.diffusers, split, strict=True) if part is not None
-        )
+        parts.update((module, part) for module, part in zip(m.diffusers, split, strict=True) if part is not None)
     if not bake_scale:
         _align_suffix_alphas(parts)
     sd: dict[str, Tensor] = {}
@@ -148,9 +144,7 @@ def _align_suffix_alphas(parts: dict[str, LoraWeight]) -> None:
 # ------------------------------------------------------------------------------------- reading state dicts
 
 
-def _group_keys(
-    sd: dict[str, Tensor], table: dict[str, Target], source: str
-) -> tuple[dict[str, dict], list[str]]:
+def _group_keys(sd: dict[str, Tensor], table: dict[str, Target], source: str) -> tuple[dict[str, dict], list[str]]:
     groups: dict[str, dict[str, tuple[str, Tensor]]] = defaultdict(dict)
     unmatched = []
     for key, tensor in sd.items():
@@ -267,9 +261,7 @@ def from_kohya_state_dict(sd: dict[str, Tensor], params: FluxParams) -> LoraStat
     return _from_layout(sd, params, ("kohya",), None)
 
 
-def from_diffusers_state_dict(
-    sd: dict[str, Tensor], params: FluxParams, metadata: dict | None = None
-) -> LoraStateDict:
+def from_diffusers_state_dict(sd: dict[str, Tensor], params: FluxParams, metadata: dict | None = None) -> LoraStateDict:
     """Inverse of :func:`to_diffusers_state_dict` (``transformer.*`` keys; split parts fused back exactly)."""
     return _from_layout(sd, params, ("diffusers",), metadata)
 

@@ -169,9 +169,7 @@ def _add_xlabs(params: FluxParams, shapes: dict[str, tuple[int, int]], add) -> N
                 f"{prefix}{b}.processor.proj_lora",
                 Target(f"{b}.linear2", 0, shapes[f"{b}.linear2"][0], "xlabs", f"{b}.linear2"),
             )
-        add(
-            f"diffusion_model.{b}.linear1_qkv", Target(f"{b}.linear1", 0, qkv_rows, "comfyui", f"{b}.linear1")
-        )
+        add(f"diffusion_model.{b}.linear1_qkv", Target(f"{b}.linear1", 0, qkv_rows, "comfyui", f"{b}.linear1"))
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:
@@ -226,7 +224,6 @@ def pair_error(t: Target, down: Tensor, up: Tensor, in_features: int) -> str | N
         return f"down {tuple(down.shape)} and up {tuple(up.shape)} are not a LoRA pair"
     if down.shape[1] != in_features or up.shape[0] != t.rows:
         return (
-            f"down {tuple(down.shape)}, up {tuple(up.shape)}; {t.bfl} expects down [r, {in_features}], "
-            f"up [{t.rows}, r]"
+            f"down {tuple(down.shape)}, up {tuple(up.shape)}; {t.bfl} expects down [r, {in_features}], up [{t.rows}, r]"
         )
     return None

@@ -145,9 +145,7 @@ def peft_alpha_rule(metadata: dict | None, source: str) -> Callable[[str, int], 
     try:
         cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
     except (ValueError, TypeError) as e:
-        raise LoraFormatError(
-            f"{source}: metadata 'lora_adapter_metadata' is not a JSON object ({e})"
-        ) from None
+        raise LoraFormatError(f"{source}: metadata 'lora_adapter_metadata' is not a JSON object ({e})") from None
     if any(k.startswith("transformer.") for k in cfg):
         cfg = {k.removeprefix("transformer."): v for k, v in cfg.items() if k.startswith("transformer.")}
     lora_alpha = float(cfg.get("lora_alpha", 8))  # peft's LoraConfig default, which diffusers would use

@@ -52,8 +52,12 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
     targets = select_targets(model, cfg.targets)
     peft_cfg = peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-        init_lora_weights=True if cfg.init == "default" else "gaussian", target_modules=targets,
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=True if cfg.init == "default" else "gaussian",
+        target_modules=targets,
     )
     model.requires_grad_(False)
     peft.inject_adapter_in_model(peft_cfg, model, adapter_name=ADAPTER)
@@ -61,8 +65,12 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
         if ".lora_" in name:
             p.data = p.data.float()
             p.requires_grad_(True)
-    log.info("LoRA rank %d on %d modules (%s trainable parameters)", cfg.rank, len(targets),
-             f"{sum(p.numel() for p in trainable_parameters(model)):,}")
+    log.info(
+        "LoRA rank %d on %d modules (%s trainable parameters)",
+        cfg.rank,
+        len(targets),
+        f"{sum(p.numel() for p in trainable_parameters(model)):,}",
+    )
     return targets
 
 
@@ -82,8 +90,11 @@ def lora_state_dict(model: nn.Module) -> LoraStateDict:
     out: LoraStateDict = {}
     for name, layer in lora_layers(model).items():
         down = layer.lora_A[ADAPTER].weight.detach()
-        out[name] = LoraWeight(down=down.clone(), up=layer.lora_B[ADAPTER].weight.detach().clone(),
-                               alpha=float(layer.scaling[ADAPTER]) * down.shape[0])
+        out[name] = LoraWeight(
+            down=down.clone(),
+            up=layer.lora_B[ADAPTER].weight.detach().clone(),
+            alpha=float(layer.scaling[ADAPTER]) * down.shape[0],
+        )
     return out
 
 
@@ -98,10 +109,14 @@ def load_lora_weights(model: nn.Module, lora: LoraStateDict) -> None:
         layer = layers[name]
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
         if a.shape != w.down.shape or b.shape != w.up.shape:
-            raise ValueError(f"LoRA module {name!r}: shapes {tuple(w.down.shape)}/{tuple(w.up.shape)} do not fit "
-                             f"the adapters {tuple(a.shape)}/{tuple(b.shape)}")
+            raise ValueError(
+                f"LoRA module {name!r}: shapes {tuple(w.down.shape)}/{tuple(w.up.shape)} do not fit "
+                f"the adapters {tuple(a.shape)}/{tuple(b.shape)}"
+            )
         if not math.isclose(w.scale, float(layer.scaling[ADAPTER]), rel_tol=1e-6):
-            raise ValueError(f"LoRA module {name!r}: scale {w.scale} differs from the configured "
-                             f"{float(layer.scaling[ADAPTER])} (alpha/rank)")
+            raise ValueError(
+                f"LoRA module {name!r}: scale {w.scale} differs from the configured "
+                f"{float(layer.scaling[ADAPTER])} (alpha/rank)"
+            )
         a.copy_(w.down)
         b.copy_(w.up)

@@ -138,19 +138,23 @@ def _resolve(model: nn.Module, lora_name: str, path: str, lw: LoraWeight) -> tup
         module = _submodule(model, path)
         base = _base_linear(module)
     except (AttributeError, TypeError) as e:
-        raise ValueError(f"LoRA {lora_name!r}: key {path!r} names no Linear layer of this model ({e})") \
-            from None
+        raise ValueError(f"LoRA {lora_name!r}: key {path!r} names no Linear layer of this model ({e})") from None
     if lw.down.ndim != 2 or lw.up.ndim != 2 or lw.up.shape[1] != lw.down.shape[0]:
-        raise ValueError(f"LoRA {lora_name!r}: key {path!r} has down {tuple(lw.down.shape)} and up "
-                         f"{tuple(lw.up.shape)}, which are not [r, in] and [out, r]")
+        raise ValueError(
+            f"LoRA {lora_name!r}: key {path!r} has down {tuple(lw.down.shape)} and up "
+            f"{tuple(lw.up.shape)}, which are not [r, in] and [out, r]"
+        )
     if lw.down.shape[1] != base.in_features or lw.up.shape[0] != base.out_features:
-        raise ValueError(f"LoRA {lora_name!r}: key {path!r} is {lw.up.shape[0]}x{lw.down.shape[1]}, "
-                         f"the layer is {base.out_features}x{base.in_features} (a LoRA for another model?)")
+        raise ValueError(
+            f"LoRA {lora_name!r}: key {path!r} is {lw.up.shape[0]}x{lw.down.shape[1]}, "
+            f"the layer is {base.out_features}x{base.in_features} (a LoRA for another model?)"
+        )
     return module, base
 
 
-def apply_loras(model: nn.Module, loras: Sequence[LoraSpec], mode: LoraMode = "unfused", *,
-                dtype: torch.dtype = torch.float32) -> list[str]:
+def apply_loras(
+    model: nn.Module, loras: Sequence[LoraSpec], mode: LoraMode = "unfused", *, dtype: torch.dtype = torch.float32
+) -> list[str]:
     """Apply several LoRAs, each ``(LoraStateDict, scale, name)``, to ``model`` (a :class:`Flux`, BFL paths).
 
     Args:
@@ -170,8 +174,7 @@ def apply_loras(model: nn.Module, loras: Sequence[LoraSpec], mode: LoraMode = "u
     resolved = []
     for weights, scale, name in loras:
         if not name or "." in name or name in taken:
-            raise ValueError(f"LoRA name {name!r} is empty, contains '.', or is already applied "
-                             f"({sorted(taken)})")
+            raise ValueError(f"LoRA name {name!r} is empty, contains '.', or is already applied ({sorted(taken)})")
         if not weights:
             raise ValueError(f"LoRA {name!r} holds no weights")
         taken.add(name)
@@ -247,8 +250,10 @@ def remove_loras(model: nn.Module, names: Iterable[str] | None = None) -> None:
         covered |= set(state.fused[-1 - groups].names)
         groups += 1
     if covered != wanted:
-        raise ValueError(f"fused LoRAs come off last-in, first-out, a whole apply_loras call at a time: "
-                         f"{[g.names for g in state.fused]}; cannot remove only {sorted(wanted)}")
+        raise ValueError(
+            f"fused LoRAs come off last-in, first-out, a whole apply_loras call at a time: "
+            f"{[g.names for g in state.fused]}; cannot remove only {sorted(wanted)}"
+        )
     for _ in range(groups):
         _unfuse(state.fused.pop())
     for name in (n for n in names if n in state.unfused):

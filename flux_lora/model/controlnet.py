@@ -76,8 +76,7 @@ def resolve_mode(mode: int | str, num_modes: int | None) -> int:
     """A union control mode given by index or name (``canny``, ``tile``, ``depth``, ...) -> its index."""
     if num_modes is None:
         raise ValueError(
-            f"control mode {mode!r} given for a ControlNet that is not a union model (no mode "
-            "embedding in its config)"
+            f"control mode {mode!r} given for a ControlNet that is not a union model (no mode embedding in its config)"
         )
     if isinstance(mode, str):
         key = mode.strip().lower()
@@ -120,7 +119,8 @@ class FluxControlNet(nn.Module):
         blocks = (DoubleStreamBlock(d, t.num_heads, t.mlp_ratio, t.qkv_bias) for _ in range(t.depth))
         self.double_blocks = nn.ModuleList(blocks)
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(d, t.num_heads, t.mlp_ratio) for _ in range(t.depth_single_blocks))
+            SingleStreamBlock(d, t.num_heads, t.mlp_ratio) for _ in range(t.depth_single_blocks)
+        )
         self.controlnet_blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(t.depth))
         self.controlnet_single_blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(t.depth_single_blocks))
         self.zero_outputs_()
@@ -155,9 +155,19 @@ class FluxControlNet(nn.Module):
             raise ValueError(f"control modes {mode.tolist()} out of range 0..{self.params.num_modes - 1}")
         return self.mode_embedder(mode)[:, None]
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y: Tensor, control: Tensor, guidance: Tensor | None = None,
-                mode: int | str | Tensor | None = None, scale: float = 1.0) -> ControlResiduals:
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        control: Tensor,
+        guidance: Tensor | None = None,
+        mode: int | str | Tensor | None = None,
+        scale: float = 1.0,
+    ) -> ControlResiduals:
         """Residuals for the DiT, already multiplied by the conditioning ``scale``.
 
         Args:
@@ -174,9 +184,11 @@ class FluxControlNet(nn.Module):
         if control.shape[:2] != img.shape[:2] or control.shape[-1] != self.params.control_channels:
             p = self.params
             mask = f" + {p.extra_channels} mask channels" if p.extra_channels else ""
-            raise ValueError(f"control input {tuple(control.shape)} does not fit img {tuple(img.shape)}: "
-                             f"this ControlNet takes [B, N, {p.control_channels}] ({p.trunk.in_channels} "
-                             f"latent channels{mask})")
+            raise ValueError(
+                f"control input {tuple(control.shape)} does not fit img {tuple(img.shape)}: "
+                f"this ControlNet takes [B, N, {p.control_channels}] ({p.trunk.in_channels} "
+                f"latent channels{mask})"
+            )
         if mode is not None and not self.params.is_union:
             raise ValueError(f"control mode {mode!r} given, but this ControlNet is not a union model")
         img = self.img_in(img) + self.control_in(control.to(img.dtype))
@@ -204,9 +216,7 @@ class FluxControlNet(nn.Module):
 # ------------------------------------------------------------------------------------------ compatibility
 
 
-def check_compatible(
-    controlnet: FluxControlNet | ControlNetParams, flux: FluxParams, name: str = "ControlNet"
-) -> None:
+def check_compatible(controlnet: FluxControlNet | ControlNetParams, flux: FluxParams, name: str = "ControlNet") -> None:
     """Raise ``ValueError`` naming every mismatch when ``controlnet`` was not built for a DiT with ``flux``
     params.
 
@@ -296,15 +306,14 @@ def control_condition(latents: Tensor, params: ControlNetParams, packed_mask: Te
     """
     packed = pack(latents)
     if packed.shape[-1] != params.trunk.in_channels:
-        raise ValueError(f"control latents pack to {packed.shape[-1]} channels, the ControlNet takes "
-                         f"{params.trunk.in_channels}")
+        raise ValueError(
+            f"control latents pack to {packed.shape[-1]} channels, the ControlNet takes {params.trunk.in_channels}"
+        )
     if params.is_inpainting:
         if packed_mask is None:
             raise ValueError(NEEDS_MASK)
         if packed_mask.shape[:2] != packed.shape[:2]:
-            raise ValueError(
-                f"mask packs to {tuple(packed_mask.shape)}, the latents to {tuple(packed.shape)}"
-            )
+            raise ValueError(f"mask packs to {tuple(packed_mask.shape)}, the latents to {tuple(packed.shape)}")
         return torch.cat((packed, packed_mask.to(packed)), dim=-1)
     if packed_mask is not None:
         raise ValueError(TAKES_NO_MASK)

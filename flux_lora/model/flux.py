@@ -183,9 +183,7 @@ class Flux(nn.Module):
         for i, block in enumerate(self.single_blocks):
             x = block(x, vec=vec, pe=pe)
             if controls is not None:
-                x = torch.cat(
-                    (x[:, :num_txt], controls.add_single(i, len(self.single_blocks), x[:, num_txt:])), dim=1
-                )
+                x = torch.cat((x[:, :num_txt], controls.add_single(i, len(self.single_blocks), x[:, num_txt:])), dim=1)
         return self.final_layer(x[:, num_txt:], vec)
 
 

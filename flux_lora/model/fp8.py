@@ -85,13 +85,20 @@ class FP8Linear(nn.Linear):
     """A frozen Linear stored in float8_e4m3fn (+ float32 per-output-channel ``weight_scale``), computed in the
     input's dtype (or the autocast dtype). Its weight and bias never receive gradients."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 bias_dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        bias_dtype: torch.dtype = torch.bfloat16,
+    ):
         nn.Module.__init__(self)
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8, device=device), requires_grad=False
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
@@ -99,13 +106,15 @@ class FP8Linear(nn.Linear):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = True,
-                    bias_dtype: torch.dtype | None = None) -> FP8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, per_channel: bool = True, bias_dtype: torch.dtype | None = None
+    ) -> FP8Linear:
         """Quantize a float Linear (or rebuild an empty one when its weight is on the meta device)."""
         w = linear.weight
         bias_dtype = bias_dtype or (w.dtype if w.dtype.is_floating_point and w.dtype != FP8 else torch.bfloat16)
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device,
-                  bias_dtype=bias_dtype)
+        out = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device=w.device, bias_dtype=bias_dtype
+        )
         if w.device.type == "meta":
             return out
         if w.dtype == FP8:  # already fp8 (a plain cast): keep the bytes, scale 1
@@ -125,8 +134,9 @@ class FP8Linear(nn.Linear):
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
     def to_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
-                        dtype=dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None, device=self.weight.device, dtype=dtype
+        )
         lin.weight.data = self.dequantized_weight(dtype)
         if self.bias is not None:
             lin.bias.data = self.bias.detach().to(dtype)
@@ -151,8 +161,10 @@ class FP8Linear(nn.Linear):
         return result
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"bias={self.bias is not None}, storage=float8_e4m3fn"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, storage=float8_e4m3fn"
+        )
 
 
 def default_predicate(policy: QuantPolicy = "blocks") -> Callable[[str, nn.Module], bool]:
@@ -169,16 +181,16 @@ def default_predicate(policy: QuantPolicy = "blocks") -> Callable[[str, nn.Modul
     raise ValueError(f"unknown quantization policy {policy!r}; use 'blocks' or 'all'")
 
 
-def quantize_(model: nn.Module, predicate: Callable[[str, nn.Module], bool] | None = None,
-              per_channel: bool = True) -> nn.Module:
+def quantize_(
+    model: nn.Module, predicate: Callable[[str, nn.Module], bool] | None = None, per_channel: bool = True
+) -> nn.Module:
     """Replace the selected ``nn.Linear`` modules of ``model`` in place by :class:`FP8Linear`.
 
     Works on real weights and on a model built on the meta device (then only the structure changes, and loading
     fills in the fp8 weights). Returns ``model``.
     """
     predicate = predicate or default_predicate("blocks")
-    targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is nn.Linear and predicate(n, m)]
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and predicate(n, m)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

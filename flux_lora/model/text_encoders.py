@@ -55,8 +55,14 @@ class TextEncoders(nn.Module):
         self.max_length = max_length
 
     @classmethod
-    def from_folder(cls, folder: str | Path, max_length: int, *, dtype: torch.dtype = torch.bfloat16,
-                    device: str | torch.device = "cpu") -> TextEncoders:
+    def from_folder(
+        cls,
+        folder: str | Path,
+        max_length: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+    ) -> TextEncoders:
         """Load ``text_encoder/``, ``tokenizer/`` (CLIP) and ``text_encoder_2/``, ``tokenizer_2/`` (T5) from a folder
         in the FLUX.1 layout. Weights are read from safetensors only; no remote code is run."""
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
@@ -79,10 +85,12 @@ class TextEncoders(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """``(clip ids [B, 77], t5 ids [B, max_length])``, padded to max length and truncated."""
-        clip = self.clip_tokenizer(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
-                                   return_tensors="pt").input_ids
-        t5 = self.t5_tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                               return_tensors="pt").input_ids
+        clip = self.clip_tokenizer(
+            prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        t5 = self.t5_tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         return clip, t5
 
     @torch.no_grad()

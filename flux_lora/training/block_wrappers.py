@@ -20,7 +20,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     )
 
     apply_activation_checkpointing(
-        model, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        model,
+        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
         check_fn=lambda m: isinstance(m, (DoubleStreamBlock, SingleStreamBlock)),
     )
 

@@ -39,11 +39,16 @@ def lora_metadata(cfg, step: int) -> dict[str, str]:
     """Training details for the kohya ``ss_*`` keys Forge and the A1111 family display."""
     t = cfg.train
     return {
-        "ss_output_name": cfg.name, "ss_steps": str(step), "ss_learning_rate": str(t.learning_rate),
-        "ss_guidance_scale": str(t.guidance), "ss_timestep_sampling": t.timestep_sampling,
-        "ss_weighting_scheme": t.loss_weighting, "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_output_name": cfg.name,
+        "ss_steps": str(step),
+        "ss_learning_rate": str(t.learning_rate),
+        "ss_guidance_scale": str(t.guidance),
+        "ss_timestep_sampling": t.timestep_sampling,
+        "ss_weighting_scheme": t.loss_weighting,
+        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
         "ss_training_finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ss_base_model": cfg.model.source, "flux_lora.quantize": str(cfg.model.quantize),
+        "ss_base_model": cfg.model.source,
+        "flux_lora.quantize": str(cfg.model.quantize),
         "modelspec.resolution": f"{cfg.data.resolution}x{cfg.data.resolution}",
     }
 
@@ -68,8 +73,13 @@ class SaveLora(L.Callback):
 
     def _write(self, trainer: L.Trainer, module, path: Path) -> None:
         if trainer.is_global_zero:
-            write_lora(path, module.lora_weights(), module.dit.params, layout="kohya",
-                       metadata=lora_metadata(self.cfg, trainer.global_step))
+            write_lora(
+                path,
+                module.lora_weights(),
+                module.dit.params,
+                layout="kohya",
+                metadata=lora_metadata(self.cfg, trainer.global_step),
+            )
             self.written.append(path)
             log.info("wrote %s", path)
 
@@ -87,8 +97,13 @@ class SampleImages(L.Callback):
 
     The autoencoder is loaded only to decode and released right after, so it never sits beside the training DiT."""
 
-    def __init__(self, embeddings: Callable[[], TextEmbeddings],
-                 load_autoencoder: Callable[[torch.device], AutoEncoder], cfg, out_dir: Path):
+    def __init__(
+        self,
+        embeddings: Callable[[], TextEmbeddings],
+        load_autoencoder: Callable[[torch.device], AutoEncoder],
+        cfg,
+        out_dir: Path,
+    ):
         self.embeddings = embeddings
         self.load_autoencoder = load_autoencoder
         self.cfg = cfg
@@ -107,9 +122,15 @@ class SampleImages(L.Callback):
         ae = self.load_autoencoder(device)
         try:
             pipe = FluxPipeline(module.dit, ae, None, device=device)
-            images = pipe(text_embeddings=self.embeddings(), height=self.cfg.height, width=self.cfg.width,
-                          num_inference_steps=self.cfg.steps, guidance=self.cfg.guidance, seed=self.cfg.seed,
-                          progress=False)
+            images = pipe(
+                text_embeddings=self.embeddings(),
+                height=self.cfg.height,
+                width=self.cfg.width,
+                num_inference_steps=self.cfg.steps,
+                guidance=self.cfg.guidance,
+                seed=self.cfg.seed,
+                progress=False,
+            )
         finally:
             del ae
             module.dit.train(was_training)

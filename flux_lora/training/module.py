@@ -68,10 +68,16 @@ class FluxLoraModule(L.LightningModule):
         gradient_checkpointing, compile: memory and speed options applied to the blocks.
     """
 
-    def __init__(self, load_model: Callable[[torch.device], Flux], lora: LoraConfig, train: TrainConfig,
-                 empty_embedding: TextEmbeddings | None = None,
-                 initial_lora: Callable[[FluxParams], LoraStateDict] | None = None,
-                 gradient_checkpointing: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        load_model: Callable[[torch.device], Flux],
+        lora: LoraConfig,
+        train: TrainConfig,
+        empty_embedding: TextEmbeddings | None = None,
+        initial_lora: Callable[[FluxParams], LoraStateDict] | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+    ):
         super().__init__()
         self.load_model = load_model
         self.initial_lora = initial_lora
@@ -110,9 +116,14 @@ class FluxLoraModule(L.LightningModule):
         x0 = S.pack(latents.float())
         noise = S.pack(torch.randn(latents.shape, generator=generator)).to(x0.device)
         t = S.sample_timesteps(
-            b, cfg.timestep_sampling, seq_len=seq_len if cfg.shift == "flux" else None,
-            shift=cfg.fixed_shift if cfg.shift == "fixed" else None, logit_mean=cfg.logit_mean,
-            logit_std=cfg.logit_std, sigmoid_scale=cfg.sigmoid_scale, generator=generator,
+            b,
+            cfg.timestep_sampling,
+            seq_len=seq_len if cfg.shift == "flux" else None,
+            shift=cfg.fixed_shift if cfg.shift == "fixed" else None,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            sigmoid_scale=cfg.sigmoid_scale,
+            generator=generator,
         ).to(x0.device)
         txt, y = batch["txt"], batch["y"]
         if cfg.caption_dropout > 0:
@@ -126,8 +137,13 @@ class FluxLoraModule(L.LightningModule):
         guidance = torch.full((b,), cfg.guidance, device=x0.device) if dit.params.guidance_embed else None
         # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
         pred = dit(
-            img=S.add_noise(x0, noise, t).to(dit.img_in.bias.dtype), img_ids=S.img_ids(b, h, w, device=x0.device),
-            txt=txt, txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device), timesteps=t, y=y, guidance=guidance,
+            img=S.add_noise(x0, noise, t).to(dit.img_in.bias.dtype),
+            img_ids=S.img_ids(b, h, w, device=x0.device),
+            txt=txt,
+            txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device),
+            timesteps=t,
+            y=y,
+            guidance=guidance,
         )
         return pred, S.flow_target(x0, noise), t
 
@@ -151,8 +167,13 @@ class FluxLoraModule(L.LightningModule):
         cfg = self.train_cfg
         params = trainable_parameters(self.dit)
         optimizer = import_class(cfg.optimizer)(params, lr=cfg.learning_rate, **cfg.optimizer_args)
-        schedule = partial(lr_lambda, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.lr_scheduler,
-                           min_ratio=cfg.min_lr_ratio)
+        schedule = partial(
+            lr_lambda,
+            warmup=cfg.warmup_steps,
+            total=cfg.max_steps,
+            schedule=cfg.lr_scheduler,
+            min_ratio=cfg.min_lr_ratio,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -167,7 +188,8 @@ class FluxLoraModule(L.LightningModule):
         trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
@@ -175,8 +197,10 @@ class FluxLoraModule(L.LightningModule):
         trainable = self._trainable_keys()
         missing = trainable - set(checkpoint["state_dict"])
         if missing:
-            raise ValueError(f"checkpoint lacks adapter weights {sorted(missing)[:3]}: it was made with other "
-                             "lora settings (rank, targets) than this run's")
+            raise ValueError(
+                f"checkpoint lacks adapter weights {sorted(missing)[:3]}: it was made with other "
+                "lora settings (rank, targets) than this run's"
+            )
         rng = checkpoint.get("rng_states")
         if rng:
             torch.set_rng_state(rng["torch"])

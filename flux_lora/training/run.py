@@ -52,8 +52,9 @@ def model_folder(cfg: ExperimentConfig) -> Path:
     if m.tiny_if_missing and not Path(m.source).exists():
         log.info("writing a tiny random FLUX model to %s (model.tiny_if_missing)", m.source)
         write_tiny_model(m.source, variant=m.tiny_variant)
-    return hub.resolve_model(m.source, cache_dir=m.cache_dir,
-                             local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0)
+    return hub.resolve_model(
+        m.source, cache_dir=m.cache_dir, local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0
+    )
 
 
 def read_params(folder: Path, preset: str | None) -> FluxParams:
@@ -71,39 +72,69 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
     dtype = compute_dtype(cfg, accelerator)
     out = cfg.output_path
 
-    datamodule = FluxDataModule.from_model_folder(cfg.data, folder, params.max_sequence_length, dtype,
-                                                  sample_prompts=cfg.sample.prompts, scanned=scanned)
+    datamodule = FluxDataModule.from_model_folder(
+        cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=cfg.sample.prompts, scanned=scanned
+    )
     initial = partial(read_lora, cfg.train.init_lora) if cfg.train.init_lora else None
-    module = FluxLoraModule(partial(_load_for_training, cfg, folder, dtype), cfg.lora, cfg.train,
-                            initial_lora=initial, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                            compile=cfg.model.compile)
+    module = FluxLoraModule(
+        partial(_load_for_training, cfg, folder, dtype),
+        cfg.lora,
+        cfg.train,
+        initial_lora=initial,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        compile=cfg.model.compile,
+    )
     callbacks: list[L.Callback] = [
         # last.ckpt plus the two newest periodic checkpoints (each holds adapters and optimizer state)
-        ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.train.checkpoint_every_n_steps or None, save_last=True,
-                        monitor="step", mode="max", save_top_k=2),
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.train.checkpoint_every_n_steps or None,
+            save_last=True,
+            monitor="step",
+            mode="max",
+            save_top_k=2,
+        ),
         SaveLora(cfg, cfg.train.save_every_n_steps),
     ]
     if cfg.sample.prompts:
-        callbacks.append(SampleImages(datamodule.sample_embeddings,
-                                      partial(_load_ae, folder, dtype), cfg.sample, out / "samples"))
+        callbacks.append(
+            SampleImages(datamodule.sample_embeddings, partial(_load_ae, folder, dtype), cfg.sample, out / "samples")
+        )
     precision = cfg.train.precision
     if precision == "auto":
         precision = "32-true" if accelerator == "cpu" else "bf16-mixed"
     trainer = L.Trainer(
-        accelerator=accelerator, devices=_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
-        strategy=cfg.train.strategy, precision=precision, max_steps=cfg.train.max_steps,
-        accumulate_grad_batches=cfg.train.accumulate_grad_batches, gradient_clip_val=cfg.train.gradient_clip,
-        log_every_n_steps=cfg.train.log_every_n_steps, default_root_dir=out, callbacks=callbacks,
-        logger=_logger(out, cfg.name), plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
-        num_sanity_val_steps=0, enable_model_summary=False,
+        accelerator=accelerator,
+        devices=_devices(cfg.train.devices),
+        num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy,
+        precision=precision,
+        max_steps=cfg.train.max_steps,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        gradient_clip_val=cfg.train.gradient_clip,
+        log_every_n_steps=cfg.train.log_every_n_steps,
+        default_root_dir=out,
+        callbacks=callbacks,
+        logger=_logger(out, cfg.name),
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
     )
     return trainer, module, datamodule
 
 
 def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, device: torch.device) -> Flux:
-    return load_flow_model(folder, cfg.model.preset, dtype=dtype, device=device, quantize=cfg.model.quantize,
-                           quant_policy=cfg.model.quant_policy)
+    return load_flow_model(
+        folder,
+        cfg.model.preset,
+        dtype=dtype,
+        device=device,
+        quantize=cfg.model.quantize,
+        quant_policy=cfg.model.quant_policy,
+    )
 
 
 def _load_ae(folder: Path, dtype: torch.dtype, device: torch.device):

@@ -39,11 +39,23 @@ log = logging.getLogger(__name__)
 CONTROLNET_CLASS = "FluxControlNetModel"
 # Every config key a FLUX ControlNet folder may carry (diffusers' FluxControlNetModel arguments, plus
 # alimama's extra_condition_channels). Keys starting with "_" are bookkeeping and ignored.
-CONFIG_KEYS = frozenset({
-    "patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
-    "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
-    "axes_dims_rope", "num_mode", "conditioning_embedding_channels", "extra_condition_channels",
-})
+CONFIG_KEYS = frozenset(
+    {
+        "patch_size",
+        "in_channels",
+        "num_layers",
+        "num_single_layers",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+        "guidance_embeds",
+        "axes_dims_rope",
+        "num_mode",
+        "conditioning_embedding_channels",
+        "extra_condition_channels",
+    }
+)
 
 Resolver = Callable[[str], Path]
 
@@ -75,9 +87,11 @@ def controlnet_params_from_config(cfg: dict, source: str = "config.json") -> Con
     """A diffusers ControlNet ``config.json`` -> :class:`ControlNetParams` (absent keys: the defaults)."""
     _check_config_kind(cfg, source)
     try:
-        return ControlNetParams(trunk=params_from_diffusers_config(cfg),
-                                extra_channels=cfg.get("extra_condition_channels") or 0,
-                                num_modes=cfg.get("num_mode"))
+        return ControlNetParams(
+            trunk=params_from_diffusers_config(cfg),
+            extra_channels=cfg.get("extra_condition_channels") or 0,
+            num_modes=cfg.get("num_mode"),
+        )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: not a usable FLUX ControlNet config: {e}") from None
 
@@ -90,8 +104,7 @@ def controlnet_config(p: ControlNetParams) -> dict:
     """
     trunk = flux_to_diffusers_config(p.trunk)
     del trunk["out_channels"]  # a ControlNet has no output layer
-    cfg = dict(_class_name=CONTROLNET_CLASS, **trunk, num_mode=p.num_modes,
-               conditioning_embedding_channels=None)
+    cfg = dict(_class_name=CONTROLNET_CLASS, **trunk, num_mode=p.num_modes, conditioning_embedding_channels=None)
     cfg["axes_dims_rope"] = list(cfg["axes_dims_rope"])
     if p.extra_channels:
         cfg["extra_condition_channels"] = p.extra_channels
@@ -106,8 +119,10 @@ def controlnet_linear_maps(p: ControlNetParams) -> list[LinearMap]:
     maps = [m for m in flux_linear_maps(p.trunk) if not m.bfl.startswith("final_layer.")]
     maps.append(LinearMap("control_in", ("controlnet_x_embedder",)))
     maps += [LinearMap(f"controlnet_blocks.{i}", (f"controlnet_blocks.{i}",)) for i in range(p.trunk.depth)]
-    maps += [LinearMap(f"controlnet_single_blocks.{i}", (f"controlnet_single_blocks.{i}",))
-             for i in range(p.trunk.depth_single_blocks)]
+    maps += [
+        LinearMap(f"controlnet_single_blocks.{i}", (f"controlnet_single_blocks.{i}",))
+        for i in range(p.trunk.depth_single_blocks)
+    ]
     return maps
 
 
@@ -134,9 +149,11 @@ def resolve_controlnet(source: str | Path, download: Downloader | None = None) -
         return resolve_model(source, ["controlnet"], download=download)
     except ModelNotFoundError as e:
         reason = re.split(r"\. If you|; pass", str(e))[0]  # the hub's advice is for FLUX.1 model folders
-        raise CheckpointError(f"ControlNet {str(source)!r} is neither a local folder nor could it be downloaded "
-                              f"({reason}); pass a local folder holding config.json and "
-                              "diffusion_pytorch_model.safetensors") from e
+        raise CheckpointError(
+            f"ControlNet {str(source)!r} is neither a local folder nor could it be downloaded "
+            f"({reason}); pass a local folder holding config.json and "
+            "diffusion_pytorch_model.safetensors"
+        ) from e
 
 
 def find_controlnet_folder(path: Path) -> Path:
@@ -192,8 +209,14 @@ def load_controlnet(
     what = f"the ControlNet in {folder / 'config.json'}"
     stream = convert_diffusers_files(sharded_files(folder), conv, what, folder)
     stream_into(model, stream, f"ControlNet folder {folder}", dtype, device)
-    log.info("loaded ControlNet %s: %d double + %d single blocks%s%s%s", folder, params.trunk.depth,
-             params.trunk.depth_single_blocks, f", {params.num_modes} union modes" if params.is_union else "",
-             ", inpainting (mask input)" if params.is_inpainting else "", ", fp8" if quantize else "")
+    log.info(
+        "loaded ControlNet %s: %d double + %d single blocks%s%s%s",
+        folder,
+        params.trunk.depth,
+        params.trunk.depth_single_blocks,
+        f", {params.num_modes} union modes" if params.is_union else "",
+        ", inpainting (mask input)" if params.is_inpainting else "",
+        ", fp8" if quantize else "",
+    )
     model.requires_grad_(False)
     return model.eval()

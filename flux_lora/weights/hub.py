@@ -47,9 +47,15 @@ def missing_files(folder: Path, components: Iterable[str]) -> list[str]:
     return [pat for c in components for pat in COMPONENT_PATTERNS[c] if not any(folder.glob(pat))]
 
 
-def resolve_model(source: str | Path, components: Iterable[str] = ALL_COMPONENTS, *, revision: str | None = None,
-                  cache_dir: str | Path | None = None, download: Downloader | None = None,
-                  local_files_only: bool = False) -> Path:
+def resolve_model(
+    source: str | Path,
+    components: Iterable[str] = ALL_COMPONENTS,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    download: Downloader | None = None,
+    local_files_only: bool = False,
+) -> Path:
     """Return a local folder holding ``components`` of the model named by ``source``.
 
     Args:
@@ -71,9 +77,15 @@ def resolve_model(source: str | Path, components: Iterable[str] = ALL_COMPONENTS
     patterns = [p for c in components for p in COMPONENT_PATTERNS[c]]
     log.info("fetching %s from ModelScope: %s", source, ", ".join(patterns))
     try:
-        folder = Path((download or _modelscope_download)(
-            source, revision=revision, cache_dir=str(cache_dir) if cache_dir else None, allow_patterns=patterns,
-            **({"local_files_only": True} if local_files_only else {})))
+        folder = Path(
+            (download or _modelscope_download)(
+                source,
+                revision=revision,
+                cache_dir=str(cache_dir) if cache_dir else None,
+                allow_patterns=patterns,
+                **({"local_files_only": True} if local_files_only else {}),
+            )
+        )
     except Exception as e:
         raise ModelNotFoundError(
             f"could not download {patterns} of {source!r} from ModelScope ({type(e).__name__}: {e}). If you are "

@@ -131,8 +131,9 @@ def flux_to_diffusers(sd: dict[str, Tensor], p: FluxParams) -> dict[str, Tensor]
     return maps_to_diffusers(sd, flux_linear_maps(p), flux_tensor_maps(p))
 
 
-def maps_to_diffusers(sd: dict[str, Tensor], linear_maps: list[LinearMap], tensor_maps: list[TensorMap]
-                      ) -> dict[str, Tensor]:
+def maps_to_diffusers(
+    sd: dict[str, Tensor], linear_maps: list[LinearMap], tensor_maps: list[TensorMap]
+) -> dict[str, Tensor]:
     """A BFL-named state dict -> diffusers names through the given maps (every key must be consumed)."""
     out: dict[str, Tensor] = {}
     rest = dict(sd)
@@ -156,8 +157,12 @@ class DiffusersToFlux:
     sharded checkpoint converts with at most one Linear's parts pending per shard boundary.
     """
 
-    def __init__(self, p: FluxParams | None, linear_maps: list[LinearMap] | None = None,
-                 tensor_maps: list[TensorMap] | None = None):
+    def __init__(
+        self,
+        p: FluxParams | None,
+        linear_maps: list[LinearMap] | None = None,
+        tensor_maps: list[TensorMap] | None = None,
+    ):
         """Maps of the DiT with params ``p``, or the given ``linear_maps`` / ``tensor_maps`` (e.g. a ControlNet's)."""
         self._targets: dict[str, tuple[str, LinearMap | TensorMap, int]] = {}
         for m in flux_linear_maps(p) if linear_maps is None else linear_maps:
@@ -215,9 +220,16 @@ def flux_to_diffusers_config(p: FluxParams) -> dict:
     if p.mlp_ratio != 4.0:
         raise ValueError("diffusers' FluxTransformer2DModel fixes mlp_ratio at 4")
     return dict(
-        patch_size=1, in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.depth,
-        num_single_layers=p.depth_single_blocks, attention_head_dim=p.head_dim, num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed,
+        patch_size=1,
+        in_channels=p.in_channels,
+        out_channels=p.out_channels,
+        num_layers=p.depth,
+        num_single_layers=p.depth_single_blocks,
+        attention_head_dim=p.head_dim,
+        num_attention_heads=p.num_heads,
+        joint_attention_dim=p.context_in_dim,
+        pooled_projection_dim=p.vec_in_dim,
+        guidance_embeds=p.guidance_embed,
         axes_dims_rope=tuple(p.axes_dim),
     )
 
@@ -226,8 +238,13 @@ def flux_to_diffusers_config(p: FluxParams) -> dict:
 
 
 def _ae_resnet(bfl: str, diff: str) -> list[tuple[str, str]]:
-    names = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
-             ("nin_shortcut", "conv_shortcut")]
+    names = [
+        ("norm1", "norm1"),
+        ("conv1", "conv1"),
+        ("norm2", "norm2"),
+        ("conv2", "conv2"),
+        ("nin_shortcut", "conv_shortcut"),
+    ]
     return [(f"{bfl}.{b}", f"{diff}.{d}") for b, d in names]
 
 
@@ -240,9 +257,14 @@ def _ae_mid(bfl: str, diff: str) -> list[tuple[str, str]]:
 def ae_module_pairs(p: AutoEncoderParams) -> list[tuple[str, str]]:
     """``(BFL module, diffusers module)`` for every module of the autoencoder that holds weights."""
     n = len(p.ch_mult)
-    pairs = [("encoder.conv_in", "encoder.conv_in"), ("encoder.norm_out", "encoder.conv_norm_out"),
-             ("encoder.conv_out", "encoder.conv_out"), ("decoder.conv_in", "decoder.conv_in"),
-             ("decoder.norm_out", "decoder.conv_norm_out"), ("decoder.conv_out", "decoder.conv_out")]
+    pairs = [
+        ("encoder.conv_in", "encoder.conv_in"),
+        ("encoder.norm_out", "encoder.conv_norm_out"),
+        ("encoder.conv_out", "encoder.conv_out"),
+        ("decoder.conv_in", "decoder.conv_in"),
+        ("decoder.norm_out", "decoder.conv_norm_out"),
+        ("decoder.conv_out", "decoder.conv_out"),
+    ]
     for i in range(n):
         for j in range(p.num_res_blocks):
             pairs += _ae_resnet(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}")
@@ -293,9 +315,13 @@ def ae_params_from_diffusers_config(cfg: dict) -> AutoEncoderParams:
     if cfg.get("norm_num_groups", 32) != 32:
         raise ValueError(f"norm_num_groups must be 32, got {cfg['norm_num_groups']}")
     return AutoEncoderParams(
-        in_channels=cfg.get("in_channels", 3), out_ch=cfg.get("out_channels", 3), ch=chans[0],
-        ch_mult=tuple(c // chans[0] for c in chans), num_res_blocks=cfg.get("layers_per_block", 2),
-        z_channels=cfg.get("latent_channels", 16), scale_factor=cfg.get("scaling_factor", 0.3611),
+        in_channels=cfg.get("in_channels", 3),
+        out_ch=cfg.get("out_channels", 3),
+        ch=chans[0],
+        ch_mult=tuple(c // chans[0] for c in chans),
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        z_channels=cfg.get("latent_channels", 16),
+        scale_factor=cfg.get("scaling_factor", 0.3611),
         shift_factor=cfg.get("shift_factor", 0.1159) or 0.0,
     )
 
@@ -304,9 +330,17 @@ def ae_to_diffusers_config(p: AutoEncoderParams) -> dict:
     """:class:`AutoEncoderParams` -> keyword arguments of diffusers' ``AutoencoderKL``."""
     n = len(p.ch_mult)
     return dict(
-        in_channels=p.in_channels, out_channels=p.out_ch, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(p.ch * m for m in p.ch_mult),
-        layers_per_block=p.num_res_blocks, latent_channels=p.z_channels, norm_num_groups=32,
-        scaling_factor=p.scale_factor, shift_factor=p.shift_factor, use_quant_conv=False,
-        use_post_quant_conv=False, sample_size=p.resolution,
+        in_channels=p.in_channels,
+        out_channels=p.out_ch,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(p.ch * m for m in p.ch_mult),
+        layers_per_block=p.num_res_blocks,
+        latent_channels=p.z_channels,
+        norm_num_groups=32,
+        scaling_factor=p.scale_factor,
+        shift_factor=p.shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        sample_size=p.resolution,
     )

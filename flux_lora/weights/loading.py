@@ -64,8 +64,9 @@ def find_dit_file(source: Path) -> Path:
     candidates = [c for c in candidates if c.stem != "ae"]
     if candidates:
         if len(candidates) > 1:
-            log.warning("%s holds several DiT files %s; using %s", source, [c.name for c in candidates],
-                        candidates[0].name)
+            log.warning(
+                "%s holds several DiT files %s; using %s", source, [c.name for c in candidates], candidates[0].name
+            )
         return candidates[0]
     if (source / "transformer").is_dir():
         return source / "transformer"
@@ -145,8 +146,9 @@ def _check_variant(params: FluxParams, shapes: dict[str, tuple[int, ...]], path:
 # ------------------------------------------------------------------------------------------ streaming
 
 
-def convert_diffusers_files(files: list[Path], conv: DiffusersToFlux, what: str, folder: Path
-                            ) -> Iterator[tuple[str, Tensor]]:
+def convert_diffusers_files(
+    files: list[Path], conv: DiffusersToFlux, what: str, folder: Path
+) -> Iterator[tuple[str, Tensor]]:
     """BFL-named tensors from diffusers-named safetensors ``files``; a key the maps lack is an error naming it."""
     for f in files:
         for key, t in iter_tensors(f):
@@ -158,8 +160,9 @@ def convert_diffusers_files(files: list[Path], conv: DiffusersToFlux, what: str,
         raise CheckpointError(f"{folder}: incomplete fused layers {conv.incomplete()[:5]}")
 
 
-def _dit_stream(path: Path, wanted: FluxParams | None) -> tuple[FluxParams, Iterator[tuple[str, Tensor]],
-                                                               dict[str, Tensor], str]:
+def _dit_stream(
+    path: Path, wanted: FluxParams | None
+) -> tuple[FluxParams, Iterator[tuple[str, Tensor]], dict[str, Tensor], str]:
     """``(params, BFL-named tensor stream, scales stored in the file, description)``; params are inferred from the
     file unless ``wanted`` is given, which must then be of the file's variant (dev or schnell)."""
     if path.is_dir():
@@ -179,7 +182,7 @@ def _dit_stream(path: Path, wanted: FluxParams | None) -> tuple[FluxParams, Iter
         if any(k.endswith(DIFFUSERS_DIT_MARKER) for k in shapes):
             raise CheckpointError(f"{path} is a diffusers-layout file: pass its transformer/ folder (with config.json)")
         raise CheckpointError(f"{path} is not a FLUX DiT checkpoint (no key ends with {DIT_MARKER!r})")
-    shapes = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+    shapes = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
     params = wanted or infer_flux_params(shapes, read_metadata(path), path)
     _check_variant(params, shapes, path)
 
@@ -234,8 +237,11 @@ def load_flow_model(
     if not path.is_dir():
         dtypes = read_dtypes(path)
         prefix = detect_prefix(list(dtypes), DIT_MARKER)
-        fp8_in_file = {k[len(prefix):].removesuffix(".weight") for k, d in dtypes.items()
-                       if d == "F8_E4M3" and k.endswith(".weight")}
+        fp8_in_file = {
+            k[len(prefix) :].removesuffix(".weight")
+            for k, d in dtypes.items()
+            if d == "F8_E4M3" and k.endswith(".weight")
+        }
     policy = default_predicate(quant_policy) if quantize else (lambda n, m: False)
     quantize_(model, lambda n, m: policy(n, m) or n in fp8_in_file, per_channel=per_channel_scale)
 
@@ -260,8 +266,9 @@ def load_flow_model(
     return model.eval()
 
 
-def _assign_dit_tensor(model: Flux, key: str, tensor: Tensor, scales: dict[str, Tensor], dtype: torch.dtype,
-                       device, per_channel: bool) -> None:
+def _assign_dit_tensor(
+    model: Flux, key: str, tensor: Tensor, scales: dict[str, Tensor], dtype: torch.dtype, device, per_channel: bool
+) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(module, FP8Linear) and attr == "weight":
@@ -293,16 +300,24 @@ def infer_ae_params(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]
         levels = _count(shapes, r"encoder\.down\.(\d+)\.")
         ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
         return AutoEncoderParams(
-            in_channels=shapes["encoder.conv_in.weight"][1], ch=ch, out_ch=shapes["decoder.conv_out.weight"][0],
-            ch_mult=ch_mult, num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
+            in_channels=shapes["encoder.conv_in.weight"][1],
+            ch=ch,
+            out_ch=shapes["decoder.conv_out.weight"][0],
+            ch_mult=ch_mult,
+            num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
             z_channels=shapes["decoder.conv_in.weight"][1],
         )
     except KeyError as e:
         raise CheckpointError(f"{path} is not a FLUX autoencoder: key {e.args[0]!r} is missing") from None
 
 
-def load_autoencoder(source: str | Path, params: str | AutoEncoderParams | None = None, *,
-                     dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> AutoEncoder:
+def load_autoencoder(
+    source: str | Path,
+    params: str | AutoEncoderParams | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> AutoEncoder:
     """Load ``ae.safetensors`` (BFL names) or a diffusers ``vae/`` folder into :class:`AutoEncoder`."""
     path = find_ae_file(Path(source))
     if path.is_dir():
@@ -313,7 +328,7 @@ def load_autoencoder(source: str | Path, params: str | AutoEncoderParams | None 
     else:
         shapes = read_shapes(path)
         prefix = detect_prefix(list(shapes), AE_MARKER)
-        shapes = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+        shapes = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
         file_params = infer_ae_params(shapes, read_metadata(path), path)
         stream = iter_tensors(path, prefix)
     if isinstance(params, str):
@@ -326,8 +341,14 @@ def load_autoencoder(source: str | Path, params: str | AutoEncoderParams | None 
     return model.eval()
 
 
-def stream_into(model: nn.Module, stream: Iterator[tuple[str, Tensor]], desc: str, dtype: torch.dtype, device,
-                per_channel: bool = True) -> None:
+def stream_into(
+    model: nn.Module,
+    stream: Iterator[tuple[str, Tensor]],
+    desc: str,
+    dtype: torch.dtype,
+    device,
+    per_channel: bool = True,
+) -> None:
     """Fill a meta-built ``model`` from ``(key, tensor)`` pairs with strict key and shape matching.
 
     Float tensors are cast to ``dtype``; weights of :class:`FP8Linear` modules are quantized on arrival.
@@ -339,8 +360,9 @@ def stream_into(model: nn.Module, stream: Iterator[tuple[str, Tensor]], desc: st
             unexpected.append(key)
             continue
         if tuple(tensor.shape) != tuple(expected[key][0]):
-            raise CheckpointError(f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(expected[key][0])}")
+            raise CheckpointError(
+                f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key][0])}"
+            )
         _assign_dit_tensor(model, key, tensor, {}, dtype, device, per_channel)
     if unexpected:
         raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")

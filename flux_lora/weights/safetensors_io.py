@@ -70,14 +70,15 @@ def detect_prefix(keys: list[str], marker: str) -> str:
     return ""
 
 
-def iter_tensors(path: Path, prefix: str = "", skip: Callable[[str], bool] | None = None
-                 ) -> Iterator[tuple[str, Tensor]]:
+def iter_tensors(
+    path: Path, prefix: str = "", skip: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(key without prefix, tensor)`` for the keys under ``prefix``; tensors are memory-mapped."""
     with open_safetensors(path) as f:
         for key in f.keys():
             if not key.startswith(prefix):
                 continue
-            name = key[len(prefix):]
+            name = key[len(prefix) :]
             if skip is not None and skip(name):
                 continue
             yield name, f.get_tensor(key)

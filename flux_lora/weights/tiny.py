@@ -45,7 +45,7 @@ TINY_UNION_MODES = 10  # as InstantX/FLUX.1-dev-Controlnet-Union-alpha
 
 
 def _corpus() -> list[str]:
-    lines = [" ".join(WORDS[i:i + 8]) for i in range(0, len(WORDS), 8)]
+    lines = [" ".join(WORDS[i : i + 8]) for i in range(0, len(WORDS), 8)]
     return lines + [w.upper() for w in WORDS[:40]] + ["0 1 2 3 4 5 6 7 8 9 , . ! ? ' \" - : ;"]
 
 
@@ -58,14 +58,19 @@ def build_clip_tokenizer(out: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[bos, eos], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=[bos, eos],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
     )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos,
-                                   unk_token=eos, model_max_length=77)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=77
+    )
     fast.save_pretrained(out)
 
 
@@ -78,13 +83,14 @@ def build_t5_tokenizer(out: Path, max_length: int) -> None:
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=[pad, eos, unk], unk_token=unk,
-                                      show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=[pad, eos, unk], unk_token=unk, show_progress=False
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
-                                                       special_tokens=[(eos, tok.token_to_id(eos))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk,
-                                   model_max_length=max_length)
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk, model_max_length=max_length
+    )
     fast.save_pretrained(out)
 
 
@@ -98,18 +104,34 @@ def build_text_encoders(out: Path, params: FluxParams, seed: int) -> None:
 
     torch.manual_seed(seed + 1)
     clip_cfg = CLIPTextConfig(
-        vocab_size=len(clip_tok), hidden_size=params.vec_in_dim, intermediate_size=2 * params.vec_in_dim,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, projection_dim=params.vec_in_dim,
-        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
+        vocab_size=len(clip_tok),
+        hidden_size=params.vec_in_dim,
+        intermediate_size=2 * params.vec_in_dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=params.vec_in_dim,
+        bos_token_id=clip_tok.bos_token_id,
+        eos_token_id=clip_tok.eos_token_id,
+        pad_token_id=clip_tok.pad_token_id,
     )
     CLIPTextModel(clip_cfg).eval().save_pretrained(out / "text_encoder", safe_serialization=True)
 
     torch.manual_seed(seed + 2)
     t5_cfg = T5Config(
-        vocab_size=len(t5_tok), d_model=params.context_in_dim, d_kv=8, d_ff=2 * params.context_in_dim,
-        num_layers=2, num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False, use_cache=False, pad_token_id=t5_tok.pad_token_id,
-        eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id,
+        vocab_size=len(t5_tok),
+        d_model=params.context_in_dim,
+        d_kv=8,
+        d_ff=2 * params.context_in_dim,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=t5_tok.pad_token_id,
+        eos_token_id=t5_tok.eos_token_id,
+        decoder_start_token_id=t5_tok.pad_token_id,
     )
     T5EncoderModel(t5_cfg).eval().save_pretrained(out / "text_encoder_2", safe_serialization=True)
 
@@ -134,8 +156,9 @@ def random_autoencoder(params: AutoEncoderParams, seed: int) -> AutoEncoder:
     return ae
 
 
-def write_tiny_model(out: str | Path, variant: str = "dev", seed: int = DEFAULT_SEED,
-                     params: FluxParams | None = None) -> Path:
+def write_tiny_model(
+    out: str | Path, variant: str = "dev", seed: int = DEFAULT_SEED, params: FluxParams | None = None
+) -> Path:
     """Write the tiny model folder and return its path."""
     if variant not in ("dev", "schnell"):
         raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
@@ -143,12 +166,16 @@ def write_tiny_model(out: str | Path, variant: str = "dev", seed: int = DEFAULT_
     out.mkdir(parents=True, exist_ok=True)
     params = params or PRESETS["tiny" if variant == "dev" else "tiny-schnell"]
     dit = random_flux(params, seed)
-    save_file_atomic(dit.state_dict(), out / f"flux1-{variant}.safetensors",
-                     {PARAMS_METADATA_KEY: json.dumps(params.to_dict()), "format": "pt"})
+    save_file_atomic(
+        dit.state_dict(),
+        out / f"flux1-{variant}.safetensors",
+        {PARAMS_METADATA_KEY: json.dumps(params.to_dict()), "format": "pt"},
+    )
     ae_params = AE_PRESETS["tiny"]
     ae = random_autoencoder(ae_params, seed)
-    save_file_atomic(ae.state_dict(), out / "ae.safetensors",
-                     {PARAMS_METADATA_KEY: json.dumps(ae_params.to_dict()), "format": "pt"})
+    save_file_atomic(
+        ae.state_dict(), out / "ae.safetensors", {PARAMS_METADATA_KEY: json.dumps(ae_params.to_dict()), "format": "pt"}
+    )
     build_text_encoders(out, params, seed)
     (out / "README.md").write_text(
         f"Tiny FLUX.1-{variant}-shaped model with random weights (seed {seed}), written by flux_lora.weights.tiny.\n"
@@ -158,15 +185,22 @@ def write_tiny_model(out: str | Path, variant: str = "dev", seed: int = DEFAULT_
     return out
 
 
-def tiny_controlnet_params(flux: FluxParams | None = None, union: bool = False, inpainting: bool = False
-                           ) -> ControlNetParams:
+def tiny_controlnet_params(
+    flux: FluxParams | None = None, union: bool = False, inpainting: bool = False
+) -> ControlNetParams:
     """A ControlNet for the tiny DiT, with fewer blocks than the DiT so the residual interval rule matters."""
     flux = flux or PRESETS["tiny"]
     double, single = flux.depth, flux.depth_single_blocks
-    trunk = replace(flux, depth=double if union else max(1, double // 2),
-                    depth_single_blocks=max(1, single // 2) if union else single)
-    return ControlNetParams(trunk, extra_channels=MASK_CHANNELS * PATCH_AREA if inpainting else 0,
-                            num_modes=TINY_UNION_MODES if union else None)
+    trunk = replace(
+        flux,
+        depth=double if union else max(1, double // 2),
+        depth_single_blocks=max(1, single // 2) if union else single,
+    )
+    return ControlNetParams(
+        trunk,
+        extra_channels=MASK_CHANNELS * PATCH_AREA if inpainting else 0,
+        num_modes=TINY_UNION_MODES if union else None,
+    )
 
 
 def random_controlnet(params: ControlNetParams, seed: int) -> FluxControlNet:
@@ -187,8 +221,13 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_tiny_controlnet(out: str | Path, union: bool = False, seed: int = DEFAULT_SEED,
-                          params: ControlNetParams | None = None, shards: int = 1) -> Path:
+def write_tiny_controlnet(
+    out: str | Path,
+    union: bool = False,
+    seed: int = DEFAULT_SEED,
+    params: ControlNetParams | None = None,
+    shards: int = 1,
+) -> Path:
     """Write a tiny ControlNet folder in the diffusers layout (``config.json``, safetensors); return its path.
 
     ``params`` defaults to :func:`tiny_controlnet_params` (union or not); ``shards > 1`` writes an index and
@@ -223,8 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--variant", choices=["dev", "schnell"], default="dev")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--no-controlnets", action="store_true",
-                        help="do not write controlnet/ and controlnet-union/")
+    parser.add_argument("--no-controlnets", action="store_true", help="do not write controlnet/ and controlnet-union/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_tiny_model(args.outdir, args.variant, args.seed)
