@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from flux_lora.data import datamodule  # noqa: E402
 from flux_lora.config import load_config  # noqa: E402
+from flux_lora.data import datamodule  # noqa: E402
 from flux_lora.training.run import build, last_checkpoint  # noqa: E402
 
 LOADS = {"text": 0, "ae": 0}

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from controlnettest import controlnet_inputs, flat, rel_error
 
 from flux_lora import sampling as S
-from flux_lora.weights import tiny
 from flux_lora.model.autoencoder import AE_PRESETS
 from flux_lora.model.controlnet import (
     ControlNetParams,
@@ -25,6 +24,7 @@ from flux_lora.model.controlnet import (
 )
 from flux_lora.model.flux import PRESETS
 from flux_lora.model.fp8 import FP8, FP8Linear, default_predicate, quantize_, storage_bytes
+from flux_lora.weights import tiny
 from flux_lora.weights.controlnet_loading import (
     controlnet_config,
     controlnet_params_from_config,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux_lora.weights import hub
 from flux_lora.model.flux import PRESETS
 from flux_lora.model.fp8 import FP8, FP8Linear
 from flux_lora.model.text_encoders import TextEncoders
+from flux_lora.weights import hub
 from flux_lora.weights.loading import load_autoencoder, load_flow_model
 from flux_lora.weights.safetensors_io import CheckpointError
 from flux_lora.weights.tiny import random_flux

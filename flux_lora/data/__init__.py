@@ -1,1 +1,3 @@
-"""Training data: the scan, aspect-ratio buckets, content fingerprints, the latent and embedding cache, and the Lightning data module."""
+"""Training data: the scan, aspect-ratio buckets, content fingerprints, the latent and embedding cache, and the
+Lightning data module.
+"""

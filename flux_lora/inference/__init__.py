@@ -1,1 +1,2 @@
-"""Inference: the sampling loop, the pipeline, ControlNet units and CPU offload."""
+"""Inference: the sampling loop, the pipeline, ControlNet units and CPU offload.
+"""

@@ -210,7 +210,8 @@ class FluxPipeline:
             latents: initial noise ``[B, N, C]`` packed or ``[B, C, h, w]``, instead of drawing it.
             output_type: ``"pil"`` images, ``"pt"`` ``[B, 3, H, W]`` in [0, 1], ``"latent"`` ``[B, C, h, w]``
                 scaled latents (what ``ae.decode`` takes).
-            controlnets: ControlNets with their control images (see :class:`~flux_lora.inference.control.ControlNetUnit`),
+            controlnets: ControlNets with their control images
+                (see :class:`~flux_lora.inference.control.ControlNetUnit`),
                 all checked before anything runs; a ControlNet that embeds guidance gets ``guidance`` (default
                 3.5) even when the DiT has none.
             controls: per-DiT-call ControlNet residuals, instead of ``controlnets`` (for custom providers).

@@ -1,1 +1,3 @@
-"""Training: the flow-matching loss, the Lightning module, callbacks, per-block wrappers and the run that ties them together."""
+"""Training: the flow-matching loss, the Lightning module, callbacks, per-block wrappers and the run that ties them
+together.
+"""
