@@ -1,2 +1,1 @@
-"""Inference: the sampling loop, the pipeline, ControlNet units and CPU offload.
-"""
+"""Inference: the sampling loop, the pipeline, ControlNet units and CPU offload."""
