@@ -181,9 +181,9 @@ def load_loras(pipe: FluxPipeline, specs: list[tuple[Path, float]], mode: str) -
         name = path.stem.replace(".", "_") or f"lora{i}"
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
-        loras.append((read_lora(path, pipe.model.params), scale, name))
+        loras.append((read_lora(path, pipe.dit.params), scale, name))
     adapter_dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
-    apply_loras(pipe.model, loras, mode=mode, dtype=adapter_dtype)
+    apply_loras(pipe.dit, loras, mode=mode, dtype=adapter_dtype)
     return [f"{path.name}:{scale:g}" for path, scale in specs]
 
 
@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     controlnets = load_controlnets(pipe, args.controlnets, args.quantize)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     height, width = pipe.image_size(args.height, args.width)
-    steps = pipe.model.params.default_steps if args.steps is None else args.steps
-    dev = pipe.model.params.guidance_embed
+    steps = pipe.dit.params.default_steps if args.steps is None else args.steps
+    dev = pipe.dit.params.guidance_embed
     guidance = (DEFAULT_GUIDANCE if args.guidance is None else args.guidance) if dev else None
     negative = args.negative_prompt if args.true_cfg != 1.0 else None
     written = []

@@ -51,9 +51,9 @@ def diffusers_parts(pipe) -> dict:
         flux_to_diffusers_config,
     )
 
-    p = pipe.model.params
+    p = pipe.dit.params
     transformer = diffusers.FluxTransformer2DModel(**flux_to_diffusers_config(p))
-    transformer.load_state_dict(flux_to_diffusers(pipe.model.state_dict(), p), strict=True)
+    transformer.load_state_dict(flux_to_diffusers(pipe.dit.state_dict(), p), strict=True)
     vae = diffusers.AutoencoderKL(**ae_to_diffusers_config(pipe.ae.params))
     vae.load_state_dict(ae_to_diffusers(pipe.ae.state_dict(), pipe.ae.params), strict=True)
     dev = p.guidance_embed

@@ -20,7 +20,7 @@ from cache_helpers import (
 )
 
 from flux_lora.config import DataConfig, DataError
-from flux_lora.data.buckets import apply_placement
+from flux_lora.data.buckets import apply_crop
 from flux_lora.data.cache import (
     AutoEncoderSpec,
     TextEncoderSpec,
@@ -125,7 +125,7 @@ def test_cached_values_equal_a_fresh_encode(tmp_path, data_dir, tiny_dev_dir):
     ae = load_autoencoder(tiny_dev_dir, dtype=DTYPE)
     for job in (j for jobs in plan.variants for j in jobs):
         image = data.read_image(data.records[job.record])
-        fresh = ae.encode(image_to_tensor(apply_placement(image, job.placement))[None])[0]
+        fresh = ae.encode(image_to_tensor(apply_crop(image, job.placement))[None])[0]
         cached_latent = plan.store.read_latent(job.key)
         w, h = job.placement.bucket
         assert cached_latent.shape == (16, h // 8, w // 8)

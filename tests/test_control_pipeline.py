@@ -42,7 +42,7 @@ def _tensor(image: Image.Image) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def dev_pipe(tiny_dev_dir) -> FluxPipeline:
     pipe = FluxPipeline.from_pretrained(tiny_dev_dir, dtype=torch.float32, device="cpu")
-    for module in (pipe.model, pipe.ae, pipe.text_encoders):
+    for module in (pipe.dit, pipe.ae, pipe.text_encoders):
         realign(module)  # bit-equal runs under the fake accelerator (see helpers_dit.realign)
     return pipe
 
@@ -166,7 +166,7 @@ def test_denoising_matches_diffusers_controlnet_pipeline(case, dev_pipe, schnell
         pooled_prompt_embeds=emb.y,
         latents=noise,
         guidance_scale=3.5,
-        max_sequence_length=pipe.model.params.max_sequence_length,
+        max_sequence_length=pipe.dit.params.max_sequence_length,
         height=H,
         width=W,
         num_inference_steps=KW["num_inference_steps"],
@@ -214,7 +214,7 @@ def test_window_runs_the_controlnet_only_inside_it(start, end, steps, dev_pipe, 
 def test_true_cfg_reuses_the_positive_residuals(dev_pipe, cns, emb):
     neg = dev_pipe.encode(["blurry", "dark"])
     units = [ControlNetUnit(cns["plain"], _image(8), scale=0.8), ControlNetUnit(cns["union"], _image(9), mode="pose")]
-    with Calls(dev_pipe.model) as dit, Calls(cns["plain"], cns["union"]) as controlnet:
+    with Calls(dev_pipe.dit) as dit, Calls(cns["plain"], cns["union"]) as controlnet:
         dev_pipe(
             text_embeddings=emb,
             negative_text_embeddings=neg,
@@ -237,16 +237,16 @@ def test_lora_on_the_dit_only_with_a_controlnet(dev_pipe, cns, emb):
     cn = cns["plain"]
     paths = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "single_blocks.0.linear1"]
     assert all(cn.get_submodule(p) is not None for p in paths)  # the ControlNet has layers at these paths
-    lora, scale = random_lora(dev_pipe.model, paths), 0.7
+    lora, scale = random_lora(dev_pipe.dit, paths), 0.7
     weights = {k: v.clone() for k, v in cn.state_dict().items()}
     kw = dict(text_embeddings=emb, controlnets=[ControlNetUnit(cn, _image(10), scale=0.8)], seed=0, **KW)
-    apply_loras(dev_pipe.model, [(lora, scale, "style")])
+    apply_loras(dev_pipe.dit, [(lora, scale, "style")])
     try:
         assert not any(m._forward_hooks for m in cn.modules())
         out = dev_pipe(**kw)
     finally:
-        remove_loras(dev_pipe.model)
-    merged = copy.deepcopy(dev_pipe.model)
+        remove_loras(dev_pipe.dit)
+    merged = copy.deepcopy(dev_pipe.dit)
     with torch.no_grad():
         for path, lw in lora.items():
             merged.get_submodule(path).weight += scale * lw.delta()
@@ -295,7 +295,7 @@ def test_model_offload_loads_controlnets_with_the_dit(dev_pipe, cns, emb):
     )
     baseline = dev_pipe(**kw)
     fake, events, seen = FakeAccelerator(), [], {}
-    parts = {"model": dev_pipe.model, "ae": dev_pipe.ae, "plain": plain, "union": union}
+    parts = {"dit": dev_pipe.dit, "ae": dev_pipe.ae, "plain": plain, "union": union}
 
     def snapshot(stage):
         def hook(*args) -> None:
@@ -306,7 +306,7 @@ def test_model_offload_loads_controlnets_with_the_dit(dev_pipe, cns, emb):
     stages = {
         "encode control": dev_pipe.ae.encoder,
         "ControlNet": plain.double_blocks[0],
-        "DiT": dev_pipe.model.double_blocks[0],
+        "DiT": dev_pipe.dit.double_blocks[0],
         "decode": dev_pipe.ae.decoder,
     }
     hooks = [m.register_forward_hook(snapshot(stage)) for stage, m in stages.items()]
@@ -319,23 +319,23 @@ def test_model_offload_loads_controlnets_with_the_dit(dev_pipe, cns, emb):
             h.remove()
         dev_pipe.enable_offload(None)
     assert torch.equal(out, dev_pipe.decode(baseline))
-    on_device = {"model": "device", "ae": "host", "plain": "device", "union": "device"}
+    on_device = {"dit": "device", "ae": "host", "plain": "device", "union": "device"}
     assert seen == {
-        "encode control": {"model": "host", "ae": "device", "plain": "host", "union": "host"},
+        "encode control": {"dit": "host", "ae": "device", "plain": "host", "union": "host"},
         "ControlNet": on_device,
         "DiT": on_device,
-        "decode": {"model": "host", "ae": "device", "plain": "host", "union": "host"},
+        "decode": {"dit": "host", "ae": "device", "plain": "host", "union": "host"},
     }
     assert after == dict.fromkeys(parts, "host")
     assert events == [
         ("load", "ae"),
         ("unload", "ae"),
-        ("load", "model"),
+        ("load", "dit"),
         ("load", "controlnet.0"),
         ("load", "controlnet.1"),
         ("unload", "controlnet.1"),
         ("unload", "controlnet.0"),
-        ("unload", "model"),
+        ("unload", "dit"),
         ("load", "ae"),
         ("unload", "ae"),
     ]
@@ -352,7 +352,7 @@ def test_block_offload_streams_controlnet_blocks(dev_pipe, cns, emb):
     baseline = dev_pipe(**kw)
     fake, events, seen = FakeAccelerator(), [], []
     cn_blocks = [*cn.double_blocks, *cn.single_blocks]
-    dit_blocks = [*dev_pipe.model.double_blocks, *dev_pipe.model.single_blocks]
+    dit_blocks = [*dev_pipe.dit.double_blocks, *dev_pipe.dit.single_blocks]
 
     def snapshot(i) -> None:
         seen.append(
@@ -480,7 +480,7 @@ def _bad_unit(case: str, cns: dict, tiny_controlnet_dir) -> tuple[ControlNetUnit
 )
 def test_bad_input_fails_before_any_denoising_step(case, dev_pipe, cns, emb, tiny_controlnet_dir):
     unit, message = _bad_unit(case, cns, tiny_controlnet_dir)
-    modules = [dev_pipe.model, cns["plain"], cns["union"], cns["inpaint"], unit.controlnet]
+    modules = [dev_pipe.dit, cns["plain"], cns["union"], cns["inpaint"], unit.controlnet]
     with Calls(*modules) as calls, pytest.raises((ValueError, TypeError), match=message):
         dev_pipe(text_embeddings=emb, controlnets=[ControlNetUnit(cns["plain"], _image(18)), unit], seed=0, **KW)
     assert calls.kwargs == []  # neither the DiT nor any ControlNet ran

@@ -17,11 +17,11 @@ from flux_lora.config import DataConfig, DataError
 from flux_lora.data.buckets import (
     SIDE_MULTIPLE,
     BucketBatchSampler,
-    apply_placement,
+    apply_crop,
     bucket_sizes,
     choose_bucket,
     cover_scale,
-    placements,
+    image_crops,
 )
 from flux_lora.data.datamodule import collate
 from flux_lora.data.scan import scan
@@ -184,7 +184,7 @@ def test_known_picture_lands_in_its_bucket():
     buckets = bucket_sizes(1024)
     bucket = choose_bucket(1536, 1024, buckets, resolution=1024, max_aspect=4.0, upscale=False)
     assert bucket == (1264, 832)
-    (p,) = placements(1536, 1024, bucket, crop="center", variants=1, flip=False, seed="s")
+    (p,) = image_crops(1536, 1024, bucket, crop="center", variants=1, flip=False, seed="s")
     assert p.resized == (1264, 843) and (p.left, p.top) == (0, 5)
     assert choose_bucket(3000, 3000, buckets, resolution=1024, max_aspect=4.0, upscale=False) == (1024, 1024)
 
@@ -197,8 +197,8 @@ def test_no_distortion_a_circle_stays_round(size):
     cx, cy = width // 2, height // 2
     ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill="black")
     bucket = choose_bucket(width, height, bucket_sizes(128), resolution=128, max_aspect=4.0, upscale=True)
-    (p,) = placements(width, height, bucket, crop="center", variants=1, flip=False, seed="s")
-    out = np.asarray(apply_placement(image, p).convert("L")) < 128
+    (p,) = image_crops(width, height, bucket, crop="center", variants=1, flip=False, seed="s")
+    out = np.asarray(apply_crop(image, p).convert("L")) < 128
     assert out.shape == (bucket[1], bucket[0])
     ys, xs = np.nonzero(out)
     box_w, box_h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
@@ -220,24 +220,24 @@ def test_no_upscaling_small_images_get_their_own_bucket():
 
 def test_center_and_random_crops():
     bucket = (64, 64)
-    (center,) = placements(128, 64, bucket, crop="center", variants=4, flip=False, seed="a")
+    (center,) = image_crops(128, 64, bucket, crop="center", variants=4, flip=False, seed="a")
     assert center.resized == (128, 64) and (center.left, center.top) == (32, 0)
-    rand = placements(128, 64, bucket, crop="random", variants=4, flip=False, seed="a")
+    rand = image_crops(128, 64, bucket, crop="random", variants=4, flip=False, seed="a")
     assert 1 < len(rand) <= 4 and len({p.left for p in rand}) == len(rand)
     assert all(0 <= p.left <= 64 and p.top == 0 for p in rand)
     # reproducible from the seed
-    assert rand == placements(128, 64, bucket, crop="random", variants=4, flip=False, seed="a")
-    assert rand != placements(128, 64, bucket, crop="random", variants=4, flip=False, seed="b")
+    assert rand == image_crops(128, 64, bucket, crop="random", variants=4, flip=False, seed="a")
+    assert rand != image_crops(128, 64, bucket, crop="random", variants=4, flip=False, seed="b")
     # no slack: every random crop is the same, so one variant is cached
-    assert len(placements(64, 64, bucket, crop="random", variants=4, flip=False, seed="a")) == 1
+    assert len(image_crops(64, 64, bucket, crop="random", variants=4, flip=False, seed="a")) == 1
 
 
 def test_flip_variant_is_the_mirror_image():
     image = Image.new("RGB", (96, 64), "white")
     ImageDraw.Draw(image).rectangle((0, 0, 20, 63), fill="red")
-    plain, flipped = placements(96, 64, (64, 64), crop="center", variants=1, flip=True, seed="s")
+    plain, flipped = image_crops(96, 64, (64, 64), crop="center", variants=1, flip=True, seed="s")
     assert (plain.flip, flipped.flip) == (False, True)
-    a, b = np.asarray(apply_placement(image, plain)), np.asarray(apply_placement(image, flipped))
+    a, b = np.asarray(apply_crop(image, plain)), np.asarray(apply_crop(image, flipped))
     assert np.array_equal(a[:, ::-1], b) and not np.array_equal(a, b)
 
 

@@ -27,7 +27,7 @@ KW = dict(height=32, width=48, num_inference_steps=2, seed=0, true_cfg=2.0, outp
 @pytest.fixture(scope="module")
 def pipe(tiny_dev_dir) -> FluxPipeline:
     pipe = FluxPipeline.from_pretrained(tiny_dev_dir, dtype=torch.float32, device="cpu")
-    for module in (pipe.model, pipe.ae, pipe.text_encoders):
+    for module in (pipe.dit, pipe.ae, pipe.text_encoders):
         realign(module)
     return pipe
 
@@ -51,7 +51,7 @@ def _tensor_ids(module: torch.nn.Module) -> list[int]:
 
 def test_model_offload_moves_each_component_only_while_it_runs(pipe, baseline, fake):
     fake, events = fake
-    parts = {"text_encoders": pipe.text_encoders, "model": pipe.model, "ae": pipe.ae}
+    parts = {"text_encoders": pipe.text_encoders, "dit": pipe.dit, "ae": pipe.ae}
     host_ids = {name: _tensor_ids(m) for name, m in parts.items()}
     seen = {}
 
@@ -63,7 +63,7 @@ def test_model_offload_moves_each_component_only_while_it_runs(pipe, baseline, f
 
     hooks = [
         pipe.text_encoders.t5.register_forward_hook(snapshot("encode")),
-        pipe.model.double_blocks[0].register_forward_hook(snapshot("denoise")),
+        pipe.dit.double_blocks[0].register_forward_hook(snapshot("denoise")),
         pipe.ae.decoder.register_forward_hook(snapshot("decode")),
     ]
     try:
@@ -74,9 +74,9 @@ def test_model_offload_moves_each_component_only_while_it_runs(pipe, baseline, f
             h.remove()
     assert torch.equal(out, baseline)
     assert seen == {
-        "encode": {"text_encoders": "device", "model": "host", "ae": "host"},
-        "denoise": {"text_encoders": "host", "model": "device", "ae": "host"},
-        "decode": {"text_encoders": "host", "model": "host", "ae": "device"},
+        "encode": {"text_encoders": "device", "dit": "host", "ae": "host"},
+        "denoise": {"text_encoders": "host", "dit": "device", "ae": "host"},
+        "decode": {"text_encoders": "host", "dit": "host", "ae": "device"},
     }
     # prompt and negative prompt go through the encoders in one pass
     assert events == [(a, n) for n in parts for a in ("load", "unload")]
@@ -86,7 +86,7 @@ def test_model_offload_moves_each_component_only_while_it_runs(pipe, baseline, f
 
 def test_block_offload_streams_one_block_at_a_time(pipe, baseline, fake):
     fake, events = fake
-    model = pipe.model
+    model = pipe.dit
     blocks = [*model.double_blocks, *model.single_blocks]
     seen = []
 
@@ -120,7 +120,7 @@ def test_block_offload_streams_one_block_at_a_time(pipe, baseline, fake):
     assert [location(b, fake) for b in blocks] == ["host"] * n  # nothing left behind between calls
     assert location(model.img_in, fake) == "device"  # non-block parts stay
     loads = [name for action, name in events if action == "load" and "blocks" in name]
-    order = [f"model.{group}.{i}" for group in ("double_blocks", "single_blocks") for i in range(2)]
+    order = [f"dit.{group}.{i}" for group in ("double_blocks", "single_blocks") for i in range(2)]
     assert loads[:n] == order
     pipe.enable_offload(None)
     assert location(model, fake) == "host"

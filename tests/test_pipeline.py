@@ -53,7 +53,7 @@ def test_matches_diffusers(variant, dev_pipe, schnell_pipe):
         pooled_prompt_embeds=emb.y,
         latents=noise,
         guidance_scale=3.5,
-        max_sequence_length=pipe.model.params.max_sequence_length,
+        max_sequence_length=pipe.dit.params.max_sequence_length,
         **kw,
     )
 
@@ -81,12 +81,12 @@ def test_schedule_check_values(dev_pipe, schnell_pipe):
     assert dev_pipe.timesteps(1024, 1024, 4) == pytest.approx(check_1024, abs=1e-6)
     assert dev_pipe.timesteps(512, 512, 4) == pytest.approx(check_512, abs=1e-6)
     assert schnell_pipe.timesteps(1024, 1024, 4) == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert schnell_pipe.model.params.default_steps == 4
+    assert schnell_pipe.dit.params.default_steps == 4
 
 
 def test_model_called_at_schedule_times_with_guidance(dev_pipe):
     seen = []
-    hook = dev_pipe.model.register_forward_pre_hook(
+    hook = dev_pipe.dit.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append((kwargs["timesteps"][0].item(), kwargs["guidance"][0].item())),
         with_kwargs=True,
     )
@@ -115,7 +115,7 @@ def test_true_cfg_is_the_analytic_combination(dev_pipe):
     plain = dev_pipe(text_embeddings=pos, **kw)
 
     def velocity(emb):
-        return dev_pipe.model(
+        return dev_pipe.dit(
             img=noise,
             img_ids=img_ids(1, H // 8, W // 8),
             txt=emb.txt,
@@ -216,7 +216,7 @@ def test_from_pretrained_resolves_a_modelscope_id(tiny_dev_dir, monkeypatch):
     monkeypatch.setattr(hub, "_modelscope_download", download)
     pipe = FluxPipeline.from_pretrained("AI-ModelScope/FLUX.1-dev", dtype=torch.float32, device="cpu")
     assert calls[0][0] == "AI-ModelScope/FLUX.1-dev" and "ae.safetensors" in calls[0][1]
-    assert pipe.model.params.guidance_embed
+    assert pipe.dit.params.guidance_embed
     with pytest.raises(ValueError, match="is a file"):
         FluxPipeline.from_pretrained(tiny_dev_dir / "ae.safetensors", device="cpu")
 
@@ -231,7 +231,7 @@ def test_schnell_ignores_guidance_with_a_warning(schnell_pipe, caplog):
 
 def test_precomputed_embeddings_need_no_text_encoders(dev_pipe):
     emb = dev_pipe.encode(["a dog"])
-    bare = FluxPipeline(dev_pipe.model, dev_pipe.ae, None, device="cpu")
+    bare = FluxPipeline(dev_pipe.dit, dev_pipe.ae, None, device="cpu")
     kw = dict(height=32, width=32, num_inference_steps=2, seed=0, output_type="latent", progress=False)
     assert torch.equal(bare(text_embeddings=emb, **kw), dev_pipe("a dog", **kw))
     with pytest.raises(ValueError, match="no text encoders"):
@@ -240,7 +240,7 @@ def test_precomputed_embeddings_need_no_text_encoders(dev_pipe):
 
 def test_control_provider_is_called_per_dit_call(dev_pipe):
     calls: list[DiTInputs] = []
-    hidden = dev_pipe.model.params.hidden_size
+    hidden = dev_pipe.dit.params.hidden_size
 
     def zero(inputs: DiTInputs) -> ControlResiduals:
         calls.append(inputs)
@@ -270,8 +270,8 @@ def test_denoise_is_the_euler_loop(dev_pipe):
 
 def test_fp8_pipeline(tiny_dev_dir, dev_pipe):
     pipe = FluxPipeline.from_pretrained(tiny_dev_dir, quantize="float8_e4m3fn", dtype=torch.float32, device="cpu")
-    assert isinstance(pipe.model.double_blocks[0].img_attn.qkv, FP8Linear)
-    assert pipe.model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert isinstance(pipe.dit.double_blocks[0].img_attn.qkv, FP8Linear)
+    assert pipe.dit.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
     kw = dict(height=32, width=32, num_inference_steps=2, seed=0, output_type="pt", progress=False)
     a, ref = pipe("a dog", **kw), dev_pipe("a dog", **kw)
     assert not torch.equal(a, ref)

@@ -153,9 +153,9 @@ def test_outputs_of_a_run(tmp_path, model_dir):
 
 
 def _params(model_dir):
-    from flux_lora.training.run import read_params
+    from flux_lora.weights.loading import flux_params
 
-    return read_params(model_dir, None)
+    return flux_params(model_dir)
 
 
 def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Sizes are ``(width, height)`` in pixels with both sides multiples of :data:`SIDE_MULTIPLE` (the autoencoder's
 8x downscale times the DiT's 2x2 patches). An image is never distorted: it is scaled by one factor until it
-covers its bucket (:func:`placements`), then cropped (center or random) to the bucket, then maybe mirrored.
+covers its bucket (:func:`image_crops`), then cropped (center or random) to the bucket, then maybe mirrored.
 
 Upscaling policy: with ``upscale=False`` (the default) no image is scaled by more than 1. An image smaller
 than the bucket its aspect ratio selects, in either side, gets a bucket of its own: its size at most the
@@ -74,7 +74,7 @@ def choose_bucket(
 
 
 @dataclass(frozen=True)
-class Placement:
+class Crop:
     """How one image becomes one training crop: resize to ``resized`` (aspect kept), crop ``bucket`` at
     ``(left, top)``, then mirror when ``flip``."""
 
@@ -105,7 +105,7 @@ def resized_size(width: int, height: int, bucket: Size) -> Size:
     return max(bucket[0], round(width * s)), max(bucket[1], round(height * s))
 
 
-def apply_placement(image: Image.Image, placement: Placement) -> Image.Image:
+def apply_crop(image: Image.Image, placement: Crop) -> Image.Image:
     """Resize (one scale factor, Lanczos), crop and optionally mirror ``image`` as ``placement`` says."""
     if image.size != placement.resized:
         image = image.resize(placement.resized, Image.Resampling.LANCZOS)
@@ -113,9 +113,9 @@ def apply_placement(image: Image.Image, placement: Placement) -> Image.Image:
     return ImageOps.mirror(image) if placement.flip else image
 
 
-def placements(
+def image_crops(
     width: int, height: int, bucket: Size, *, crop: str, variants: int, flip: bool, seed: str
-) -> list[Placement]:
+) -> list[Crop]:
     """The cached training variants of one image: one center crop, or ``variants`` distinct random crops
     (fewer when the image has fewer possible positions) drawn by a generator seeded by ``seed`` (so every
     process and every run picks the same ones); each crop also mirrored when ``flip``."""
@@ -130,7 +130,7 @@ def placements(
     else:
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
     flips = (False, True) if flip else (False,)
-    return [Placement(bucket, (rw, rh), x, y, f) for x, y in offsets for f in flips]
+    return [Crop(bucket, (rw, rh), x, y, f) for x, y in offsets for f in flips]
 
 
 class BucketBatchSampler:

@@ -11,7 +11,7 @@ of a loaded module's tensors), its compute dtype, and for text the tokenizer set
 editing a caption re-encodes that caption only, editing an image re-encodes its latents only, and another
 encoder misses everything. Entries are stored in the dtype the encoder produced (bf16 on a GPU).
 
-Random crops and flips: each image has a fixed set of cached variants (``buckets.placements``):
+Random crops and flips: each image has a fixed set of cached variants (``buckets.image_crops``):
 ``crop_variants`` random crops chosen from ``(seed, image hash)`` and, with flip on, each crop mirrored too;
 the batch sampler draws one variant per use. Latents are the autoencoder's mean (no sampling), so they are
 deterministic and cacheable.
@@ -43,11 +43,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flux_lora.config import DataConfig
-from flux_lora.data.buckets import Placement, apply_placement, bucket_sizes, choose_bucket, placements
+from flux_lora.data.buckets import Crop, apply_crop, bucket_sizes, choose_bucket, image_crops
 from flux_lora.data.fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
 from flux_lora.data.scan import ScannedData
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import CLIP_MAX_LENGTH, TextEmbeddings, TextEncoders
+from flux_lora.weights.loading import find_ae_file
 from flux_lora.weights.safetensors_io import save_file_atomic
 
 log = logging.getLogger(__name__)
@@ -118,15 +119,13 @@ class AutoEncoderSpec:
     @classmethod
     def from_folder(cls, source: str | Path, dtype: torch.dtype | str) -> AutoEncoderSpec:
         """From ``ae.safetensors`` in a model folder, a diffusers ``vae/`` folder or a single file."""
-        from flux_lora.weights.loading import find_ae_file
-
         return cls(fingerprint_paths([find_ae_file(Path(source))]), _dtype_name(dtype))
 
     @classmethod
     def from_module(cls, ae: AutoEncoder) -> AutoEncoderSpec:
         return cls(fingerprint_module(ae, [json.dumps(ae.params.to_dict())]), _dtype_name(next(ae.parameters()).dtype))
 
-    def key(self, image_hash: str, placement: Placement) -> str:
+    def key(self, image_hash: str, placement: Crop) -> str:
         return _sha(
             {
                 "v": CACHE_VERSION,
@@ -173,7 +172,7 @@ class LatentJob:
     """One latent entry: record ``record`` of the scanned data placed as ``placement``."""
 
     record: int
-    placement: Placement
+    placement: Crop
     key: str
 
 
@@ -231,7 +230,7 @@ def plan_cache(
         bucket = choose_bucket(
             r.width, r.height, standard, resolution=cfg.resolution, max_aspect=cfg.max_aspect, upscale=cfg.upscale
         )
-        places = placements(
+        places = image_crops(
             r.width,
             r.height,
             bucket,
@@ -351,7 +350,7 @@ def _encode_latents(
                 for job in batch:
                     if decoded is None or decoded[0] != job.record:
                         decoded = (job.record, data.read_image(data.records[job.record]))
-                    pixels.append(image_to_tensor(apply_placement(decoded[1], job.placement)))
+                    pixels.append(image_to_tensor(apply_crop(decoded[1], job.placement)))
                 with torch.no_grad():
                     latents = ae.encode(torch.stack(pixels).to(device=device, dtype=dtype)).to("cpu")
                 for job, z in zip(batch, latents, strict=True):

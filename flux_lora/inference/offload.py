@@ -153,7 +153,7 @@ class BlockOffload:
         *,
         prefetch: bool = True,
         on_move: PlacementLog | None = None,
-        name: str = "model",
+        name: str = "dit",
     ):
         self.transfer = transfer
         self.prefetch = prefetch
@@ -248,7 +248,7 @@ class Placement:
         transfer: Transfer,
         mode: OffloadMode | None = None,
         *,
-        dit: str = "model",
+        dit: str = "dit",
         on_move: PlacementLog | None = None,
     ):
         if mode not in (None, "model", "block"):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from flux_lora.dtypes import float_dtype
+from flux_lora.dtypes import Quantize, float_dtype
 from flux_lora.inference.control import (
     ControlNetProvider,
     ControlNetUnit,
@@ -31,9 +31,12 @@ from flux_lora.inference.offload import OffloadMode, Placement, PlacementLog, Tr
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.controlnet import FluxControlNet, check_compatible
 from flux_lora.model.flux import Flux
+from flux_lora.model.fp8 import QuantPolicy
 from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
 from flux_lora.sampling import get_schedule, image_seq_len, img_ids, latent_size, pack, txt_ids, unpack
+from flux_lora.weights.controlnet_loading import load_controlnet
 from flux_lora.weights.hub import resolve_model
+from flux_lora.weights.loading import load_autoencoder, load_flow_model
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class FluxPipeline:
 
     def __init__(
         self,
-        model: Flux,
+        dit: Flux,
         ae: AutoEncoder,
         text_encoders: TextEncoders | None,
         *,
@@ -78,14 +81,14 @@ class FluxPipeline:
         offload: OffloadMode | None = None,
     ):
         packed = ae.params.z_channels * 4
-        if packed != model.params.in_channels:
+        if packed != dit.params.in_channels:
             raise ValueError(
                 f"the autoencoder's {ae.params.z_channels} latent channels pack to {packed}, "
-                f"the DiT takes {model.params.in_channels}"
+                f"the DiT takes {dit.params.in_channels}"
             )
-        self.model, self.ae, self.text_encoders = model, ae, text_encoders
+        self.dit, self.ae, self.text_encoders = dit, ae, text_encoders
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or float_dtype(model)
+        self.dtype = dtype or float_dtype(dit)
         self.placement: Placement | None = None
         self.enable_offload(offload)
 
@@ -94,35 +97,32 @@ class FluxPipeline:
         cls,
         source: str | Path,
         *,
-        quantize: str | None = None,
+        quantize: Quantize | None = None,
+        quant_policy: QuantPolicy = "blocks",
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device | None = None,
         offload: OffloadMode | None = None,
     ) -> FluxPipeline:
         """Load DiT, autoencoder and text encoders from a model folder (FLUX.1 layout) or a ModelScope id.
 
-        ``quantize="float8_e4m3fn"`` stores the DiT's block Linears in fp8. With ``offload``, the weights load
-        into host memory and move to ``device`` as the mode says.
+        ``quantize="float8_e4m3fn"`` stores the DiT's Linears chosen by ``quant_policy`` in fp8. With ``offload``,
+        the weights load into host memory and move to ``device`` as the mode says.
         """
         folder = model_folder(source)
         device = torch.device(device) if device is not None else default_device()
         load_to = "cpu" if offload else device
-        from flux_lora.weights.loading import load_autoencoder, load_flow_model
-
-        model = load_flow_model(folder, dtype=dtype, device=load_to, quantize=quantize)
+        dit = load_flow_model(folder, dtype=dtype, device=load_to, quantize=quantize, quant_policy=quant_policy)
         ae = load_autoencoder(folder, dtype=dtype, device=load_to)
-        text = TextEncoders.from_folder(folder, model.params.max_sequence_length, dtype=dtype, device=load_to)
-        return cls(model, ae, text, device=device, dtype=dtype, offload=offload)
+        text = TextEncoders.from_folder(folder, dit.params.max_sequence_length, dtype=dtype, device=load_to)
+        return cls(dit, ae, text, device=device, dtype=dtype, offload=offload)
 
-    def load_controlnet(self, source: str | Path, *, quantize: str | None = None) -> FluxControlNet:
+    def load_controlnet(self, source: str | Path, *, quantize: Quantize | None = None) -> FluxControlNet:
         """Load a ControlNet (folder or ModelScope id) in this pipeline's dtype, into host memory when
         offloading, else onto the device; use it in a :class:`~flux_lora.inference.control.ControlNetUnit`. Raises
         ``ValueError`` if it was built for another base model than this pipeline's DiT."""
-        from flux_lora.weights.controlnet_loading import load_controlnet
-
         device = "cpu" if self.placement.mode else self.device
         controlnet = load_controlnet(source, dtype=self.dtype, device=device, quantize=quantize)
-        check_compatible(controlnet, self.model.params, f"ControlNet {source}")
+        check_compatible(controlnet, self.dit.params, f"ControlNet {source}")
         return controlnet
 
     def enable_offload(
@@ -131,7 +131,7 @@ class FluxPipeline:
         """Switch memory mode (``None``, ``"model"``, ``"block"``); ``on_move`` records every move."""
         if self.placement is not None:
             self.placement.remove()
-        parts = {"text_encoders": self.text_encoders, "model": self.model, "ae": self.ae}
+        parts = {"text_encoders": self.text_encoders, "dit": self.dit, "ae": self.ae}
         self.placement = Placement(
             {k: v for k, v in parts.items() if v is not None}, transfer or Transfer(self.device), mode, on_move=on_move
         )
@@ -149,9 +149,7 @@ class FluxPipeline:
     def timesteps(self, height: int, width: int, steps: int) -> list[float]:
         """The ``steps + 1`` sampling times for this image size (shifted for dev, linear for schnell)."""
         ds = self.ae.params.downscale_factor
-        return get_schedule(
-            steps, image_seq_len(*latent_size(height, width, ds)), shift=self.model.params.shift_schedule
-        )
+        return get_schedule(steps, image_seq_len(*latent_size(height, width, ds)), shift=self.dit.params.shift_schedule)
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> TextEmbeddings:
@@ -220,7 +218,7 @@ class FluxPipeline:
             raise ValueError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        params = self.model.params
+        params = self.dit.params
         steps = params.default_steps if num_inference_steps is None else num_inference_steps
         units = check_units(controlnets, params, self.dtype)
         if units and controls is not None:
@@ -251,9 +249,9 @@ class FluxPipeline:
 
         joining = controlnet_components(units)
         try:
-            with self.placement.joined(joining), self.placement.use("model", *joining):
+            with self.placement.joined(joining), self.placement.use("dit", *joining):
                 img = denoise(
-                    self.model,
+                    self.dit,
                     img,
                     ids,
                     cond.txt,
@@ -288,11 +286,11 @@ class FluxPipeline:
         images = prepare_images(units, height, width, num_prompts)
         with self.placement.use("ae"):
             encoded = encode_units(units, images, self.ae, batch, self.device, float_dtype(self.ae))
-        return ControlNetProvider(encoded, self.model.params, steps, guidance)
+        return ControlNetProvider(encoded, self.dit.params, steps, guidance)
 
     def _guidance(self, guidance: float | None, for_controlnets: bool = False) -> float | None:
         """The DiT's guidance (``None`` for schnell); checked too when only ControlNets embed it."""
-        dev = self.model.params.guidance_embed
+        dev = self.dit.params.guidance_embed
         if not dev and guidance is not None and not for_controlnets:
             log.warning("this model (schnell-type) has no guidance embedding; guidance=%s is ignored", guidance)
         value = DEFAULT_GUIDANCE if guidance is None else float(guidance)

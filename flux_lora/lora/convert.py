@@ -12,22 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from flux_lora.lora.files import read_lora, write_lora
-from flux_lora.model.flux import PRESETS, FluxParams
-from flux_lora.weights.loading import read_flux_params
+from flux_lora.weights.loading import flux_params
 
 log = logging.getLogger("flux_lora.lora.convert")
-
-
-def resolve_params(model: str) -> FluxParams:
-    """A preset name, or the architecture of the model folder / DiT file at ``model``."""
-    if model in PRESETS:
-        return PRESETS[model]
-    if not Path(model).exists():
-        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path")
-    return read_flux_params(model)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        params = resolve_params(args.model)
+        params = flux_params(args.model)
         lora = read_lora(args.input, params)
         out = write_lora(args.output, lora, params, layout=args.to, bake_scale=not args.no_bake)
     except (ValueError, OSError) as e:  # CheckpointError and LoraFormatError are ValueErrors naming the file

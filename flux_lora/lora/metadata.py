@@ -17,16 +17,13 @@ import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from flux_lora.lora.keys import LoraFormatError
+from flux_lora.lora.weight import LoraStateDict
 from flux_lora.model.flux import FluxParams
 from flux_lora.weights.loading import PARAMS_METADATA_KEY
-
-if TYPE_CHECKING:
-    from flux_lora.lora.weight import LoraStateDict
 
 log = logging.getLogger(__name__)
 

@@ -99,16 +99,6 @@ PRESETS: dict[str, FluxParams] = {
 PRESETS["tiny-schnell"] = replace(PRESETS["tiny"], guidance_embed=False, shift_schedule=False)
 
 
-def get_params(name_or_params: str | FluxParams) -> FluxParams:
-    """Look up a preset by name (``flux-dev``, ``flux-schnell``, ``tiny``, ``tiny-schnell``)."""
-    if isinstance(name_or_params, FluxParams):
-        return name_or_params
-    try:
-        return PRESETS[name_or_params]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name_or_params!r}; choose one of {sorted(PRESETS)}") from None
-
-
 class Flux(nn.Module):
     """Flow-matching transformer: packed latents and text embeddings in, velocity out."""
 

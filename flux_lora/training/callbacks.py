@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEmbeddings
@@ -35,7 +36,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
-def lora_metadata(cfg, step: int) -> dict[str, str]:
+def training_metadata(cfg, step: int) -> dict[str, str]:
     """Training details for the kohya ``ss_*`` keys Forge and the A1111 family display."""
     t = cfg.train
     return {
@@ -78,7 +79,7 @@ class SaveLora(L.Callback):
                 module.lora_weights(),
                 module.dit.params,
                 layout="kohya",
-                metadata=lora_metadata(self.cfg, trainer.global_step),
+                metadata=training_metadata(self.cfg, trainer.global_step),
             )
             self.written.append(path)
             log.info("wrote %s", path)
@@ -112,8 +113,6 @@ class SampleImages(L.Callback):
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, module) -> None:
-        from flux_lora.inference.pipeline import FluxPipeline
-
         if not trainer.is_global_zero or not self.cfg.prompts:
             return
         device = module.device

@@ -20,11 +20,11 @@ from flux_lora.config import ExperimentConfig, save_config
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import scan
 from flux_lora.lora.files import read_lora
-from flux_lora.model.flux import Flux, FluxParams, get_params
+from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora
 from flux_lora.training.module import FluxLoraModule
 from flux_lora.weights import hub
-from flux_lora.weights.loading import load_autoencoder, load_flow_model, read_flux_params
+from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
 from flux_lora.weights.tiny import write_tiny_model
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def resolve_accelerator(cfg: ExperimentConfig) -> str:
     return acc
 
 
-def model_folder(cfg: ExperimentConfig) -> Path:
+def fetch_model_folder(cfg: ExperimentConfig) -> Path:
     """The local model folder: written (tiny) or downloaded (ModelScope) when needed. In DDP, processes other than
     the first of a node reuse what the first one fetched instead of downloading again."""
     m = cfg.model
@@ -57,17 +57,12 @@ def model_folder(cfg: ExperimentConfig) -> Path:
     )
 
 
-def read_params(folder: Path, preset: str | None) -> FluxParams:
-    """Architecture from the preset or, without one, from the DiT file (nothing is loaded)."""
-    return get_params(preset) if preset else read_flux_params(folder)
-
-
 def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
     """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan."""
     scanned = scan(cfg.data)  # bad data fails here, before any model is touched
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    folder = model_folder(cfg)
-    params = read_params(folder, cfg.model.preset)
+    folder = fetch_model_folder(cfg)
+    params = flux_params(cfg.model.preset or folder)
     accelerator = resolve_accelerator(cfg)
     dtype = compute_dtype(cfg, accelerator)
     out = cfg.output_path

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
-from flux_lora.model.flux import PRESETS, Flux, FluxParams, get_params
+from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import FP8, FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
 from flux_lora.weights.keymaps import (
     DiffusersToFlux,
@@ -96,7 +96,7 @@ def _count(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := rx.match(k))})
 
 
-def infer_flux_params(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> FluxParams:
+def _params_from_header(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> FluxParams:
     """Architecture from the file: its ``flux_lora.params`` metadata, else the tensor shapes."""
     if PARAMS_METADATA_KEY in metadata:
         return FluxParams.from_dict(json.loads(metadata[PARAMS_METADATA_KEY]))
@@ -183,7 +183,7 @@ def _dit_stream(
             raise CheckpointError(f"{path} is a diffusers-layout file: pass its transformer/ folder (with config.json)")
         raise CheckpointError(f"{path} is not a FLUX DiT checkpoint (no key ends with {DIT_MARKER!r})")
     shapes = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
-    params = wanted or infer_flux_params(shapes, read_metadata(path), path)
+    params = wanted or _params_from_header(shapes, read_metadata(path), path)
     _check_variant(params, shapes, path)
 
     scales: dict[str, Tensor] = {}
@@ -198,8 +198,16 @@ def _dit_stream(
     return params, iter_tensors(path, prefix, skip=lambda k: k in extra), scales, str(path)
 
 
-def read_flux_params(source: str | Path) -> FluxParams:
-    """The architecture of the DiT at ``source`` (model folder, diffusers folder or file), from headers only."""
+def flux_params(source: str | Path | FluxParams) -> FluxParams:
+    """Which FLUX architecture: ``source`` itself when it is :class:`FluxParams`, a preset by name (``flux-dev``,
+    ``flux-schnell``, ``tiny``, ``tiny-schnell``), or the architecture of the DiT at a path (model folder,
+    diffusers folder or file), read from its headers only."""
+    if isinstance(source, FluxParams):
+        return source
+    if isinstance(source, str) and source in PRESETS:
+        return PRESETS[source]
+    if not Path(source).exists():
+        raise ValueError(f"{source!r} is neither a model preset ({', '.join(sorted(PRESETS))}) nor an existing path")
     return _dit_stream(find_dit_file(Path(source)), None)[0]
 
 
@@ -229,7 +237,7 @@ def load_flow_model(
     if quantize not in (None, "float8_e4m3fn", "fp8"):
         raise ValueError(f"quantize must be None or 'float8_e4m3fn', got {quantize!r}")
     path = find_dit_file(Path(source))
-    params, stream, scales, desc = _dit_stream(path, None if params is None else get_params(params))
+    params, stream, scales, desc = _dit_stream(path, None if params is None else flux_params(params))
 
     with torch.device("meta"):
         model = Flux(params)
