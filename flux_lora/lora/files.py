@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flux_lora.atomic import save_safetensors_atomic
 from flux_lora.lora.keys import (
     LoraFormatError,
     Target,
@@ -36,7 +37,7 @@ from flux_lora.lora.metadata import diffusers_metadata, kohya_metadata, peft_alp
 from flux_lora.lora.weight import LoraStateDict, LoraWeight, fuse_row_blocks, split_row_blocks
 from flux_lora.model.flux import FluxParams
 from flux_lora.weights.keymaps import flux_linear_maps
-from flux_lora.weights.safetensors_io import iter_tensors, read_metadata, save_file_atomic
+from flux_lora.weights.safetensors_io import iter_tensors, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -321,4 +322,4 @@ def write_lora(
         header = kohya_metadata(sd, lora, params, output_name=path.stem, extra=metadata)
     else:
         header = diffusers_metadata(params, extra=metadata)
-    return save_file_atomic(sd, path, header)
+    return save_safetensors_atomic(sd, path, header)

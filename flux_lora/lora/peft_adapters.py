@@ -16,17 +16,11 @@ import torch
 from torch import nn
 
 from flux_lora.config import LoraConfig
-from flux_lora.lora.weight import LoraStateDict, LoraWeight
+from flux_lora.lora.weight import LoraStateDict, LoraWeight, clean_name
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"
-CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
-
-
-def clean_name(name: str) -> str:
-    """A module name without the activation-checkpoint wrapper's prefix."""
-    return name.replace(CHECKPOINT_PREFIX, "")
 
 
 def select_targets(model: nn.Module, globs: list[str]) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux_lora.lora.weight import LoraStateDict, LoraWeight
+from flux_lora.lora.weight import WRAPPED, LoraStateDict, LoraWeight
 from flux_lora.model.fp8 import FP8Linear
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ LoraSpec = tuple[LoraStateDict, float, str]
 
 RUNTIME_ATTR = "runtime_loras"
 STATE_ATTR = "_flux_lora_adapters"
-CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"  # torch's activation-checkpoint wrapper
 
 
 class RuntimeLoras(nn.Module):
@@ -124,8 +123,8 @@ def _submodule(model: nn.Module, path: str) -> nn.Module:
     """``model.get_submodule(path)``, looking through activation-checkpoint wrappers on the way."""
     module = model
     for part in path.split("."):
-        while not hasattr(module, part) and hasattr(module, CHECKPOINT_WRAPPED):
-            module = getattr(module, CHECKPOINT_WRAPPED)
+        while not hasattr(module, part) and hasattr(module, WRAPPED):
+            module = getattr(module, WRAPPED)
         module = getattr(module, part)
         if not isinstance(module, nn.Module):
             raise AttributeError(f"{part} is not a module")

@@ -30,6 +30,15 @@ class LoraWeight:
 
 
 LoraStateDict = dict[str, LoraWeight]
+"""LoRAs by the BFL module path of their Linear (``double_blocks.0.img_attn.qkv``)."""
+
+WRAPPED = "_checkpoint_wrapped_module"
+"""The attribute under which torch's activation-checkpoint wrapper keeps a block; it shows in module names."""
+
+
+def clean_name(name: str) -> str:
+    """A module name without the activation-checkpoint wrapper's part (the BFL path LoRAs are keyed by)."""
+    return name.replace(f"{WRAPPED}.", "")
 
 
 # ------------------------------------------------------------------------------------- fused <-> split math

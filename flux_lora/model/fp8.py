@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flux_lora.dtypes import FP8
+
 log = logging.getLogger(__name__)
 
-FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 QuantPolicy = Literal["blocks", "all"]
 

@@ -12,7 +12,7 @@ from flux_lora.model.layers import DoubleStreamBlock, SingleStreamBlock
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each double and single block in backward (non-reentrant checkpoint wrappers, applied from outside;
     module names gain ``_checkpoint_wrapped_module.``, which
-    :func:`flux_lora.lora.peft_adapters.clean_name` removes, and state dict keys are unchanged)."""
+    :func:`flux_lora.lora.weight.clean_name` removes, and state dict keys are unchanged)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,

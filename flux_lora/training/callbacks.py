@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from flux_lora.atomic import save_torch_atomic, write_atomic
 from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
 from flux_lora.model.autoencoder import AutoEncoder
@@ -26,11 +26,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``torch.load(weights_only=True)``: they only ever hold tensors and plain Python values."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        save_torch_atomic(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
@@ -136,10 +132,7 @@ class SampleImages(L.Callback):
         step = trainer.global_step
         for i, image in enumerate(images):
             path = self.out_dir / f"step{step:06d}-{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            image.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             self.written.append(path)
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_image"):

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from flux_lora.config import ExperimentConfig, save_config
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import scan
+from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora
@@ -29,12 +30,10 @@ from flux_lora.weights.tiny import write_tiny_model
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def compute_dtype(cfg: ExperimentConfig, accelerator: str) -> torch.dtype:
     if cfg.model.dtype != "auto":
-        return _DTYPES[cfg.model.dtype]
+        return DTYPES[cfg.model.dtype]
     return torch.float32 if accelerator == "cpu" else torch.bfloat16
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flux_lora.dtypes import Quantize, check_quantize
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import FP8, FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
@@ -217,7 +218,7 @@ def load_flow_model(
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
-    quantize: str | None = None,
+    quantize: Quantize | None = None,
     quant_policy: QuantPolicy = "blocks",
     per_channel_scale: bool = True,
 ) -> Flux:
@@ -234,8 +235,7 @@ def load_flow_model(
     Returns:
         The frozen model in eval mode on ``device``.
     """
-    if quantize not in (None, "float8_e4m3fn", "fp8"):
-        raise ValueError(f"quantize must be None or 'float8_e4m3fn', got {quantize!r}")
+    check_quantize(quantize)
     path = find_dit_file(Path(source))
     params, stream, scales, desc = _dit_stream(path, None if params is None else flux_params(params))
 
@@ -253,29 +253,13 @@ def load_flow_model(
     policy = default_predicate(quant_policy) if quantize else (lambda n, m: False)
     quantize_(model, lambda n, m: policy(n, m) or n in fp8_in_file, per_channel=per_channel_scale)
 
-    expected = target_shapes(model)
-    unexpected: list[str] = []
-    for key, tensor in stream:
-        if key not in expected:
-            unexpected.append(key)
-            continue
-        shape, _ = expected[key]
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(shape)}"
-            )
-        _assign_dit_tensor(model, key, tensor, scales, dtype, device, per_channel_scale)
-    if unexpected:
-        raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
-    missing = meta_keys(model)
-    if missing:
-        raise CheckpointError(f"{desc}: missing keys {missing[:5]} ({len(missing)} in all)")
+    stream_into(model, stream, desc, dtype, device, per_channel_scale, scales)
     model.requires_grad_(False)
     return model.eval()
 
 
-def _assign_dit_tensor(
-    model: Flux, key: str, tensor: Tensor, scales: dict[str, Tensor], dtype: torch.dtype, device, per_channel: bool
+def _assign_tensor(
+    model: nn.Module, key: str, tensor: Tensor, scales: dict[str, Tensor], dtype: torch.dtype, device, per_channel: bool
 ) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
@@ -356,10 +340,13 @@ def stream_into(
     dtype: torch.dtype,
     device,
     per_channel: bool = True,
+    scales: dict[str, Tensor] | None = None,
 ) -> None:
-    """Fill a meta-built ``model`` from ``(key, tensor)`` pairs with strict key and shape matching.
+    """Fill a meta-built ``model`` from ``(key, tensor)`` pairs with strict key and shape matching: the one loading
+    loop of every model (DiT, autoencoder, ControlNet).
 
-    Float tensors are cast to ``dtype``; weights of :class:`FP8Linear` modules are quantized on arrival.
+    Float tensors are cast to ``dtype``; weights of :class:`FP8Linear` modules are quantized on arrival, or kept as
+    they are when the file stores them in fp8 (with their ``scales`` by weight key, from the file).
     """
     expected = target_shapes(model)
     unexpected = []
@@ -371,7 +358,7 @@ def stream_into(
             raise CheckpointError(
                 f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key][0])}"
             )
-        _assign_dit_tensor(model, key, tensor, {}, dtype, device, per_channel)
+        _assign_tensor(model, key, tensor, scales or {}, dtype, device, per_channel)
     if unexpected:
         raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
     missing = meta_keys(model)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -123,22 +121,3 @@ def target_shapes(model: nn.Module) -> dict[str, tuple[torch.Size, torch.dtype]]
 def meta_keys(model: nn.Module) -> list[str]:
     """Keys whose tensors were never loaded (still on the meta device)."""
     return [k for k, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
-
-
-def save_file_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file through a temporary name and an atomic rename, so a crash never leaves half a file.
-
-    The temporary name is unique per process and call, so several processes (DDP ranks) may write one path at
-    once: each rename is atomic and readers see one complete file or none.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
