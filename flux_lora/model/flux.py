@@ -1,8 +1,8 @@
 """The FLUX.1 DiT (``Flux``) and its hyper-parameters, with BFL's module names.
 
 Official ``flux1-dev.safetensors`` / ``flux1-schnell.safetensors`` files load into :class:`Flux` with strict key
-matching. Quantization, LoRA, checkpointing and offload are applied from outside (see ``quantization.py``,
-``lora.py``, ``memory.py``).
+matching. Quantization, LoRA, checkpointing and offload are applied from outside (``model/fp8.py``,
+``lora/peft_adapters.py``, ``training/block_wrappers.py``, ``inference/offload.py``).
 """
 
 from __future__ import annotations

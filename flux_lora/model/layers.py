@@ -182,12 +182,17 @@ class DoubleStreamBlock(nn.Module):
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        for stream in ("img", "txt"):
-            self.add_module(f"{stream}_mod", Modulation(hidden_size, double=True))
-            self.add_module(f"{stream}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            self.add_module(f"{stream}_attn", SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias))
-            self.add_module(f"{stream}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            self.add_module(f"{stream}_mlp", _mlp(hidden_size, mlp_hidden))
+        # registration order (img stream, then txt) fixes the state-dict and parameter order
+        self.img_mod = Modulation(hidden_size, double=True)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = _mlp(hidden_size, mlp_hidden)
+        self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = _mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """``img [B, N, D]``, ``txt [B, L, D]``, ``vec [B, D]``, ``pe [B, 1, L+N, Dh/2, 2, 2]``."""
