@@ -101,7 +101,7 @@ def split_row_blocks(w: LoraWeight, sizes: list[int] | tuple[int, ...]) -> list[
     if not live:
         return [LoraWeight(w.down, u, w.alpha) for u in ups]
     out: list[LoraWeight | None] = [None] * len(ups)
-    disjoint = len(live) > 1 and bool((sum(masks[i].int() for i in live) <= 1).all())
+    disjoint = len(live) > 1 and bool((torch.stack([masks[i].int() for i in live]).sum(0) <= 1).all())
     for i in live:
         if disjoint:
             m = masks[i]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from torch import nn
 
@@ -26,7 +27,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     )
 
 
-def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
     """``torch.compile`` every double and single block in place (regional compilation: the repeated blocks share
     one compiled graph per type, so compile time stays in seconds rather than minutes)."""
     for m in model.modules():

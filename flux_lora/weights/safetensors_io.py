@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -25,7 +26,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names the file and the offending keys."""
 
 
-def open_safetensors(path: Path):
+def open_safetensors(path: Path) -> Any:
     """Open ``path`` with safetensors, turning any failure into a :class:`CheckpointError` that names the file."""
     path = Path(path)
     if not path.is_file():
