@@ -74,10 +74,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``[B, S, 3*H*Dh]`` (rows q, k, v, head-major) -> three ``[B, H, S, Dh]``."""
+    """``[B, S, 3*H*Dh]`` (rows q, k, v, head-major) -> three ``[B, H, S, Dh]`` views.
+
+    ``unbind`` rather than indexing: the backward of three index ops allocates and zero-fills three full-size
+    gradients and adds them; unbind's backward stacks the three once."""
     b, s, _ = qkv.shape
-    qkv = qkv.reshape(b, s, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
+    q, k, v = qkv.reshape(b, s, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 class EmbedND(nn.Module):
