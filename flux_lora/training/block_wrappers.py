@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -46,10 +45,12 @@ def enable_gradient_checkpointing(model: nn.Module, selective: bool = False) -> 
         checkpoint_wrapper,
     )
 
-    extra: dict[str, Callable[[], Any]] = {"context_fn": _selective_contexts} if selective else {}
+    wrap = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    if selective:
+        wrap = partial(wrap, context_fn=_selective_contexts)
     apply_activation_checkpointing(
         model,
-        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **extra),
+        checkpoint_wrapper_fn=wrap,
         check_fn=lambda m: isinstance(m, (DoubleStreamBlock, SingleStreamBlock)),
     )
 
