@@ -1,47 +1,28 @@
-"""examples/generate.py on the tiny model folder: PNGs with their settings, deterministic for a seed."""
+"""examples/generate.py on the tiny model folder, in-process through its ``main(argv)``: PNGs with their
+settings, deterministic for a seed. Its one run as a script is in test_entry_points.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_dit import random_lora
 from PIL import Image
 
 from flux_lora.model.flux import PRESETS
 from flux_lora.weights.tiny import random_flux
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
-ARGS = [
-    "--prompt",
-    "a photo of a dog",
-    "--height",
-    "32",
-    "--width",
-    "48",
-    "--steps",
-    "2",
-    "--dtype",
-    "float32",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+from helpers.cli import GENERATE_ARGS, load_generate
+from helpers.lora import random_lora
+
+ARGS = GENERATE_ARGS
 
 
 @pytest.fixture(scope="module")
 def generate():
-    spec = importlib.util.spec_from_file_location("generate_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_generate()
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -49,23 +30,10 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def test_cli_writes_pngs_with_metadata_deterministically(tiny_dev_dir, tmp_path, generate):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--model",
-        str(tiny_dev_dir),
-        *ARGS,
-        "--seed",
-        "5",
-        "--num-images",
-        "2",
-        "--output",
-        str(tmp_path / "a.png"),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr
+    base = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "5"]
+    written = generate.main([*base, "--num-images", "2", "--output", str(tmp_path / "a.png")])
     first, second = tmp_path / "a-0.png", tmp_path / "a-1.png"
+    assert written == [first, second]
     meta = Image.open(first).text
     assert meta["prompt"] == "a photo of a dog"
     assert (meta["seed"], meta["steps"], meta["guidance"]) == ("5", "2", "3.5")
@@ -75,8 +43,8 @@ def test_cli_writes_pngs_with_metadata_deterministically(tiny_dev_dir, tmp_path,
     assert Image.open(first).size == (48, 32)
     assert not np.array_equal(_pixels(first), _pixels(second))  # different seed, different image
 
-    # the same settings again (in-process this time): the same file, byte for byte
-    again = generate.main(["--model", str(tiny_dev_dir), *ARGS, "--seed", "5", "--output", str(tmp_path / "b.png")])
+    # the same settings again, one image: the same file, byte for byte
+    again = generate.main([*base, "--output", str(tmp_path / "b.png")])
     assert again == [tmp_path / "b.png"]
     assert (tmp_path / "b.png").read_bytes() == first.read_bytes()
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left
@@ -123,32 +91,13 @@ def test_cli_with_controlnets_records_them(
     tiny_dev_dir, tiny_controlnet_dir, tiny_union_controlnet_dir, tmp_path, generate
 ):
     edges, low = _control_images(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--model",
-        str(tiny_dev_dir),
-        *ARGS,
-        "--seed",
-        "3",
-        "--controlnet",
-        f"{tiny_controlnet_dir}:0.8",
-        "--control-image",
-        str(edges),
-        "--controlnet",
-        str(tiny_union_controlnet_dir),
-        "--control-mode",
-        "tile",
-        "--control-image",
-        str(low),
-        "--control-end",
-        "0.5",
-        "--output",
-        str(tmp_path / "cn.png"),
+    base = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "3"]
+    controls = [
+        *("--controlnet", f"{tiny_controlnet_dir}:0.8", "--control-image", str(edges)),
+        *("--controlnet", str(tiny_union_controlnet_dir), "--control-mode", "tile", "--control-image", str(low)),
+        *("--control-end", "0.5"),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert generate.main([*base, *controls, "--output", str(tmp_path / "cn.png")]) == [tmp_path / "cn.png"]
     recorded = json.loads(Image.open(tmp_path / "cn.png").text["controlnets"])
     assert recorded == [
         {
@@ -170,7 +119,6 @@ def test_cli_with_controlnets_records_them(
             "end": 0.5,
         },
     ]
-    base = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "3"]
     plain = generate.main([*base, "--output", str(tmp_path / "plain.png")])[0]
     assert json.loads(Image.open(plain).text["controlnets"]) == []
     assert not np.array_equal(_pixels(tmp_path / "cn.png"), _pixels(plain))

@@ -16,26 +16,11 @@ from flux_lora.lora.files import read_lora
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.fp8 import FP8, FP8Linear
 from flux_lora.model.text_encoders import TextEncoders
-from flux_lora.training.run import build, last_checkpoint, run
+from flux_lora.training.run import run
+
+from helpers.training import fit, tiny_config
 
 ROOT = Path(__file__).parents[1]
-
-
-def tiny_config(tmp_path: Path, model_dir: Path, *overrides: str):
-    return load_config(
-        ROOT / "configs/tiny.yaml",
-        [
-            f"--model.source={model_dir}",
-            f"--output_dir={tmp_path / 'run'}",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--data.source={ROOT / 'examples/data'}",
-            "--train.log_every_n_steps=1",
-            "--sample.prompts=[]",
-            "--train.accelerator=cpu",
-            "--train.devices=1",
-            *overrides,
-        ],
-    )
 
 
 class Probe(L.Callback):
@@ -61,14 +46,6 @@ class Probe(L.Callback):
         self.losses.append(float(outputs["loss"]))
         if self.stop_at is not None and trainer.global_step >= self.stop_at:
             trainer.should_stop = True
-
-
-def fit(cfg, *callbacks):
-    trainer, module, datamodule = build(cfg)
-    for cb in callbacks:
-        trainer.callbacks.append(cb)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(cfg))
-    return trainer, module
 
 
 @pytest.fixture(scope="module")
