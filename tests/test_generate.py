@@ -17,8 +17,6 @@ from flux_lora.weights.tiny import random_flux
 from helpers.cli import GENERATE_ARGS, load_generate
 from helpers.lora import random_lora
 
-ARGS = GENERATE_ARGS
-
 
 @pytest.fixture(scope="module")
 def generate():
@@ -30,7 +28,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def test_cli_writes_pngs_with_metadata_deterministically(tiny_dev_dir, tmp_path, generate):
-    base = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "5"]
+    base = ["--model", str(tiny_dev_dir), *GENERATE_ARGS, "--seed", "5"]
     written = generate.main([*base, "--num-images", "2", "--output", str(tmp_path / "a.png")])
     first, second = tmp_path / "a-0.png", tmp_path / "a-1.png"
     assert written == [first, second]
@@ -59,7 +57,7 @@ def test_lora_changes_the_image_and_is_recorded(tiny_dev_dir, tmp_path, generate
     lora_file = lora_formats.write_lora(
         tmp_path / "style.safetensors", random_lora(random_flux(params, 0), paths), params
     )
-    base_args = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "1"]
+    base_args = ["--model", str(tiny_dev_dir), *GENERATE_ARGS, "--seed", "1"]
     plain = generate.main([*base_args, "--output", str(tmp_path / "plain.png")])[0]
     styled = generate.main([*base_args, "--lora", f"{lora_file}:0.7", "--output", str(tmp_path / "l.png")])[0]
     zero = generate.main([*base_args, "--lora", f"{lora_file}:0", "--output", str(tmp_path / "z.png")])[0]
@@ -70,7 +68,9 @@ def test_lora_changes_the_image_and_is_recorded(tiny_dev_dir, tmp_path, generate
 
 def test_bad_arguments(tiny_dev_dir, tmp_path, generate, capsys):
     with pytest.raises(SystemExit):
-        generate.main(["--model", str(tiny_dev_dir), *ARGS, "--lora", str(tmp_path / "missing.safetensors:0.5")])
+        generate.main(
+            ["--model", str(tiny_dev_dir), *GENERATE_ARGS, "--lora", str(tmp_path / "missing.safetensors:0.5")]
+        )
     assert "missing.safetensors: no such file" in capsys.readouterr().err
     assert generate.lora_spec("C:\\loras\\a.safetensors") == (Path("C:\\loras\\a.safetensors"), 1.0)
     assert generate.lora_spec("dir/a.b.safetensors:-0.25") == (Path("dir/a.b.safetensors"), -0.25)
@@ -91,7 +91,7 @@ def test_cli_with_controlnets_records_them(
     tiny_dev_dir, tiny_controlnet_dir, tiny_union_controlnet_dir, tmp_path, generate
 ):
     edges, low = _control_images(tmp_path)
-    base = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "3"]
+    base = ["--model", str(tiny_dev_dir), *GENERATE_ARGS, "--seed", "3"]
     controls = [
         *("--controlnet", f"{tiny_controlnet_dir}:0.8", "--control-image", str(edges)),
         *("--controlnet", str(tiny_union_controlnet_dir), "--control-mode", "tile", "--control-image", str(low)),
@@ -155,7 +155,7 @@ def test_bad_controlnet_arguments(extra, message, tiny_dev_dir, tiny_controlnet_
     edges, _ = _control_images(tmp_path)
     paths = dict(edges=edges, cn=tiny_controlnet_dir, missing=tmp_path / "missing.png")
     with pytest.raises(SystemExit):
-        generate.parse_args(["--model", str(tiny_dev_dir), *ARGS, *(a.format(**paths) for a in extra)])
+        generate.parse_args(["--model", str(tiny_dev_dir), *GENERATE_ARGS, *(a.format(**paths) for a in extra)])
     assert re.search(message, capsys.readouterr().err)
     assert generate.split_scale("InstantX/FLUX.1-dev-Controlnet-Union:0.6") == (
         "InstantX/FLUX.1-dev-Controlnet-Union",

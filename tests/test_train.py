@@ -23,12 +23,20 @@ from helpers.training import fit, tiny_config
 ROOT = Path(__file__).parents[1]
 
 
+def _live_encoders() -> list:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, (TextEncoders, AutoEncoder))]
+
+
 class Probe(L.Callback):
     """Records what the tests check inside a real fit: gradients, dtypes, base weights, live encoders, losses."""
 
     def __init__(self, stop_at: int | None = None, count_encoders: bool = False):
         self.stop_at, self.losses, self.live_encoders, self.grad_names = stop_at, [], [], set()
         self.count_encoders = count_encoders  # a gc scan per step: slow, so only where it is the point
+        # encoders alive before the run (the session's shared pipelines hold some): not the run's to free. Held
+        # here, so no encoder the run makes can reuse one's id.
+        self.earlier = {id(o): o for o in _live_encoders()} if count_encoders else {}
 
     def on_train_start(self, trainer, module):
         self.base_before = {k: v.clone() for k, v in module.dit.state_dict().items() if "lora_" not in k}
@@ -36,8 +44,7 @@ class Probe(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if not self.count_encoders:
             return
-        gc.collect()
-        self.live_encoders.append(sum(isinstance(o, (TextEncoders, AutoEncoder)) for o in gc.get_objects()))
+        self.live_encoders.append(sum(id(o) not in self.earlier for o in _live_encoders()))
 
     def on_after_backward(self, trainer, module):
         self.grad_names |= {n for n, p in module.named_parameters() if p.grad is not None}
