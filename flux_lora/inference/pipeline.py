@@ -9,6 +9,7 @@ same image on any device. Shapes come from the autoencoder's downscale factor an
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -294,7 +295,7 @@ class FluxPipeline:
         if not dev and guidance is not None and not for_controlnets:
             log.warning("this model (schnell-type) has no guidance embedding; guidance=%s is ignored", guidance)
         value = DEFAULT_GUIDANCE if guidance is None else float(guidance)
-        if (dev or for_controlnets) and (not value == value or value < 0):  # NaN or negative
+        if (dev or for_controlnets) and (math.isnan(value) or value < 0):
             raise ValueError(f"guidance must be a non-negative number, got {guidance}")
         return value if dev else None
 
