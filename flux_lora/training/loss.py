@@ -58,9 +58,14 @@ def drop_captions(txt: Tensor, y: Tensor, drop: Tensor, empty: TextEmbeddings) -
 
 
 def dit_inputs(
-    dit: Flux, batch: dict[str, Tensor], guidance: float, draws: StepDraws, empty: TextEmbeddings | None
+    batch: dict[str, Tensor],
+    draws: StepDraws,
+    guidance: float | None,
+    dtype: torch.dtype,
+    empty: TextEmbeddings | None,
 ) -> tuple[dict[str, Tensor | None], Tensor]:
-    """The DiT's keyword arguments for a step, and the velocity target ``[B, N, 64]`` (float32)."""
+    """The DiT's keyword arguments for a step (BFL names; the noisy image in ``dtype``, ``guidance`` None for a
+    model without the guidance input), and the velocity target ``[B, N, 64]`` (float32)."""
     latents = batch["latents"]
     b, _, h, w = latents.shape
     x0 = S.pack(latents.float())
@@ -71,14 +76,13 @@ def dit_inputs(
             raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
         txt, y = drop_captions(txt, y, draws.drop, empty)
     inputs = dict(
-        # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
-        img=S.add_noise(x0, noise, t).to(dit.img_in.bias.dtype),
+        img=S.add_noise(x0, noise, t).to(dtype),
         img_ids=S.img_ids(b, h, w, device=x0.device),
         txt=txt,
         txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device),
         timesteps=t,
         y=y,
-        guidance=torch.full((b,), guidance, device=x0.device) if dit.params.guidance_embed else None,
+        guidance=None if guidance is None else torch.full((b,), guidance, device=x0.device),
     )
     return inputs, S.flow_target(x0, noise)
 
@@ -103,6 +107,8 @@ def flow_matching_loss(
     if cfg.caption_dropout > 0 and empty_embedding is None:
         raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
     draws = draw(batch["latents"].shape, cfg, generator)
-    inputs, target = dit_inputs(dit, batch, cfg.guidance, draws, empty_embedding)
+    guidance = cfg.guidance if dit.params.guidance_embed else None
+    # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
+    inputs, target = dit_inputs(batch, draws, guidance, dit.img_in.bias.dtype, empty_embedding)
     pred = dit(**inputs)
     return weighted_mse(pred, target, draws.t.to(target.device), cfg.loss_weighting)
