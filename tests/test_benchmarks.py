@@ -64,7 +64,7 @@ def test_lora_counts_match_the_reference_figures():
 
 @pytest.mark.parametrize("res, fwd, step, step_ckpt", [(512, 21.49, 45.5, 66.9), (1024, 74.38, 171.1, 245.4)])
 def test_analytic_flops_match_the_reference_tables(res, fwd, step, step_ckpt):
-    """Published FLUX.1-dev FLOP figures (512 T5 tokens, frozen base, LoRA FLOPs left out)."""
+    """FLUX.1-dev step FLOPs worked out by hand (512 T5 tokens, frozen base, LoRA FLOPs left out)."""
     n_img, n_txt = A.tokens(res, res, 512)
     assert A.forward_flops(FULL, n_img, n_txt)["total"] / 1e12 == pytest.approx(fwd, rel=2e-3)
     assert A.step_flops(FULL, n_img, n_txt, checkpointing=False, lora_rank=0) / 1e12 == pytest.approx(step, rel=2e-3)
