@@ -451,7 +451,7 @@ def _kohya_proj(down: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]
     return {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up}
 
 
-def test_unmatched_keys_give_one_warning(caplog):
+def test_unmatched_keys_give_one_warning_when_partial_is_allowed(caplog):
     g = torch.Generator().manual_seed(6)
     down, up = _pair(g, 32, 32, 2)
     sd = {
@@ -460,8 +460,10 @@ def test_unmatched_keys_give_one_warning(caplog):
         "lora_unet_double_blocks_7_img_attn_proj.alpha": torch.tensor(1.0),
         "double_blocks.0.img_attn.proj.lora_B.bias": torch.zeros(32),
     }
+    with pytest.raises(LoraFormatError, match="3 keys cannot be applied"):
+        read_lora(sd, P)  # the default: a partial LoRA is a different model
     with caplog.at_level(logging.WARNING, logger="flux_lora"):
-        lora = read_lora(sd, P)
+        lora = read_lora(sd, P, allow_partial=True)
     assert set(lora) == {"double_blocks.0.img_attn.proj"}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1

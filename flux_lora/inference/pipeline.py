@@ -267,6 +267,7 @@ class FluxPipeline:
         finally:
             bar.close()
         latents_out = unpack(img, lh, lw)
+        _check_finite(latents_out, "the denoised latents")
         if output_type == "latent":
             return latents_out
         images = self.decode(latents_out)
@@ -344,6 +345,7 @@ class FluxPipeline:
                     f"{(batch, channels, lh, lw)} or packed "
                     f"{(batch, (lh // 2) * (lw // 2), 4 * channels)}"
                 )
+            _check_finite(latents, "the given latents")
             return latents.float()
         if generator is None:
             generator = torch.Generator("cpu")
@@ -354,6 +356,14 @@ class FluxPipeline:
         elif seed is not None:
             raise ValueError("pass seed or generator, not both")
         return self.noise(batch, lh, lw, generator)
+
+
+def _check_finite(latents: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError(
+            f"{what} hold NaN or Inf, so no image is made (a LoRA with huge values, or a model that overflows "
+            "in this dtype?)"
+        )
 
 
 def _prompt_list(prompts: str | list[str] | None, given: TextEmbeddings | None, what: str) -> list[str] | None:

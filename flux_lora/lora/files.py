@@ -29,8 +29,10 @@ from flux_lora.lora.keys import (
     detect_layout,
     kohya_name,
     linear_shapes,
+    non_finite,
     pair_error,
     split_suffix,
+    unapplied_message,
 )
 from flux_lora.lora.metadata import diffusers_metadata, kohya_metadata, peft_alpha_rule, warn_kohya_non_block
 from flux_lora.lora.weight import LoraStateDict, LoraWeight, fuse_row_blocks, split_row_blocks
@@ -211,28 +213,36 @@ def from_state_dict(
     *,
     metadata: dict | None = None,
     source: str = "LoRA state dict",
+    allow_partial: bool = False,
 ) -> LoraStateDict:
     """Any supported LoRA layout -> canonical fused LoRA with explicit alpha. Pure (no file access).
 
     Args:
-        sd: the file's tensors. Keys that match no module of the model are listed in one warning.
+        sd: the file's tensors. A key that is not applied (DoRA ``dora_scale``, LyCORIS LoHa/LoKr, ``.diff``,
+            biases, text-encoder parts, modules the model lacks) is an error listing the keys, unless
+            ``allow_partial``: then they are listed in one warning and the rest is applied.
         params: the model the LoRA is for; every down/up shape must fit it.
         metadata: safetensors header; ``lora_adapter_metadata`` (a peft LoraConfig as JSON, keys optionally
             prefixed ``transformer.``) gives alpha to diffusers / peft keys that have no ``.alpha``.
         source: how errors and warnings name the input.
 
     Raises:
-        LoraFormatError: nothing matches, a shape does not fit, or two keys cover the same rows.
+        LoraFormatError: nothing matches, a key is not applied (without ``allow_partial``), a tensor holds NaN
+            or Inf, a shape does not fit, or two keys cover the same rows.
     """
+    if (bad := non_finite(sd)) is not None:
+        raise LoraFormatError(f"{source}: {bad}; the file is damaged or was saved from a diverged run")
     blocks, unmatched = _collect_blocks(sd, params, metadata, source)
     if not blocks:
         raise LoraFormatError(
             f"{source}: no key matches a FLUX LoRA layout for this model (layout guess: "
             f"{detect_layout(sd)}); first keys: {sorted(sd)[:5]}"
         )
+    if unmatched and not allow_partial:
+        raise LoraFormatError(unapplied_message(source, unmatched))
     if unmatched:
         log.warning(
-            "%s: %d keys match no module of the model and are ignored: %s",
+            "%s: %d keys match no module of the model and are ignored (allow_partial): %s",
             source,
             len(unmatched),
             sorted(unmatched),
@@ -247,7 +257,7 @@ def from_state_dict(
 
 def _from_layout(
     sd: dict[str, Tensor], params: FluxParams, layouts: tuple[str, ...], metadata: dict | None
-) -> LoraStateDict:
+) -> LoraStateDict:  # our own layouts: every key must apply
     found = detect_layout(sd)
     if found not in layouts:
         raise LoraFormatError(
@@ -270,14 +280,19 @@ def from_diffusers_state_dict(sd: dict[str, Tensor], params: FluxParams, metadat
 
 
 def read_lora(
-    source: str | Path | dict[str, Tensor], params: FluxParams, *, metadata: dict | None = None
+    source: str | Path | dict[str, Tensor],
+    params: FluxParams,
+    *,
+    metadata: dict | None = None,
+    allow_partial: bool = False,
 ) -> LoraStateDict:
     """Read a LoRA in any supported layout from a safetensors file (or a state dict) for a ``params`` model.
 
-    ``metadata`` is merged over the file's own safetensors metadata (see :func:`from_state_dict`).
+    ``metadata`` is merged over the file's own safetensors metadata; ``allow_partial`` applies what can be
+    applied when some keys cannot (see :func:`from_state_dict`).
     """
     if isinstance(source, dict):
-        return from_state_dict(source, params, metadata=metadata)
+        return from_state_dict(source, params, metadata=metadata, allow_partial=allow_partial)
     path = Path(source)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise LoraFormatError(
@@ -286,7 +301,8 @@ def read_lora(
         )
     file_metadata = read_metadata(path)
     sd = dict(iter_tensors(path))
-    lora = from_state_dict(sd, params, metadata={**file_metadata, **(metadata or {})}, source=str(path))
+    merged = {**file_metadata, **(metadata or {})}
+    lora = from_state_dict(sd, params, metadata=merged, source=str(path), allow_partial=allow_partial)
     log.info("%s: %s layout, %d modules", path, detect_layout(sd), len(lora))
     return lora
 

@@ -227,3 +227,42 @@ def pair_error(t: Target, down: Tensor, up: Tensor, in_features: int) -> str | N
             f"down {tuple(down.shape)}, up {tuple(up.shape)}; {t.bfl} expects down [r, {in_features}], up [{t.rows}, r]"
         )
     return None
+
+
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t if t.dtype.itemsize > 1 else t.float()).all())  # fp8 has no isfinite kernel
+
+
+def non_finite(sd: dict[str, Tensor]) -> str | None:
+    """Which float tensors of ``sd`` hold NaN or Inf (keys named), or None."""
+    bad = sorted(k for k, t in sd.items() if t.is_floating_point() and not _finite(t))
+    if not bad:
+        return None
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"key {', '.join(repr(k) for k in bad[:5])}{more} holds NaN or Inf"
+
+
+# Key fragments of LoRA kinds this reader does not apply -> what they are.
+_UNAPPLIED_KINDS = (
+    (".dora_scale", "DoRA (dora_scale)"),
+    (".hada_", "LyCORIS LoHa (hada_*)"),
+    (".lokr_", "LyCORIS LoKr (lokr_*)"),
+    (".diff", "full weight patches (.diff / .diff_b)"),
+    ("lora_te", "text-encoder LoRA (lora_te*)"),
+    ("text_encoder", "text-encoder LoRA"),
+    (".bias", "biases"),
+    (".norm", "norm overrides"),
+)
+
+
+def unapplied_message(source: str, keys: list[str]) -> str:
+    """One line naming the keys a reader would leave out, the kinds they belong to, and the opt-out."""
+    kinds = sorted({kind for frag, kind in _UNAPPLIED_KINDS for k in keys if frag in k})
+    what = f" ({', '.join(kinds)})" if kinds else ""
+    shown = ", ".join(repr(k) for k in sorted(keys)[:8])
+    more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+    return (
+        f"{source}: {len(keys)} keys cannot be applied to this model{what}: {shown}{more}; applying the rest "
+        "would give a different model than the file's author meant (allow_partial=True / --allow-partial "
+        "applies it anyway)"
+    )

@@ -3,7 +3,9 @@
 Sources accepted for the DiT: a folder in the FLUX.1 layout (``flux1-dev.safetensors`` or
 ``flux1-schnell.safetensors``), a diffusers ``transformer/`` folder (sharded or not), the folder above it, or a
 single safetensors file (keys may carry a prefix such as ``model.diffusion_model.``, weights may already be
-float8_e4m3fn, with or without scales). Models are built on the meta device and filled tensor by tensor.
+float8_e4m3fn or float8_e5m2, with or without scales: ours ``weight_scale``, ComfyUI's ``scale_weight``; e5m2
+weights are dequantized with their scale and re-encoded per channel in e4m3). Models are built on the meta
+device and filled tensor by tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flux_lora.dtypes import FP8_DTYPES
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import FP8, FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
@@ -248,7 +251,7 @@ def load_flow_model(
         fp8_in_file = {
             k[len(prefix) :].removesuffix(".weight")
             for k, d in dtypes.items()
-            if d == "F8_E4M3" and k.endswith(".weight")
+            if d in ("F8_E4M3", "F8_E5M2") and k.endswith(".weight")
         }
     policy = default_predicate(quant_policy) if quantize else (lambda n, m: False)
     quantize_(model, lambda n, m: policy(n, m) or n in fp8_in_file, per_channel=per_channel_scale)
@@ -284,6 +287,8 @@ def _assign_dit_tensor(
         if tensor.dtype == FP8:
             scale = scales.get(key, torch.ones(()))
             scale = scale.to(device).float().expand(tensor.shape[0]).clone()
+        elif tensor.dtype in FP8_DTYPES:  # e5m2 (range 57344): dequantize, then re-encode per channel in e4m3
+            tensor, scale = quantize_weight(_dequantized(tensor, scales.get(key)), per_channel=True)
         else:
             tensor, scale = quantize_weight(tensor, per_channel)
         assign_tensor(model, key, tensor)
@@ -291,10 +296,18 @@ def _assign_dit_tensor(
         return
     if isinstance(module, FP8Linear) and attr == "weight_scale":
         return  # set together with the weight
-    if tensor.dtype == FP8:  # an fp8 tensor the model keeps in float (e.g. a norm scale)
-        scale = scales.get(key)
-        tensor = tensor.float() * (scale if scale is not None else 1.0)
+    if tensor.dtype in FP8_DTYPES:  # an fp8 tensor the model keeps in float (e.g. a norm scale)
+        tensor = _dequantized(tensor, scales.get(key))
     assign_tensor(model, key, tensor.to(device=device, dtype=dtype))
+
+
+def _dequantized(tensor: Tensor, scale: Tensor | None) -> Tensor:
+    """An fp8 tensor of any fp8 dtype times its stored scale (scalar or one per output row), in float32."""
+    out = tensor.float()
+    if scale is None:
+        return out
+    scale = scale.to(out.device).float()
+    return out * (scale.reshape(-1, *([1] * (out.ndim - 1))) if scale.numel() > 1 else scale.reshape(()))
 
 
 # ------------------------------------------------------------------------------------------ autoencoder
