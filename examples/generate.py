@@ -14,33 +14,42 @@ default). ``--controlnet ID_OR_PATH[:SCALE]`` is a diffusers-layout ControlNet f
 it come its ``--control-image`` (required; for upscaler and tile modes the low-resolution image itself),
 ``--control-mode`` (union ControlNets), ``--mask`` (inpainting ControlNets; white = repaint) and
 ``--control-start`` / ``--control-end`` (the fraction of the steps it acts on). ``--quantize`` applies to the
-ControlNets too. Image ``i`` of ``--num-images N`` uses seed ``SEED + i`` and is written to ``OUTPUT-i.png``
-(just ``OUTPUT`` when N is 1); the prompt, seed, steps, guidance, model, LoRAs, ControlNets and quantization go
-into the PNG's text chunks, so the same settings give the same file byte for byte.
+ControlNets too. Image ``i`` of ``--num-images N`` uses seed ``SEED + i``. Without ``--output`` the images are
+numbered ``output_00001.png``, ... after the highest number in the current folder; with ``--output OUT`` they are
+``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``. The PNG holds an A1111-style
+``parameters`` text (prompt, steps, sampler, guidance, seed, size, model, ``Lora hashes``) and every setting as
+JSON in a ``flux_lora`` chunk, so the same settings give the same file byte for byte.
+
+LoRA files, the autoencoder, ControlNet configs and control images are checked before the DiT loads; bad input
+stops with a one-line error and exit status 1. A LoRA key that cannot be applied (DoRA, LoHa, text-encoder
+parts, ...) is an error unless ``--allow-partial``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import secrets
 import sys
-import tempfile
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
-try:
-    import flux_lora  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# this checkout's package first, even when another checkout is pip-installed (-e) in the environment
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from flux_lora.inference.control import ControlNetUnit
-from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline
-from flux_lora.lora.runtime import apply_loras
+from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
+from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
+from flux_lora.lora.files import read_lora
+from flux_lora.lora.runtime import LoraSpec, apply_loras
+from flux_lora.model.controlnet import check_compatible
+from flux_lora.model.flux import FluxParams
+from flux_lora.weights.controlnet_loading import find_controlnet_folder, read_controlnet_params, resolve_controlnet
+from flux_lora.weights.loading import flux_params
 
 log = logging.getLogger("generate")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -92,7 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative-prompt", default=None, help="used with --true-cfg != 1 (default: empty)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="true classifier-free guidance scale")
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]")
-    p.add_argument("--lora-mode", choices=["unfused", "fused"], default="unfused")
+    p.add_argument(
+        "--lora-mode",
+        choices=["unfused", "fused"],
+        default="unfused",
+        help="fused: added into the weights (on an fp8 DiT re-quantized, which is not exact)",
+    )
+    p.add_argument("--allow-partial", action="store_true", help="apply LoRAs even when some keys cannot be applied")
     p.add_argument("--quantize", choices=["float8_e4m3fn"], default=None, help="store the DiT and ControlNets in fp8")
     p.set_defaults(controlnets=[])
     cn = p.add_argument_group("ControlNets (options after a --controlnet apply to it)")
@@ -109,10 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="embedded guidance (dev; default 3.5)")
     p.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--output", type=Path, default=Path("output.png"))
+    p.add_argument("--output", type=Path, default=None, help="default: output_NNNNN.png, numbered")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = p.parse_args(argv)
     for path, _ in args.lora:
         if not path.is_file():
@@ -132,19 +148,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_controlnets(pipe: FluxPipeline, specs: list[dict], quantize: str | None) -> list[ControlNetUnit]:
+def load_controlnets(
+    pipe: FluxPipeline, specs: list[dict], images: dict[Path, Image.Image], quantize: str | None
+) -> list[ControlNetUnit]:
     """The ControlNets of the command line (each loaded once, however often it is named) with their inputs."""
     models, units = {}, []
     for spec in specs:
         source = spec["controlnet"]
         if source not in models:
             models[source] = pipe.load_controlnet(source, quantize=quantize)
-        mask = Image.open(spec["mask"]) if "mask" in spec else None
         units.append(
             ControlNetUnit(
                 models[source],
-                Image.open(spec["image"]),
-                mask=mask,
+                images[spec["image"]],
+                mask=images[spec["mask"]] if "mask" in spec else None,
                 mode=spec.get("mode"),
                 scale=spec["scale"],
                 start=spec.get("start", 0.0),
@@ -170,58 +187,89 @@ def controlnet_settings(specs: list[dict]) -> list[dict]:
     ]
 
 
-def load_loras(pipe: FluxPipeline, specs: list[tuple[Path, float]], mode: str) -> list[str]:
-    """Read and apply the LoRA files; returns ``FILE:SCALE`` labels for the metadata."""
-    if not specs:
-        return []
-    from flux_lora.lora.files import read_lora
+class Checked(NamedTuple):
+    """What is read and checked before the DiT loads."""
 
+    folder: Path
+    params: FluxParams
+    loras: list[LoraSpec]
+    lora_hashes: dict[str, str]  # name -> first 10 hex of the file's sha256
+    images: dict[Path, Image.Image]  # control images and masks
+    outputs: list[Path]
+
+
+def read_loras(specs: list[tuple[Path, float]], params: FluxParams, allow_partial: bool) -> list[LoraSpec]:
+    """Read every LoRA file (layout, shapes, finite values, keys) as ``(weights, scale, unique name)``."""
     loras, names = [], set()
     for i, (path, scale) in enumerate(specs):
         name = path.stem.replace(".", "_") or f"lora{i}"
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
-        loras.append((read_lora(path, pipe.dit.params), scale, name))
-    adapter_dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
-    apply_loras(pipe.dit, loras, mode=mode, dtype=adapter_dtype)
-    return [f"{path.name}:{scale:g}" for path, scale in specs]
+        loras.append((read_lora(path, params, allow_partial=allow_partial), scale, name))
+    return loras
 
 
-def png_info(settings: dict) -> PngImagePlugin.PngInfo:
-    """Each setting as a text chunk, plus ``parameters`` (one JSON object with all of them)."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in settings.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    info.add_text("parameters", json.dumps(settings, sort_keys=True))
-    return info
-
-
-def save_png(image: Image.Image, path: Path, settings: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def open_image(path: Path, what: str) -> Image.Image:
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=png_info(settings))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: not a readable image ({e})") from None
 
 
-def output_path(output: Path, index: int, count: int) -> Path:
-    return output if count == 1 else output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}")
+def check_controlnets(specs: list[dict], params: FluxParams) -> None:
+    """Each ControlNet's config.json against the DiT's headers (the weights load later)."""
+    for source in dict.fromkeys(s["controlnet"] for s in specs):
+        cn = read_controlnet_params(find_controlnet_folder(resolve_controlnet(source)))
+        check_compatible(cn, params, f"ControlNet {source}")
+
+
+def output_paths(args: argparse.Namespace) -> list[Path]:
+    if args.output is None:
+        return numbered_paths(Path.cwd(), "output", args.num_images)
+    out = args.output
+    paths = (
+        [out]
+        if args.num_images == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(args.num_images)]
+    )
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
+    return paths
+
+
+def preflight(args: argparse.Namespace) -> Checked:
+    """Everything that can be checked from headers and small files, before any large weights load."""
+    outputs = output_paths(args)
+    folder = model_folder(args.model)
+    params = flux_params(folder)  # the DiT's headers only
+    loras = read_loras(args.lora, params, args.allow_partial)
+    hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
+    check_controlnets(args.controlnets, params)
+    images = {}
+    for unit in args.controlnets:
+        images[unit["image"]] = open_image(unit["image"], "--control-image")
+        if "mask" in unit:
+            images[unit["mask"]] = open_image(unit["mask"], "--mask")
+    return Checked(folder, params, loras, hashes, images, outputs)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        quiet_libraries()
+    checked = preflight(args)
     offload = None if args.offload == "none" else args.offload
     pipe = FluxPipeline.from_pretrained(
-        args.model, quantize=args.quantize, dtype=DTYPES[args.dtype], device=args.device, offload=offload
+        checked.folder, quantize=args.quantize, dtype=DTYPES[args.dtype], device=args.device, offload=offload
     )
-    loras = load_loras(pipe, args.lora, args.lora_mode)
-    controlnets = load_controlnets(pipe, args.controlnets, args.quantize)
+    if checked.loras:
+        adapter_dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
+        apply_loras(pipe.dit, checked.loras, mode=args.lora_mode, dtype=adapter_dtype)
+    controlnets = load_controlnets(pipe, args.controlnets, checked.images, args.quantize)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     height, width = pipe.image_size(args.height, args.width)
     steps = pipe.dit.params.default_steps if args.steps is None else args.steps
@@ -229,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     guidance = (DEFAULT_GUIDANCE if args.guidance is None else args.guidance) if dev else None
     negative = args.negative_prompt if args.true_cfg != 1.0 else None
     written = []
-    for i in range(args.num_images):
+    for i, path in enumerate(checked.outputs):
         # schnell gets the user's --guidance only so that the pipeline can warn that it is ignored
         image = pipe(
             args.prompt,
@@ -251,7 +299,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             "width": width,
             "height": height,
             "model": str(args.model),
-            "loras": loras,
+            "loras": [f"{p.name}:{scale:g}" for p, scale in args.lora],
+            "lora_hashes": checked.lora_hashes,
             "lora_mode": args.lora_mode,
             "controlnets": controlnet_settings(args.controlnets),
             "quantize": args.quantize or "none",
@@ -259,12 +308,30 @@ def main(argv: list[str] | None = None) -> list[Path]:
         }
         if args.true_cfg != 1.0:
             settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")
-        path = output_path(args.output, i, args.num_images)
-        save_png(image, path, settings)
+        save_png(image, path, settings, overwrite=args.overwrite)
         log.info("wrote %s (seed %d)", path, seed + i)
         written.append(path)
     return written
 
 
+def quiet_libraries() -> None:
+    """No progress bars, info or warnings from the libraries either (``--quiet`` prints only errors)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.simplefilter("ignore")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with bad input reported as one line on stderr and exit status 1 (no traceback)."""
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:  # CheckpointError, LoraFormatError: ValueErrors naming the file or key
+        log.error("error: %s", " ".join(str(e).split()))
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

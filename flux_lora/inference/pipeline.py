@@ -30,13 +30,13 @@ from flux_lora.inference.denoise import ControlProvider, StepCallback, denoise
 from flux_lora.inference.offload import OffloadMode, Placement, PlacementLog, Transfer
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.controlnet import FluxControlNet, check_compatible
-from flux_lora.model.flux import Flux
+from flux_lora.model.flux import Flux, FluxParams
 from flux_lora.model.fp8 import QuantPolicy
 from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
 from flux_lora.sampling import get_schedule, image_seq_len, img_ids, latent_size, pack, txt_ids, unpack
 from flux_lora.weights.controlnet_loading import load_controlnet
 from flux_lora.weights.hub import resolve_model
-from flux_lora.weights.loading import load_autoencoder, load_flow_model
+from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,16 @@ def model_folder(source: str | Path) -> Path:
     return path
 
 
+def check_latent_channels(ae: AutoEncoder, params: FluxParams) -> None:
+    """Raise ``ValueError`` unless the autoencoder's latents, packed 2x2, have the DiT's input width."""
+    packed = ae.params.z_channels * 4
+    if packed != params.in_channels:
+        raise ValueError(
+            f"the autoencoder's {ae.params.z_channels} latent channels pack to {packed}, "
+            f"the DiT takes {params.in_channels}"
+        )
+
+
 class FluxPipeline:
     """Prompts to images with a FLUX.1 DiT, its autoencoder and its text encoders.
 
@@ -80,12 +90,7 @@ class FluxPipeline:
         dtype: torch.dtype | None = None,
         offload: OffloadMode | None = None,
     ):
-        packed = ae.params.z_channels * 4
-        if packed != dit.params.in_channels:
-            raise ValueError(
-                f"the autoencoder's {ae.params.z_channels} latent channels pack to {packed}, "
-                f"the DiT takes {dit.params.in_channels}"
-            )
+        check_latent_channels(ae, dit.params)
         self.dit, self.ae, self.text_encoders = dit, ae, text_encoders
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or float_dtype(dit)
@@ -111,8 +116,10 @@ class FluxPipeline:
         folder = model_folder(source)
         device = torch.device(device) if device is not None else default_device()
         load_to = "cpu" if offload else device
-        dit = load_flow_model(folder, dtype=dtype, device=load_to, quantize=quantize, quant_policy=quant_policy)
+        # the small autoencoder first, checked against the DiT's headers: a bad one fails before the big load
         ae = load_autoencoder(folder, dtype=dtype, device=load_to)
+        check_latent_channels(ae, flux_params(folder))
+        dit = load_flow_model(folder, dtype=dtype, device=load_to, quantize=quantize, quant_policy=quant_policy)
         text = TextEncoders.from_folder(folder, dit.params.max_sequence_length, dtype=dtype, device=load_to)
         return cls(dit, ae, text, device=device, dtype=dtype, offload=offload)
 
