@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.convert import main as convert_main
-from flux_lora.lora.files import LoraFormatError, read_lora, to_kohya_state_dict
+from flux_lora.lora.files import LoraFormatError, read_lora, to_kohya_state_dict, write_lora
+from flux_lora.lora.keys import linear_shapes
 from flux_lora.lora.runtime import apply_loras
 from flux_lora.lora.weight import LoraWeight
 from flux_lora.model.flux import PRESETS
@@ -130,3 +131,17 @@ def test_unknown_kinds_are_named(tmp_path):
         sd = {**_kohya(), f"lora_unet_single_blocks_0_linear2{extra}": torch.ones(2, 2)}
         with pytest.raises(LoraFormatError, match=kind):
             read_lora(sd, P)
+
+
+def test_kohya_write_warning_names_the_tools_that_drop_non_block_modules(tmp_path, caplog):
+    g = torch.Generator().manual_seed(1)
+    for name in ("final_layer.linear", "img_in"):
+        out_f, in_f = linear_shapes(P)[name]
+        lora = {name: LoraWeight(torch.randn(2, in_f, generator=g), torch.randn(out_f, 2, generator=g), 2.0)}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flux_lora"):
+            write_lora(tmp_path / f"{name}.safetensors", lora, P)
+        assert "diffusers drops" in caplog.text and name in caplog.text
+        assert ("kohya sd-scripts' LoRA loader refuses final_layer.linear" in caplog.text) == (
+            name == "final_layer.linear"
+        )

@@ -158,8 +158,10 @@ def apply_loras(
     """Apply several LoRAs, each ``(LoraStateDict, scale, name)``, to ``model`` (a :class:`Flux`, BFL paths).
 
     Args:
-        mode: ``"unfused"`` adds each LoRA at run time (removable, scale changeable); ``"fused"`` adds
-            ``scale * delta`` into the weights (fp8 layers are dequantized, updated and re-quantized).
+        mode: ``"unfused"`` (default, exact) adds each LoRA at run time (removable, scale changeable);
+            ``"fused"`` adds ``scale * delta`` into the weights. fp8 layers are dequantized, updated and
+            re-quantized, which is not exact: e4m3 rounds away most of a delta below ~10 % of the weight
+            (``benchmarks/fused_fp8_error.py``: at 1 % of max|W|, 97 % of the LoRA's effect is lost to rounding).
         dtype: dtype of unfused adapter tensors (float32 by default; bf16 to save memory on an accelerator).
 
     Returns:
