@@ -44,6 +44,7 @@ from PIL import Image
 from flux_lora.inference.control import ControlNetUnit
 from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
 from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
+from flux_lora.lora.encoders import read_text_encoder_lora
 from flux_lora.lora.files import read_lora
 from flux_lora.lora.runtime import LoraSpec, apply_loras
 from flux_lora.model.controlnet import check_compatible
@@ -205,8 +206,24 @@ def read_loras(specs: list[tuple[Path, float]], params: FluxParams, allow_partia
         name = path.stem.replace(".", "_") or f"lora{i}"
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
-        loras.append((read_lora(path, params, allow_partial=allow_partial), scale, name))
+        dit = read_lora(path, params, allow_partial=allow_partial, skip_text_encoders=True)
+        loras.append((dit, scale, name))
     return loras
+
+
+def apply_all(pipe: FluxPipeline, loras: list[LoraSpec], paths: list[Path], args: argparse.Namespace) -> None:
+    """The DiT parts (read before the DiT loaded) and the text-encoder parts of the LoRA files."""
+    dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
+    dit = [spec for spec in loras if spec[0]]
+    if dit:
+        apply_loras(pipe.dit, dit, mode=args.lora_mode, dtype=dtype)
+    te = [
+        (read_text_encoder_lora(p, pipe.text_encoders, allow_partial=args.allow_partial), s, n)
+        for p, (_, s, n) in zip(paths, loras, strict=True)
+    ]
+    te = [spec for spec in te if spec[0]]
+    if te:
+        apply_loras(pipe.text_encoders, te, mode=args.lora_mode, dtype=dtype)
 
 
 def open_image(path: Path, what: str) -> Image.Image:
@@ -266,9 +283,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     pipe = FluxPipeline.from_pretrained(
         checked.folder, quantize=args.quantize, dtype=DTYPES[args.dtype], device=args.device, offload=offload
     )
-    if checked.loras:
-        adapter_dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
-        apply_loras(pipe.dit, checked.loras, mode=args.lora_mode, dtype=adapter_dtype)
+    apply_all(pipe, checked.loras, [path for path, _ in args.lora], args)
     controlnets = load_controlnets(pipe, args.controlnets, checked.images, args.quantize)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     height, width = pipe.image_size(args.height, args.width)

@@ -60,14 +60,14 @@ def _bad_lora(tmp_path: Path, kind: str) -> Path:
     key = "lora_unet_double_blocks_0_img_attn_qkv"
     if kind == "nan":
         sd[f"{key}.lora_up.weight"][0, 0] = float("nan")
-    else:
-        sd[f"{key}.dora_scale"] = torch.ones(1, P.hidden_size)
+    else:  # a BFL control LoRA's norm override: not applied
+        sd["double_blocks.0.img_attn.norm.query_norm.scale"] = torch.ones(P.hidden_size // P.num_heads)
     path = tmp_path / f"{kind}.safetensors"
     save_file(sd, str(path))
     return path
 
 
-@pytest.mark.parametrize("kind, message", [("nan", "NaN or Inf"), ("dora", "DoRA")])
+@pytest.mark.parametrize("kind, message", [("nan", "NaN or Inf"), ("norm", "norm overrides")])
 def test_bad_lora_is_one_line_before_the_dit_loads(kind, message, tiny_dev_dir, tmp_path, generate, no_dit, caplog):
     lora = _bad_lora(tmp_path, kind)
     out = tmp_path / "x.png"
@@ -176,3 +176,25 @@ def test_a1111_text_with_negative_prompt_and_true_cfg():
     )
     assert text.splitlines()[:2] == ["cat", "Negative prompt: blurry"]
     assert "CFG scale: 4.0" in text and "Distilled CFG" not in text and "Model: FLUX.1-schnell" in text
+
+
+def test_text_encoder_parts_change_the_image(tiny_dev_dir, tmp_path, generate, caplog):
+    g = torch.Generator().manual_seed(5)
+    te = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    sd = {
+        f"{te}.lora_down.weight": torch.randn(2, 32, generator=g),
+        f"{te}.lora_up.weight": torch.randn(37, 2, generator=g),
+    }
+    path = tmp_path / "te.safetensors"
+    save_file(sd, str(path))
+    base = ["--model", str(tiny_dev_dir), *ARGS]
+    assert generate.cli([*base, "--lora", str(path), "--output", str(tmp_path / "bad.png")]) == 1
+    assert "do not fit" in caplog.text and te in caplog.text  # fc1 of the tiny CLIP is not 37 wide
+    fc1 = generate.FluxPipeline.from_pretrained(tiny_dev_dir, dtype=torch.float32, device="cpu").text_encoders
+    fc1 = fc1.get_submodule("clip.encoder.layers.0.mlp.fc1")
+    sd[f"{te}.lora_down.weight"] = torch.randn(2, fc1.in_features, generator=g)
+    sd[f"{te}.lora_up.weight"] = torch.randn(fc1.out_features, 2, generator=g)
+    save_file(sd, str(path))
+    plain = generate.main([*base, "--output", str(tmp_path / "plain.png")])[0]
+    styled = generate.main([*base, "--lora", str(path), "--output", str(tmp_path / "te.png")])[0]
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(styled)))

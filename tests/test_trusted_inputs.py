@@ -18,6 +18,7 @@ from flux_lora.lora.weight import LoraWeight
 from flux_lora.model.flux import PRESETS
 from flux_lora.model.fp8 import FP8Linear
 from flux_lora.weights.loading import load_flow_model
+from flux_lora.weights.safetensors_io import CheckpointError
 
 from fluxtest import dit_inputs
 
@@ -101,16 +102,16 @@ def test_comfy_scaled_fp8_applies_the_scale_for_every_fp8_dtype(tiny_dev_dir, tm
 # ------------------------------------------------------------------------------- keys the reader skips
 
 
-def test_dora_file_is_an_error_listing_the_keys_unless_partial_is_allowed(tmp_path, caplog):
-    sd = _kohya()
-    sd[f"{QKV_KEY}.dora_scale"] = torch.ones(1, P.hidden_size)
-    path = tmp_path / "dora.safetensors"
+def test_unappliable_keys_are_an_error_listing_them_unless_partial_is_allowed(tmp_path, caplog):
+    norm = "double_blocks.0.img_attn.norm.query_norm.scale"  # a BFL control LoRA's norm override
+    sd = {**_kohya(), norm: torch.ones(P.hidden_size // P.num_heads)}
+    path = tmp_path / "control.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(LoraFormatError, match=rf"DoRA.*{QKV_KEY}\.dora_scale.*allow_partial"):
+    with pytest.raises(LoraFormatError, match=rf"norm overrides.*{norm}.*allow_partial"):
         read_lora(path, P)
     with caplog.at_level(logging.WARNING, logger="flux_lora"):
         lora = read_lora(path, P, allow_partial=True)
-    assert set(lora) == {QKV} and f"{QKV_KEY}.dora_scale" in caplog.text
+    assert set(lora) == {QKV} and norm in caplog.text
 
 
 def test_convert_allow_partial_flag(tmp_path):
@@ -128,7 +129,7 @@ def test_unknown_kinds_are_named(tmp_path):
         (".lokr_w1", "LoKr"),
         (".diff", "full weight patches"),
     ):
-        sd = {**_kohya(), f"lora_unet_single_blocks_0_linear2{extra}": torch.ones(2, 2)}
+        sd = {**_kohya(), f"lora_unet_single_blocks_9_linear2{extra}": torch.ones(2, 2)}  # no block 9
         with pytest.raises(LoraFormatError, match=kind):
             read_lora(sd, P)
 
@@ -145,3 +146,42 @@ def test_kohya_write_warning_names_the_tools_that_drop_non_block_modules(tmp_pat
         assert ("kohya sd-scripts' LoRA loader refuses final_layer.linear" in caplog.text) == (
             name == "final_layer.linear"
         )
+
+
+# ------------------------------------------------------------------------------------ ComfyUI comfy_quant
+
+
+def _comfy_quant_file(tiny_dev_dir, tmp_path, fmt: str, fp8=torch.float8_e4m3fn):
+    sd = load_file(str(tiny_dev_dir / "flux1-dev.safetensors"))
+    out = {}
+    for k, v in sd.items():
+        if v.ndim == 2 and k.startswith(("double_blocks", "single_blocks")):
+            scale = v.abs().max() / torch.finfo(fp8).max
+            base = k.removesuffix(".weight")
+            out[k] = (v / scale).to(fp8)
+            out[f"{base}.weight_scale"] = scale.float()  # per tensor, 0-dim
+            out[f"{base}.input_scale"] = torch.tensor(1.0)
+            out[f"{base}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+        else:
+            out[k] = v
+    path = tmp_path / f"comfy-quant-{fmt}.safetensors"
+    save_file(out, str(path), metadata={"flux_lora.params": json.dumps(P.to_dict())})
+    return path, sd
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_comfy_quant_fp8_layout_loads(tiny_dev_dir, tmp_path, fp8):
+    name = str(fp8).removeprefix("torch.")
+    path, sd = _comfy_quant_file(tiny_dev_dir, tmp_path, name, fp8)
+    model = load_flow_model(path, dtype=torch.float32)
+    ref = sd["double_blocks.1.img_mlp.0.weight"]
+    got = model.double_blocks[1].img_mlp[0].dequantized_weight()
+    torch.testing.assert_close(got, ref, rtol=0.25, atol=ref.abs().max().item() * 0.07)
+    expected = _velocity(load_flow_model(tiny_dev_dir, dtype=torch.float32))
+    assert (_velocity(model) - expected).norm() / expected.norm() < 0.15
+
+
+def test_comfy_quant_other_formats_get_a_targeted_error(tiny_dev_dir, tmp_path):
+    path, _ = _comfy_quant_file(tiny_dev_dir, tmp_path, "nvfp4")
+    with pytest.raises(CheckpointError, match=r"comfy_quant.*'nvfp4'.*double_blocks\.0"):
+        load_flow_model(path, dtype=torch.float32)

@@ -20,6 +20,10 @@ The layouts, with the base name of ``double_blocks.0.img_attn.qkv`` (down ``[r, 
 
 XLabs' single-block ``qkv_lora`` and ComfyUI's ``single_blocks.N.linear1_qkv`` cover only the q, k, v rows of
 ``linear1``.
+
+Any base name may also carry, instead of or with a down/up pair, the suffixes of :mod:`flux_lora.lora.patches`:
+``.dora_scale``, LyCORIS ``.hada_w{1,2}_{a,b}`` and ``.lokr_w{1,2}[_a|_b]``, ``.diff``, ``.diff_b``,
+``.lora_B.bias`` / ``.lora_up.bias``.
 """
 
 from __future__ import annotations
@@ -46,10 +50,27 @@ SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_up.weight", "up"),
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
+    (".lora_B.bias", "bias"),
+    (".lora_up.bias", "bias"),
     (".down.weight", "down"),
     (".up.weight", "up"),
     (".alpha", "alpha"),
+    (".dora_scale", "dora_scale"),
+    (".hada_w1_a", "hada_w1_a"),
+    (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+    (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"),
+    (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_w1", "lokr_w1"),
+    (".lokr_w2", "lokr_w2"),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
 )
+"""File suffix -> role. ``down``/``up``/``alpha``: a plain LoRA; the others: :mod:`flux_lora.lora.patches`."""
+PLAIN_ROLES = frozenset({"down", "up", "alpha"})
 
 _BFL_TOP = (
     "double_blocks.",
@@ -173,7 +194,7 @@ def _add_xlabs(params: FluxParams, shapes: dict[str, tuple[int, int]], add) -> N
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:
-    """``key -> (base name, role)`` with role ``down``, ``up`` or ``alpha``; None for other suffixes."""
+    """``key -> (base name, role)`` with a role of :data:`SUFFIXES`; None for other suffixes."""
     for suffix, role in SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role

@@ -189,16 +189,40 @@ def _dit_stream(
     params = wanted or _params_from_header(shapes, read_metadata(path), path)
     _check_variant(params, shapes, path)
 
-    scales: dict[str, Tensor] = {}
-    # Scales of pre-quantized files: ours (weight_scale, per channel) and ComfyUI's scaled fp8 (scale_weight).
-    extra = {k for k in shapes if k.endswith((".weight_scale", ".scale_weight", ".scale_input")) or k == "scaled_fp8"}
-    if extra:
-        for key, t in iter_tensors(path, prefix, skip=lambda k: k not in extra):
-            if key.endswith(".weight_scale"):
-                scales[key.removesuffix("_scale")] = t.float()
-            elif key.endswith(".scale_weight"):
-                scales[key.removesuffix(".scale_weight") + ".weight"] = t.float().reshape(-1)
+    extra = {k for k in shapes if k.endswith(_QUANT_SUFFIXES) or k == "scaled_fp8"}
+    scales = _quant_scales(path, prefix, extra)
     return params, iter_tensors(path, prefix, skip=lambda k: k in extra), scales, str(path)
+
+
+# Scale keys of pre-quantized files: ours (weight_scale, per channel), ComfyUI's scaled fp8 (scale_weight,
+# scale_input) and ComfyUI's comfy_quant layout (weight_scale per tensor, input_scale, comfy_quant = JSON bytes).
+_QUANT_SUFFIXES = (".weight_scale", ".scale_weight", ".scale_input", ".input_scale", ".comfy_quant")
+_COMFY_QUANT_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+
+
+def _quant_scales(path: Path, prefix: str, extra: set[str]) -> dict[str, Tensor]:
+    """``weight key -> scale`` from the scale keys ``extra``; a comfy_quant format we cannot run is an error."""
+    scales: dict[str, Tensor] = {}
+    for key, t in iter_tensors(path, prefix, skip=lambda k: k not in extra) if extra else ():
+        if key.endswith(".weight_scale"):
+            scales[key.removesuffix("_scale")] = t.float()
+        elif key.endswith(".scale_weight"):
+            scales[key.removesuffix(".scale_weight") + ".weight"] = t.float().reshape(-1)
+        elif key.endswith(".comfy_quant"):
+            _check_comfy_quant(path, key, t)
+    return scales
+
+
+def _check_comfy_quant(path: Path, key: str, t: Tensor) -> None:
+    try:
+        fmt = json.loads(bytes(t.to(torch.uint8).tolist()).decode()).get("format")
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{path}: {key!r} is not a ComfyUI comfy_quant JSON object") from None
+    if fmt not in _COMFY_QUANT_FORMATS:
+        raise CheckpointError(
+            f"{path}: ComfyUI comfy_quant layout with format {fmt!r} at {key!r}; only "
+            f"{', '.join(_COMFY_QUANT_FORMATS)} (scaled per tensor) are read. Use a bf16 or fp8 checkpoint"
+        )
 
 
 def flux_params(source: str | Path | FluxParams) -> FluxParams:
