@@ -14,15 +14,20 @@ default). ``--controlnet ID_OR_PATH[:SCALE]`` is a diffusers-layout ControlNet f
 it come its ``--control-image`` (required; for upscaler and tile modes the low-resolution image itself),
 ``--control-mode`` (union ControlNets), ``--mask`` (inpainting ControlNets; white = repaint) and
 ``--control-start`` / ``--control-end`` (the fraction of the steps it acts on). ``--quantize`` applies to the
-ControlNets too. Image ``i`` of ``--num-images N`` uses seed ``SEED + i``. Without ``--output`` the images are
-numbered ``output_00001.png``, ... after the highest number in the current folder; with ``--output OUT`` they are
-``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``. The PNG holds an A1111-style
-``parameters`` text (prompt, steps, sampler, guidance, seed, size, model, ``Lora hashes``) and every setting as
-JSON in a ``flux_lora`` chunk, so the same settings give the same file byte for byte.
+ControlNets too. ``--seed`` takes one or more seeds, one image each; with one seed ``S``, ``--num-images N``
+makes ``N`` images with seeds ``S, S+1, ...``. Each image's noise comes from its own seed, so ``--batch-size``
+(images per DiT call) changes speed and memory, not the pictures (beyond float rounding). ``--image PATH
+--strength S`` starts from a picture (image to image; strength 0 keeps it, 1 ignores it; default 0.6); without
+``--height``/``--width`` the picture's size is used, rounded down to multiples of 16. Without ``--output`` the
+images are numbered ``output_00001.png``, ... after the highest number in the current folder; with
+``--output OUT`` they are ``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``. The
+PNG holds an A1111-style ``parameters`` text (prompt, steps, sampler, guidance, seed, size, model, ``Lora
+hashes``) and every setting as JSON in a ``flux_lora`` chunk, so the same settings give the same file byte for
+byte.
 
 LoRA files, the autoencoder, ControlNet configs and control images are checked before the DiT loads; bad input
-stops with a one-line error and exit status 1. A LoRA key that cannot be applied (DoRA, LoHa, text-encoder
-parts, ...) is an error unless ``--allow-partial``.
+stops with a one-line error and exit status 1. LoRA files may hold DoRA, LoHa, LoKr, diff and text-encoder
+parts (applied to CLIP-L and T5); a key that cannot be applied is an error unless ``--allow-partial``.
 """
 
 from __future__ import annotations
@@ -119,12 +124,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cn.add_argument("--control-start", dest="start", type=float, action=ControlNetOption, metavar="FRACTION")
     cn.add_argument("--control-end", dest="end", type=float, action=ControlNetOption, metavar="FRACTION")
     p.add_argument("--offload", choices=["none", "model", "block"], default="none")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=None, help="default: the --image's, else 1024")
+    p.add_argument("--width", type=int, default=None, help="default: the --image's, else 1024")
+    p.add_argument("--image", type=Path, default=None, help="image to image: start from this picture")
+    p.add_argument("--strength", type=float, default=None, help="with --image: 0 keeps it, 1 ignores it (0.6)")
     p.add_argument("--steps", type=int, default=None, help="default: 28 for dev, 4 for schnell")
     p.add_argument("--guidance", type=float, default=None, help="embedded guidance (dev; default 3.5)")
-    p.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument(
+        "--seed", type=int, nargs="+", default=None, help="one or more; default: random (written into the PNG)"
+    )
+    p.add_argument("--num-images", type=int, default=None, help="with one seed S: seeds S, S+1, ... (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per DiT call (same seeds, same images)")
     p.add_argument("--output", type=Path, default=None, help="default: output_NNNNN.png, numbered")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -134,8 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path, _ in args.lora:
         if not path.is_file():
             p.error(f"--lora {path}: no such file")
-    if args.num_images < 1:
-        p.error(f"--num-images must be >= 1, got {args.num_images}")
+    try:
+        args.seeds = seed_list(args.seed, args.num_images)
+    except ValueError as e:
+        p.error(str(e))
+    args.num_images = len(args.seeds)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.image is None and args.strength is not None:
+        p.error("--strength is for image to image: give --image too")
+    if args.image is not None and not args.image.is_file():
+        p.error(f"--image {args.image}: no such file")
+    if args.strength is not None and not 0 <= args.strength <= 1:
+        p.error(f"--strength must be in [0, 1], got {args.strength}")
     images = sum("image" in u for u in args.controlnets)
     for unit in args.controlnets:
         if "image" not in unit:
@@ -147,6 +168,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if key in unit and not unit[key].is_file():
                 p.error(f"--{'control-image' if key == 'image' else key} {unit[key]}: no such file")
     return args
+
+
+def seed_list(seeds: list[int] | None, num_images: int | None) -> list[int]:
+    """The seed of each image: several ``--seed``, or ``S, S+1, ...`` for ``--num-images`` (S random if not given)."""
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    if seeds is not None and len(seeds) > 1:
+        if num_images not in (None, len(seeds)):
+            raise ValueError(f"{len(seeds)} seeds but --num-images {num_images}: give one seed, or one per image")
+        return list(seeds)
+    first = seeds[0] if seeds else secrets.randbelow(2**31)
+    return [first + i for i in range(num_images or 1)]
 
 
 def load_controlnets(
@@ -265,7 +298,7 @@ def preflight(args: argparse.Namespace) -> Checked:
     loras = read_loras(args.lora, params, args.allow_partial)
     hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
     check_controlnets(args.controlnets, params)
-    images = {}
+    images = {} if args.image is None else {args.image: open_image(args.image, "--image")}
     for unit in args.controlnets:
         images[unit["image"]] = open_image(unit["image"], "--control-image")
         if "mask" in unit:
@@ -285,16 +318,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     )
     apply_all(pipe, checked.loras, [path for path, _ in args.lora], args)
     controlnets = load_controlnets(pipe, args.controlnets, checked.images, args.quantize)
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    height, width = pipe.image_size(args.height, args.width)
+    init = checked.images.get(args.image) if args.image is not None else None
+    height, width = pipe.image_size(*output_size(args, init))
     steps = pipe.dit.params.default_steps if args.steps is None else args.steps
     dev = pipe.dit.params.guidance_embed
     guidance = (DEFAULT_GUIDANCE if args.guidance is None else args.guidance) if dev else None
     negative = args.negative_prompt if args.true_cfg != 1.0 else None
+    strength = 1.0 if init is None else (0.6 if args.strength is None else args.strength)
+    ds = pipe.ae.params.downscale_factor
     written = []
-    for i, path in enumerate(checked.outputs):
+    for first in range(0, len(args.seeds), args.batch_size):
+        seeds = args.seeds[first : first + args.batch_size]
+        noise = torch.cat([pipe.noise(1, height // ds, width // ds, torch.Generator().manual_seed(s)) for s in seeds])
         # schnell gets the user's --guidance only so that the pipeline can warn that it is ignored
-        image = pipe(
+        images = pipe(
             args.prompt,
             height=height,
             width=width,
@@ -302,31 +339,43 @@ def main(argv: list[str] | None = None) -> list[Path]:
             guidance=guidance if dev else args.guidance,
             true_cfg=args.true_cfg,
             negative_prompt=negative,
-            seed=seed + i,
+            num_images_per_prompt=len(seeds),
+            latents=noise,
             controlnets=controlnets,
+            image=init,
+            strength=strength,
             progress=not args.quiet,
-        )[0]
-        settings = {
-            "prompt": args.prompt,
-            "seed": seed + i,
-            "steps": steps,
-            "guidance": guidance,
-            "width": width,
-            "height": height,
-            "model": str(args.model),
-            "loras": [f"{p.name}:{scale:g}" for p, scale in args.lora],
-            "lora_hashes": checked.lora_hashes,
-            "lora_mode": args.lora_mode,
-            "controlnets": controlnet_settings(args.controlnets),
-            "quantize": args.quantize or "none",
-            "sampler": "euler (flow matching)",
-        }
-        if args.true_cfg != 1.0:
-            settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")
-        save_png(image, path, settings, overwrite=args.overwrite)
-        log.info("wrote %s (seed %d)", path, seed + i)
-        written.append(path)
+        )
+        for seed, image, path in zip(seeds, images, checked.outputs[first:], strict=False):
+            settings = {
+                "prompt": args.prompt,
+                "seed": seed,
+                "steps": steps,
+                "guidance": guidance,
+                "width": width,
+                "height": height,
+                "model": str(args.model),
+                "loras": [f"{p.name}:{scale:g}" for p, scale in args.lora],
+                "lora_hashes": checked.lora_hashes,
+                "lora_mode": args.lora_mode,
+                "controlnets": controlnet_settings(args.controlnets),
+                "quantize": args.quantize or "none",
+                "sampler": "euler (flow matching)",
+            }
+            if args.true_cfg != 1.0:
+                settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")
+            if init is not None:
+                settings.update(image=str(args.image), strength=strength)
+            save_png(image, path, settings, overwrite=args.overwrite)
+            log.info("wrote %s (seed %d)", path, seed)
+            written.append(path)
     return written
+
+
+def output_size(args: argparse.Namespace, init: Image.Image | None) -> tuple[int, int]:
+    """``(height, width)`` as given, else the --image's size, else 1024 (rounded to multiples of 16 later)."""
+    h0, w0 = (1024, 1024) if init is None else (init.height, init.width)
+    return (args.height or h0), (args.width or w0)
 
 
 def quiet_libraries() -> None:

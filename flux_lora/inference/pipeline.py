@@ -21,12 +21,14 @@ from flux_lora.dtypes import Quantize, float_dtype
 from flux_lora.inference.control import (
     ControlNetProvider,
     ControlNetUnit,
+    ImageInput,
     check_units,
     controlnet_components,
     encode_units,
     prepare_images,
 )
 from flux_lora.inference.denoise import ControlProvider, StepCallback, denoise
+from flux_lora.inference.img2img import cut_schedule, image_latents, noised_start
 from flux_lora.inference.offload import OffloadMode, Placement, PlacementLog, Transfer
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.controlnet import FluxControlNet, check_compatible
@@ -201,6 +203,8 @@ class FluxPipeline:
         controlnets: Sequence[ControlNetUnit] = (),
         controls: ControlProvider | None = None,
         callback: StepCallback | None = None,
+        image: ImageInput | None = None,
+        strength: float = 1.0,
     ) -> list[Image.Image] | Tensor:
         """Generate images.
 
@@ -220,6 +224,11 @@ class FluxPipeline:
                 all checked before anything runs; a ControlNet that embeds guidance gets ``guidance`` (default
                 3.5) even when the DiT has none.
             controls: per-DiT-call ControlNet residuals, instead of ``controlnets`` (for custom providers).
+            image, strength: image to image (see :mod:`flux_lora.inference.img2img`): one image (PIL, or a
+                tensor in [0, 1]) or one per prompt, resized to the output size; the run keeps the last
+                ``steps - int(steps - steps * strength)`` steps (diffusers' rule) and starts from the image's
+                latents noised to that time.
+                Strength 1 gives the text-to-image result of the same seed, 0 the image's autoencoder round trip.
         """
         if output_type not in ("pil", "latent", "pt"):
             raise ValueError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
@@ -236,18 +245,28 @@ class FluxPipeline:
         ds = self.ae.params.downscale_factor
         lh, lw = height // ds, width // ds
         schedule = self.timesteps(height, width, steps)  # validates steps before any encoding
+        if image is not None:
+            schedule = cut_schedule(schedule, strength)
+        elif strength != 1.0:
+            raise ValueError("strength is for image to image: pass an image too")
 
         cond, neg = self._conditioning(prompt, text_embeddings, negative_prompt, negative_text_embeddings, true_cfg)
         neg = None if neg is None else neg.repeat(num_images_per_prompt)
         num_prompts, cond = len(cond), cond.repeat(num_images_per_prompt)
         batch = len(cond)
         if units:
-            controls = self._control_provider(units, height, width, num_prompts, batch, steps, control_guidance)
+            runs = len(schedule) - 1  # the steps this call integrates (fewer for image to image)
+            controls = self._control_provider(units, height, width, num_prompts, batch, runs, control_guidance)
 
-        img = pack(self._initial_noise(batch, lh, lw, seed, generator, latents)).to(self.device)
+        start = self._initial_noise(batch, lh, lw, seed, generator, latents)
+        if image is not None:
+            with self.placement.use("ae"):
+                x0 = image_latents(image, self.ae, height, width, num_prompts, self.device, float_dtype(self.ae))
+            start = noised_start(x0, start, schedule[0])
+        img = pack(start).to(self.device)
         ids = img_ids(batch, lh, lw, device=self.device)
         tids = txt_ids(batch, cond.txt.shape[1], device=self.device)
-        bar = _progress(steps, progress)
+        bar = _progress(len(schedule) - 1, progress)
 
         def on_step(i: int, t: float, x: Tensor) -> None:
             bar.update()
