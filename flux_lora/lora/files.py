@@ -249,6 +249,17 @@ def _check_overlap(bfl: str, blocks: list[Block], source: str) -> None:
         end, prev = start + rows, base
 
 
+def _control_lora_error(sd: dict[str, Tensor], params: FluxParams) -> str | None:
+    """Why a BFL FLUX Control LoRA (Canny/Depth: wider ``img_in``, norm overrides) cannot apply, or None."""
+    down = sd.get("img_in.lora_A.weight", sd.get("diffusion_model.img_in.lora_A.weight"))
+    if down is None or down.ndim != 2 or down.shape[1] == params.in_channels:
+        return None
+    return (
+        f"a FLUX Control LoRA (BFL Canny/Depth layout): its img_in takes {down.shape[1]} input channels (image and "
+        f"control latents), the model {params.in_channels}; it needs a control-image pipeline, which this one is not"
+    )
+
+
 def _module_change(parts: list[Block], out_features: int) -> ModuleChange:
     """One Linear's blocks -> a fused plain LoRA, or patches (plain LoRA blocks among them as patches)."""
     if all(isinstance(item, LoraWeight) for _, _, item, _ in parts):
@@ -288,6 +299,8 @@ def from_state_dict(
     """
     if (bad := non_finite(sd)) is not None:
         raise LoraFormatError(f"{source}: {bad}; the file is damaged or was saved from a diverged run")
+    if (err := _control_lora_error(sd, params)) is not None:
+        raise LoraFormatError(f"{source}: {err}")
     if skip_text_encoders:
         sd = {k: v for k, v in sd.items() if not is_text_encoder_key(k)}
         if not sd:
