@@ -431,22 +431,24 @@ def _kohya_proj(down: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]
     return {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up}
 
 
-def test_unmatched_keys_give_one_warning(caplog):
+def test_unmatched_keys_give_one_warning_when_partial_is_allowed(caplog):
     g = torch.Generator().manual_seed(6)
     down, up = _pair(g, 32, 32, 2)
     sd = {
         **_kohya_proj(down, up),
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down,
         "lora_unet_double_blocks_7_img_attn_proj.alpha": torch.tensor(1.0),
-        "double_blocks.0.img_attn.proj.lora_B.bias": torch.zeros(32),
+        "double_blocks.0.img_attn.proj.lora_mid.weight": torch.zeros(2, 2),  # LoCon's conv-only middle
     }
+    with pytest.raises(LoraFormatError, match="3 keys cannot be applied"):
+        read_lora(sd, P)  # the default: a partial LoRA is a different model
     with caplog.at_level(logging.WARNING, logger="flux_lora"):
-        lora = read_lora(sd, P)
+        lora = read_lora(sd, P, allow_partial=True)
     assert set(lora) == {"double_blocks.0.img_attn.proj"}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
-    ignored = [k for k in sd if not k.startswith("lora_unet_double_blocks_0_")]  # TE key, stray alpha, bias
+    ignored = [k for k in sd if not k.startswith("lora_unet_double_blocks_0_")]  # TE key, stray alpha, lora_mid
     assert len(ignored) == 3 and all(key in message for key in ignored)
     assert "lora_unet_double_blocks_0_img_attn_proj" not in message
 

@@ -69,7 +69,7 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
     datamodule = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=cfg.sample.prompts, scanned=scanned
     )
-    initial = partial(read_lora, cfg.train.init_lora) if cfg.train.init_lora else None
+    initial = partial(read_lora, cfg.train.init_lora, plain=True) if cfg.train.init_lora else None
     module = FluxLoraModule(
         partial(_load_for_training, cfg, folder, dtype),
         cfg.lora,
