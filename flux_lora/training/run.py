@@ -46,14 +46,18 @@ def resolve_accelerator(cfg: ExperimentConfig) -> str:
 
 
 def fetch_model_folder(cfg: ExperimentConfig) -> Path:
-    """The local model folder: written (tiny) or downloaded (ModelScope) when needed. In DDP, processes other than
-    the first of a node reuse what the first one fetched instead of downloading again."""
+    """The local model folder: written (tiny) or downloaded (Hugging Face or ModelScope) when needed. In DDP,
+    processes other than the first of a node reuse what the first one fetched instead of downloading again."""
     m = cfg.model
     if m.tiny_if_missing and not Path(m.source).exists():
         log.info("writing a tiny random FLUX model to %s (model.tiny_if_missing)", m.source)
         write_tiny_model(m.source, variant=m.tiny_variant)
     return hub.resolve_model(
-        m.source, cache_dir=m.cache_dir, local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0
+        m.source,
+        hub=m.hub,
+        revision=m.revision,
+        cache_dir=m.cache_dir,
+        local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0,
     )
 
 
