@@ -33,7 +33,23 @@ def _doc(help: str, default: Any = MISSING, factory: Callable[[], Any] | None = 
 
 @dataclass
 class DatasetConfig:
-    """One dataset: where its images and captions come from, how often and at which sizes they are seen."""
+    """One entry of ``data.datasets``. A field left null takes the data section's value, as kohya's [general]."""
+
+    source: str = _doc("image folder, `datasets` folder or dataset name of this dataset", "")
+    image_column: str | None = _doc("as data.image_column; null: the data section's", None)
+    caption_column: str | None = _doc("as data.caption_column; null: the data section's", None)
+    split: str | None = _doc("as data.split; null: the data section's", None)
+    caption_extension: str | None = _doc("as data.caption_extension; null: the data section's", None)
+    default_caption: str | None = _doc("as data.default_caption; null: the data section's", None)
+    trigger_word: str | None = _doc("as data.trigger_word; null: the data section's", None)
+    repeats: int | None = _doc("as data.repeats; null: the data section's", None)
+    resolution: int | list[int] | None = _doc("as data.resolution; null: the data section's", None)
+
+
+@dataclass
+class DataConfig:
+    """The training data: one dataset (``source`` ... ``resolution``) or several (``datasets``, whose entries
+    default to those fields), and what they share: buckets, crops, batches and the cache."""
 
     source: str = _doc("image folder, `datasets` save_to_disk folder, imagefolder with metadata, or dataset name", "")
     image_column: str = _doc("image column of a `datasets` source", "image")
@@ -42,40 +58,15 @@ class DatasetConfig:
     caption_extension: str = _doc("caption file suffix beside each image in a folder", ".txt")
     default_caption: str | None = _doc("caption for images without one; null makes a missing caption an error", None)
     trigger_word: str | None = _doc(
-        "replaces [trigger] in captions, else is prepended as 'word, caption'; null in datasets: data's", None
+        "replaces [trigger] in captions and sample prompts, else is prepended as 'word, caption'", None
     )
     repeats: int = _doc("times each image appears per epoch (times N in a kohya N_name/ subfolder)", 1)
     resolution: int | list[int] = _doc(
         "bucket area is resolution**2; a list such as [512, 768, 1024] puts each image in a bucket at each", 1024
     )
-
-    @property
-    def resolutions(self) -> list[int]:
-        return list(self.resolution) if isinstance(self.resolution, list) else [self.resolution]
-
-    def _check_dataset(self, where: str) -> None:
-        def bad(name: str, rule: str) -> DataError:
-            return DataError(f"{where}{name} must be {rule}, got {getattr(self, name)!r}")
-
-        if not self.resolutions or any(r < SIDE_MULTIPLE or r % SIDE_MULTIPLE for r in self.resolutions):
-            raise bad("resolution", f"a positive multiple of {SIDE_MULTIPLE} (or a list of them)")
-        if self.repeats < 1:
-            raise bad("repeats", ">= 1")
-        if not self.caption_extension.startswith("."):
-            raise bad("caption_extension", "a suffix starting with '.'")
-
-    def __post_init__(self) -> None:
-        self._check_dataset("data.datasets[]: ")
-
-
-@dataclass
-class DataConfig(DatasetConfig):
-    """The training data: one dataset (the fields above) or several (``datasets``), and what they share:
-    buckets, crops, batches and the cache."""
-
     datasets: list[DatasetConfig] = _doc(
-        "several datasets, each with its own source, captions, trigger_word, repeats and resolution; "
-        "when set, the single-dataset fields above are not used",
+        "several datasets: entries of source, image_column, caption_column, split, caption_extension, "
+        "default_caption, trigger_word, repeats, resolution; what an entry leaves out is the field above",
         factory=list,
     )
     bucket_step: int = _doc("spacing of bucket widths (a multiple of 16); larger means fewer, fuller buckets", 16)
@@ -92,37 +83,46 @@ class DataConfig(DatasetConfig):
     cache_dir: str = _doc("folder of the content-keyed latent and embedding cache", ".cache/flux-lora")
     encode_batch_size: int = _doc("images or captions per encoder call while filling the cache", 4)
 
+    @property
+    def resolutions(self) -> list[int]:
+        return list(self.resolution) if isinstance(self.resolution, list) else [self.resolution]
+
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> DataError:
             return DataError(f"data.{name} must be {rule}, got {getattr(self, name)!r}")
 
-        self._check_dataset("data.")
+        if not self.resolutions or any(r < SIDE_MULTIPLE or r % SIDE_MULTIPLE for r in self.resolutions):
+            raise bad("resolution", f"a positive multiple of {SIDE_MULTIPLE}")
         if self.bucket_step < SIDE_MULTIPLE or self.bucket_step % SIDE_MULTIPLE:
             raise bad("bucket_step", f"a positive multiple of {SIDE_MULTIPLE}")
         if not self.max_aspect >= 1.0:
             raise bad("max_aspect", ">= 1")
         if self.crop not in ("center", "random"):
             raise bad("crop", "'center' or 'random'")
-        for name in ("crop_variants", "batch_size", "encode_batch_size"):
+        for name in ("crop_variants", "repeats", "batch_size", "encode_batch_size"):
             if getattr(self, name) < 1:
                 raise bad(name, ">= 1")
         if self.num_workers < 0:
             raise bad("num_workers", ">= 0")
+        if not self.caption_extension.startswith("."):
+            raise bad("caption_extension", "a suffix starting with '.'")
         if not self.cache_dir:
             raise bad("cache_dir", "a folder path")
+        self.dataset_configs()  # each entry of datasets, completed, must be valid too
 
     def dataset_configs(self) -> list[DataConfig]:
-        """One complete DataConfig per dataset (``datasets`` entries, or this config itself); a dataset without
-        its own ``trigger_word`` takes this one's."""
-        if not self.datasets:
-            return [self]
-        own = [f.name for f in fields(DatasetConfig)]
+        """One complete DataConfig per dataset: each ``datasets`` entry with its null fields taken from this
+        section, or this config itself when there are no entries."""
         out = []
-        for d in self.datasets:
-            values = {name: getattr(d, name) for name in own}
-            values["trigger_word"] = d.trigger_word if d.trigger_word is not None else self.trigger_word
-            out.append(replace(self, datasets=[], **values))
-        return out
+        for i, d in enumerate(self.datasets):
+            if not d.source:
+                raise DataError(f"data.datasets[{i}].source is empty: set it to an image folder or a dataset")
+            own = {f.name: getattr(d, f.name) for f in fields(DatasetConfig) if getattr(d, f.name) is not None}
+            try:
+                out.append(replace(self, datasets=[], **own))
+            except DataError as e:
+                raise DataError(f"data.datasets[{i}]: {e}") from None
+        return out or [self]
 
     @property
     def all_resolutions(self) -> list[int]:

@@ -18,10 +18,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from flux_lora.config import ExperimentConfig, save_config
 from flux_lora.data.datamodule import FluxDataModule
-from flux_lora.data.scan import scan
+from flux_lora.data.scan import apply_trigger, scan_all
 from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
-from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora
+from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora, dataset_metadata
 from flux_lora.training.module import FluxLoraModule
 from flux_lora.weights import hub
 from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
@@ -63,7 +63,8 @@ def fetch_model_folder(cfg: ExperimentConfig) -> Path:
 
 def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
     """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan."""
-    scanned = scan(cfg.data)  # bad data fails here, before any model is touched
+    scanned = scan_all(cfg.data)  # bad data fails here, before any model is touched
+    prompts = sample_prompts(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
@@ -72,7 +73,7 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
     out = cfg.output_path
 
     datamodule = FluxDataModule.from_model_folder(
-        cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=cfg.sample.prompts, scanned=scanned
+        cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
     initial = partial(read_lora, cfg.train.init_lora) if cfg.train.init_lora else None
     module = FluxLoraModule(
@@ -95,7 +96,11 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
             mode="max",
             save_top_k=2,
         ),
-        SaveLora(cfg, cfg.train.save_every_n_steps),
+        SaveLora(
+            cfg,
+            cfg.train.save_every_n_steps,
+            dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()]),
+        ),
     ]
     if cfg.sample.prompts:
         callbacks.append(
@@ -123,6 +128,11 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
         enable_model_summary=False,
     )
     return trainer, module, datamodule
+
+
+def sample_prompts(cfg: ExperimentConfig) -> list[str]:
+    """The preview prompts with ``data.trigger_word`` applied as to every caption."""
+    return [apply_trigger(p, cfg.data.trigger_word, f"sample prompt {p!r}") for p in cfg.sample.prompts]
 
 
 def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, device: torch.device) -> Flux:
