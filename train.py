@@ -15,6 +15,7 @@ import yaml
 from flux_lora import config_io
 from flux_lora.config import DataError, ExperimentConfig, load_config
 from flux_lora.config_io import ConfigError
+from flux_lora.weights.hub import ModelNotFoundError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from flux_lora.training.run import run
 
         lora = run(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ModelNotFoundError) as e:
         logging.getLogger("train").error("%s", e)
         return 2
     logging.getLogger("train").info("LoRA written to %s", lora)

@@ -4,6 +4,7 @@ say where the bad value came from and point other trainers' names at ours."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -116,3 +117,12 @@ def test_defaults_are_shown_as_they_load():
         for part in path.split("."):
             value = getattr(value, part)
         assert value == default or dataclasses.is_dataclass(value), path
+
+
+def test_readme_help_excerpt_is_real(capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    excerpt = readme.split("## Every setting", 1)[1].split("```", 2)[1]
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    lines = set(capsys.readouterr().out.splitlines())
+    assert [line for line in excerpt.strip().splitlines() if line not in lines] == []

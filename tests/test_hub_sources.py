@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import train
 from flux_lora.config import load_config
 from flux_lora.training.run import fetch_model_folder
 from flux_lora.weights import hub
@@ -183,3 +184,20 @@ def test_hub_libraries_are_imported_only_when_downloading():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path.cwd())
     assert out.stdout.strip() == "[] False"
+
+
+def test_train_reports_a_missing_model_in_one_line(tmp_path, caplog, monkeypatch):
+    for name in hub.DOWNLOADERS:
+        monkeypatch.setitem(hub.DOWNLOADERS, name, lambda *a, **k: pytest.fail("downloaded"))
+    argv = [
+        "--config=configs/tiny.yaml",
+        f"--model.source={tmp_path}/models/x",
+        "--model.tiny_if_missing=false",
+        f"--output_dir={tmp_path / 'run'}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+    ]
+    assert train.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        f"{tmp_path}/models/x: no such folder or file (a hub repository is owner/name, hf:owner/name or ms:owner/name)"
+    ]
