@@ -135,6 +135,7 @@ def test_offline_error_is_one_line():
         hub.resolve_model("black-forest-labs/FLUX.1-dev", hub="huggingface", download=offline)
     msg = str(e.value)
     assert "\n" not in msg and "offline and not in the download cache" in msg and "--model.source" in msg
+    assert "(nor is black-forest-labs/FLUX.1-dev a local folder)" in msg
 
 
 @pytest.mark.parametrize("source", ["models/x", "./flux", "~/no/such/flux", "/no/such/flux", "a/b/c", "x.safetensors"])

@@ -170,9 +170,10 @@ def resolve_model(
         try:
             folder = Path(fetch(src.name, allow_patterns=patterns, **options))
         except Exception as e:
+            bare = "" if str(source).startswith(tuple(PREFIXES)) else f" (nor is {src.name} a local folder)"
             raise ModelNotFoundError(
-                f"could not download {patterns} of {src.name!r} from {src.hub} ({_one_line(e)}): {_advice(e, src)}; "
-                "or pass a local folder with --model.source /path/to/FLUX.1-dev"
+                f"could not download {patterns} of {src.name!r} from {src.hub}{bare} ({_one_line(e)}): "
+                f"{_advice(e, src)}; or pass a local folder with --model.source /path/to/FLUX.1-dev"
             ) from e
     assert folder is not None
     missing = missing_files(folder, components)
