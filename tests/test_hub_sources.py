@@ -32,6 +32,7 @@ BFL_REPO = [
     "tokenizer/vocab.json",
     "tokenizer_2/spiece.model",
 ]
+FUNCTIONS = {"huggingface": "_huggingface_download", "modelscope": "_modelscope_download"}
 MODEL_PATTERNS = [
     "flux1-*.safetensors",
     "ae.safetensors",
@@ -75,8 +76,8 @@ class FakeHub:
 def test_hub_ids_fetch_exactly_what_the_loader_reads(tmp_path, monkeypatch, source, hub_setting, expected_hub, repo):
     fake = FakeHub(tmp_path, BFL_REPO)
     other = "modelscope" if expected_hub == "huggingface" else "huggingface"
-    monkeypatch.setitem(hub.DOWNLOADERS, expected_hub, fake)
-    monkeypatch.setitem(hub.DOWNLOADERS, other, lambda *a, **k: pytest.fail(f"asked {other}"))
+    monkeypatch.setattr(hub, FUNCTIONS[expected_hub], fake)
+    monkeypatch.setattr(hub, FUNCTIONS[other], lambda *a, **k: pytest.fail(f"asked {other}"))
     folder = hub.resolve_model(source, hub=hub_setting, revision="main")
     assert [(r, k["allow_patterns"], k["revision"]) for r, k in fake.calls] == [(repo, MODEL_PATTERNS, "main")]
     assert "cache_dir" not in fake.calls[0][1]  # the library's own cache (HF_HOME / MODELSCOPE_CACHE)
@@ -143,8 +144,8 @@ def test_a_missing_path_is_an_error_naming_it_without_any_download(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     calls = []
-    for name in hub.DOWNLOADERS:
-        monkeypatch.setitem(hub.DOWNLOADERS, name, lambda *a, **k: calls.append(a))
+    for name in FUNCTIONS.values():
+        monkeypatch.setattr(hub, name, lambda *a, **k: calls.append(a))
     with pytest.raises(hub.ModelNotFoundError, match=rf"^{source}: no such folder or file"):
         hub.resolve_model(source)
     with pytest.raises(hub.ModelNotFoundError, match=rf"^{source}: no such folder or file"):
@@ -170,7 +171,7 @@ def test_training_uses_model_hub_and_revision(tmp_path, monkeypatch, tiny_dev_di
         calls.append((repo_id, kwargs["revision"]))
         return str(tiny_dev_dir)
 
-    monkeypatch.setitem(hub.DOWNLOADERS, "huggingface", download)
+    monkeypatch.setattr(hub, "_huggingface_download", download)
     cfg = load_config(overrides=["--model.source", "owner/flux", "--model.hub", "huggingface", "--revision", "v1"])
     assert fetch_model_folder(cfg) == tiny_dev_dir and calls == [("owner/flux", "v1")]
 
@@ -188,8 +189,8 @@ def test_hub_libraries_are_imported_only_when_downloading():
 
 
 def test_train_reports_a_missing_model_in_one_line(tmp_path, caplog, monkeypatch):
-    for name in hub.DOWNLOADERS:
-        monkeypatch.setitem(hub.DOWNLOADERS, name, lambda *a, **k: pytest.fail("downloaded"))
+    for name in FUNCTIONS.values():
+        monkeypatch.setattr(hub, name, lambda *a, **k: pytest.fail("downloaded"))
     argv = [
         "--config=configs/tiny.yaml",
         f"--model.source={tmp_path}/models/x",

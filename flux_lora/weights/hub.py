@@ -98,7 +98,9 @@ def _modelscope_download(model_id: str, **kwargs) -> str:
     return snapshot_download(model_id, **kwargs)
 
 
-DOWNLOADERS: dict[str, Downloader] = {"huggingface": _huggingface_download, "modelscope": _modelscope_download}
+def default_download(hub: HubName) -> Downloader:
+    """The hub library's ``snapshot_download`` (looked up at call time, so tests can substitute it)."""
+    return _huggingface_download if hub == "huggingface" else _modelscope_download
 
 
 def missing_files(folder: Path, components: Iterable[str]) -> list[str]:
@@ -155,7 +157,7 @@ def resolve_model(
     src = parse_source(source, hub)
     if src.hub == "local":
         return Path(src.name)
-    fetch = download or DOWNLOADERS[src.hub]
+    fetch = download or default_download(src.hub)
     options: dict = {"revision": revision, **({"local_files_only": True} if local_files_only else {})}
     if cache_dir:
         options["cache_dir"] = str(cache_dir)
