@@ -142,10 +142,10 @@ def leaf_paths(cls: type, prefix: str = "") -> dict[str, Any]:
 def parse_overrides(cls: type, args: list[str]) -> dict[str, list[str]]:
     """``["--train.lr", "1e-4", "lora.rank=8", "--quantize=float8_e4m3fn"]`` -> ``{dotted path: raw values}``.
 
-    A bare field name is accepted when exactly one leaf of ``cls`` has it. Only fields that take a list may be
-    given more than once (``--sample.prompts "a, b" --sample.prompts c`` is two prompts)."""
-    types = leaf_paths(cls)
-    paths = list(types)
+    A bare field name is accepted when exactly one leaf of ``cls`` has it. A field given more than once keeps
+    its last value, except that list fields collect them (``--sample.prompts "a, b" --sample.prompts c`` is two
+    prompts)."""
+    paths = list(leaf_paths(cls))
     by_name: dict[str, list[str]] = {}
     for p in paths:
         by_name.setdefault(p.rsplit(".", 1)[-1], []).append(p)
@@ -171,8 +171,6 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, list[str]]:
                 raise ConfigError(f"override {key!r} is ambiguous: use one of {matches}")
             else:
                 raise ConfigError(f"unknown key {key!r}{_suggest(key, paths + list(by_name))}", key=key, unknown=True)
-        if key in out and not _accepts_list(types[key]):
-            raise ConfigError(f"--{key} is given twice; it takes one value", key=key)
         out.setdefault(key, []).append(value)
         i += 1
     return out

@@ -66,9 +66,8 @@ def test_resolution_list_from_the_command_line():
     assert load_config(overrides=["--resolution", "512"]).data.resolution == 512
 
 
-def test_a_single_value_field_given_twice_is_an_error():
-    with pytest.raises(ConfigError, match=r"^command line: --lora.rank is given twice"):
-        load_config(overrides=["--lora.rank", "4", "--lora.rank", "8"])
+def test_a_single_value_field_given_twice_keeps_the_last():
+    assert load_config(overrides=["--lora.rank", "4", "--lora.rank", "8"]).lora.rank == 8
 
 
 def test_command_line_errors_are_the_command_lines(tmp_path):
