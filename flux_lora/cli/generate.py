@@ -11,8 +11,9 @@ With ControlNets (each ``--controlnet`` takes the options that follow it; it may
         --controlnet InstantX/FLUX.1-dev-Controlnet-Union:0.7 --control-image edges.png --control-mode canny \\
         --controlnet jasperai/Flux.1-dev-Controlnet-Depth --control-image depth.png --control-end 0.5
 
-``--model`` is a folder in the FLUX.1 layout or a ModelScope id. ``--lora FILE[:SCALE]`` may repeat (scale 1 by
-default). ``--controlnet ID_OR_PATH[:SCALE]`` is a diffusers-layout ControlNet folder or a ModelScope id; after
+``--model`` is a folder in the FLUX.1 layout or a hub id (``hf:owner/name``, ``ms:owner/name``, bare: ModelScope).
+``--lora FILE[:SCALE]`` may repeat (scale 1 by default). ``--controlnet ID_OR_PATH[:SCALE]`` is a diffusers-layout
+ControlNet folder or a hub id (``hf:InstantX/FLUX.1-dev-Controlnet-Union``); after
 it come its ``--control-image`` (required; for upscaler and tile modes the low-resolution image itself),
 ``--control-mode`` (union ControlNets), ``--mask`` (inpainting ControlNets; white = repaint) and
 ``--control-start`` / ``--control-end`` (the fraction of the steps it acts on). ``--quantize`` applies to the
@@ -101,7 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    p.add_argument("--model", required=True, help="model folder (FLUX.1 layout) or ModelScope id")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model folder (FLUX.1 layout) or hub id: hf:owner/name, ms:owner/name, owner/name (ModelScope)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="used with --true-cfg != 1 (default: empty)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="true classifier-free guidance scale")

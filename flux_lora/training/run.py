@@ -18,11 +18,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from flux_lora.config import ExperimentConfig, save_config
 from flux_lora.data.datamodule import FluxDataModule
-from flux_lora.data.scan import scan
+from flux_lora.data.scan import apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
-from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora
+from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora, dataset_metadata
 from flux_lora.training.module import FluxLoraModule
 from flux_lora.weights import hub
 from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
@@ -45,20 +45,25 @@ def resolve_accelerator(cfg: ExperimentConfig) -> str:
 
 
 def fetch_model_folder(cfg: ExperimentConfig) -> Path:
-    """The local model folder: written (tiny) or downloaded (ModelScope) when needed. In DDP, processes other than
-    the first of a node reuse what the first one fetched instead of downloading again."""
+    """The local model folder: written (tiny) or downloaded (Hugging Face or ModelScope) when needed. In DDP,
+    processes other than the first of a node reuse what the first one fetched instead of downloading again."""
     m = cfg.model
     if m.tiny_if_missing and not Path(m.source).exists():
         log.info("writing a tiny random FLUX model to %s (model.tiny_if_missing)", m.source)
         write_tiny_model(m.source, variant=m.tiny_variant)
     return hub.resolve_model(
-        m.source, cache_dir=m.cache_dir, local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0
+        m.source,
+        hub=m.hub,
+        revision=m.revision,
+        cache_dir=m.cache_dir,
+        local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0,
     )
 
 
 def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
     """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan."""
-    scanned = scan(cfg.data)  # bad data fails here, before any model is touched
+    scanned = scan_all(cfg.data)  # bad data fails here, before any model is touched
+    prompts = sample_prompts(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
@@ -67,7 +72,7 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
     out = cfg.output_path
 
     datamodule = FluxDataModule.from_model_folder(
-        cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=cfg.sample.prompts, scanned=scanned
+        cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
     initial = partial(read_lora, cfg.train.init_lora, plain=True) if cfg.train.init_lora else None
     module = FluxLoraModule(
@@ -90,7 +95,11 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
             mode="max",
             save_top_k=2,
         ),
-        SaveLora(cfg, cfg.train.save_every_n_steps),
+        SaveLora(
+            cfg,
+            cfg.train.save_every_n_steps,
+            dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()]),
+        ),
     ]
     if cfg.sample.prompts:
         callbacks.append(
@@ -118,6 +127,11 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
         enable_model_summary=False,
     )
     return trainer, module, datamodule
+
+
+def sample_prompts(cfg: ExperimentConfig) -> list[str]:
+    """The preview prompts with ``data.trigger_word`` applied as to every caption."""
+    return [apply_trigger(p, cfg.data.trigger_word, f"sample prompt {p!r}") for p in cfg.sample.prompts]
 
 
 def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, device: torch.device) -> Flux:
