@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from cache_helpers import DTYPE, MAX_LENGTH, Loaders, forbidden
 from PIL import Image
 from safetensors import safe_open
 
@@ -18,6 +17,8 @@ from flux_lora.data.cache import AutoEncoderSpec, CacheStore, TextEncoderSpec
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import apply_trigger, scan, scan_all
 from flux_lora.training.run import run
+
+from helpers.cache import DTYPE, MAX_LENGTH, Loaders, forbidden
 
 ROOT = Path(__file__).parents[1]
 
