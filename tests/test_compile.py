@@ -7,23 +7,20 @@ import pytest
 import torch
 
 from flux_lora import sampling as S
-from flux_lora.config import LoraConfig
-from flux_lora.lora.peft_adapters import inject_lora, set_input_casting
-from flux_lora.model.flux import PRESETS, Flux
-from flux_lora.model.fp8 import quantize_, set_fp8_matmul
+from flux_lora.lora.peft_adapters import set_input_casting
+from flux_lora.model.flux import PRESETS
+from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.training.block_wrappers import enable_gradient_checkpointing
+
+from helpers.dit import lora_dit
 
 
 @pytest.mark.parametrize(
     "variant", ["fp8", "fp8 + checkpointing", "fp8 + selective checkpointing", "fp8 GEMMs + no peft cast"]
 )
 def test_blocks_trace_without_graph_breaks(variant):
-    torch.manual_seed(0)
     p = PRESETS["tiny"]
-    model = Flux(p)
-    quantize_(model)
-    model.requires_grad_(False)
-    inject_lora(model, LoraConfig(rank=4, alpha=4.0))
+    model = lora_dit(p)
     if "checkpointing" in variant:
         enable_gradient_checkpointing(model, selective="selective" in variant)
     if "GEMMs" in variant:

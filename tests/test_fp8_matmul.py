@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux_lora import sampling as S
-from flux_lora.config import LoraConfig
-from flux_lora.lora.peft_adapters import inject_lora, trainable_parameters
+from flux_lora.lora.peft_adapters import trainable_parameters
 from flux_lora.model.flux import PRESETS, Flux
 from flux_lora.model.fp8 import FP8Linear, is_token_path, quantize_, set_fp8_matmul
 from flux_lora.model.fp8_matmul import quantize_rows
+
+from helpers.dit import dit_inputs, lora_dit
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,25 +81,11 @@ def test_only_token_path_linears_switch():
 
 def test_tiny_lora_learns_with_fp8_matmuls():
     """A rank-4 LoRA fitting a fixed target through fp8 GEMMs (forward and input gradients) still learns."""
-    torch.manual_seed(0)
     p = PRESETS["tiny"]
-    model = Flux(p)
-    quantize_(model)
-    model.requires_grad_(False)
-    inject_lora(model, LoraConfig(rank=4, alpha=4.0))
+    model = lora_dit(p)
     assert set_fp8_matmul(model) > 0
-    g = torch.Generator().manual_seed(0)
-    b, h, w, length = 2, 8, 8, 5
-    inputs = dict(
-        img=S.pack(torch.randn(b, p.in_channels // 4, h, w, generator=g)),
-        img_ids=S.img_ids(b, h, w),
-        txt=torch.randn(b, length, p.context_in_dim, generator=g),
-        txt_ids=S.txt_ids(b, length),
-        timesteps=torch.full((b,), 0.5),
-        y=torch.randn(b, p.vec_in_dim, generator=g),
-        guidance=torch.full((b,), 1.0),
-    )
-    target = torch.randn(b, (h // 2) * (w // 2), p.in_channels, generator=g)
+    inputs = dit_inputs(p, lat_h=8, lat_w=8, txt_len=5, seed=0)
+    target = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
     losses = []
     for _ in range(30):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flux_lora import sampling as S
-from flux_lora.config import LoraConfig
-from flux_lora.lora.peft_adapters import inject_lora, trainable_parameters
+from flux_lora.lora.peft_adapters import trainable_parameters
 from flux_lora.model.flux import PRESETS, Flux
 from flux_lora.training.block_wrappers import enable_gradient_checkpointing
+
+from helpers.dit import dit_inputs, lora_dit
 
 
 class CountAttention(TorchDispatchMode):
@@ -28,27 +28,11 @@ class CountAttention(TorchDispatchMode):
 
 
 def _model() -> Flux:
-    torch.manual_seed(0)
-    model = Flux(PRESETS["tiny"])
-    model.requires_grad_(False)
-    inject_lora(model, LoraConfig(rank=4, alpha=4.0, init="gaussian"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.1)
-    return model
+    return lora_dit(PRESETS["tiny"], quantize=False, random_b=True)
 
 
 def _inputs() -> dict:
-    p, g = PRESETS["tiny"], torch.Generator().manual_seed(1)
-    return dict(
-        img=S.pack(torch.randn(2, p.in_channels // 4, 8, 8, generator=g)),
-        img_ids=S.img_ids(2, 8, 8),
-        txt=torch.randn(2, 5, p.context_in_dim, generator=g),
-        txt_ids=S.txt_ids(2, 5),
-        timesteps=torch.full((2,), 0.4),
-        y=torch.randn(2, p.vec_in_dim, generator=g),
-        guidance=torch.full((2,), 1.0),
-    )
+    return dit_inputs(PRESETS["tiny"], lat_h=8, lat_w=8, txt_len=5, seed=1)
 
 
 def _grads(model: Flux) -> tuple[list[torch.Tensor], int, int]:

@@ -7,11 +7,10 @@ import copy
 
 import torch
 
-from flux_lora import sampling as S
-from flux_lora.config import LoraConfig
-from flux_lora.lora.peft_adapters import inject_lora, set_input_casting, trainable_parameters
+from flux_lora.lora.peft_adapters import set_input_casting, trainable_parameters
 from flux_lora.model.flux import PRESETS, Flux
-from flux_lora.model.fp8 import quantize_
+
+from helpers.dit import dit_inputs, lora_dit
 
 
 def _step(model: Flux, inputs: dict, target: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -22,27 +21,10 @@ def _step(model: Flux, inputs: dict, target: torch.Tensor) -> tuple[torch.Tensor
 
 
 def test_no_input_cast_under_autocast_is_bit_identical():
-    torch.manual_seed(0)
     p = PRESETS["tiny"]
-    base = Flux(p)
-    quantize_(base)
-    base.requires_grad_(False)
-    inject_lora(base, LoraConfig(rank=4, alpha=4.0, init="gaussian"))
-    for name, param in base.named_parameters():  # non-zero B, so every adapter contributes
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
-    g = torch.Generator().manual_seed(1)
-    b, h, w = 2, 8, 8
-    inputs = dict(
-        img=S.pack(torch.randn(b, p.in_channels // 4, h, w, generator=g)),
-        img_ids=S.img_ids(b, h, w),
-        txt=torch.randn(b, 5, p.context_in_dim, generator=g),
-        txt_ids=S.txt_ids(b, 5),
-        timesteps=torch.full((b,), 0.3),
-        y=torch.randn(b, p.vec_in_dim, generator=g),
-        guidance=torch.full((b,), 1.0),
-    )
-    target = torch.randn(b, (h // 2) * (w // 2), p.in_channels, generator=g)
+    base = lora_dit(p, random_b=True)
+    inputs = dit_inputs(p, lat_h=8, lat_w=8, txt_len=5, seed=1)
+    target = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(2))
     fast = copy.deepcopy(base)
     set_input_casting(fast, False)
     loss_ref, grads_ref = _step(base, inputs, target)

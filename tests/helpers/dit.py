@@ -6,8 +6,11 @@ from __future__ import annotations
 import torch
 
 from flux_lora import sampling as S
+from flux_lora.config import LoraConfig
+from flux_lora.lora.peft_adapters import inject_lora
 from flux_lora.model.controlnet import ControlNetParams
-from flux_lora.model.flux import ControlResiduals, FluxParams
+from flux_lora.model.flux import ControlResiduals, Flux, FluxParams
+from flux_lora.model.fp8 import quantize_
 
 
 def dit_inputs(
@@ -40,3 +43,19 @@ def controlnet_inputs(
 def flat(residuals: ControlResiduals) -> torch.Tensor:
     """All residuals side by side, float32: ``[B, N * (double + single), D]``."""
     return torch.cat([r.float() for r in residuals.double + residuals.single], dim=1)
+
+
+def lora_dit(p: FluxParams, rank: int = 4, quantize: bool = True, random_b: bool = False, seed: int = 0) -> Flux:
+    """A random frozen DiT (fp8 block Linears by default) with trainable rank-``rank`` peft adapters; with
+    ``random_b`` the B matrices are random too, so every adapter changes the output from the first step."""
+    torch.manual_seed(seed)
+    model = Flux(p)
+    if quantize:
+        quantize_(model)
+    model.requires_grad_(False)
+    inject_lora(model, LoraConfig(rank=rank, alpha=float(rank), init="gaussian" if random_b else "default"))
+    if random_b:
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+    return model

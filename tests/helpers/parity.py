@@ -10,27 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.gpu_models import peer_inputs as diffusers_kwargs
 from flux_lora.weights.keymaps import (
     ae_to_diffusers,
     ae_to_diffusers_config,
     flux_to_diffusers,
     flux_to_diffusers_config,
 )
-
-
-def diffusers_kwargs(x: dict) -> dict:
-    """:func:`helpers.dit.dit_inputs` (or ``controlnet_inputs``) under diffusers' argument names, as its
-    ``FluxTransformer2DModel`` and ``FluxControlNetModel`` take them: ids without the batch dimension."""
-    return dict(
-        hidden_states=x["img"],
-        encoder_hidden_states=x["txt"],
-        pooled_projections=x["y"],
-        timestep=x["timesteps"],
-        img_ids=x["img_ids"][0],
-        txt_ids=x["txt_ids"][0],
-        guidance=x["guidance"],
-        return_dict=False,
-    )
 
 
 @torch.no_grad()
