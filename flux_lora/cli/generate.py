@@ -28,7 +28,8 @@ PNG holds an A1111-style ``parameters`` text (prompt, steps, sampler, guidance, 
 hashes``) and every setting as JSON in a ``flux_lora`` chunk, so the same settings give the same file byte for
 byte.
 
-LoRA files, the autoencoder, ControlNet configs and control images are checked before the DiT loads; bad input
+LoRA files (their text-encoder parts against the encoders' config.json), the autoencoder, ControlNet configs
+and control images are checked before the DiT loads; bad input
 stops with a one-line error and exit status 1. LoRA files may hold DoRA, LoHa, LoKr, diff and text-encoder
 parts (applied to CLIP-L and T5); a key that cannot be applied is an error unless ``--allow-partial``.
 """
@@ -49,13 +50,15 @@ from PIL import Image
 from flux_lora.inference.control import ControlNetUnit
 from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
 from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
-from flux_lora.lora.encoders import read_text_encoder_lora
+from flux_lora.lora.encoders import is_text_encoder_key, read_text_encoder_lora
 from flux_lora.lora.files import read_lora
 from flux_lora.lora.runtime import LoraSpec, apply_loras
 from flux_lora.model.controlnet import check_compatible
 from flux_lora.model.flux import FluxParams
+from flux_lora.model.text_encoders import TextEncoders
 from flux_lora.weights.controlnet_loading import find_controlnet_folder, read_controlnet_params, resolve_controlnet
 from flux_lora.weights.loading import flux_params
+from flux_lora.weights.safetensors_io import read_keys
 
 log = logging.getLogger("flux_lora.generate")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -230,37 +233,39 @@ class Checked(NamedTuple):
 
     folder: Path
     params: FluxParams
-    loras: list[LoraSpec]
+    loras: list[LoraSpec]  # the DiT parts
+    te_loras: list[LoraSpec]  # the text-encoder parts (of the files that have them)
     lora_hashes: dict[str, str]  # name -> first 10 hex of the file's sha256
     images: dict[Path, Image.Image]  # control images and masks
     outputs: list[Path]
 
 
-def read_loras(specs: list[tuple[Path, float]], params: FluxParams, allow_partial: bool) -> list[LoraSpec]:
-    """Read every LoRA file (layout, shapes, finite values, keys) as ``(weights, scale, unique name)``."""
-    loras, names = [], set()
+def read_loras(
+    specs: list[tuple[Path, float]], folder: Path, params: FluxParams, allow_partial: bool
+) -> tuple[list[LoraSpec], list[LoraSpec]]:
+    """Read every LoRA file (layout, shapes, finite values, keys) as ``(weights, scale, unique name)``: its DiT
+    parts and its text-encoder parts, the latter checked against encoders built from the model folder's
+    ``text_encoder*/config.json`` on the meta device (no weights load)."""
+    dit, te, names = [], [], set()
+    encoders = None
     for i, (path, scale) in enumerate(specs):
         name = path.stem.replace(".", "_") or f"lora{i}"
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
-        dit = read_lora(path, params, allow_partial=allow_partial, skip_text_encoders=True)
-        loras.append((dit, scale, name))
-    return loras
+        dit.append((read_lora(path, params, allow_partial=allow_partial, skip_text_encoders=True), scale, name))
+        if any(is_text_encoder_key(k) for k in read_keys(path)):
+            encoders = encoders or TextEncoders.skeleton(folder, params.max_sequence_length)
+            te.append((read_text_encoder_lora(path, encoders, allow_partial=allow_partial), scale, name))
+    return dit, te
 
 
-def apply_all(pipe: FluxPipeline, loras: list[LoraSpec], paths: list[Path], args: argparse.Namespace) -> None:
-    """The DiT parts (read before the DiT loaded) and the text-encoder parts of the LoRA files."""
+def apply_all(pipe: FluxPipeline, checked: Checked, mode: str) -> None:
+    """The DiT and text-encoder parts of the LoRA files, read and checked before anything loaded."""
     dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
-    dit = [spec for spec in loras if spec[0]]
-    if dit:
-        apply_loras(pipe.dit, dit, mode=args.lora_mode, dtype=dtype)
-    te = [
-        (read_text_encoder_lora(p, pipe.text_encoders, allow_partial=args.allow_partial), s, n)
-        for p, (_, s, n) in zip(paths, loras, strict=True)
-    ]
-    te = [spec for spec in te if spec[0]]
-    if te:
-        apply_loras(pipe.text_encoders, te, mode=args.lora_mode, dtype=dtype)
+    for model, loras in ((pipe.dit, checked.loras), (pipe.text_encoders, checked.te_loras)):
+        loras = [spec for spec in loras if spec[0]]
+        if loras:
+            apply_loras(model, loras, mode=mode, dtype=dtype)  # type: ignore[arg-type]
 
 
 def open_image(path: Path, what: str) -> Image.Image:
@@ -299,7 +304,7 @@ def preflight(args: argparse.Namespace) -> Checked:
     outputs = output_paths(args)
     folder = model_folder(args.model)
     params = flux_params(folder)  # the DiT's headers only
-    loras = read_loras(args.lora, params, args.allow_partial)
+    loras, te_loras = read_loras(args.lora, folder, params, args.allow_partial)
     hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
     check_controlnets(args.controlnets, params)
     images = {} if args.image is None else {args.image: open_image(args.image, "--image")}
@@ -307,7 +312,7 @@ def preflight(args: argparse.Namespace) -> Checked:
         images[unit["image"]] = open_image(unit["image"], "--control-image")
         if "mask" in unit:
             images[unit["mask"]] = open_image(unit["mask"], "--mask")
-    return Checked(folder, params, loras, hashes, images, outputs)
+    return Checked(folder, params, loras, te_loras, hashes, images, outputs)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     pipe = FluxPipeline.from_pretrained(
         checked.folder, quantize=args.quantize, dtype=DTYPES[args.dtype], device=args.device, offload=offload
     )
-    apply_all(pipe, checked.loras, [path for path, _ in args.lora], args)
+    apply_all(pipe, checked, args.lora_mode)
     controlnets = load_controlnets(pipe, args.controlnets, checked.images, args.quantize)
     init = checked.images.get(args.image) if args.image is not None else None
     height, width = pipe.image_size(*output_size(args, init))
