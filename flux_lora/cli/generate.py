@@ -246,7 +246,9 @@ def read_loras(
     """Read every LoRA file (layout, shapes, finite values, keys) as ``(weights, scale, unique name)``: its DiT
     parts and its text-encoder parts, the latter checked against encoders built from the model folder's
     ``text_encoder*/config.json`` on the meta device (no weights load)."""
-    dit, te, names = [], [], set()
+    dit: list[LoraSpec] = []
+    te: list[LoraSpec] = []
+    names: set[str] = set()
     encoders = None
     for i, (path, scale) in enumerate(specs):
         name = path.stem.replace(".", "_") or f"lora{i}"
