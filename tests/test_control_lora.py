@@ -16,27 +16,12 @@ from flux_lora.model.fp8 import FP8Linear, quantize_
 from flux_lora.weights.tiny import random_flux
 
 from helpers.dit import dit_inputs
+from helpers.lora import CONTROL_NORMS, control_lora
 
 P = PRESETS["tiny"]
 WIDE = 2 * P.in_channels  # 128
 HEAD = P.hidden_size // P.num_heads
-QNORM = "double_blocks.0.img_attn.norm.query_norm.scale"
-KNORM = "single_blocks.0.norm.key_norm.scale"
-
-
-def control_lora(seed: int = 1, rank: int = 4) -> dict[str, torch.Tensor]:
-    """A BFL control LoRA file: bare BFL names, no alpha (scale 1), lora_B biases, norm overrides, wide img_in."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = "double_blocks.0.img_attn.qkv"
-    return {
-        "img_in.lora_A.weight": torch.randn(rank, WIDE, generator=g) * 0.3,
-        "img_in.lora_B.weight": torch.randn(P.hidden_size, rank, generator=g) * 0.3,
-        "img_in.lora_B.bias": torch.randn(P.hidden_size, generator=g) * 0.3,
-        f"{qkv}.lora_A.weight": torch.randn(rank, P.hidden_size, generator=g) * 0.3,
-        f"{qkv}.lora_B.weight": torch.randn(3 * P.hidden_size, rank, generator=g) * 0.3,
-        QNORM: torch.rand(HEAD, generator=g) + 0.5,
-        f"diffusion_model.{KNORM}": torch.rand(HEAD, generator=g) + 0.5,  # ComfyUI's prefix is read too
-    }
+QNORM, KNORM = CONTROL_NORMS
 
 
 def _model(base: str):
