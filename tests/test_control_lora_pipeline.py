@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
+from flux_lora.inference import pipeline as pipeline_module
 from flux_lora.lora.files import read_lora
 from flux_lora.lora.runtime import apply_loras, remove_loras
 from flux_lora.sampling import pack
 from flux_lora.weights.keymaps import flux_to_diffusers, flux_to_diffusers_config
+from flux_lora.weights.loading import flux_params
 
+from helpers.cli import load_generate
 from helpers.lora import control_lora
 from helpers.numerics import rel_err
 from helpers.parity import diffusers_parts
@@ -77,3 +81,44 @@ def test_structure_image_run_matches_diffusers_flux_control_pipeline(dev_pipe, m
     assert (ours - plain).abs().max() > 1e-3
     with pytest.raises(ValueError, match="needs a DiT whose img_in takes image \\+ structure latents"):
         dev_pipe(control_image=control, **kw)
+
+
+@pytest.fixture
+def no_dit(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the DiT was loaded before the bad input was reported")
+
+    monkeypatch.setattr(pipeline_module, "load_flow_model", refuse)
+
+
+ARGS = ["--prompt", "a house", "--height", "32", "--width", "48", "--steps", "2"]
+ARGS += ["--dtype", "float32", "--device", "cpu", "--quiet", "--seed", "3"]
+
+
+def _files(tiny_dev_dir, tmp_path):
+    lora, image = tmp_path / "canny.safetensors", tmp_path / "edges.png"
+    save_file(control_lora(p=flux_params(tiny_dev_dir)), str(lora))
+    _image(4).save(image)
+    return lora, image
+
+
+def test_generate_needs_a_structure_image_exactly_with_a_control_lora(tiny_dev_dir, tmp_path, no_dit, caplog):
+    lora, image = _files(tiny_dev_dir, tmp_path)
+    generate = load_generate()
+    base = ["--model", str(tiny_dev_dir), *ARGS, "--output", str(tmp_path / "x.png")]
+    assert generate.cli([*base, "--lora", str(lora)]) == 1
+    assert "canny is a FLUX control LoRA (Canny/Depth): give --structure-image" in caplog.text
+    caplog.clear()
+    assert generate.cli([*base, "--structure-image", str(image)]) == 1
+    assert "no --lora is a FLUX control LoRA" in caplog.text
+
+
+def test_generate_with_a_structure_image(tiny_dev_dir, tmp_path):
+    lora, image = _files(tiny_dev_dir, tmp_path)
+    generate = load_generate()
+    base = ["--model", str(tiny_dev_dir), *ARGS, "--lora", str(lora)]
+    (a,) = generate.main([*base, "--structure-image", str(image), "--output", str(tmp_path / "a.png")])
+    _image(5).save(image)
+    (b,) = generate.main([*base, "--structure-image", str(image), "--output", str(tmp_path / "b.png")])
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert '"structure_image"' in Image.open(a).text["flux_lora"]

@@ -31,7 +31,9 @@ byte.
 LoRA files (their text-encoder parts against the encoders' config.json), the autoencoder, ControlNet configs
 and control images are checked before the DiT loads; bad input
 stops with a one-line error and exit status 1. LoRA files may hold DoRA, LoHa, LoKr, diff and text-encoder
-parts (applied to CLIP-L and T5); a key that cannot be applied is an error unless ``--allow-partial``.
+parts (applied to CLIP-L and T5), and BFL control LoRAs (FLUX.1-Canny/Depth-dev-lora: norm overrides, img_in
+widened for structure latents; give ``--structure-image``); a key that cannot be applied is an error unless
+``--allow-partial``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
 from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
 from flux_lora.lora.encoders import is_text_encoder_key, read_text_encoder_lora
 from flux_lora.lora.files import read_lora
+from flux_lora.lora.patches import NormOverride, input_width
 from flux_lora.lora.runtime import LoraSpec, apply_loras
 from flux_lora.model.controlnet import check_compatible
 from flux_lora.model.flux import FluxParams
@@ -130,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cn.add_argument("--mask", type=Path, action=ControlNetOption, help="inpainting ControlNets: white = repaint")
     cn.add_argument("--control-start", dest="start", type=float, action=ControlNetOption, metavar="FRACTION")
     cn.add_argument("--control-end", dest="end", type=float, action=ControlNetOption, metavar="FRACTION")
+    p.add_argument(
+        "--structure-image",
+        type=Path,
+        default=None,
+        help="control image (edges, depth) for a FLUX control LoRA (FLUX.1-Canny/Depth-dev-lora) among --lora",
+    )
     p.add_argument("--offload", choices=["none", "model", "block"], default="none")
     p.add_argument("--height", type=int, default=None, help="default: the --image's, else 1024")
     p.add_argument("--width", type=int, default=None, help="default: the --image's, else 1024")
@@ -160,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.image is None and args.strength is not None:
         p.error("--strength is for image to image: give --image too")
+    if args.structure_image is not None and not args.structure_image.is_file():
+        p.error(f"--structure-image {args.structure_image}: no such file")
     if args.image is not None and not args.image.is_file():
         p.error(f"--image {args.image}: no such file")
     if args.strength is not None and not 0 <= args.strength <= 1:
@@ -286,6 +297,20 @@ def check_controlnets(specs: list[dict], params: FluxParams) -> None:
         check_compatible(cn, params, f"ControlNet {source}")
 
 
+def check_structure_image(loras: list[LoraSpec], params: FluxParams, image: Path | None) -> None:
+    """A control LoRA (img_in taking image + structure latents) needs ``--structure-image``, and only one does."""
+    wide = [
+        name
+        for weights, _, name in loras
+        if not isinstance(change := weights.get("img_in"), NormOverride | None)
+        and (input_width(change) or 0) > params.in_channels
+    ]
+    if wide and image is None:
+        raise ValueError(f"--lora {wide[0]} is a FLUX control LoRA (Canny/Depth): give --structure-image")
+    if image is not None and not wide:
+        raise ValueError(f"--structure-image {image}: no --lora is a FLUX control LoRA (Canny/Depth) to take it")
+
+
 def output_paths(args: argparse.Namespace) -> list[Path]:
     if args.output is None:
         return numbered_paths(Path.cwd(), "output", args.num_images)
@@ -309,7 +334,10 @@ def preflight(args: argparse.Namespace) -> Checked:
     loras, te_loras = read_loras(args.lora, folder, params, args.allow_partial)
     hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
     check_controlnets(args.controlnets, params)
+    check_structure_image(loras, params, args.structure_image)
     images = {} if args.image is None else {args.image: open_image(args.image, "--image")}
+    if args.structure_image is not None:
+        images[args.structure_image] = open_image(args.structure_image, "--structure-image")
     for unit in args.controlnets:
         images[unit["image"]] = open_image(unit["image"], "--control-image")
         if "mask" in unit:
@@ -355,6 +383,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             controlnets=controlnets,
             image=init,
             strength=strength,
+            control_image=checked.images.get(args.structure_image) if args.structure_image else None,
             progress=not args.quiet,
         )
         for seed, image, path in zip(seeds, images, checked.outputs[first:], strict=False):
@@ -377,6 +406,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")
             if init is not None:
                 settings.update(image=str(args.image), strength=strength)
+            if args.structure_image is not None:
+                settings.update(structure_image=str(args.structure_image))
             save_png(image, path, settings, overwrite=args.overwrite)
             log.info("wrote %s (seed %d)", path, seed)
             written.append(path)

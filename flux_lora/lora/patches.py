@@ -149,6 +149,14 @@ Change = ModuleChange | NormOverride
 """Any entry of a read file: a Linear's change (by module path) or a norm override (by parameter path)."""
 
 
+def input_width(change: ModuleChange) -> int | None:
+    """The input width a module's change takes (None when no patch changes the weight)."""
+    if isinstance(change, LoraWeight):
+        return change.down.shape[1]
+    shapes = [p.weight_shape() for p in change]
+    return max((s[1] for s in shapes if s is not None), default=None)
+
+
 def dense_change(change: ModuleChange, weight: Tensor) -> tuple[Tensor, Tensor | None]:
     """``(D [out, in], db [out] or None)``: the module's dense change at strength 1 given its weight ``W``."""
     if isinstance(change, LoraWeight):

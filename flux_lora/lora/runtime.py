@@ -33,7 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux_lora.lora.patches import Change, ModuleChange, NormOverride, Patch, check_patch, dense_change
+from flux_lora.lora.patches import (
+    Change,
+    ModuleChange,
+    NormOverride,
+    Patch,
+    check_patch,
+    dense_change,
+    input_width,
+)
 from flux_lora.lora.replace import Replaced, override, restore, widen
 from flux_lora.lora.weight import WRAPPED, LoraWeight
 from flux_lora.model.fp8 import FP8Linear
@@ -182,16 +190,9 @@ def _resolve(model: nn.Module, lora_name: str, path: str, lw: ModuleChange) -> t
     return module, base
 
 
-def _input_width(change: ModuleChange) -> int | None:
-    if isinstance(change, LoraWeight):
-        return change.down.shape[1]
-    shapes = [p.weight_shape() for p in change]
-    return max((s[1] for s in shapes if s is not None), default=None)
-
-
 def _width(path: str, change: ModuleChange, base: nn.Linear) -> int:
     """The input width ``change`` may have on ``base``: its own, or a wider one for a widenable layer."""
-    width = _input_width(change)
+    width = input_width(change)
     if path in WIDENABLE and width is not None and width > base.in_features:
         return width
     return base.in_features
