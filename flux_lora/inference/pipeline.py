@@ -267,13 +267,15 @@ class FluxPipeline:
             controls = self._control_provider(units, height, width, num_prompts, batch, runs, control_guidance)
 
         start = self._initial_noise(batch, lh, lw, seed, generator, latents)
-        with self.placement.use("ae"):
-            ae_args = (self.ae, height, width, num_prompts)
-            if image is not None:
-                x0 = image_latents(image, *ae_args, self.device, float_dtype(self.ae))
-                start = noised_start(x0, start, schedule[0])
-            if control_image is not None:
-                img_cond = structure_latents(control_image, *ae_args, batch, self.device, float_dtype(self.ae))
+        img_cond = None
+        if image is not None or control_image is not None:  # the autoencoder moves only when it is needed
+            with self.placement.use("ae"):
+                ae_args = (self.ae, height, width, num_prompts)
+                if image is not None:
+                    x0 = image_latents(image, *ae_args, self.device, float_dtype(self.ae))
+                    start = noised_start(x0, start, schedule[0])
+                if control_image is not None:
+                    img_cond = structure_latents(control_image, *ae_args, batch, self.device, float_dtype(self.ae))
         img = pack(start).to(self.device)
         ids = img_ids(batch, lh, lw, device=self.device)
         tids = txt_ids(batch, cond.txt.shape[1], device=self.device)
@@ -300,7 +302,7 @@ class FluxPipeline:
                     true_cfg=true_cfg,
                     controls=controls,
                     callback=on_step,
-                    img_cond=None if control_image is None else img_cond.to(self.device),
+                    img_cond=None if img_cond is None else img_cond.to(self.device),
                 )
         finally:
             bar.close()
