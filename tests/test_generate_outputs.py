@@ -58,14 +58,14 @@ def _bad_lora(tmp_path: Path, kind: str) -> Path:
     key = "lora_unet_double_blocks_0_img_attn_qkv"
     if kind == "nan":
         sd[f"{key}.lora_up.weight"][0, 0] = float("nan")
-    else:  # a BFL control LoRA's norm override: not applied
-        sd["double_blocks.0.img_attn.norm.query_norm.scale"] = torch.ones(P.hidden_size // P.num_heads)
+    else:  # a BFL control LoRA's norm override that does not fit the model
+        sd["double_blocks.0.img_attn.norm.query_norm.scale"] = torch.ones(P.hidden_size // P.num_heads + 1)
     path = tmp_path / f"{kind}.safetensors"
     save_file(sd, str(path))
     return path
 
 
-@pytest.mark.parametrize("kind, message", [("nan", "NaN or Inf"), ("norm", "norm overrides")])
+@pytest.mark.parametrize("kind, message", [("nan", "NaN or Inf"), ("norm", "query_norm.scale' has shape")])
 def test_bad_lora_is_one_line_before_the_dit_loads(kind, message, tiny_dev_dir, tmp_path, generate, no_dit, caplog):
     lora = _bad_lora(tmp_path, kind)
     out = tmp_path / "x.png"

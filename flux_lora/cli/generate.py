@@ -28,9 +28,12 @@ PNG holds an A1111-style ``parameters`` text (prompt, steps, sampler, guidance, 
 hashes``) and every setting as JSON in a ``flux_lora`` chunk, so the same settings give the same file byte for
 byte.
 
-LoRA files, the autoencoder, ControlNet configs and control images are checked before the DiT loads; bad input
+LoRA files (their text-encoder parts against the encoders' config.json), the autoencoder, ControlNet configs
+and control images are checked before the DiT loads; bad input
 stops with a one-line error and exit status 1. LoRA files may hold DoRA, LoHa, LoKr, diff and text-encoder
-parts (applied to CLIP-L and T5); a key that cannot be applied is an error unless ``--allow-partial``.
+parts (applied to CLIP-L and T5), and BFL control LoRAs (FLUX.1-Canny/Depth-dev-lora: norm overrides, img_in
+widened for structure latents; give ``--structure-image``); a key that cannot be applied is an error unless
+``--allow-partial``.
 """
 
 from __future__ import annotations
@@ -49,13 +52,16 @@ from PIL import Image
 from flux_lora.inference.control import ControlNetUnit
 from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
 from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
-from flux_lora.lora.encoders import read_text_encoder_lora
+from flux_lora.lora.encoders import is_text_encoder_key, read_text_encoder_lora
 from flux_lora.lora.files import read_lora
+from flux_lora.lora.patches import NormOverride, input_width
 from flux_lora.lora.runtime import LoraSpec, apply_loras
 from flux_lora.model.controlnet import check_compatible
 from flux_lora.model.flux import FluxParams
+from flux_lora.model.text_encoders import TextEncoders
 from flux_lora.weights.controlnet_loading import find_controlnet_folder, read_controlnet_params, resolve_controlnet
 from flux_lora.weights.loading import flux_params
+from flux_lora.weights.safetensors_io import read_keys
 
 log = logging.getLogger("flux_lora.generate")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -127,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cn.add_argument("--mask", type=Path, action=ControlNetOption, help="inpainting ControlNets: white = repaint")
     cn.add_argument("--control-start", dest="start", type=float, action=ControlNetOption, metavar="FRACTION")
     cn.add_argument("--control-end", dest="end", type=float, action=ControlNetOption, metavar="FRACTION")
+    p.add_argument(
+        "--structure-image",
+        type=Path,
+        default=None,
+        help="control image (edges, depth) for a FLUX control LoRA (FLUX.1-Canny/Depth-dev-lora) among --lora",
+    )
     p.add_argument("--offload", choices=["none", "model", "block"], default="none")
     p.add_argument("--height", type=int, default=None, help="default: the --image's, else 1024")
     p.add_argument("--width", type=int, default=None, help="default: the --image's, else 1024")
@@ -157,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.image is None and args.strength is not None:
         p.error("--strength is for image to image: give --image too")
+    if args.structure_image is not None and not args.structure_image.is_file():
+        p.error(f"--structure-image {args.structure_image}: no such file")
     if args.image is not None and not args.image.is_file():
         p.error(f"--image {args.image}: no such file")
     if args.strength is not None and not 0 <= args.strength <= 1:
@@ -230,37 +244,41 @@ class Checked(NamedTuple):
 
     folder: Path
     params: FluxParams
-    loras: list[LoraSpec]
+    loras: list[LoraSpec]  # the DiT parts
+    te_loras: list[LoraSpec]  # the text-encoder parts (of the files that have them)
     lora_hashes: dict[str, str]  # name -> first 10 hex of the file's sha256
     images: dict[Path, Image.Image]  # control images and masks
     outputs: list[Path]
 
 
-def read_loras(specs: list[tuple[Path, float]], params: FluxParams, allow_partial: bool) -> list[LoraSpec]:
-    """Read every LoRA file (layout, shapes, finite values, keys) as ``(weights, scale, unique name)``."""
-    loras, names = [], set()
+def read_loras(
+    specs: list[tuple[Path, float]], folder: Path, params: FluxParams, allow_partial: bool
+) -> tuple[list[LoraSpec], list[LoraSpec]]:
+    """Read every LoRA file (layout, shapes, finite values, keys) as ``(weights, scale, unique name)``: its DiT
+    parts and its text-encoder parts, the latter checked against encoders built from the model folder's
+    ``text_encoder*/config.json`` on the meta device (no weights load)."""
+    dit: list[LoraSpec] = []
+    te: list[LoraSpec] = []
+    names: set[str] = set()
+    encoders = None
     for i, (path, scale) in enumerate(specs):
         name = path.stem.replace(".", "_") or f"lora{i}"
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
-        dit = read_lora(path, params, allow_partial=allow_partial, skip_text_encoders=True)
-        loras.append((dit, scale, name))
-    return loras
+        dit.append((read_lora(path, params, allow_partial=allow_partial, skip_text_encoders=True), scale, name))
+        if any(is_text_encoder_key(k) for k in read_keys(path)):
+            encoders = encoders or TextEncoders.skeleton(folder, params.max_sequence_length)
+            te.append((read_text_encoder_lora(path, encoders, allow_partial=allow_partial), scale, name))
+    return dit, te
 
 
-def apply_all(pipe: FluxPipeline, loras: list[LoraSpec], paths: list[Path], args: argparse.Namespace) -> None:
-    """The DiT parts (read before the DiT loaded) and the text-encoder parts of the LoRA files."""
+def apply_all(pipe: FluxPipeline, checked: Checked, mode: str) -> None:
+    """The DiT and text-encoder parts of the LoRA files, read and checked before anything loaded."""
     dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
-    dit = [spec for spec in loras if spec[0]]
-    if dit:
-        apply_loras(pipe.dit, dit, mode=args.lora_mode, dtype=dtype)
-    te = [
-        (read_text_encoder_lora(p, pipe.text_encoders, allow_partial=args.allow_partial), s, n)
-        for p, (_, s, n) in zip(paths, loras, strict=True)
-    ]
-    te = [spec for spec in te if spec[0]]
-    if te:
-        apply_loras(pipe.text_encoders, te, mode=args.lora_mode, dtype=dtype)
+    for model, loras in ((pipe.dit, checked.loras), (pipe.text_encoders, checked.te_loras)):
+        loras = [spec for spec in loras if spec[0]]
+        if loras:
+            apply_loras(model, loras, mode=mode, dtype=dtype)  # type: ignore[arg-type]
 
 
 def open_image(path: Path, what: str) -> Image.Image:
@@ -277,6 +295,20 @@ def check_controlnets(specs: list[dict], params: FluxParams) -> None:
     for source in dict.fromkeys(s["controlnet"] for s in specs):
         cn = read_controlnet_params(find_controlnet_folder(resolve_controlnet(source)))
         check_compatible(cn, params, f"ControlNet {source}")
+
+
+def check_structure_image(loras: list[LoraSpec], params: FluxParams, image: Path | None) -> None:
+    """A control LoRA (img_in taking image + structure latents) needs ``--structure-image``, and only one does."""
+    wide = [
+        name
+        for weights, _, name in loras
+        if not isinstance(change := weights.get("img_in"), NormOverride | None)
+        and (input_width(change) or 0) > params.in_channels
+    ]
+    if wide and image is None:
+        raise ValueError(f"--lora {wide[0]} is a FLUX control LoRA (Canny/Depth): give --structure-image")
+    if image is not None and not wide:
+        raise ValueError(f"--structure-image {image}: no --lora is a FLUX control LoRA (Canny/Depth) to take it")
 
 
 def output_paths(args: argparse.Namespace) -> list[Path]:
@@ -299,15 +331,18 @@ def preflight(args: argparse.Namespace) -> Checked:
     outputs = output_paths(args)
     folder = model_folder(args.model)
     params = flux_params(folder)  # the DiT's headers only
-    loras = read_loras(args.lora, params, args.allow_partial)
+    loras, te_loras = read_loras(args.lora, folder, params, args.allow_partial)
     hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
     check_controlnets(args.controlnets, params)
+    check_structure_image(loras, params, args.structure_image)
     images = {} if args.image is None else {args.image: open_image(args.image, "--image")}
+    if args.structure_image is not None:
+        images[args.structure_image] = open_image(args.structure_image, "--structure-image")
     for unit in args.controlnets:
         images[unit["image"]] = open_image(unit["image"], "--control-image")
         if "mask" in unit:
             images[unit["mask"]] = open_image(unit["mask"], "--mask")
-    return Checked(folder, params, loras, hashes, images, outputs)
+    return Checked(folder, params, loras, te_loras, hashes, images, outputs)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -320,7 +355,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     pipe = FluxPipeline.from_pretrained(
         checked.folder, quantize=args.quantize, dtype=DTYPES[args.dtype], device=args.device, offload=offload
     )
-    apply_all(pipe, checked.loras, [path for path, _ in args.lora], args)
+    apply_all(pipe, checked, args.lora_mode)
     controlnets = load_controlnets(pipe, args.controlnets, checked.images, args.quantize)
     init = checked.images.get(args.image) if args.image is not None else None
     height, width = pipe.image_size(*output_size(args, init))
@@ -348,6 +383,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             controlnets=controlnets,
             image=init,
             strength=strength,
+            control_image=checked.images.get(args.structure_image) if args.structure_image else None,
             progress=not args.quiet,
         )
         for seed, image, path in zip(seeds, images, checked.outputs[first:], strict=False):
@@ -370,6 +406,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")
             if init is not None:
                 settings.update(image=str(args.image), strength=strength)
+            if args.structure_image is not None:
+                settings.update(structure_image=str(args.structure_image))
             save_png(image, path, settings, overwrite=args.overwrite)
             log.info("wrote %s (seed %d)", path, seed)
             written.append(path)

@@ -63,6 +63,7 @@ def denoise(
     true_cfg: float = 1.0,
     controls: ControlProvider | None = None,
     callback: StepCallback | None = None,
+    img_cond: Tensor | None = None,
 ) -> Tensor:
     """Integrate the flow ODE from ``timesteps[0]`` to ``timesteps[-1]`` with Euler steps.
 
@@ -75,6 +76,8 @@ def denoise(
         guidance: embedded guidance strength (dev), ``None`` for models without guidance (schnell).
         neg: negative-prompt embeddings (batch ``B``) for true CFG: ``v = v_neg + true_cfg * (v - v_neg)``.
         controls: per-call ControlNet residual provider.
+        img_cond: ``[B, N, C']`` structure latents concatenated to the image channels at every call (a DiT with
+            a control LoRA's widened ``img_in``).
 
     Returns:
         ``[B, N, C]`` latents at ``timesteps[-1]``, in the dtype of ``img``.
@@ -84,7 +87,7 @@ def denoise(
     use_cfg = neg is not None and true_cfg != 1.0
     for i, (t_cur, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
         t_vec = torch.full((batch,), t_cur, device=img.device, dtype=dtype)
-        x = img.to(dtype)
+        x = img.to(dtype) if img_cond is None else torch.cat([img.to(dtype), img_cond.to(dtype)], dim=-1)
         v = _velocity(model, DiTInputs(i, x, img_ids, txt, txt_ids, t_vec, y, g), controls)
         if use_cfg:
             neg_inputs = DiTInputs(i, x, img_ids, neg.txt, txt_ids, t_vec, neg.y, g, negative=True)

@@ -31,6 +31,7 @@ from flux_lora.inference.control import (
 from flux_lora.inference.denoise import ControlProvider, StepCallback, denoise
 from flux_lora.inference.img2img import cut_schedule, image_latents, noised_start
 from flux_lora.inference.offload import OffloadMode, Placement, PlacementLog, Transfer
+from flux_lora.inference.structure import check_structure, structure_latents
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.controlnet import FluxControlNet, check_compatible
 from flux_lora.model.flux import Flux, FluxParams
@@ -207,6 +208,7 @@ class FluxPipeline:
         callback: StepCallback | None = None,
         image: ImageInput | None = None,
         strength: float = 1.0,
+        control_image: ImageInput | None = None,
     ) -> list[Image.Image] | Tensor:
         """Generate images.
 
@@ -231,6 +233,9 @@ class FluxPipeline:
                 ``steps - int(steps - steps * strength)`` steps (diffusers' rule) and starts from the image's
                 latents noised to that time.
                 Strength 1 gives the text-to-image result of the same seed, 0 the image's autoencoder round trip.
+            control_image: structural conditioning (edges, depth, ...) for a DiT with a FLUX control LoRA applied
+                (FLUX.1-Canny/Depth-dev-lora; see :mod:`flux_lora.inference.structure`): one image or one per
+                prompt, at the output size; required exactly when the DiT's ``img_in`` is widened.
         """
         if output_type not in ("pil", "latent", "pt"):
             raise ValueError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
@@ -238,6 +243,7 @@ class FluxPipeline:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         params = self.dit.params
         steps = params.default_steps if num_inference_steps is None else num_inference_steps
+        check_structure(self.dit, control_image is not None)
         units = check_units(controlnets, params, self.dtype)
         if units and controls is not None:
             raise ValueError("pass controlnets or controls, not both")
@@ -261,10 +267,15 @@ class FluxPipeline:
             controls = self._control_provider(units, height, width, num_prompts, batch, runs, control_guidance)
 
         start = self._initial_noise(batch, lh, lw, seed, generator, latents)
-        if image is not None:
+        img_cond = None
+        if image is not None or control_image is not None:  # the autoencoder moves only when it is needed
             with self.placement.use("ae"):
-                x0 = image_latents(image, self.ae, height, width, num_prompts, self.device, float_dtype(self.ae))
-            start = noised_start(x0, start, schedule[0])
+                ae_args = (self.ae, height, width, num_prompts)
+                if image is not None:
+                    x0 = image_latents(image, *ae_args, self.device, float_dtype(self.ae))
+                    start = noised_start(x0, start, schedule[0])
+                if control_image is not None:
+                    img_cond = structure_latents(control_image, *ae_args, batch, self.device, float_dtype(self.ae))
         img = pack(start).to(self.device)
         ids = img_ids(batch, lh, lw, device=self.device)
         tids = txt_ids(batch, cond.txt.shape[1], device=self.device)
@@ -291,6 +302,7 @@ class FluxPipeline:
                     true_cfg=true_cfg,
                     controls=controls,
                     callback=on_step,
+                    img_cond=None if img_cond is None else img_cond.to(self.device),
                 )
         finally:
             bar.close()

@@ -30,15 +30,18 @@ from flux_lora.lora.keys import (
     alpha_value,
     base_name_table,
     detect_layout,
+    input_width,
     kohya_name,
     linear_shapes,
     non_finite,
+    norm_override_path,
+    norm_scale_shapes,
     pair_error,
     split_suffix,
     unapplied_message,
 )
 from flux_lora.lora.metadata import diffusers_metadata, kohya_metadata, peft_alpha_rule, warn_kohya_non_block
-from flux_lora.lora.patches import ModuleChange, Patch, check_patch, weight_change
+from flux_lora.lora.patches import Change, ModuleChange, NormOverride, Patch, check_patch, weight_change
 from flux_lora.lora.weight import LoraStateDict, LoraWeight, fuse_row_blocks, split_row_blocks
 from flux_lora.model.flux import FluxParams
 from flux_lora.weights.keymaps import flux_linear_maps
@@ -63,8 +66,7 @@ def check_lora(lora: LoraStateDict, params: FluxParams, source: str = "LoRA") ->
             bad.append(f"{name!r} is not a Linear of the model")
             continue
         if not isinstance(w, LoraWeight):
-            kinds = sorted({k for p in w for k in p.kinds})
-            bad.append(f"{name!r} holds {'+'.join(kinds)}, which is not a plain LoRA")
+            bad.append(f"{name!r} holds {'+'.join(_kinds(w))}, which is not a plain LoRA")
             continue
         out_f, in_f = shapes[name]
         if (
@@ -178,7 +180,6 @@ def _collect_blocks(
 ) -> tuple[dict[str, list[Block]], list[str]]:
     """``bfl -> blocks`` for every complete LoRA pair or patch; keys matching nothing."""
     table = base_name_table(params)
-    shapes = linear_shapes(params)
     peft_alpha = peft_alpha_rule(metadata, source)
     groups, unmatched = _group_keys(sd, table, source)
     blocks: dict[str, list[Block]] = defaultdict(list)
@@ -188,13 +189,14 @@ def _collect_blocks(
         alpha = alpha_value(*roles["alpha"], source) if "alpha" in roles else None
         if alpha is None and peft_alpha is not None and t.layout in _PEFT_FAMILY and "down" in roles:
             alpha = peft_alpha(t.module, roles["down"][1].shape[0])
+        in_f = input_width(t.bfl, roles.get("down", (None, None))[1], params)
         if set(roles) <= PLAIN_ROLES:
             if "down" not in roles or "up" not in roles:
                 unmatched += [key for key, _ in roles.values()]
                 continue
-            item, err = _plain(t, roles, alpha, shapes[t.bfl][1], params)
+            item, err = _plain(t, roles, alpha, in_f, params)
         else:
-            item, err = _patch(t, roles, alpha, shapes[t.bfl][1], params)
+            item, err = _patch(t, roles, alpha, in_f, params)
         if err is not None:
             errors.append(f"{' / '.join(repr(k) for k, _ in roles.values())}: {err}")
             continue
@@ -250,15 +252,25 @@ def _check_overlap(bfl: str, blocks: list[Block], source: str) -> None:
         end, prev = start + rows, base
 
 
-def _control_lora_error(sd: dict[str, Tensor], params: FluxParams) -> str | None:
-    """Why a BFL FLUX Control LoRA (Canny/Depth: wider ``img_in``, norm overrides) cannot apply, or None."""
-    down = sd.get("img_in.lora_A.weight", sd.get("diffusion_model.img_in.lora_A.weight"))
-    if down is None or down.ndim != 2 or down.shape[1] == params.in_channels:
-        return None
-    return (
-        f"a FLUX Control LoRA (BFL Canny/Depth layout): its img_in takes {down.shape[1]} input channels (image and "
-        f"control latents), the model {params.in_channels}; it needs a control-image pipeline, which this one is not"
-    )
+def _norm_overrides(
+    sd: dict[str, Tensor], params: FluxParams, source: str
+) -> tuple[dict[str, NormOverride], dict[str, Tensor]]:
+    """``(RMSNorm scale path -> override, the other keys)``; a scale of the wrong shape is an error naming it."""
+    shapes = norm_scale_shapes(params)
+    overrides, rest, bad = {}, {}, []
+    for key, t in sd.items():
+        path = norm_override_path(key, params)
+        if path is None:
+            rest[key] = t
+        elif tuple(t.shape) != shapes[path]:
+            bad.append(f"{key!r} has shape {tuple(t.shape)}, the model's {path} {shapes[path]}")
+        elif path in overrides:
+            raise LoraFormatError(f"{source}: two keys override {path}")
+        else:
+            overrides[path] = NormOverride(t)
+    if bad:
+        raise LoraFormatError(f"{source}: {len(bad)} norm overrides do not fit the model: {'; '.join(bad[:5])}")
+    return overrides, rest
 
 
 def _module_change(parts: list[Block], out_features: int) -> ModuleChange:
@@ -300,14 +312,13 @@ def from_state_dict(
     """
     if (bad := non_finite(sd)) is not None:
         raise LoraFormatError(f"{source}: {bad}; the file is damaged or was saved from a diverged run")
-    if (err := _control_lora_error(sd, params)) is not None:
-        raise LoraFormatError(f"{source}: {err}")
     if skip_text_encoders:
         sd = {k: v for k, v in sd.items() if not is_text_encoder_key(k)}
         if not sd:
             return {}
+    overrides, sd = _norm_overrides(sd, params, source)
     blocks, unmatched = _collect_blocks(sd, params, metadata, source)
-    if not blocks:
+    if not blocks and not overrides:
         raise LoraFormatError(
             f"{source}: no key matches a FLUX LoRA layout for this model (layout guess: "
             f"{detect_layout(sd)}); first keys: {sorted(sd)[:5]}"
@@ -322,7 +333,7 @@ def from_state_dict(
             sorted(unmatched),
         )
     shapes = linear_shapes(params)
-    lora: dict[str, ModuleChange] = {}
+    lora: dict[str, Change] = dict(overrides)
     for bfl, parts in blocks.items():
         _check_overlap(bfl, parts, source)
         lora[bfl] = _module_change(parts, shapes[bfl][0])
@@ -398,11 +409,17 @@ def read_lora(
 
 def check_plain(lora: LoraStateDict, source: str) -> LoraStateDict:
     """``lora`` if every module is a plain LoRA; else a :class:`LoraFormatError` naming the other kinds."""
-    other = {name: sorted({k for p in w for k in p.kinds}) for name, w in lora.items() if not isinstance(w, LoraWeight)}
+    other = {name: _kinds(w) for name, w in lora.items() if not isinstance(w, LoraWeight)}
     if other:
         first = ", ".join(f"{n} ({'+'.join(k)})" for n, k in list(other.items())[:5])
         raise LoraFormatError(f"{source}: {len(other)} modules are not a plain LoRA, which is needed here: {first}")
     return lora
+
+
+def _kinds(change: Change) -> list[str]:
+    if isinstance(change, NormOverride):
+        return list(change.kinds)
+    return sorted({k for p in change for k in p.kinds})  # type: ignore[union-attr]
 
 
 def write_lora(

@@ -124,6 +124,35 @@ def linear_shapes(params: FluxParams) -> dict[str, tuple[int, int]]:
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+@functools.lru_cache(maxsize=8)
+def norm_scale_shapes(params: FluxParams) -> dict[str, tuple[int, ...]]:
+    """``RMSNorm scale path -> shape`` of the DiT (``double_blocks.0.img_attn.norm.query_norm.scale``, ...):
+    what a BFL control LoRA overrides. Shared (cached); do not modify it."""
+    with torch.device("meta"):
+        model = Flux(params)
+    norms = ("query_norm.scale", "key_norm.scale")
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if n.endswith(norms)}
+
+
+def norm_override_path(key: str, params: FluxParams) -> str | None:
+    """The RMSNorm scale a file key overrides (bare BFL name or ``diffusion_model.`` prefixed), or None."""
+    path = key.removeprefix("diffusion_model.")
+    return path if path in norm_scale_shapes(params) else None
+
+
+WIDENED_INPUT = "img_in"
+"""The Linear a control LoRA may widen: its input takes image and structure latents side by side."""
+
+
+def input_width(bfl: str, down: Tensor | None, params: FluxParams) -> int:
+    """The input width a LoRA for ``bfl`` may have: the layer's, or twice ``in_channels`` for a control LoRA's
+    widened ``img_in`` (image + structure latents, 128 for FLUX.1)."""
+    width = linear_shapes(params)[bfl][1]
+    if bfl == WIDENED_INPUT and down is not None and down.ndim == 2 and down.shape[1] == 2 * params.in_channels:
+        return 2 * params.in_channels
+    return width
+
+
 def kohya_name(bfl: str) -> str:
     """``double_blocks.0.img_attn.qkv`` -> ``lora_unet_double_blocks_0_img_attn_qkv``."""
     return "lora_unet_" + bfl.replace(".", "_")
@@ -272,7 +301,7 @@ _UNAPPLIED_KINDS = (
     ("lora_te", "text-encoder LoRA (lora_te*)"),
     ("text_encoder", "text-encoder LoRA"),
     (".bias", "biases"),
-    (".norm", "norm overrides"),
+    (".norm", "norm keys"),
 )
 
 

@@ -1,5 +1,6 @@
 """Weight patches beyond a plain LoRA, with ComfyUI's semantics: LyCORIS LoHa and LoKr, full ``.diff`` /
-``.diff_b`` patches, LoRA biases (BFL control LoRAs' ``lora_B.bias``) and DoRA (``dora_scale``).
+``.diff_b`` patches, LoRA biases (BFL control LoRAs' ``lora_B.bias``) and DoRA (``dora_scale``); and the
+RMSNorm scale overrides of BFL control LoRAs (:class:`NormOverride`).
 
 Each :class:`Patch` covers rows ``[start, start + rows)`` of one Linear. At user strength ``s`` it changes the
 layer to ``W + s * D`` and ``b + s * db``, where ``D`` and ``db`` are the dense changes at strength 1:
@@ -131,6 +132,29 @@ def _norm(merged: Tensor, m: Tensor) -> Tensor:
 
 ModuleChange = LoraWeight | tuple[Patch, ...]
 """A module's entry in a read file: a plain LoRA, or patches on row blocks (which need the layer's weight)."""
+
+
+@dataclass
+class NormOverride:
+    """A full replacement of an RMSNorm scale (BFL control LoRAs' ``*.norm.query_norm.scale`` /
+    ``key_norm.scale``), keyed by the parameter's path. It replaces the scale whatever the user's strength, as
+    ComfyUI (``set_weight``) and diffusers do, and is restored exactly when the LoRA is removed."""
+
+    scale: Tensor
+
+    kinds = ("norm override",)
+
+
+Change = ModuleChange | NormOverride
+"""Any entry of a read file: a Linear's change (by module path) or a norm override (by parameter path)."""
+
+
+def input_width(change: ModuleChange) -> int | None:
+    """The input width a module's change takes (None when no patch changes the weight)."""
+    if isinstance(change, LoraWeight):
+        return change.down.shape[1]
+    shapes = [p.weight_shape() for p in change]
+    return max((s[1] for s in shapes if s is not None), default=None)
 
 
 def dense_change(change: ModuleChange, weight: Tensor) -> tuple[Tensor, Tensor | None]:

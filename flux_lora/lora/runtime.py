@@ -25,7 +25,7 @@ wrapper or not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,17 +33,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux_lora.lora.patches import ModuleChange, Patch, check_patch, dense_change
-from flux_lora.lora.weight import WRAPPED, LoraStateDict, LoraWeight
+from flux_lora.lora.patches import (
+    Change,
+    ModuleChange,
+    NormOverride,
+    Patch,
+    check_patch,
+    dense_change,
+    input_width,
+)
+from flux_lora.lora.replace import Replaced, override, restore, widen
+from flux_lora.lora.weight import WRAPPED, LoraWeight
 from flux_lora.model.fp8 import FP8Linear
 
 log = logging.getLogger(__name__)
 
 LoraMode = Literal["unfused", "fused"]
-LoraSpec = tuple[LoraStateDict | dict[str, ModuleChange], float, str]
+LoraSpec = tuple[Mapping[str, Change], float, str]
 """``(weights, user scale, name)``; weights as :func:`flux_lora.lora.files.read_lora` returns them."""
 
 RUNTIME_ATTR = "runtime_loras"
+WIDENABLE = ("img_in",)
+"""Linears a LoRA with a wider input may widen (a control LoRA's image + structure latents)."""
 STATE_ATTR = "_flux_lora_adapters"
 
 
@@ -125,6 +136,7 @@ class _State:
     unfused: dict[str, list[str]] = field(default_factory=dict)  # name -> module paths
     scales: dict[str, float] = field(default_factory=dict)  # name -> user scale
     fused: list[_Fused] = field(default_factory=list)
+    replaced: dict[str, list[Replaced]] = field(default_factory=dict)  # name -> norm overrides, widened layers
 
 
 def _state(model: nn.Module) -> _State:
@@ -170,7 +182,7 @@ def _resolve(model: nn.Module, lora_name: str, path: str, lw: ModuleChange) -> t
             f"LoRA {lora_name!r}: key {path!r} has down {tuple(lw.down.shape)} and up "
             f"{tuple(lw.up.shape)}, which are not [r, in] and [out, r]"
         )
-    if lw.down.shape[1] != base.in_features or lw.up.shape[0] != base.out_features:
+    if lw.down.shape[1] != _width(path, lw, base) or lw.up.shape[0] != base.out_features:
         raise ValueError(
             f"LoRA {lora_name!r}: key {path!r} is {lw.up.shape[0]}x{lw.down.shape[1]}, "
             f"the layer is {base.out_features}x{base.in_features} (a LoRA for another model?)"
@@ -178,11 +190,19 @@ def _resolve(model: nn.Module, lora_name: str, path: str, lw: ModuleChange) -> t
     return module, base
 
 
+def _width(path: str, change: ModuleChange, base: nn.Linear) -> int:
+    """The input width ``change`` may have on ``base``: its own, or a wider one for a widenable layer."""
+    width = input_width(change)
+    if path in WIDENABLE and width is not None and width > base.in_features:
+        return width
+    return base.in_features
+
+
 def _check_patches(lora_name: str, path: str, patches: tuple[Patch, ...], base: nn.Linear) -> None:
     for p in patches:
         if p.start + p.rows > base.out_features:
             raise ValueError(f"LoRA {lora_name!r}: key {path!r} patches rows past the layer's {base.out_features}")
-        if (err := check_patch(p, base.in_features)) is not None:
+        if (err := check_patch(p, _width(path, patches, base))) is not None:
             raise ValueError(f"LoRA {lora_name!r}: key {path!r}: {err}")
         if p.bias is not None and base.bias is None:
             raise ValueError(f"LoRA {lora_name!r}: key {path!r} changes a bias the layer does not have")
@@ -221,16 +241,68 @@ def apply_loras(
         if not weights:
             raise ValueError(f"LoRA {name!r} holds no weights")
         taken.add(name)
-        targets = [(path, lw, *_resolve(model, name, path, lw)) for path, lw in weights.items()]
-        resolved.append((name, float(scale), targets))
+        linears = {p: w for p, w in weights.items() if not isinstance(w, NormOverride)}
+        targets = [(path, lw, *_resolve(model, name, path, lw)) for path, lw in linears.items()]
+        norms = [_resolve_norm(model, name, p, w) for p, w in weights.items() if isinstance(w, NormOverride)]
+        resolved.append((name, float(scale), targets, norms))
+    _check_replacements(state, resolved)
+    for name, _, targets, norms in resolved:
+        state.replaced[name] = _replace(targets, norms)
     if mode == "fused":
-        state.fused.append(_Fused([name for name, _, _ in resolved], _fuse_all(resolved)))
-    for name, scale, targets in resolved:
+        state.fused.append(_Fused([name for name, *_ in resolved], _fuse_all(resolved)))
+    for name, scale, targets, _ in resolved:
         if mode == "unfused":
             _add_unfused(state, name, scale, targets, dtype)
         state.scales[name] = scale
         log.info("applied LoRA %r (%d layers, scale %g, %s)", name, len(targets), scale, mode)
-    return [name for name, _, _ in resolved]
+    return [name for name, *_ in resolved]
+
+
+_Norm = tuple[str, nn.Module, str, Tensor]
+"""``(parameter path, module holding it, attribute name, new value)``."""
+
+
+def _resolve_norm(model: nn.Module, lora_name: str, path: str, change: NormOverride) -> _Norm:
+    """The parameter a norm override replaces, after checking that it exists and the shape fits."""
+    module_path, _, attr = path.rpartition(".")
+    try:
+        module = _submodule(model, module_path)
+        param = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"LoRA {lora_name!r}: key {path!r} names no parameter of this model") from None
+    if not isinstance(param, nn.Parameter) or param.shape != change.scale.shape:
+        shape = tuple(getattr(param, "shape", ()))
+        raise ValueError(f"LoRA {lora_name!r}: key {path!r} is {tuple(change.scale.shape)}, the model's {shape}")
+    return path, module, attr, change.scale
+
+
+def _check_replacements(state: _State, resolved: list) -> None:
+    """One LoRA at a time may replace a norm scale or widen a layer, and a layer is widened only bare."""
+    held = {(id(r.module), r.attr): n for n, rs in state.replaced.items() for r in rs}
+    fused_layers = {id(saved[0]) for group in state.fused for saved in group.saved}
+    for name, _, targets, norms in resolved:
+        wanted = [(id(module), attr, path) for path, module, attr, _ in norms]
+        for path, lw, module, base in targets:
+            if (id(base), "weight") in held:
+                raise ValueError(f"LoRA {name!r} changes {path!r}, which LoRA {held[(id(base), 'weight')]!r} widened")
+            if _width(path, lw, base) > base.in_features:
+                if getattr(module, RUNTIME_ATTR, None) is not None or id(base) in fused_layers:
+                    raise ValueError(f"LoRA {name!r} widens {path!r}, which already has LoRAs applied")
+                wanted.append((id(base), "weight", path))
+        for key, attr, path in wanted:
+            if (key, attr) in held:
+                raise ValueError(f"LoRA {name!r} replaces {path!r}, which LoRA {held[(key, attr)]!r} already replaced")
+            held[(key, attr)] = name
+
+
+def _replace(targets: list, norms: list[_Norm]) -> list[Replaced]:
+    """Widen the layers that need it and override the norm scales; what restores them."""
+    saved = [override(module, attr, value) for _, module, attr, value in norms]
+    for path, lw, _, base in targets:
+        width = _width(path, lw, base)
+        if width > base.in_features:
+            saved.append(widen(base, width))
+    return saved
 
 
 def _add_unfused(state: _State, name: str, scale: float, targets: list, dtype: torch.dtype) -> None:
@@ -250,7 +322,7 @@ def _add_unfused(state: _State, name: str, scale: float, targets: list, dtype: t
 def _fuse_all(resolved: list) -> list[_Saved]:
     """Add every LoRA's ``scale * delta`` into its layers, each layer updated (and re-quantized) once."""
     deltas: dict[int, tuple[nn.Linear, Tensor, Tensor | None]] = {}
-    for _, scale, targets in resolved:
+    for _, scale, targets, _ in resolved:
         if scale == 0:
             continue  # leaves the weights, fp8 bytes included, untouched
         for _, lw, _, layer in targets:
@@ -325,6 +397,8 @@ def remove_loras(model: nn.Module, names: Iterable[str] | None = None) -> None:
                 _remove_hook(module)
                 delattr(module, RUNTIME_ATTR)
     for name in names:
+        for saved in reversed(state.replaced.pop(name, [])):
+            restore(saved)
         del state.scales[name]
         log.info("removed LoRA %r", name)
 

@@ -67,17 +67,30 @@ class TextEncoders(nn.Module):
         in the FLUX.1 layout. Weights are read from safetensors only; no remote code is run."""
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        folder = Path(folder)
-        parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-        missing = [p for p in parts if not (folder / p).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"{folder} lacks the text-encoder folders {missing} of the FLUX.1 layout")
+        folder = _check_folder(folder, ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
         kw = dict(dtype=dtype, use_safetensors=True)
         clip = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).to(device)
         t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **kw).to(device)
         clip_tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
         t5_tok = AutoTokenizer.from_pretrained(folder / "tokenizer_2")
         return cls(clip, clip_tok, t5, t5_tok, max_length)
+
+    @classmethod
+    def skeleton(cls, folder: str | Path, max_length: int) -> TextEncoders:
+        """CLIP-L and T5 built from ``text_encoder*/config.json`` on the meta device: the module names and
+        shapes of :meth:`from_folder`'s encoders, with no weights read and no tokenizers (it cannot encode).
+        Checks a LoRA's text-encoder parts before anything large loads."""
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        folder = _check_folder(folder, ("text_encoder", "text_encoder_2"))
+        try:
+            clip_config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+            t5_config = T5Config.from_pretrained(folder / "text_encoder_2")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder}: unreadable text-encoder config.json ({e})") from None
+        with torch.device("meta"):
+            clip, t5 = CLIPTextModel(clip_config), T5EncoderModel(t5_config)
+        return cls(clip, None, t5, None, max_length)
 
     @property
     def device(self) -> torch.device:
@@ -104,3 +117,11 @@ class TextEncoders(nn.Module):
         return TextEmbeddings(txt=txt, y=y)
 
     forward = encode
+
+
+def _check_folder(folder: str | Path, parts: tuple[str, ...]) -> Path:
+    folder = Path(folder)
+    missing = [p for p in parts if not (folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks the text-encoder folders {missing} of the FLUX.1 layout")
+    return folder

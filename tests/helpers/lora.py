@@ -1,4 +1,4 @@
-"""The one random-LoRA builder of the tests."""
+"""The random-LoRA builders of the tests (plain LoRAs; BFL control LoRA files)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from flux_lora.lora.keys import linear_shapes
 from flux_lora.lora.weight import LoraWeight
-from flux_lora.model.flux import FluxParams
+from flux_lora.model.flux import PRESETS, FluxParams
 
 Shapes = Mapping[str, tuple[int, int]]
 
@@ -53,3 +53,22 @@ def random_lora(
         up = (torch.randn(rows, r, generator=g) * scale).to(dtype)
         out[name] = LoraWeight(down, up, a)
     return out
+
+
+CONTROL_NORMS = ("double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.0.norm.key_norm.scale")
+
+
+def control_lora(seed: int = 1, rank: int = 4, p: FluxParams = PRESETS["tiny"]) -> dict[str, torch.Tensor]:
+    """A BFL control LoRA file: bare BFL names, no alpha (scale 1), lora_B biases, norm overrides, wide img_in."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = "double_blocks.0.img_attn.qkv"
+    return {
+        "img_in.lora_A.weight": torch.randn(rank, 2 * p.in_channels, generator=g) * 0.3,
+        "img_in.lora_B.weight": torch.randn(p.hidden_size, rank, generator=g) * 0.3,
+        "img_in.lora_B.bias": torch.randn(p.hidden_size, generator=g) * 0.3,
+        f"{qkv}.lora_A.weight": torch.randn(rank, p.hidden_size, generator=g) * 0.3,
+        f"{qkv}.lora_B.weight": torch.randn(3 * p.hidden_size, rank, generator=g) * 0.3,
+        CONTROL_NORMS[0]: torch.rand(p.hidden_size // p.num_heads, generator=g) + 0.5,
+        # ComfyUI's diffusion_model. prefix is read too
+        f"diffusion_model.{CONTROL_NORMS[1]}": torch.rand(p.hidden_size // p.num_heads, generator=g) + 0.5,
+    }
