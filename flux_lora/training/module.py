@@ -25,10 +25,12 @@ from flux_lora.lora.peft_adapters import (
     inject_lora,
     load_lora_weights,
     lora_state_dict,
+    set_input_casting,
     trainable_parameters,
 )
 from flux_lora.lora.weight import LoraStateDict
 from flux_lora.model.flux import Flux, FluxParams
+from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 from flux_lora.training.loss import flow_matching_loss
@@ -64,7 +66,8 @@ class FluxLoraModule(L.LightningModule):
         empty_embedding: the empty-caption embedding (``txt [1, L, D]``, ``y [1, D]``) for caption dropout; by
             default taken from the trainer's data module (``empty_embedding()``) when dropout is on.
         initial_lora: reads LoRA weights to start from, given the model's params (continued training).
-        gradient_checkpointing, compile: memory and speed options applied to the blocks.
+        gradient_checkpointing, selective_checkpointing, compile, fp8_matmul: memory and speed options applied
+            to the blocks (see :mod:`flux_lora.training.speed`).
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class FluxLoraModule(L.LightningModule):
         initial_lora: Callable[[FluxParams], LoraStateDict] | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        selective_checkpointing: bool = False,
+        fp8_matmul: bool = False,
     ):
         super().__init__()
         self.load_model = load_model
@@ -85,6 +90,8 @@ class FluxLoraModule(L.LightningModule):
         self.empty_embedding = empty_embedding
         self.gradient_checkpointing = gradient_checkpointing
         self.use_compile = compile
+        self.selective_checkpointing = selective_checkpointing
+        self.fp8_matmul = fp8_matmul
         self.dit: Flux | None = None
         self.strict_loading = False  # checkpoints hold only the adapters, not the frozen base
 
@@ -95,8 +102,12 @@ class FluxLoraModule(L.LightningModule):
         inject_lora(dit, self.lora_cfg)
         if self.initial_lora is not None:
             load_lora_weights(dit, self.initial_lora(dit.params))
+        if self.fp8_matmul:
+            set_fp8_matmul(dit)
+        if self._trainer is not None and self.trainer.precision in ("bf16-mixed", "16-mixed"):
+            set_input_casting(dit, False)  # autocast casts the LoRA matmuls itself: bit-identical, less traffic
         if self.gradient_checkpointing:
-            enable_gradient_checkpointing(dit)
+            enable_gradient_checkpointing(dit, selective=self.selective_checkpointing)
         if self.use_compile:
             compile_blocks(dit)
         self.dit = dit.train()  # loaders return eval mode; LoRA dropout needs train mode

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import astuple
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora, dataset_metadata
 from flux_lora.training.module import FluxLoraModule
+from flux_lora.training.speed import plan_speed
 from flux_lora.weights import hub
 from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
 from flux_lora.weights.tiny import write_tiny_model
@@ -69,6 +71,9 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
     params = flux_params(cfg.model.preset or folder)
     accelerator = resolve_accelerator(cfg)
     dtype = compute_dtype(cfg, accelerator)
+    cuda = accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    speed = plan_speed(cfg.model, torch.cuda.get_device_capability(0) if cuda else None)
+    log.info("speed: compile %s, fp8 GEMMs %s, selective checkpointing %s", *astuple(speed))
     out = cfg.output_path
 
     datamodule = FluxDataModule.from_model_folder(
@@ -81,7 +86,9 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
         cfg.train,
         initial_lora=initial,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
-        compile=cfg.model.compile,
+        compile=speed.compile,
+        selective_checkpointing=speed.selective_checkpointing,
+        fp8_matmul=speed.fp8_matmul,
     )
     callbacks: list[L.Callback] = [
         # last.ckpt plus the two newest periodic checkpoints (each holds adapters and optimizer state)
