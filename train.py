@@ -17,15 +17,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Lightning adds its own console handler too: with both, every Lightning line printed twice
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.handlers.clear()
+    lightning_log.propagate = True
+    log = logging.getLogger("train")
     try:
         cfg = load_config(args.config, overrides)
+        from flux_lora.training.guards import NonFiniteLossError, StoppedBySignal
         from flux_lora.training.run import run
 
-        lora = run(cfg)
+        try:
+            lora = run(cfg)
+        except StoppedBySignal as e:
+            log.warning("%s", e)
+            return e.exit_code
+        except NonFiniteLossError as e:
+            log.error("%s", e)
+            return 1
     except (ConfigError, DataError) as e:
-        logging.getLogger("train").error("%s", e)
+        log.error("%s", e)
         return 2
-    logging.getLogger("train").info("LoRA written to %s", lora)
+    if lora is not None:
+        log.info("LoRA written to %s", lora)
     return 0
 
 

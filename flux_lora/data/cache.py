@@ -262,6 +262,7 @@ class CachePlan:
     text_keys: dict[str, str]
     missing_text: list[str] = field(default_factory=list)
     missing_latents: list[LatentJob] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # record i's image file (or dataset row) name
 
     @property
     def store(self) -> CacheStore:
@@ -312,6 +313,7 @@ def plan_cache(
     captions = [r.caption for r in data.records]
     text_keys = {c: text_spec.key(c) for c in dict.fromkeys(["", *captions, *sample_prompts])}
     plan = CachePlan(Path(cfg.cache_dir), text_spec, ae_spec, captions, buckets, variants, text_keys)
+    plan.names = [r.name for r in data.records]
     plan = plan.refresh()
     log.info(
         "cache %s: %d of %d captions and %d of %d latents to encode",
