@@ -93,10 +93,20 @@ class StepCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=False,
         )
 
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        super().on_train_end(trainer, module)
+    def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, module, *args, **kwargs)
+        # a stop requested in this step (signal): save here, while the loops' state is that of a step in
+        # progress; by on_train_end Lightning has closed the epoch and a resume would start the next one
+        if trainer.should_stop:
+            self._save_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_train_end(trainer, module)
+        self._save_now(trainer)
 
 
 def _due(trainer: L.Trainer, every: int, owner: Any) -> bool:
