@@ -99,9 +99,9 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, module, *args, **kwargs)
-        # a stop requested in this step (signal): save here, while the loops' state is that of a step in
-        # progress; by on_train_end Lightning has closed the epoch and a resume would start the next one
-        if trainer.should_stop:
+        # the last step, or a stop requested in this one (signal): save here, while the loops' state is that of
+        # a step in progress; by on_train_end Lightning has closed the epoch and a resume would start the next one
+        if trainer.should_stop or trainer.global_step >= trainer.max_steps:
             self._save_now(trainer)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
