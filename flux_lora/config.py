@@ -183,6 +183,31 @@ class TrainConfig:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if "." not in self.optimizer:
             raise ValueError(f"train.optimizer must be an import path (torch.optim.AdamW), got {self.optimizer!r}")
+        check_optimizer(self.optimizer, self.optimizer_args, self.learning_rate)
+
+
+def check_optimizer(path: str, args: dict, lr: float) -> None:
+    """Import the optimizer class and build it once on a one-element parameter, so an unknown class or bad
+    ``optimizer_args`` stop the run when the config loads, not after caching and model loading."""
+    import importlib
+
+    import torch
+
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"train.optimizer {path!r} cannot be imported ({type(e).__name__}: {e})") from None
+    if not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
+        raise ValueError(f"train.optimizer {path!r} is not a torch.optim.Optimizer class")
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise ValueError(f"train.optimizer_args must be a mapping of argument names to values, got {args!r}")
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **args)
+    except Exception as e:  # TypeError (unknown argument), ValueError, IndexError (betas: [0.9]), ...
+        raise ValueError(
+            f"train.optimizer_args {args!r} are not accepted by {path} ({type(e).__name__}: {e})"
+        ) from None
 
 
 @dataclass
