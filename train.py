@@ -17,10 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Lightning adds its own console handler too: with both, every Lightning line printed twice
-    lightning_log = logging.getLogger("lightning.pytorch")
-    lightning_log.handlers.clear()
-    lightning_log.propagate = True
+    # Lightning adds its own console handlers on import: with ours, every Lightning line printed twice
+    import lightning  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    from flux_lora.training.console import quiet_third_party
+
+    quiet_third_party()
     log = logging.getLogger("train")
     try:
         cfg = load_config(args.config, overrides)

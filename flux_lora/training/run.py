@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
 import torch
@@ -24,6 +26,7 @@ from flux_lora.data.scan import ScannedData, scan
 from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora, StepCheckpoint
+from flux_lora.training.console import StepProgress, Summaries
 from flux_lora.training.guards import FiniteGuard, StopOnSignal, StoppedBySignal
 from flux_lora.training.module import FluxLoraModule
 from flux_lora.training.resume import (
@@ -40,6 +43,7 @@ from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_m
 from flux_lora.weights.tiny import write_tiny_model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -100,6 +104,8 @@ def build(
         RunRecord(run_identity(cfg, scanned)),
         FiniteGuard(),
         StopOnSignal(),
+        StepProgress(every_n_steps=cfg.train.log_every_n_steps),
+        Summaries(cfg),
     ]
     if cfg.sample.prompts:
         callbacks.append(
@@ -208,8 +214,32 @@ def run(cfg: ExperimentConfig) -> Path | None:
         trainer, module, datamodule = build(cfg, scanned)
         if ckpt:
             log.info("resuming from %s", ckpt)
+        started = time.monotonic()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-        stop = next(c for c in trainer.callbacks if isinstance(c, StopOnSignal))
+        if trainer.is_global_zero:
+            log.info("%s", end_summary(trainer, time.monotonic() - started))
+        stop = _callback(trainer, StopOnSignal)
         if stop.signum is not None and trainer.global_step < cfg.train.max_steps:
             raise StoppedBySignal(stop.signum, trainer.global_step)
     return cfg.output_path / f"{cfg.name}.safetensors"
+
+
+def _callback(trainer: L.Trainer, kind: type[T]) -> T:
+    return next(c for c in trainer.callbacks if isinstance(c, kind))
+
+
+def end_summary(trainer: L.Trainer, seconds: float) -> str:
+    """Steps trained in this run, wall time, loss at its start and end, files written."""
+    progress = _callback(trainer, StepProgress)
+    written = [*_callback(trainer, SaveLora).written]
+    written += [c.best_model_path for c in trainer.callbacks if isinstance(c, StepCheckpoint) and c.best_model_path]
+    samples = [c for c in trainer.callbacks if isinstance(c, SampleImages)]
+    pngs = len(samples[0].written) if samples else 0
+    steps = trainer.global_step - progress.start_step
+    first = f"{progress.first_loss:.4f}" if progress.first_loss is not None else "-"
+    last = f"{progress.smoothed:.4f}" if progress.smoothed is not None else "-"
+    files = ", ".join(str(p) for p in written) or "none"
+    return (
+        f"trained {steps} steps in this run (to step {trainer.global_step}) in {seconds:.0f} s; loss {first} at the "
+        f"start, {last} (smoothed) at the end; wrote {files}" + (f" and {pngs} sample images" if pngs else "")
+    )
