@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flux_lora.config import DataConfig
-from flux_lora.data.buckets import Crop, apply_crop, bucket_sizes, choose_bucket, image_crops
+from flux_lora.data.buckets import Crop, apply_crop, bucket_sizes, choose_bucket, cover_scale, image_crops
 from flux_lora.data.fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
 from flux_lora.data.scan import ScannedData
 from flux_lora.model.autoencoder import AutoEncoder
@@ -310,6 +310,7 @@ def plan_cache(
         )
         buckets.append(bucket)
         variants.append([LatentJob(i, p, ae_spec.key(r.image_hash, p)) for p in places])
+    _warn_poor_fits(data, buckets, cfg.resolution)
     captions = [r.caption for r in data.records]
     text_keys = {c: text_spec.key(c) for c in dict.fromkeys(["", *captions, *sample_prompts])}
     plan = CachePlan(Path(cfg.cache_dir), text_spec, ae_spec, captions, buckets, variants, text_keys)
@@ -324,6 +325,25 @@ def plan_cache(
         sum(map(len, variants)),
     )
     return plan
+
+
+def _warn_poor_fits(data: ScannedData, buckets: list[tuple[int, int]], resolution: int) -> None:
+    """Name the images that train as a handful of tokens (under 1/16 of the target area) or that lose more than
+    half of their area to the crop into their bucket."""
+    small, cropped = [], []
+    for r, (bw, bh) in zip(data.records, buckets, strict=True):
+        if bw * bh * 16 < resolution * resolution:
+            small.append(f"{r.name} ({bw}x{bh}: {(bw // 16) * (bh // 16)} tokens)")
+        scale = cover_scale(r.width, r.height, (bw, bh))
+        kept = bw * bh / (r.width * r.height * scale * scale)
+        if kept < 0.5:
+            cropped.append(f"{r.name} ({kept:.0%} kept)")
+    if small:
+        log.warning("%d images are far smaller than data.resolution and train as few tokens: %s", len(small), small[:5])
+    if cropped:
+        log.warning(
+            "%d images lose most of their area to the crop (see data.max_aspect): %s", len(cropped), cropped[:5]
+        )
 
 
 # ------------------------------------------------------------------------------------------ filling

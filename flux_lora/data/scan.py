@@ -23,7 +23,10 @@ import io
 import json
 import logging
 import os
+import re
 import uuid
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +101,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # ------------------------------------------------------------------------------------------ probing images
 
 
-def _probe(data: bytes, digest: str, probe_dir: Path | None) -> tuple[int, int] | str:
-    """``(width, height)`` after EXIF rotation, or the reason the image cannot be read; remembered by hash."""
+def _probe(data: bytes, digest: str, probe_dir: Path | None, name: str = "") -> tuple[int, int] | str:
+    """``(width, height)`` after EXIF rotation, or the reason the image cannot be read; remembered by hash.
+    Warnings pillow raises while decoding are logged with the image's ``name`` (pillow names only its buffer)."""
     memo = probe_dir / digest[:2] / f"{digest}.json" if probe_dir else None
     if memo is not None and memo.is_file():
         try:
@@ -108,8 +112,12 @@ def _probe(data: bytes, digest: str, probe_dir: Path | None) -> tuple[int, int] 
         except (ValueError, KeyError):
             pass  # a damaged memo: probe again and overwrite it
     try:
-        with decode(data) as image:
-            result: tuple[int, int] | str = image.size
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with decode(data) as image:
+                result: tuple[int, int] | str = image.size
+        for w in caught:
+            log.warning("%s: %s", name, re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image", str(w.message)))
         if min(result) < SIDE_MULTIPLE:
             result = f"smaller than {SIDE_MULTIPLE} px ({result[0]}x{result[1]})"
     except Exception as e:  # PIL raises many types for corrupt data
@@ -142,28 +150,60 @@ def _row_bytes(value: Any, name: str) -> bytes:
 # ------------------------------------------------------------------------------------------ sources
 
 
-def _folder_items(folder: Path, cfg: DataConfig) -> list[tuple[str, str | None, str]]:
-    """``(name, caption or None, path)`` per image in ``folder`` (hidden folders and the cache excluded)."""
-    cache = Path(cfg.cache_dir).resolve()
-    items = []
+def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -> list[tuple[str, str | None, str]]:
+    """``(name, caption or None, path)`` per image in ``folder`` (hidden folders, the cache and ``exclude``d
+    folders left out). Files pillow could read in other formats, and captions without an image, are named in
+    a warning."""
+    skip = [Path(cfg.cache_dir).resolve(), *(Path(e).resolve() for e in exclude)]
+    items, other_images, captions = [], [], []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if (
-            path.suffix.lower() not in IMAGE_EXTENSIONS
-            or not path.is_file()
-            or any(p.startswith(".") for p in rel.parts)
-            or cache in path.resolve().parents
-        ):
+        if not path.is_file() or any(p.startswith(".") for p in rel.parts):
             continue
-        caption_file = path.with_suffix(cfg.caption_extension)
-        caption = None
-        if caption_file.is_file():
-            try:
-                caption = caption_file.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"caption file {caption_file} is not UTF-8 text ({e})") from None
-        items.append((str(path), caption, str(path)))
+        if any(s == path.resolve() or s in path.resolve().parents for s in skip):
+            continue
+        suffix = path.suffix.lower()
+        if suffix == cfg.caption_extension:
+            captions.append(path)
+        if suffix not in IMAGE_EXTENSIONS:
+            if suffix in _pillow_extensions() and suffix != cfg.caption_extension:
+                other_images.append(str(path))
+            continue
+        items.append((str(path), _read_caption(path.with_suffix(cfg.caption_extension)), str(path)))
+    images = [ref for _, _, ref in items] + other_images
+    _warn_unused(folder, other_images, captions, {Path(p).with_suffix("") for p in images})
     return items
+
+
+def _read_caption(caption_file: Path) -> str | None:
+    if not caption_file.is_file():
+        return None
+    try:
+        return caption_file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the caption
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption file {caption_file} is not UTF-8 text ({e})") from None
+
+
+def _pillow_extensions() -> set[str]:
+    """File suffixes pillow can open (not only write)."""
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _warn_unused(folder: Path, other_images: list[str], captions: list[Path], image_stems: set[Path]) -> None:
+    if other_images:
+        log.warning(
+            "not used as training images (format not in %s): %d files in %s, e.g. %s",
+            ", ".join(IMAGE_EXTENSIONS),
+            len(other_images),
+            folder,
+            ", ".join(other_images[:5]),
+        )
+    orphans = [str(c) for c in captions if c.with_suffix("") not in image_stems and c.name not in ("README.txt",)]
+    if orphans:
+        log.warning(
+            "%d caption files in %s have no image beside them: %s", len(orphans), folder, ", ".join(orphans[:5])
+        )
 
 
 def _load_datasets_source(cfg: DataConfig):
@@ -217,8 +257,9 @@ def source_kind(source: str) -> str:
     return "hub"
 
 
-def scan(cfg: DataConfig) -> ScannedData:
-    """Read every caption and check every image of ``cfg.source``; needs no model.
+def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
+    """Read every caption and check every image of ``cfg.source``; needs no model. Folders in ``exclude`` (the
+    run's output folder, when it lies inside the data) are not scanned.
 
     Raises:
         DataError: empty or unreadable source, missing column, missing captions (all named), no usable image.
@@ -230,7 +271,7 @@ def scan(cfg: DataConfig) -> ScannedData:
         raise DataError(f"data.source {cfg.source} is not a folder (an image folder or a dataset folder)")
     dataset = None
     if kind == "folder":
-        items = _folder_items(Path(cfg.source), cfg)
+        items = _folder_items(Path(cfg.source), cfg, exclude)
     else:
         dataset, items = _dataset_items(_load_datasets_source(cfg), cfg)
     probe_dir = Path(cfg.cache_dir) / "probe"
@@ -242,7 +283,7 @@ def scan(cfg: DataConfig) -> ScannedData:
             digest, probed = "", f"{type(e).__name__}: {e}"
         else:
             digest = hashlib.sha256(data).hexdigest()
-            probed = _probe(data, digest, probe_dir)
+            probed = _probe(data, digest, probe_dir, name)
         if isinstance(probed, str):
             log.warning("skipping %s: the image cannot be read (%s)", name, probed)
             skipped.append((name, probed))

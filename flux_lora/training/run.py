@@ -77,7 +77,7 @@ def build(
     cfg: ExperimentConfig, scanned: ScannedData | None = None
 ) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
     """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan (``scanned``, or done here)."""
-    scanned = scanned or scan(cfg.data)  # bad data fails here, before any model is touched
+    scanned = scanned or scan(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
@@ -200,7 +200,7 @@ def run(cfg: ExperimentConfig) -> Path | None:
 
     Raises :class:`~flux_lora.training.guards.StoppedBySignal` after a clean stop on SIGTERM/SIGINT,
     :class:`~flux_lora.training.resume.RunMismatchError` when the output folder holds another run."""
-    scanned = scan(cfg.data)  # bad data fails here, before any model is touched
+    scanned = scan(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
     lock = output_lock(cfg.output_path) if _first_process() else contextlib.nullcontext()
     with lock:
         if _first_process():
