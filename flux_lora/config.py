@@ -170,7 +170,7 @@ class TrainConfig:
     save_every_n_steps: int = 250  # LoRA file (0: only at the end)
     checkpoint_every_n_steps: int = 250  # resumable training state (0: only at the end)
     log_every_n_steps: int = 10
-    resume: bool = True  # continue from output_dir/checkpoints/last.ckpt when it exists
+    resume: bool = True  # continue from the newest checkpoint; false moves the old run aside (previous-<time>/)
     init_lora: str | None = None  # start from this LoRA file (any readable layout) instead of zeros
 
     def __post_init__(self) -> None:
