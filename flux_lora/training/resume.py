@@ -83,8 +83,9 @@ class OutputInUseError(ConfigError):
 
 
 def data_fingerprint(scanned: ScannedData) -> str:
-    """Content of the training set: every image's hash, size, name and caption, in scan order."""
-    rows = [(r.name, r.caption, r.image_hash, r.width, r.height) for r in scanned.records]
+    """Content of the training set: every image's hash, size and caption, in scan order (not the paths: the
+    same data in a moved folder is the same run)."""
+    rows = [(r.caption, r.image_hash, r.width, r.height) for r in scanned.records]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
