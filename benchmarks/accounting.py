@@ -1,8 +1,7 @@
 """Analytic FLOP and parameter accounting for the FLUX DiT, derived from ``FluxParams`` (pure functions).
 
 The same formulas price the scaled-down CPU model (where ``bench_cpu`` checks them against torch's FLOP counter)
-and full-size FLUX.1-dev (where ``bench_gpu`` turns measured seconds into FLOP utilisation). Conventions, as in
-the reference accounting (shared/reference/performance.md §3):
+and full-size FLUX.1-dev (where ``bench_gpu`` turns measured seconds into FLOP utilisation). Conventions:
 
 * a Linear costs ``2 * in * out`` FLOPs per row it is applied to (bias adds are not counted);
 * attention costs ``4 * S^2 * D`` per block forward (``Q K^T`` and ``P V``), its backward 2.5 times that (a flash

@@ -2,20 +2,21 @@
 
     python benchmarks/bench_cpu.py [--out FILE.json] [--timing]
 
-Prints one JSON object (B1-B9 of shared/reference/performance.md §5). Nothing here depends on the CPU's speed,
-except the optional ``--timing`` section (B5, B8), which is never asserted. ``tests/test_benchmarks.py`` runs the
-same functions and asserts the bounds of issue 5.
+Prints one JSON object (sections B1-B9). Nothing here depends on the CPU's speed, except the optional
+``--timing`` section (B5, B8), which is never asserted. ``tests/test_benchmarks.py`` runs the same functions and
+asserts their bounds. Every step is the trainer's (:func:`benchmarks.common.shipped_loss`): the flow-matching loss
+of the shipped FLUX.1-dev experiment.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -26,39 +27,53 @@ from torch import nn
 
 from benchmarks import accounting as A
 from benchmarks.common import (
-    adamw,
+    GB,
+    SHIPPED_CONFIG,
+    SMALL,
     clip_l_config,
-    dit_loss,
+    empty_embedding,
+    image_tokens,
     make_batch,
+    optimizer,
     random_dit,
     relative_error,
+    shipped_loss,
+    shipped_train_config,
     t5_xxl_config,
     train_step,
     variant,
 )
 from benchmarks.measure import count_flops, count_ops, held_for_backward, module_calls
-from flux_lora import sampling as S
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import FP8Linear, default_predicate, quantize_, storage_bytes
+from flux_lora.model.text_encoders import TextEmbeddings
+from flux_lora.training.loss import dit_inputs, draw
 
-# d = 256 (4 heads x 64), MLP 4d, 2 double + 4 single blocks; the encoders' widths (T5 4096, CLIP 768) as in FLUX.
-SMALL = replace(PRESETS["flux-dev"], hidden_size=256, num_heads=4, axes_dim=(8, 28, 28), depth=2, depth_single_blocks=4)
+CFG = shipped_train_config()
 LATENT = 32  # 32 x 32 latent -> 16 x 16 packed = 256 image tokens
 N_TXT = 32
 RANK = 16
 POLICIES = ("blocks", "all")
-GB = 1e9
+
+
+@functools.cache
+def _empty(dtype: torch.dtype) -> TextEmbeddings:
+    return empty_embedding(SMALL, N_TXT, dtype=dtype)
 
 
 def small_batch(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict:
+    """A cached batch; its empty caption (for caption dropout) is made with it, before anything is measured."""
+    _empty(dtype)
     return make_batch(SMALL, LATENT, LATENT, N_TXT, dtype=dtype, seed=seed)
 
 
 def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """bf16 batches run under bf16 autocast (as Lightning's bf16-mixed); float32 ones in float32, which the
+    """The trainer's step loss. bf16 batches run as Lightning's bf16-mixed; float32 ones as 32-true, which the
     count-only sections (FLOPs, parameters, module calls) use because bf16 matmuls are slow on CPUs."""
-    return dit_loss(model, batch, autocast=batch["x_t"].dtype == torch.bfloat16)
+    dtype = batch["txt"].dtype
+    precision = "bf16-mixed" if dtype == torch.bfloat16 else "32-true"
+    return shipped_loss(model, batch, CFG, _empty(dtype), precision)
 
 
 # ---------------------------------------------------------------- B1: storage
@@ -119,7 +134,7 @@ def held_bytes(base: Flux, batch: dict) -> dict:
             model = variant(base, kind, rank=RANK, checkpointing=ckpt)
             row[kind] = held_for_backward(model, lambda m=model: loss(m, batch))
         out["checkpointing" if ckpt else "no_checkpointing"] = row
-    tokens = batch["x_t"].shape[1] + batch["txt"].shape[1]
+    tokens = image_tokens(batch) + batch["txt"].shape[1]
     blocks = SMALL.depth + SMALL.depth_single_blocks
     out["bf16_elements_per_token_per_block_in_d"] = out["no_checkpointing"]["bf16"]["held"] / (
         2 * SMALL.hidden_size * tokens * blocks
@@ -137,7 +152,7 @@ def flop_ratios(base: Flux, batch: dict) -> dict:
     """B3: FLOPs of a training step (forward + backward) over a forward pass, fp8 base, LoRA rank 16; the control
     lets the frozen base compute weight gradients too (what a requires_grad leak costs). FLOPs do not depend on
     the dtype: a float32 ``base`` and ``batch`` count the same, faster."""
-    n_img, n_txt = batch["x_t"].shape[1], batch["txt"].shape[1]
+    n_img, n_txt = image_tokens(batch), batch["txt"].shape[1]
     model = variant(base, "fp8", rank=RANK)
     fwd = count_flops(lambda: loss(model, batch))
     out = dict(
@@ -175,7 +190,7 @@ def flop_ratios(base: Flux, batch: dict) -> dict:
 def trainable_audit(base: Flux, batch: dict) -> dict:
     """B4: after one step, which parameters got gradients, and how much AdamW state they need."""
     model = variant(base, "fp8", rank=RANK)
-    opt = adamw(model)
+    opt = optimizer(model, CFG)
     loss(model, batch).backward()
     named = dict(model.named_parameters())
     with_grad = [n for n, p in named.items() if p.grad is not None]
@@ -257,29 +272,23 @@ def encode_batch(enc: dict[str, nn.Module], n_txt: int, pixels: int, dtype: torc
     clip_ids = torch.randint(0, 97, (1, 77), generator=g)
     clip_ids[:, -1] = 98
     t5_ids = torch.randint(2, 100, (1, n_txt), generator=g)
-    x0 = enc["ae"].encode(torch.rand(1, 3, pixels, pixels, generator=g) * 2 - 1)
-    b = make_batch(SMALL, x0.shape[2], x0.shape[3], n_txt, dtype=dtype, seed=seed)
-    noise = torch.randn(x0.shape, generator=g)
-    x0, noise = S.pack(x0).to(dtype), S.pack(noise).to(dtype)
-    b.update(
-        x_t=S.add_noise(x0, noise, b["t"]),
-        target=S.flow_target(x0, noise),
+    return dict(
+        latents=enc["ae"].encode(torch.rand(1, 3, pixels, pixels, generator=g) * 2 - 1).to(dtype),
         txt=enc["t5"](input_ids=t5_ids).last_hidden_state.to(dtype),
         y=enc["clip"](input_ids=clip_ids).pooler_output.to(dtype),
     )
-    return b
 
 
 def encoder_work(model: nn.Module, batch: dict, step_from_ids=None) -> dict:
     """B7: encoder module calls inside a training step with cached embeddings (must be 0) and, as the control,
     inside a step that encodes its inputs; plus the encoders' full-size FLOPs next to a full-size step."""
     enc = tiny_encoders(SMALL)
-    opt = adamw(model)
+    opt = optimizer(model, CFG)
     with module_calls(enc.values()) as cached:
-        train_step(lambda: loss(model, batch), opt)
+        train_step(lambda: loss(model, batch), opt, CFG.gradient_clip)
     pixels = LATENT * AE_PRESETS["tiny"].downscale_factor
     with module_calls(enc.values()) as uncached:
-        train_step(lambda: loss(model, encode_batch(enc, N_TXT, pixels, batch["x_t"].dtype)), opt)
+        train_step(lambda: loss(model, encode_batch(enc, N_TXT, pixels, batch["txt"].dtype)), opt, CFG.gradient_clip)
     return dict(
         cached_step_encoder_calls=cached[0],
         uncached_step_encoder_calls=uncached[0],
@@ -321,15 +330,8 @@ def full_size_encoder_share() -> dict:
 def fp8_error(base: Flux, batch: dict) -> dict:
     """B9: relative output error against the bf16 model (same weights, bf16 compute) of fp8 per-channel-scaled
     and plain-cast storage, per policy; and fp8 storage against bf16 compute on the dequantized weights."""
-    x = dict(
-        img=batch["x_t"],
-        img_ids=batch["img_ids"],
-        txt=batch["txt"],
-        txt_ids=batch["txt_ids"],
-        timesteps=batch["t"],
-        y=batch["y"],
-        guidance=batch["guidance"],
-    )
+    draws = draw(batch["latents"].shape, CFG, torch.Generator().manual_seed(0))
+    x, _ = dit_inputs(batch, draws, CFG.guidance, base.img_in.bias.dtype, _empty(batch["txt"].dtype))
     ref = base(**x)
     out: dict = {}
     for policy in POLICIES:
@@ -377,13 +379,14 @@ def run(timing: bool = False) -> dict:
                 for k, v in SMALL.to_dict().items()
                 if k in ("hidden_size", "num_heads", "depth", "depth_single_blocks", "context_in_dim", "vec_in_dim")
             },
-            image_tokens=batch["x_t"].shape[1],
+            image_tokens=image_tokens(batch),
             text_tokens=N_TXT,
             batch=1,
             lora_rank=RANK,
             weight_std=0.02,
-            compute="B1 B2 B6 B9: bf16 weights, bf16 autocast, float32 LoRA adapters; B3 B4 B7 (counts that "
-            "do not depend on the dtype): float32",
+            compute="B1 B2 B6 B9: bf16 weights, bf16-mixed (Lightning's autocast), float32 LoRA adapters; "
+            "B3 B4 B7 (counts that do not depend on the dtype): float32",
+            step=f"flow_matching_loss with train: of {SHIPPED_CONFIG.relative_to(SHIPPED_CONFIG.parents[1])}",
         ),
         B1_storage=storage(base),
         B2_held_for_backward=held_bytes(base, batch),

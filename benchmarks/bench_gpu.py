@@ -7,7 +7,10 @@
 Parts: ``train`` (ours: fp8 blocks + rank-16 LoRA on the 304 block Linears, batch 1, cached-embedding-shaped
 inputs, 512 and 1024 px, with/without gradient checkpointing, eager/compiled blocks), ``peer`` (the same for
 diffusers' FluxTransformer2DModel + peft LoRA + fp8 layerwise casting), ``infer`` (1024 px, 28 steps: bf16, fp8,
-fp8 + model offload, fp8 + block offload, with real-size random text encoders; needs ``flux_lora.inference.pipeline``).
+fp8 + model offload, fp8 + block offload, with real-size random text encoders).
+A training step is the trainer's: the flow-matching loss of the shipped FLUX.1-dev experiment
+(``flux_lora.training.loss``) under Lightning's bf16-mixed autocast, backward, gradient clipping, its optimizer;
+the peer gets the same draws, inputs and loss.
 Peak memory is ``torch.cuda.max_memory_allocated`` (reset per configuration); step times are medians of CUDA
 events after warm-up; FLOP utilisation divides the analytic step FLOPs (benchmarks/accounting.py) by the time.
 Results are written after every configuration, so an interrupted run keeps what it measured.
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import importlib.util
 import json
 import statistics
@@ -30,12 +32,27 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import accounting as A
+from benchmarks import gpu_models
+from benchmarks.common import (
+    GB,
+    SMALL,
+    empty_embedding,
+    free,
+    make_batch,
+    optimizer,
+    peak_gb,
+    shipped_loss,
+    shipped_train_config,
+    sync,
+    time_steps,
+    train_step,
+)
+from benchmarks.gpu_infer import run_inference
+from flux_lora.model.flux import PRESETS
 
-RANK, N_TXT, STEPS = 16, 512, 28
-GB = 1e9
+RANK, N_TXT = 16, 512
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -47,7 +64,7 @@ PEAK_BF16_TFLOPS = (
     ("4090", 165.0),
     ("3090", 71.0),
 )
-GOALS = {  # issue 5, at 1024 px with gradient checkpointing
+GOALS = {  # the project's targets, at 1024 px with gradient checkpointing
     "peak_GB": 18.0,
     "eager_s_per_step": 0.75,
     "compiled_s_per_step": 0.48,
@@ -55,7 +72,7 @@ GOALS = {  # issue 5, at 1024 px with gradient checkpointing
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class BenchConfig:
     res: int
     checkpointing: bool
     compiled: bool
@@ -65,24 +82,24 @@ class TrainConfig:
         return f"{self.res}px {'ckpt' if self.checkpointing else 'no-ckpt'} {'compiled' if self.compiled else 'eager'}"
 
 
-def train_matrix(quick: bool = False, sizes: tuple[int, int] = (1024, 512), compile: bool = True) -> list[TrainConfig]:
+def train_matrix(quick: bool = False, sizes: tuple[int, int] = (1024, 512), compile: bool = True) -> list[BenchConfig]:
     """Configurations in priority order (the goals' first), grouped so one model build serves both sizes."""
     hi, lo = sizes
     if quick:
-        configs = [TrainConfig(hi, True, False), TrainConfig(lo, True, False), TrainConfig(lo, True, True)]
+        configs = [BenchConfig(hi, True, False), BenchConfig(lo, True, False), BenchConfig(lo, True, True)]
     else:
         groups = [(True, False), (True, True), (False, False), (False, True)]
-        configs = [TrainConfig(res, ckpt, comp) for ckpt, comp in groups for res in (hi, lo)]
+        configs = [BenchConfig(res, ckpt, comp) for ckpt, comp in groups for res in (hi, lo)]
     return [c for c in configs if compile or not c.compiled]
 
 
-def schedule(parts: set[str], configs: list[TrainConfig]) -> list[tuple[str, list[TrainConfig]]]:
+def schedule(parts: set[str], configs: list[BenchConfig]) -> list[tuple[str, list[BenchConfig]]]:
     """The run order: per (checkpointing, compiled) group, ours then the peer; inference right after the first
     group, so a time-boxed run measures the goals, their peer ratios and inference before the rest."""
-    groups: dict[tuple[bool, bool], list[TrainConfig]] = {}
+    groups: dict[tuple[bool, bool], list[BenchConfig]] = {}
     for c in configs:
         groups.setdefault((c.checkpointing, c.compiled), []).append(c)
-    jobs: list[tuple[str, list[TrainConfig]]] = []
+    jobs: list[tuple[str, list[BenchConfig]]] = []
     for i, group in enumerate(groups.values()):
         jobs += [(part, group) for part in ("train", "peer") if part in parts]
         if i == 0 and "infer" in parts:
@@ -102,7 +119,7 @@ def step_cost(params, res: int, checkpointing: bool, n_txt: int = N_TXT, rank: i
 
 
 def goal_report(train: list[dict]) -> dict:
-    """The issue's goals against the measured rows (missing rows give ``measured: None``)."""
+    """The goals against the measured rows (missing rows give ``measured: None``)."""
     rows = {(r["res"], r["checkpointing"], r["compiled"]): r for r in train if "median_s_per_step" in r}
     eager, comp = rows.get((1024, True, False)), rows.get((1024, True, True))
     out = {}
@@ -125,48 +142,12 @@ class Budget:
         return self.seconds - (time.perf_counter() - self.start)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _free(device: str) -> None:
-    if device.startswith("cuda"):
-        gc.collect()  # drop the previous configuration's tensors before measuring the next
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gb(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / GB if device.startswith("cuda") else None
-
-
-def time_steps(step, device: str, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            times.append((start, end))
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-    _sync(device)
-    return [s.elapsed_time(e) / 1e3 for s, e in times] if device.startswith("cuda") else times
-
-
 def run_training(
-    kind: str, params, device: str, configs: list[TrainConfig], args, budget: Budget, save, rows: list[dict]
+    kind: str, params, device: str, configs: list[BenchConfig], args, budget: Budget, save, rows: list[dict]
 ) -> None:
     """Build each (checkpointing, compiled) model once, then time each resolution on it, appending to ``rows``;
     a failure (e.g. out of memory) is recorded in its rows and the next group runs."""
-    groups: dict[tuple[bool, bool], list[TrainConfig]] = {}
+    groups: dict[tuple[bool, bool], list[BenchConfig]] = {}
     for c in configs:
         groups.setdefault((c.checkpointing, c.compiled), []).append(c)
     for group in groups.values():
@@ -181,22 +162,20 @@ def run_training(
                 if c.res not in measured
             ]
             save()
-        _free(device)
+        free(device)
 
 
 def _train_group(
-    kind: str, params, device: str, group: list[TrainConfig], args, budget: Budget, save, rows: list[dict]
+    kind: str, params, device: str, group: list[BenchConfig], args, budget: Budget, save, rows: list[dict]
 ) -> None:
-    from benchmarks import gpu_models
-    from benchmarks.common import adamw, dit_loss, make_batch, train_step
-
     if budget.left() < args.min_config_s:
         rows += [dict(kind=kind, **vars(c), skipped="time budget") for c in group]
         return
-    _free(device)
+    free(device)
     build = gpu_models.ours if kind == "ours" else gpu_models.peer
     model = build(params, device, rank=RANK, checkpointing=group[0].checkpointing, compiled=group[0].compiled)
-    opt = adamw(model, fused=device.startswith("cuda"))
+    cfg = shipped_train_config()
+    opt = optimizer(model, cfg)
     peak = peak_tflops(torch.cuda.get_device_name() if device.startswith("cuda") else "")
     for c in group:
         row = dict(kind=kind, **vars(c))
@@ -204,16 +183,19 @@ def _train_group(
             rows.append({**row, "skipped": "time budget"})
             continue
         batch = make_batch(params, c.res // 8, c.res // 8, args.txt_tokens, device=device)
-        loss_fn = dit_loss if kind == "ours" else _peer_loss
-        step = functools.partial(train_step, functools.partial(loss_fn, model, batch), opt)
-        _free(device)
+        empty = empty_embedding(params, args.txt_tokens, device=device)
+        loss_fn = shipped_loss if kind == "ours" else gpu_models.peer_loss
+        step = functools.partial(
+            train_step, functools.partial(loss_fn, model, batch, cfg, empty), opt, cfg.gradient_clip
+        )
+        free(device)
         start = time.perf_counter()
         time_steps(step, device, 0, args.warmup + 2 * c.compiled)  # warm-up (and compilation)
         warmup_s = time.perf_counter() - start
         times = time_steps(step, device, 0, args.steps)
         flops, med = step_cost(params, c.res, c.checkpointing, args.txt_tokens), statistics.median(times)
         row.update(
-            peak_allocated_GB=_peak_gb(device),
+            peak_allocated_GB=peak_gb(device),
             median_s_per_step=med,
             steps_timed=len(times),
             min_s=min(times),
@@ -238,7 +220,7 @@ def profile_steps(step, device: str, trace: Path, steps: int = 2) -> dict:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
     prof.export_chrome_trace(str(trace))
     sort = "cuda_time_total" if cuda else "cpu_time_total"
     events = prof.key_averages()
@@ -249,14 +231,6 @@ def profile_steps(step, device: str, trace: Path, steps: int = 2) -> dict:
         device_kernels_per_step=kernels / steps,
         top_ops=events.table(sort_by=sort, row_limit=25).splitlines(),
     )
-
-
-def _peer_loss(model, batch):
-    from benchmarks.gpu_models import peer_loss_inputs
-
-    with torch.autocast(batch["x_t"].device.type, dtype=torch.bfloat16):
-        out = model(**peer_loss_inputs(batch))[0]
-    return F.mse_loss(out.float(), batch["target"].float())
 
 
 def compare(ours: list[dict], peer: list[dict]) -> list[dict]:
@@ -282,8 +256,6 @@ def compare(ours: list[dict], peer: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.gpu_infer import run_inference
-
     first, _, rest = __doc__.partition("\n")
     ap = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="JSON results (rewritten after every configuration)")
@@ -339,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         except Exception as e:  # keep the other parts' figures
             result["errors"].append(f"{part}: {type(e).__name__}: {e}")
-        _free(args.device)
+        free(args.device)
         save()
     result["peer_over_ours"] = compare(result["train"], result["peer"])
     result["goals"] = goal_report(result["train"])
@@ -352,13 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _params(preset: str):
-    if preset == "small":
-        from benchmarks.bench_cpu import SMALL
-
-        return SMALL
-    from flux_lora.model.flux import PRESETS
-
-    return PRESETS[preset]
+    return SMALL if preset == "small" else PRESETS[preset]
 
 
 def _env(args) -> dict:

@@ -1,4 +1,8 @@
-"""Model building and the training step shared by the CPU and GPU benchmarks.
+"""Model building, the training step and the timing helpers shared by the CPU and GPU benchmarks.
+
+The step is the trainer's: :func:`flux_lora.training.loss.flow_matching_loss` with the shipped experiment's
+objective (resolution shift, guidance, caption dropout, loss weighting), under the precision context Lightning
+enters, then backward, gradient clipping and the configured optimizer.
 
 Models get random weights (Linear weights ~ N(0, std^2), std 0.02 as in FLUX.1-dev's blocks), so nothing needs
 downloading. :func:`materialise_` fills a model built on the meta device one block at a time, writing fp8
@@ -8,22 +12,35 @@ Linears straight into fp8, so neither host nor device ever holds a float copy of
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
 from flux_lora import sampling as S
-from flux_lora.config import LoraConfig
-from flux_lora.lora.peft_adapters import inject_lora
-from flux_lora.model.flux import Flux, FluxParams
+from flux_lora.config import LoraConfig, TrainConfig, load_config
+from flux_lora.lora.peft_adapters import inject_lora, trainable_parameters
+from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import FP8Linear, default_predicate, dequantize_weight, quantize_
 from flux_lora.model.layers import RMSNorm
+from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.block_wrappers import enable_gradient_checkpointing
+from flux_lora.training.loss import flow_matching_loss
+from flux_lora.training.module import import_class
 
 WEIGHT_STD = 0.02
+GB = 1e9
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flux-dev_lora-r16_fp8.yaml"
+# d = 256 (4 heads x 64), MLP 4d, 2 double + 4 single blocks; the encoders' widths (T5 4096, CLIP 768) as in FLUX.
+SMALL = replace(PRESETS["flux-dev"], hidden_size=256, num_heads=4, axes_dim=(8, 28, 28), depth=2, depth_single_blocks=4)
 
 
 @torch.no_grad()
@@ -94,7 +111,7 @@ def random_dit(
 
 
 class NaiveFP8Linear(FP8Linear):
-    """The trap the reference warns about (autocast or ``weight.to(bf16)`` inside forward): fp8 storage, but
+    """The known trap of fp8 training (autocast or ``weight.to(bf16)`` inside forward): fp8 storage, but
     autograd keeps the upcast float copy of every weight alive until backward. A control, not for use."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,55 +148,117 @@ def make_batch(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """A training batch as it comes from the caches: latents ``x0`` (packed), T5 states ``txt`` and CLIP ``y``
-    of the model's widths, plus the step's noise and times (drawn here so every variant sees the same ones)."""
+    """A training batch as the cache gives it: ``latents [B, C, h, w]``, T5 states ``txt [B, L, D]`` and CLIP
+    ``y [B, D]`` of the model's widths, in the cache's ``dtype``."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape) -> Tensor:
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     c = params.in_channels // 4
-    x0, noise = S.pack(randn(batch, c, latent_h, latent_w)), S.pack(randn(batch, c, latent_h, latent_w))
-    t = S.sample_timesteps(batch, generator=g).to(device)
     return dict(
-        x_t=S.add_noise(x0, noise, t),
-        target=S.flow_target(x0, noise),
-        t=t,
+        latents=randn(batch, c, latent_h, latent_w),
         txt=randn(batch, n_txt, params.context_in_dim),
         y=randn(batch, params.vec_in_dim),
-        img_ids=S.img_ids(batch, latent_h, latent_w, device=device),
-        txt_ids=S.txt_ids(batch, n_txt, device=device),
-        guidance=torch.full((batch,), 3.5, device=device) if params.guidance_embed else None,
     )
 
 
-def dit_loss(model: nn.Module, b: dict[str, Tensor], autocast: bool = True) -> Tensor:
-    """Flow-matching MSE of the DiT on a cached batch (bf16 autocast, as Lightning's ``bf16-mixed``)."""
-    device = b["x_t"].device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-        out = model(
-            img=b["x_t"],
-            img_ids=b["img_ids"],
-            txt=b["txt"],
-            txt_ids=b["txt_ids"],
-            timesteps=b["t"],
-            y=b["y"],
-            guidance=b["guidance"],
-        )
-    return F.mse_loss(out.float(), b["target"].float())
+def empty_embedding(
+    params: FluxParams, n_txt: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> TextEmbeddings:
+    """A stand-in for the cached empty-caption embedding (caption dropout swaps it in): random, of the widths."""
+    b = make_batch(params, 2, 2, n_txt, device=device, dtype=dtype, seed=1)
+    return TextEmbeddings(b["txt"], b["y"])
 
 
-def train_step(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer) -> Tensor:
-    """Forward, backward, optimizer step; returns the (detached) loss without a host sync."""
+def image_tokens(batch: dict[str, Tensor]) -> int:
+    return S.image_seq_len(*batch["latents"].shape[2:])
+
+
+def shipped_train_config() -> TrainConfig:
+    """The objective and optimizer of the shipped FLUX.1-dev experiment (``configs/flux-dev_lora-r16_fp8.yaml``)."""
+    return load_config(SHIPPED_CONFIG).train
+
+
+def precision_context(precision: str, device: str) -> AbstractContextManager:
+    """What the trainer wraps a training step in for ``precision``: Lightning's own autocast for the mixed
+    precisions (bf16, ``cache_enabled=False``), nothing for full precision."""
+    if precision.endswith("-mixed"):
+        return MixedPrecision(precision, device).forward_context()  # type: ignore[arg-type]
+    return nullcontext()
+
+
+def shipped_loss(
+    model: Flux,
+    batch: dict[str, Tensor],
+    cfg: TrainConfig,
+    empty: TextEmbeddings | None,
+    precision: str = "bf16-mixed",
+    seed: int = 0,
+) -> Tensor:
+    """The trainer's loss of one step (:func:`flux_lora.training.loss.flow_matching_loss`, under the trainer's
+    precision context); the draws come from a generator seeded with ``seed``, so every call draws the same."""
+    with precision_context(precision, batch["latents"].device.type):
+        return flow_matching_loss(model, batch, cfg, torch.Generator().manual_seed(seed), empty)
+
+
+def optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer the trainer builds from ``cfg`` (class by import path, learning rate, arguments)."""
+    return import_class(cfg.optimizer)(trainable_parameters(model), lr=cfg.learning_rate, **cfg.optimizer_args)
+
+
+def train_step(
+    loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, gradient_clip: float | None = None
+) -> Tensor:
+    """Forward, backward, gradient clipping by norm (as Lightning's ``gradient_clip_val``), optimizer step;
+    returns the (detached) loss without a host sync."""
     loss = loss_fn()
     loss.backward()
+    if gradient_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
-def adamw(model: nn.Module, lr: float = 1e-4, **kwargs) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **kwargs)
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    """Drop the previous configuration's tensors and reset the peak before measuring the next (CUDA only)."""
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / GB if device.startswith("cuda") else None
+
+
+def time_steps(step: Callable[[], object], device: str, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        step()
+    if not device.startswith("cuda"):
+        return [_wall(step) for _ in range(steps)]
+    events = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        events.append((start, end))
+    sync(device)
+    return [s.elapsed_time(e) / 1e3 for s, e in events]
+
+
+def _wall(step: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:

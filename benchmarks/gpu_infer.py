@@ -1,9 +1,6 @@
 """Inference part of ``bench_gpu.py``: seconds per image and peak memory at 1024 px, 28 steps, for bf16, fp8,
-fp8 + model offload and fp8 + block offload, with real-size text encoders and autoencoder (random weights).
-
-Depends on ``flux_lora.inference.pipeline.FluxPipeline`` (``FluxPipeline(model, ae, text_encoders, device=, dtype=)``,
-``enable_offload(None | "model" | "block")``, ``__call__(prompt, height=, width=, num_inference_steps=,
-guidance=, seed=, output_type=, progress=)``) and ``flux_lora.inference.offload``.
+fp8 + model offload and fp8 + block offload, with real-size text encoders and autoencoder (random weights),
+through ``flux_lora.inference.pipeline.FluxPipeline`` and its ``enable_offload``.
 """
 
 from __future__ import annotations
@@ -11,6 +8,10 @@ from __future__ import annotations
 import time
 
 import torch
+
+from benchmarks.common import free, peak_gb, random_dit, sync
+from benchmarks.gpu_models import autoencoder, text_encoders
+from flux_lora.inference.pipeline import FluxPipeline
 
 MODES = (
     ("bf16", None, None),
@@ -20,26 +21,10 @@ MODES = (
 )
 
 
-def _pipeline_class():
-    try:
-        from flux_lora.inference.pipeline import FluxPipeline
-    except ImportError as e:
-        raise RuntimeError(
-            "flux_lora.inference.pipeline is missing from this checkout; the inference benchmark needs the "
-            "pipeline (FluxPipeline and flux_lora.inference.offload) merged"
-        ) from e
-    return FluxPipeline
-
-
 def run_inference(params, args, budget, save, rows: list[dict]) -> None:
     """Append one row per memory mode to ``rows`` (``save()`` after each)."""
-    from benchmarks.bench_gpu import STEPS, _free, _peak_gb, _sync
-    from benchmarks.common import random_dit
-    from benchmarks.gpu_models import autoencoder, text_encoders
-
-    pipeline_cls = _pipeline_class()
     device, full = args.device, args.preset == "flux-dev"
-    res, steps = (1024, 4 if args.quick else STEPS) if full else (64, 2)
+    res, steps = (1024, 4 if args.quick else params.default_steps) if full else (64, 2)
     text = text_encoders(params, device, full_size=full)
     ae = autoencoder(device, "flux" if full else "tiny")
     pipe, built = None, "none"
@@ -53,8 +38,8 @@ def run_inference(params, args, budget, save, rows: list[dict]) -> None:
                 if pipe is not None:
                     pipe.enable_offload(None)
                 pipe = None
-                _free(device)
-                pipe = pipeline_cls(
+                free(device)
+                pipe = FluxPipeline(
                     random_dit(params, device=device, quantize=quantize), ae, text, device=device, dtype=torch.bfloat16
                 )
                 built = quantize
@@ -63,12 +48,12 @@ def run_inference(params, args, budget, save, rows: list[dict]) -> None:
                 prompt="a benchmark", height=res, width=res, guidance=3.5, seed=0, output_type="pt", progress=False
             )
             pipe(num_inference_steps=1, **call)  # warm-up: kernels, allocator, pinned buffers
-            _free(device)
-            _sync(device)
+            free(device)
+            sync(device)
             start = time.perf_counter()
             pipe(num_inference_steps=steps, **call)
-            _sync(device)
-            row.update(s_per_image=time.perf_counter() - start, peak_allocated_GB=_peak_gb(device))
+            sync(device)
+            row.update(s_per_image=time.perf_counter() - start, peak_allocated_GB=peak_gb(device))
         except Exception as e:  # out of memory in one mode: record it, go on
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)

@@ -9,12 +9,15 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import clip_l_config, materialise_, random_dit, t5_xxl_config
-from flux_lora.config import LoraConfig
+from benchmarks.common import clip_l_config, materialise_, precision_context, random_dit, t5_xxl_config
+from flux_lora.config import LoraConfig, TrainConfig
 from flux_lora.lora.peft_adapters import inject_lora
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
 from flux_lora.model.flux import FluxParams
+from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
+from flux_lora.training.loss import dit_inputs, draw, weighted_mse
+from flux_lora.weights.keymaps import flux_to_diffusers_config
 
 BLOCK_LISTS = (
     "double_blocks",
@@ -44,8 +47,6 @@ def peer(params: FluxParams, device: str, *, rank: int, checkpointing: bool, com
     import peft
     from diffusers import FluxTransformer2DModel
 
-    from flux_lora.weights.keymaps import flux_to_diffusers_config
-
     with torch.device("meta"):
         model = FluxTransformer2DModel(**flux_to_diffusers_config(params)).to(torch.bfloat16)
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
@@ -67,16 +68,35 @@ def peer(params: FluxParams, device: str, *, rank: int, checkpointing: bool, com
     return model.train()
 
 
-def peer_loss_inputs(b: dict[str, Tensor]) -> dict:
-    """Our cached batch as diffusers' keyword arguments (it scales times and guidance by 1000 itself)."""
+def peer_loss(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    cfg: TrainConfig,
+    empty: TextEmbeddings | None,
+    precision: str = "bf16-mixed",
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Our training loss (:mod:`flux_lora.training.loss`: the same draws, inputs and weighting) computed by the
+    diffusers model, under the same precision context; the noisy image goes in as ``dtype``."""
+    draws = draw(batch["latents"].shape, cfg, torch.Generator().manual_seed(seed))
+    guidance = cfg.guidance if model.config.guidance_embeds else None
+    with precision_context(precision, batch["latents"].device.type):
+        x, target = dit_inputs(batch, draws, guidance, dtype, empty)
+        pred = model(**peer_inputs(x))[0]
+        return weighted_mse(pred, target, draws.t.to(target.device), cfg.loss_weighting)
+
+
+def peer_inputs(x: dict) -> dict:
+    """Our DiT's keyword arguments as diffusers' (it scales times and guidance by 1000 itself)."""
     return dict(
-        hidden_states=b["x_t"],
-        encoder_hidden_states=b["txt"],
-        pooled_projections=b["y"],
-        timestep=b["t"],
-        img_ids=b["img_ids"][0],
-        txt_ids=b["txt_ids"][0],
-        guidance=b["guidance"],
+        hidden_states=x["img"],
+        encoder_hidden_states=x["txt"],
+        pooled_projections=x["y"],
+        timestep=x["timesteps"],
+        img_ids=x["img_ids"][0],
+        txt_ids=x["txt_ids"][0],
+        guidance=x["guidance"],
         return_dict=False,
     )
 
@@ -124,8 +144,6 @@ def text_encoders(params: FluxParams, device: str, *, full_size: bool = True):
     """CLIP-L and T5-XXL (or one-layer versions of the DiT's widths) with random bf16 weights on ``device``,
     wrapped as :class:`flux_lora.model.text_encoders.TextEncoders`."""
     from transformers import CLIPTextModel, T5EncoderModel
-
-    from flux_lora.model.text_encoders import TextEncoders
 
     small = {} if full_size else dict(num_hidden_layers=1, intermediate_size=64, num_attention_heads=2)
     clip_cfg = clip_l_config(hidden_size=params.vec_in_dim, projection_dim=params.vec_in_dim, **small)

@@ -14,33 +14,48 @@ default). ``--controlnet ID_OR_PATH[:SCALE]`` is a diffusers-layout ControlNet f
 it come its ``--control-image`` (required; for upscaler and tile modes the low-resolution image itself),
 ``--control-mode`` (union ControlNets), ``--mask`` (inpainting ControlNets; white = repaint) and
 ``--control-start`` / ``--control-end`` (the fraction of the steps it acts on). ``--quantize`` applies to the
-ControlNets too. Image ``i`` of ``--num-images N`` uses seed ``SEED + i`` and is written to ``OUTPUT-i.png``
-(just ``OUTPUT`` when N is 1); the prompt, seed, steps, guidance, model, LoRAs, ControlNets and quantization go
-into the PNG's text chunks, so the same settings give the same file byte for byte.
+ControlNets too. ``--seed`` takes one or more seeds, one image each; with one seed ``S``, ``--num-images N``
+makes ``N`` images with seeds ``S, S+1, ...``. Each image's noise comes from its own seed, so ``--batch-size``
+(images per DiT call) changes speed and memory, not the pictures (beyond float rounding). ``--image PATH
+--strength S`` starts from a picture (image to image; strength 0 keeps it, 1 ignores it; default 0.6); without
+``--height``/``--width`` the picture's size is used, rounded down to multiples of 16. Without ``--output`` the
+images are numbered ``output_00001.png``, ... after the highest number in the current folder; with
+``--output OUT`` they are ``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``. The
+PNG holds an A1111-style ``parameters`` text (prompt, steps, sampler, guidance, seed, size, model, ``Lora
+hashes``) and every setting as JSON in a ``flux_lora`` chunk, so the same settings give the same file byte for
+byte.
+
+LoRA files, the autoencoder, ControlNet configs and control images are checked before the DiT loads; bad input
+stops with a one-line error and exit status 1. LoRA files may hold DoRA, LoHa, LoKr, diff and text-encoder
+parts (applied to CLIP-L and T5); a key that cannot be applied is an error unless ``--allow-partial``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import secrets
 import sys
-import tempfile
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
-try:
-    import flux_lora  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# this checkout's package first, even when another checkout is pip-installed (-e) in the environment
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from flux_lora.inference.control import ControlNetUnit
-from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline
-from flux_lora.lora.runtime import apply_loras
+from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
+from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
+from flux_lora.lora.encoders import read_text_encoder_lora
+from flux_lora.lora.files import read_lora
+from flux_lora.lora.runtime import LoraSpec, apply_loras
+from flux_lora.model.controlnet import check_compatible
+from flux_lora.model.flux import FluxParams
+from flux_lora.weights.controlnet_loading import find_controlnet_folder, read_controlnet_params, resolve_controlnet
+from flux_lora.weights.loading import flux_params
 
 log = logging.getLogger("generate")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -92,7 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative-prompt", default=None, help="used with --true-cfg != 1 (default: empty)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="true classifier-free guidance scale")
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]")
-    p.add_argument("--lora-mode", choices=["unfused", "fused"], default="unfused")
+    p.add_argument(
+        "--lora-mode",
+        choices=["unfused", "fused"],
+        default="unfused",
+        help="fused: added into the weights (on an fp8 DiT re-quantized, which is not exact)",
+    )
+    p.add_argument("--allow-partial", action="store_true", help="apply LoRAs even when some keys cannot be applied")
     p.add_argument("--quantize", choices=["float8_e4m3fn"], default=None, help="store the DiT and ControlNets in fp8")
     p.set_defaults(controlnets=[])
     cn = p.add_argument_group("ControlNets (options after a --controlnet apply to it)")
@@ -103,22 +124,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cn.add_argument("--control-start", dest="start", type=float, action=ControlNetOption, metavar="FRACTION")
     cn.add_argument("--control-end", dest="end", type=float, action=ControlNetOption, metavar="FRACTION")
     p.add_argument("--offload", choices=["none", "model", "block"], default="none")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=None, help="default: the --image's, else 1024")
+    p.add_argument("--width", type=int, default=None, help="default: the --image's, else 1024")
+    p.add_argument("--image", type=Path, default=None, help="image to image: start from this picture")
+    p.add_argument("--strength", type=float, default=None, help="with --image: 0 keeps it, 1 ignores it (0.6)")
     p.add_argument("--steps", type=int, default=None, help="default: 28 for dev, 4 for schnell")
     p.add_argument("--guidance", type=float, default=None, help="embedded guidance (dev; default 3.5)")
-    p.add_argument("--seed", type=int, default=None, help="default: random (written into the PNG)")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--output", type=Path, default=Path("output.png"))
+    p.add_argument(
+        "--seed", type=int, nargs="+", default=None, help="one or more; default: random (written into the PNG)"
+    )
+    p.add_argument("--num-images", type=int, default=None, help="with one seed S: seeds S, S+1, ... (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per DiT call (same seeds, same images)")
+    p.add_argument("--output", type=Path, default=None, help="default: output_NNNNN.png, numbered")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = p.parse_args(argv)
     for path, _ in args.lora:
         if not path.is_file():
             p.error(f"--lora {path}: no such file")
-    if args.num_images < 1:
-        p.error(f"--num-images must be >= 1, got {args.num_images}")
+    try:
+        args.seeds = seed_list(args.seed, args.num_images)
+    except ValueError as e:
+        p.error(str(e))
+    args.num_images = len(args.seeds)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.image is None and args.strength is not None:
+        p.error("--strength is for image to image: give --image too")
+    if args.image is not None and not args.image.is_file():
+        p.error(f"--image {args.image}: no such file")
+    if args.strength is not None and not 0 <= args.strength <= 1:
+        p.error(f"--strength must be in [0, 1], got {args.strength}")
     images = sum("image" in u for u in args.controlnets)
     for unit in args.controlnets:
         if "image" not in unit:
@@ -132,19 +170,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_controlnets(pipe: FluxPipeline, specs: list[dict], quantize: str | None) -> list[ControlNetUnit]:
+def seed_list(seeds: list[int] | None, num_images: int | None) -> list[int]:
+    """The seed of each image: several ``--seed``, or ``S, S+1, ...`` for ``--num-images`` (S random if not given)."""
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    if seeds is not None and len(seeds) > 1:
+        if num_images not in (None, len(seeds)):
+            raise ValueError(f"{len(seeds)} seeds but --num-images {num_images}: give one seed, or one per image")
+        return list(seeds)
+    first = seeds[0] if seeds else secrets.randbelow(2**31)
+    return [first + i for i in range(num_images or 1)]
+
+
+def load_controlnets(
+    pipe: FluxPipeline, specs: list[dict], images: dict[Path, Image.Image], quantize: str | None
+) -> list[ControlNetUnit]:
     """The ControlNets of the command line (each loaded once, however often it is named) with their inputs."""
     models, units = {}, []
     for spec in specs:
         source = spec["controlnet"]
         if source not in models:
             models[source] = pipe.load_controlnet(source, quantize=quantize)
-        mask = Image.open(spec["mask"]) if "mask" in spec else None
         units.append(
             ControlNetUnit(
                 models[source],
-                Image.open(spec["image"]),
-                mask=mask,
+                images[spec["image"]],
+                mask=images[spec["mask"]] if "mask" in spec else None,
                 mode=spec.get("mode"),
                 scale=spec["scale"],
                 start=spec.get("start", 0.0),
@@ -170,68 +221,117 @@ def controlnet_settings(specs: list[dict]) -> list[dict]:
     ]
 
 
-def load_loras(pipe: FluxPipeline, specs: list[tuple[Path, float]], mode: str) -> list[str]:
-    """Read and apply the LoRA files; returns ``FILE:SCALE`` labels for the metadata."""
-    if not specs:
-        return []
-    from flux_lora.lora.files import read_lora
+class Checked(NamedTuple):
+    """What is read and checked before the DiT loads."""
 
+    folder: Path
+    params: FluxParams
+    loras: list[LoraSpec]
+    lora_hashes: dict[str, str]  # name -> first 10 hex of the file's sha256
+    images: dict[Path, Image.Image]  # control images and masks
+    outputs: list[Path]
+
+
+def read_loras(specs: list[tuple[Path, float]], params: FluxParams, allow_partial: bool) -> list[LoraSpec]:
+    """Read every LoRA file (layout, shapes, finite values, keys) as ``(weights, scale, unique name)``."""
     loras, names = [], set()
     for i, (path, scale) in enumerate(specs):
         name = path.stem.replace(".", "_") or f"lora{i}"
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
-        loras.append((read_lora(path, pipe.dit.params), scale, name))
-    adapter_dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
-    apply_loras(pipe.dit, loras, mode=mode, dtype=adapter_dtype)
-    return [f"{path.name}:{scale:g}" for path, scale in specs]
+        dit = read_lora(path, params, allow_partial=allow_partial, skip_text_encoders=True)
+        loras.append((dit, scale, name))
+    return loras
 
 
-def png_info(settings: dict) -> PngImagePlugin.PngInfo:
-    """Each setting as a text chunk, plus ``parameters`` (one JSON object with all of them)."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in settings.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    info.add_text("parameters", json.dumps(settings, sort_keys=True))
-    return info
+def apply_all(pipe: FluxPipeline, loras: list[LoraSpec], paths: list[Path], args: argparse.Namespace) -> None:
+    """The DiT parts (read before the DiT loaded) and the text-encoder parts of the LoRA files."""
+    dtype = torch.float32 if pipe.dtype == torch.float32 else torch.bfloat16
+    dit = [spec for spec in loras if spec[0]]
+    if dit:
+        apply_loras(pipe.dit, dit, mode=args.lora_mode, dtype=dtype)
+    te = [
+        (read_text_encoder_lora(p, pipe.text_encoders, allow_partial=args.allow_partial), s, n)
+        for p, (_, s, n) in zip(paths, loras, strict=True)
+    ]
+    te = [spec for spec in te if spec[0]]
+    if te:
+        apply_loras(pipe.text_encoders, te, mode=args.lora_mode, dtype=dtype)
 
 
-def save_png(image: Image.Image, path: Path, settings: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def open_image(path: Path, what: str) -> Image.Image:
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=png_info(settings))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: not a readable image ({e})") from None
 
 
-def output_path(output: Path, index: int, count: int) -> Path:
-    return output if count == 1 else output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}")
+def check_controlnets(specs: list[dict], params: FluxParams) -> None:
+    """Each ControlNet's config.json against the DiT's headers (the weights load later)."""
+    for source in dict.fromkeys(s["controlnet"] for s in specs):
+        cn = read_controlnet_params(find_controlnet_folder(resolve_controlnet(source)))
+        check_compatible(cn, params, f"ControlNet {source}")
+
+
+def output_paths(args: argparse.Namespace) -> list[Path]:
+    if args.output is None:
+        return numbered_paths(Path.cwd(), "output", args.num_images)
+    out = args.output
+    paths = (
+        [out]
+        if args.num_images == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(args.num_images)]
+    )
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
+    return paths
+
+
+def preflight(args: argparse.Namespace) -> Checked:
+    """Everything that can be checked from headers and small files, before any large weights load."""
+    outputs = output_paths(args)
+    folder = model_folder(args.model)
+    params = flux_params(folder)  # the DiT's headers only
+    loras = read_loras(args.lora, params, args.allow_partial)
+    hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
+    check_controlnets(args.controlnets, params)
+    images = {} if args.image is None else {args.image: open_image(args.image, "--image")}
+    for unit in args.controlnets:
+        images[unit["image"]] = open_image(unit["image"], "--control-image")
+        if "mask" in unit:
+            images[unit["mask"]] = open_image(unit["mask"], "--mask")
+    return Checked(folder, params, loras, hashes, images, outputs)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        quiet_libraries()
+    checked = preflight(args)
     offload = None if args.offload == "none" else args.offload
     pipe = FluxPipeline.from_pretrained(
-        args.model, quantize=args.quantize, dtype=DTYPES[args.dtype], device=args.device, offload=offload
+        checked.folder, quantize=args.quantize, dtype=DTYPES[args.dtype], device=args.device, offload=offload
     )
-    loras = load_loras(pipe, args.lora, args.lora_mode)
-    controlnets = load_controlnets(pipe, args.controlnets, args.quantize)
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    height, width = pipe.image_size(args.height, args.width)
+    apply_all(pipe, checked.loras, [path for path, _ in args.lora], args)
+    controlnets = load_controlnets(pipe, args.controlnets, checked.images, args.quantize)
+    init = checked.images.get(args.image) if args.image is not None else None
+    height, width = pipe.image_size(*output_size(args, init))
     steps = pipe.dit.params.default_steps if args.steps is None else args.steps
     dev = pipe.dit.params.guidance_embed
     guidance = (DEFAULT_GUIDANCE if args.guidance is None else args.guidance) if dev else None
     negative = args.negative_prompt if args.true_cfg != 1.0 else None
+    strength = 1.0 if init is None else (0.6 if args.strength is None else args.strength)
+    ds = pipe.ae.params.downscale_factor
     written = []
-    for i in range(args.num_images):
+    for first in range(0, len(args.seeds), args.batch_size):
+        seeds = args.seeds[first : first + args.batch_size]
+        noise = torch.cat([pipe.noise(1, height // ds, width // ds, torch.Generator().manual_seed(s)) for s in seeds])
         # schnell gets the user's --guidance only so that the pipeline can warn that it is ignored
-        image = pipe(
+        images = pipe(
             args.prompt,
             height=height,
             width=width,
@@ -239,32 +339,63 @@ def main(argv: list[str] | None = None) -> list[Path]:
             guidance=guidance if dev else args.guidance,
             true_cfg=args.true_cfg,
             negative_prompt=negative,
-            seed=seed + i,
+            num_images_per_prompt=len(seeds),
+            latents=noise,
             controlnets=controlnets,
+            image=init,
+            strength=strength,
             progress=not args.quiet,
-        )[0]
-        settings = {
-            "prompt": args.prompt,
-            "seed": seed + i,
-            "steps": steps,
-            "guidance": guidance,
-            "width": width,
-            "height": height,
-            "model": str(args.model),
-            "loras": loras,
-            "lora_mode": args.lora_mode,
-            "controlnets": controlnet_settings(args.controlnets),
-            "quantize": args.quantize or "none",
-            "sampler": "euler (flow matching)",
-        }
-        if args.true_cfg != 1.0:
-            settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")
-        path = output_path(args.output, i, args.num_images)
-        save_png(image, path, settings)
-        log.info("wrote %s (seed %d)", path, seed + i)
-        written.append(path)
+        )
+        for seed, image, path in zip(seeds, images, checked.outputs[first:], strict=False):
+            settings = {
+                "prompt": args.prompt,
+                "seed": seed,
+                "steps": steps,
+                "guidance": guidance,
+                "width": width,
+                "height": height,
+                "model": str(args.model),
+                "loras": [f"{p.name}:{scale:g}" for p, scale in args.lora],
+                "lora_hashes": checked.lora_hashes,
+                "lora_mode": args.lora_mode,
+                "controlnets": controlnet_settings(args.controlnets),
+                "quantize": args.quantize or "none",
+                "sampler": "euler (flow matching)",
+            }
+            if args.true_cfg != 1.0:
+                settings.update(true_cfg=args.true_cfg, negative_prompt=negative or "")
+            if init is not None:
+                settings.update(image=str(args.image), strength=strength)
+            save_png(image, path, settings, overwrite=args.overwrite)
+            log.info("wrote %s (seed %d)", path, seed)
+            written.append(path)
     return written
 
 
+def output_size(args: argparse.Namespace, init: Image.Image | None) -> tuple[int, int]:
+    """``(height, width)`` as given, else the --image's size, else 1024 (rounded to multiples of 16 later)."""
+    h0, w0 = (1024, 1024) if init is None else (init.height, init.width)
+    return (args.height or h0), (args.width or w0)
+
+
+def quiet_libraries() -> None:
+    """No progress bars, info or warnings from the libraries either (``--quiet`` prints only errors)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.simplefilter("ignore")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with bad input reported as one line on stderr and exit status 1 (no traceback)."""
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:  # CheckpointError, LoraFormatError: ValueErrors naming the file or key
+        log.error("error: %s", " ".join(str(e).split()))
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from flux_lora import config_io
+from flux_lora.dtypes import Quantize
 from flux_lora.sampling import SIDE_MULTIPLE, TimestepSampling
 
 DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")
@@ -129,7 +130,7 @@ class ModelConfig:
 
     source: str = "AI-ModelScope/FLUX.1-dev"  # a local folder in the official layout or a ModelScope id
     preset: str | None = None  # architecture preset; None infers it from the checkpoint
-    quantize: Literal["float8_e4m3fn"] | None = None  # store the DiT's block Linears in fp8
+    quantize: Quantize | None = None  # store the DiT's block Linears in fp8
     quant_policy: Literal["blocks", "all"] = "blocks"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPUs, float32 on CPUs
     gradient_checkpointing: bool = True  # recompute each block in backward
@@ -203,7 +204,7 @@ def check_optimizer(path: str, args: dict, lr: float) -> None:
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise ValueError(f"train.optimizer_args must be a mapping of argument names to values, got {args!r}")
     try:
-        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **args)
+        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **args)  # type: ignore[call-arg]
     except Exception as e:  # TypeError (unknown argument), ValueError, IndexError (betas: [0.9]), ...
         raise ValueError(
             f"train.optimizer_args {args!r} are not accepted by {path} ({type(e).__name__}: {e})"

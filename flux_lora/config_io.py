@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from flux_lora.atomic import write_text_atomic
+
 T = TypeVar("T")
 
 
@@ -217,9 +219,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump(cfg: Any, path: str | Path) -> Path:
     """Write the resolved configuration as YAML, atomically; ``load`` reads it back to an equal config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -14,14 +14,8 @@ Quantize = Literal["float8_e4m3fn"]
 """How the DiT's selected Linears are stored: ``float8_e4m3fn`` (or ``None`` for the checkpoint's float dtype)."""
 QUANTIZE_VALUES: tuple[str, ...] = get_args(Quantize)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Compute dtypes by the names configs and command lines use."""
 
 
 def check_quantize(quantize: str | None, what: str = "quantize") -> Quantize | None:
@@ -31,7 +25,13 @@ def check_quantize(quantize: str | None, what: str = "quantize") -> Quantize | N
     return quantize  # type: ignore[return-value]
 
 
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (names as in cache keys and configs)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def dtype_from_name(name: str, what: str = "dtype") -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; an unknown name is one clear error."""
     try:
         return DTYPES[name]
     except KeyError:
@@ -41,6 +41,6 @@ def dtype_from_name(name: str, what: str = "dtype") -> torch.dtype:
 def float_dtype(module: nn.Module) -> torch.dtype:
     """The dtype of the first floating-point, non-fp8 parameter (the compute dtype of an fp8 DiT)."""
     for p in module.parameters():
-        if p.dtype.is_floating_point and p.dtype != FP8:
+        if p.dtype.is_floating_point and p.dtype not in FP8_DTYPES:
             return p.dtype
     return torch.float32

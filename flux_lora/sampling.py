@@ -37,7 +37,13 @@ def unpack(tokens: Tensor, latent_height: int, latent_width: int) -> Tensor:
     return x.reshape(b, c4 // 4, h * 2, w * 2)
 
 
-def img_ids(batch: int, latent_height: int, latent_width: int, device=None, dtype=torch.float32) -> Tensor:
+def img_ids(
+    batch: int,
+    latent_height: int,
+    latent_width: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Position ids ``[B, (h/2)(w/2), 3]`` with ``ids[i, j] = (0, i, j)`` over the packed grid, row-major."""
     h, w = latent_height // 2, latent_width // 2
     ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
@@ -46,7 +52,9 @@ def img_ids(batch: int, latent_height: int, latent_width: int, device=None, dtyp
     return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
 
 
-def txt_ids(batch: int, length: int, device=None, dtype=torch.float32) -> Tensor:
+def txt_ids(
+    batch: int, length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Text position ids: zeros ``[B, L, 3]``."""
     return torch.zeros(batch, length, 3, device=device, dtype=dtype)
 
@@ -100,7 +108,7 @@ def sample_timesteps(
     logit_std: float = 1.0,
     sigmoid_scale: float = 1.0,
     generator: torch.Generator | None = None,
-    device=None,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Draw one training time per sample, ``[B]`` in (0, 1).
 

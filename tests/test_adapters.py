@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from helpers_dit import random_lora
 from torch import nn
 
 from flux_lora.lora.runtime import (
@@ -22,7 +21,8 @@ from flux_lora.model.flux import PRESETS, Flux
 from flux_lora.model.fp8 import FP8, FP8Linear, quantize_
 from flux_lora.weights.tiny import random_flux
 
-from fluxtest import dit_inputs
+from helpers.dit import dit_inputs
+from helpers.lora import random_lora
 
 PATHS = [
     "double_blocks.0.img_attn.qkv",

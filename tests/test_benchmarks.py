@@ -1,4 +1,4 @@
-"""The bounds of issue 5 on the CPU benchmark's deterministic measurements (benchmarks/bench_cpu.py, a scaled-down
+"""The bounds on the CPU benchmark's deterministic measurements (benchmarks/bench_cpu.py, a scaled-down
 FLUX of the real structure), the analytic accounting both benchmarks use, and the GPU script's helpers and code
 paths (run end to end on the CPU at tiny size). No timing is asserted anywhere."""
 
@@ -55,7 +55,7 @@ def test_accounting_lists_exactly_the_models_linears(params):
 
 
 def test_lora_counts_match_the_reference_figures():
-    """304 targets; rank 16: 76.6 M parameters with modulation, 56.0 M on the token-path linears (reference §3.6)."""
+    """304 targets; rank 16: 76.6 M parameters with modulation, 56.0 M on the token-path linears."""
     assert len(A.lora_targets(FULL)) == 304
     assert A.lora_parameter_count(FULL, 16) == 1558 * 3072 * 16  # 46 d r per double block, 18 d r per single
     assert round(A.lora_parameter_count(FULL, 16) / 1e6, 1) == 76.6
@@ -64,7 +64,7 @@ def test_lora_counts_match_the_reference_figures():
 
 @pytest.mark.parametrize("res, fwd, step, step_ckpt", [(512, 21.49, 45.5, 66.9), (1024, 74.38, 171.1, 245.4)])
 def test_analytic_flops_match_the_reference_tables(res, fwd, step, step_ckpt):
-    """Reference §3.2/§3.3 (512 T5 tokens, frozen base, LoRA FLOPs left out as there)."""
+    """FLUX.1-dev step FLOPs worked out by hand (512 T5 tokens, frozen base, LoRA FLOPs left out)."""
     n_img, n_txt = A.tokens(res, res, 512)
     assert A.forward_flops(FULL, n_img, n_txt)["total"] / 1e12 == pytest.approx(fwd, rel=2e-3)
     assert A.step_flops(FULL, n_img, n_txt, checkpointing=False, lora_rank=0) / 1e12 == pytest.approx(step, rel=2e-3)
@@ -157,7 +157,7 @@ def test_scaled_fp8_error_is_below_plain_cast(base, batch):
 def test_gpu_script_helpers():
     full = G.train_matrix()
     assert len(full) == 8 and len(set(full)) == 8
-    assert full[:2] == [G.TrainConfig(1024, True, False), G.TrainConfig(512, True, False)]  # the goal first
+    assert full[:2] == [G.BenchConfig(1024, True, False), G.BenchConfig(512, True, False)]  # the goal first
     assert all(not c.compiled for c in G.train_matrix(compile=False))
     jobs = [(part, [c.res for c in group]) for part, group in G.schedule({"train", "peer", "infer"}, full)]
     assert jobs[:3] == [("train", [1024, 512]), ("peer", [1024, 512]), ("infer", [])] and len(jobs) == 9

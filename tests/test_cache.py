@@ -9,15 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cache_helpers import (
-    DTYPE,
-    MAX_LENGTH,
-    Loaders,
-    fill_worker,
-    forbidden,
-    setup_run,
-    write_data,
-)
 
 from flux_lora.config import DataConfig, DataError
 from flux_lora.data.buckets import apply_crop
@@ -36,6 +27,16 @@ from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEncoders
 from flux_lora.weights.loading import load_autoencoder
 from flux_lora.weights.tiny import write_tiny_model
+
+from helpers.cache import (
+    DTYPE,
+    MAX_LENGTH,
+    Loaders,
+    fill_worker,
+    forbidden,
+    setup_run,
+    write_data,
+)
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import logging
 
 import pytest
 import torch
-from cache_helpers import Loaders, forbidden, setup_run, write_data
 
 from flux_lora.data.cache import CacheEntryError, fill_cache
+
+from helpers.cache import Loaders, forbidden, setup_run, write_data
 
 
 def _flip_bytes_near_the_end(path):

@@ -10,7 +10,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers_dit import FakeAccelerator, random_lora, realign, while_each_block_runs
 from PIL import Image
 
 from flux_lora.inference.control import ControlNetUnit, control_pixels
@@ -23,7 +22,9 @@ from flux_lora.sampling import pack
 from flux_lora.weights.controlnet_loading import load_controlnet
 from flux_lora.weights.tiny import tiny_controlnet_params, write_tiny_controlnet
 
-from fluxtest import diffusers_parts
+from helpers.lora import random_lora
+from helpers.offload import FakeAccelerator, realign, while_each_block_runs
+from helpers.parity import diffusers_parts
 
 H, W = 32, 48  # latent 4x6: 6 image tokens
 KW = dict(height=H, width=W, num_inference_steps=4, output_type="latent", progress=False)
@@ -37,19 +38,6 @@ def _image(seed: int, width: int = W, height: int = H) -> Image.Image:
 def _tensor(image: Image.Image) -> torch.Tensor:
     """``[1, 3, H, W]`` in [0, 1]."""
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
-@pytest.fixture(scope="module")
-def dev_pipe(tiny_dev_dir) -> FluxPipeline:
-    pipe = FluxPipeline.from_pretrained(tiny_dev_dir, dtype=torch.float32, device="cpu")
-    for module in (pipe.dit, pipe.ae, pipe.text_encoders):
-        realign(module)  # bit-equal runs under the fake accelerator (see helpers_dit.realign)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def schnell_pipe(tiny_schnell_dir) -> FluxPipeline:
-    return FluxPipeline.from_pretrained(tiny_schnell_dir, dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +245,7 @@ def test_lora_on_the_dit_only_with_a_controlnet(dev_pipe, cns, emb):
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in state)
 
 
-def test_fp8_controlnet_in_the_pipeline(dev_pipe, cns, emb, capsys):
+def test_fp8_controlnet_in_the_pipeline(dev_pipe, cns, emb):
     fp8 = dev_pipe.load_controlnet(cns["folders"]["union"], quantize="float8_e4m3fn")
     assert isinstance(fp8.double_blocks[0].img_attn.qkv, FP8Linear)
     assert fp8.double_blocks[0].img_attn.qkv.weight.dtype == FP8
@@ -267,12 +255,7 @@ def test_fp8_controlnet_in_the_pipeline(dev_pipe, cns, emb, capsys):
     full = dev_pipe(controlnets=[ControlNetUnit(cns["union"], image, mode="depth")], **kw)
     quantized = dev_pipe(controlnets=[ControlNetUnit(fp8, image, mode="depth")], **kw)
     effect, error = (full - plain).abs().mean().item(), (quantized - full).abs().mean().item()
-    with capsys.disabled():
-        print(
-            f"\nfp8 union ControlNet, float32 compute: mean |fp8 - float| {error:.2e}, "
-            f"mean |ControlNet effect| {effect:.2e}"
-        )
-    assert 0 < error < 0.05 * effect
+    assert 0 < error < 0.05 * effect  # measured: 1.1e-3 against 0.44
 
 
 # ------------------------------------------------------------------------------------------ memory modes

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from controlnettest import controlnet_inputs as inputs
 
 from flux_lora.model.controlnet import ControlNetParams, FluxControlNet, combine_residuals
 from flux_lora.model.flux import PRESETS, ControlResiduals
@@ -20,6 +19,9 @@ from flux_lora.weights.controlnet_loading import (
 from flux_lora.weights.keymaps import flux_to_diffusers, flux_to_diffusers_config
 from flux_lora.weights.tiny import random_flux, tiny_controlnet_params, write_tiny_controlnet
 
+from helpers.dit import controlnet_inputs
+from helpers.parity import diffusers_kwargs
+
 diffusers = pytest.importorskip("diffusers")
 
 TINY = PRESETS["tiny"]
@@ -31,20 +33,6 @@ CONFIGS = {
     # FLUX's head size and RoPE axes
     "real-head": ControlNetParams(replace(TINY, hidden_size=256, num_heads=2, axes_dim=(16, 56, 56)), num_modes=10),
 }
-
-
-def diffusers_kwargs(x: dict) -> dict:
-    """:func:`inputs` under diffusers' argument names (shared by its ControlNet and transformer)."""
-    return dict(
-        hidden_states=x["img"],
-        encoder_hidden_states=x["txt"],
-        pooled_projections=x["y"],
-        timestep=x["timesteps"],
-        img_ids=x["img_ids"][0],
-        txt_ids=x["txt_ids"][0],
-        guidance=x["guidance"],
-        return_dict=False,
-    )
 
 
 def diffusers_residuals(
@@ -71,7 +59,7 @@ def test_residuals_match_diffusers(name, tmp_path):
     folder = write_tiny_controlnet(tmp_path / name, union=p.is_union, seed=3, params=p)
     ref = diffusers.FluxControlNetModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
     ours = load_controlnet(folder, dtype=torch.float32)
-    x = inputs(p)
+    x = controlnet_inputs(p)
     mode = torch.tensor([2, 6]) if p.is_union else None
     double, single = diffusers_residuals(ref, x, None if mode is None else mode[:, None], scale=0.7)
     assert_residuals_equal(ours(**x, mode=mode, scale=0.7), double, single)
@@ -80,7 +68,7 @@ def test_residuals_match_diffusers(name, tmp_path):
 @torch.no_grad()
 def test_union_modes_are_per_sample_and_matter(tiny_union_controlnet_dir):
     cn = load_controlnet(tiny_union_controlnet_dir, dtype=torch.float32)
-    x = inputs(cn.params)
+    x = controlnet_inputs(cn.params)
     mixed = cn(**x, mode=torch.tensor([0, 2]))
     canny, depth = cn(**x, mode="canny"), cn(**x, mode=2)
     torch.testing.assert_close(mixed.double[0][0], canny.double[0][0])
@@ -95,7 +83,7 @@ def test_loads_diffusers_written_shards(tiny_union_controlnet_dir, tmp_path):
     ref.save_pretrained(tmp_path, max_shard_size="100KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     ours = load_controlnet(tmp_path, dtype=torch.float32)
-    x = inputs(ours.params)
+    x = controlnet_inputs(ours.params)
     mode = torch.tensor([1, 1])
     assert_residuals_equal(ours(**x, mode=mode), *diffusers_residuals(ref.eval(), x, mode[:, None]))
 
@@ -135,7 +123,7 @@ def test_config_is_diffusers_kwargs():
 def test_fresh_controlnet_outputs_zero():
     """Zero output layers by design: a new ControlNet's residuals are exactly zero."""
     p = tiny_controlnet_params(union=True)
-    residuals = FluxControlNet(p)(**inputs(p), mode="tile")
+    residuals = FluxControlNet(p)(**controlnet_inputs(p), mode="tile")
     assert all(torch.count_nonzero(r) == 0 for r in residuals.double + residuals.single)
 
 
@@ -159,7 +147,7 @@ def test_flux_adds_residuals_like_diffusers(n_double, n_single, dit_pair):
     """``Flux.forward(controls=...)`` == diffusers with ``controlnet_(single_)block_samples``, for residual
     counts below, equal to and above the DiT's block counts (diffusers' interval rule)."""
     model, ref = dit_pair
-    x = inputs(tiny_controlnet_params())
+    x = controlnet_inputs(tiny_controlnet_params())
     g = torch.Generator().manual_seed(1)
     shape = (*x["img"].shape[:2], model.params.hidden_size)
     double = [torch.randn(shape, generator=g) for _ in range(n_double)]
@@ -186,7 +174,7 @@ def _multi(refs: list, x: dict, controls: list, modes: list, scales: list) -> tu
 def test_two_controlnets_and_two_union_modes_match_diffusers_multi(tmp_path):
     """Summed residuals == diffusers' FluxMultiControlNetModel: two ControlNets, and one union model given two
     (image, mode) pairs, each pair with its own scale."""
-    x, x2 = inputs(tiny_controlnet_params()), inputs(tiny_controlnet_params(), seed=9)
+    x, x2 = controlnet_inputs(tiny_controlnet_params()), controlnet_inputs(tiny_controlnet_params(), seed=9)
     folders = [write_tiny_controlnet(tmp_path / f"cn{s}", seed=s) for s in (1, 2)]
     refs = [diffusers.FluxControlNetModel.from_pretrained(f, torch_dtype=torch.float32).eval() for f in folders]
     ours = [load_controlnet(f, dtype=torch.float32) for f in folders]

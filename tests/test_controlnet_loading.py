@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from controlnettest import controlnet_inputs, flat, rel_error
 
 from flux_lora import sampling as S
 from flux_lora.model.autoencoder import AE_PRESETS
@@ -33,6 +32,9 @@ from flux_lora.weights.controlnet_loading import (
 )
 from flux_lora.weights.safetensors_io import CheckpointError, iter_tensors
 from flux_lora.weights.tiny import random_autoencoder, tiny_controlnet_params, write_tiny_controlnet
+
+from helpers.dit import controlnet_inputs, flat
+from helpers.numerics import rel_err
 
 TINY, DEV = PRESETS["tiny"], PRESETS["flux-dev"]
 
@@ -76,7 +78,7 @@ def test_cli_writes_both_controlnets(tmp_path, monkeypatch):
 
 
 @torch.no_grad()
-def test_fp8_storage_and_error(tiny_union_controlnet_dir, capsys):
+def test_fp8_storage_and_error(tiny_union_controlnet_dir):
     """fp8 against float32, with float32 compute (the quantization alone) and bf16 compute (as deployed), for
     the "blocks" policy (double and single blocks; embedders and output projections stay in float) and "all"."""
 
@@ -104,13 +106,12 @@ def test_fp8_storage_and_error(tiny_union_controlnet_dir, capsys):
     for name, m in models.items():
         dtype = m.txt_in.bias.dtype  # the compute dtype (biases stay in float, fp8 or not)
         xm = {**x, "img": x["img"].to(dtype)}  # the other inputs follow the compute dtype
-        errors[name] = round(rel_error(flat(m(**xm, mode="depth")), ref), 4)
+        errors[name] = round(rel_err(flat(m(**xm, mode="depth")), ref), 4)
     sizes = {name: round(storage_bytes(models[name]) / storage_bytes(bf16), 3) for name in ("fp8 blocks", "fp8 all")}
-    with capsys.disabled():
-        print(f"\ntiny union ControlNet: storage vs bf16 {sizes}; residual error vs float32 {errors}")
     assert errors["fp8 blocks, f32 compute"] < 0.01 < errors["fp8 all, f32 compute"] < 0.06
     assert errors["bf16"] < 0.02 and errors["fp8 blocks"] < 0.02 and errors["fp8 all"] < 0.06
     assert sizes["fp8 blocks"] < 0.7  # the tiny model's embedders are a large share; see the full-size test
+    assert sizes["fp8 all"] < min(0.55, sizes["fp8 blocks"])  # measured: 0.609 blocks, 0.532 all
 
 
 @pytest.mark.parametrize(
@@ -124,18 +125,13 @@ def test_fp8_storage_and_error(tiny_union_controlnet_dir, capsys):
         ),
     ],
 )
-def test_fp8_storage_at_full_size(name, params, capsys):
+def test_fp8_storage_at_full_size(name, params):
     """Storage of the real ControlNets (built on the meta device): the blocks hold ~95 % of the weights."""
     with torch.device("meta"):
         bf16 = FluxControlNet(params).to(torch.bfloat16)
         fp8 = quantize_(FluxControlNet(params).to(torch.bfloat16), default_predicate("blocks"))
     ratio = storage_bytes(fp8) / storage_bytes(bf16)
-    with capsys.disabled():
-        print(
-            f"\n{name}: bf16 {storage_bytes(bf16) / 2**30:.2f} GiB, "
-            f"fp8 {storage_bytes(fp8) / 2**30:.2f} GiB ({ratio:.3f})"
-        )
-    assert 0.5 < ratio < 0.54
+    assert 0.5 < ratio < 0.54  # measured: 0.529 InstantX, 0.526 jasperai, 0.524 alimama
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -306,6 +302,6 @@ def test_encode_control_for_inpainting_and_errors():
     x = controlnet_inputs(INPAINT, batch=1, lat_h=8, lat_w=8)
     other = cond.clone()
     other[..., 64:] = 1 - other[..., 64:]  # same latents, inverted mask: the mask channels matter
-    assert rel_error(flat(cn(**{**x, "control": other})), flat(cn(**{**x, "control": cond}))) > 1e-3
+    assert rel_err(flat(cn(**{**x, "control": other})), flat(cn(**{**x, "control": cond}))) > 1e-3
     with pytest.raises(ValueError, match=r"takes \[B, N, 68\] \(64 latent channels \+ 4 mask channels\)"):
         cn(**{**x, "control": cond[..., :64]})

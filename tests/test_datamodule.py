@@ -7,7 +7,6 @@ from collections import Counter
 import lightning as L
 import pytest
 import torch
-from cache_helpers import CAPTIONS, DTYPE, MAX_LENGTH, forbidden, write_data
 from torch import nn
 
 from flux_lora.config import DataConfig
@@ -15,6 +14,8 @@ from flux_lora.data.cache import AutoEncoderSpec, TextEncoderSpec
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEncoders
+
+from helpers.cache import CAPTIONS, DTYPE, MAX_LENGTH, forbidden, write_data
 
 
 class Recorder(L.LightningModule):

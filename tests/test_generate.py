@@ -1,47 +1,30 @@
-"""examples/generate.py on the tiny model folder: PNGs with their settings, deterministic for a seed."""
+"""examples/generate.py on the tiny model folder, in-process through its ``main(argv)``: PNGs with their
+settings, deterministic for a seed. Its one run as a script is in test_entry_points.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_dit import random_lora
 from PIL import Image
 
 from flux_lora.model.flux import PRESETS
 from flux_lora.weights.tiny import random_flux
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
-ARGS = [
-    "--prompt",
-    "a photo of a dog",
-    "--height",
-    "32",
-    "--width",
-    "48",
-    "--steps",
-    "2",
-    "--dtype",
-    "float32",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+from helpers.cli import GENERATE_ARGS, load_generate
+from helpers.lora import random_lora
 
 
 @pytest.fixture(scope="module")
 def generate():
-    spec = importlib.util.spec_from_file_location("generate_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_generate()
+
+
+def _settings(path: Path) -> dict:
+    return json.loads(Image.open(path).text["flux_lora"])
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -49,34 +32,21 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def test_cli_writes_pngs_with_metadata_deterministically(tiny_dev_dir, tmp_path, generate):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--model",
-        str(tiny_dev_dir),
-        *ARGS,
-        "--seed",
-        "5",
-        "--num-images",
-        "2",
-        "--output",
-        str(tmp_path / "a.png"),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr
+    base = ["--model", str(tiny_dev_dir), *GENERATE_ARGS, "--seed", "5"]
+    written = generate.main([*base, "--num-images", "2", "--output", str(tmp_path / "a.png")])
     first, second = tmp_path / "a-0.png", tmp_path / "a-1.png"
-    meta = Image.open(first).text
+    assert written == [first, second]
+    meta = _settings(first)
     assert meta["prompt"] == "a photo of a dog"
-    assert (meta["seed"], meta["steps"], meta["guidance"]) == ("5", "2", "3.5")
-    assert (meta["model"], meta["loras"], meta["quantize"]) == (str(tiny_dev_dir), "[]", "none")
-    assert json.loads(meta["parameters"])["seed"] == 5
-    assert Image.open(second).text["seed"] == "6"
+    assert (meta["seed"], meta["steps"], meta["guidance"]) == (5, 2, 3.5)
+    assert (meta["model"], meta["loras"], meta["quantize"]) == (str(tiny_dev_dir), [], "none")
+    assert Image.open(first).text["parameters"].startswith("a photo of a dog\nSteps: 2,")
+    assert _settings(second)["seed"] == 6
     assert Image.open(first).size == (48, 32)
     assert not np.array_equal(_pixels(first), _pixels(second))  # different seed, different image
 
-    # the same settings again (in-process this time): the same file, byte for byte
-    again = generate.main(["--model", str(tiny_dev_dir), *ARGS, "--seed", "5", "--output", str(tmp_path / "b.png")])
+    # the same settings again, one image: the same file, byte for byte
+    again = generate.main([*base, "--output", str(tmp_path / "b.png")])
     assert again == [tmp_path / "b.png"]
     assert (tmp_path / "b.png").read_bytes() == first.read_bytes()
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left
@@ -91,18 +61,20 @@ def test_lora_changes_the_image_and_is_recorded(tiny_dev_dir, tmp_path, generate
     lora_file = lora_formats.write_lora(
         tmp_path / "style.safetensors", random_lora(random_flux(params, 0), paths), params
     )
-    base_args = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "1"]
+    base_args = ["--model", str(tiny_dev_dir), *GENERATE_ARGS, "--seed", "1"]
     plain = generate.main([*base_args, "--output", str(tmp_path / "plain.png")])[0]
     styled = generate.main([*base_args, "--lora", f"{lora_file}:0.7", "--output", str(tmp_path / "l.png")])[0]
     zero = generate.main([*base_args, "--lora", f"{lora_file}:0", "--output", str(tmp_path / "z.png")])[0]
-    assert Image.open(styled).text["loras"] == '["style.safetensors:0.7"]'
+    assert _settings(styled)["loras"] == ["style.safetensors:0.7"]
     assert not np.array_equal(_pixels(styled), _pixels(plain))
     assert np.array_equal(_pixels(zero), _pixels(plain))
 
 
 def test_bad_arguments(tiny_dev_dir, tmp_path, generate, capsys):
     with pytest.raises(SystemExit):
-        generate.main(["--model", str(tiny_dev_dir), *ARGS, "--lora", str(tmp_path / "missing.safetensors:0.5")])
+        generate.main(
+            ["--model", str(tiny_dev_dir), *GENERATE_ARGS, "--lora", str(tmp_path / "missing.safetensors:0.5")]
+        )
     assert "missing.safetensors: no such file" in capsys.readouterr().err
     assert generate.lora_spec("C:\\loras\\a.safetensors") == (Path("C:\\loras\\a.safetensors"), 1.0)
     assert generate.lora_spec("dir/a.b.safetensors:-0.25") == (Path("dir/a.b.safetensors"), -0.25)
@@ -123,33 +95,14 @@ def test_cli_with_controlnets_records_them(
     tiny_dev_dir, tiny_controlnet_dir, tiny_union_controlnet_dir, tmp_path, generate
 ):
     edges, low = _control_images(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--model",
-        str(tiny_dev_dir),
-        *ARGS,
-        "--seed",
-        "3",
-        "--controlnet",
-        f"{tiny_controlnet_dir}:0.8",
-        "--control-image",
-        str(edges),
-        "--controlnet",
-        str(tiny_union_controlnet_dir),
-        "--control-mode",
-        "tile",
-        "--control-image",
-        str(low),
-        "--control-end",
-        "0.5",
-        "--output",
-        str(tmp_path / "cn.png"),
+    base = ["--model", str(tiny_dev_dir), *GENERATE_ARGS, "--seed", "3"]
+    controls = [
+        *("--controlnet", f"{tiny_controlnet_dir}:0.8", "--control-image", str(edges)),
+        *("--controlnet", str(tiny_union_controlnet_dir), "--control-mode", "tile", "--control-image", str(low)),
+        *("--control-end", "0.5"),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr
-    recorded = json.loads(Image.open(tmp_path / "cn.png").text["controlnets"])
+    assert generate.main([*base, *controls, "--output", str(tmp_path / "cn.png")]) == [tmp_path / "cn.png"]
+    recorded = _settings(tmp_path / "cn.png")["controlnets"]
     assert recorded == [
         {
             "controlnet": str(tiny_controlnet_dir),
@@ -170,9 +123,8 @@ def test_cli_with_controlnets_records_them(
             "end": 0.5,
         },
     ]
-    base = ["--model", str(tiny_dev_dir), *ARGS, "--seed", "3"]
     plain = generate.main([*base, "--output", str(tmp_path / "plain.png")])[0]
-    assert json.loads(Image.open(plain).text["controlnets"]) == []
+    assert _settings(plain)["controlnets"] == []
     assert not np.array_equal(_pixels(tmp_path / "cn.png"), _pixels(plain))
     zero = generate.main(
         [
@@ -207,7 +159,7 @@ def test_bad_controlnet_arguments(extra, message, tiny_dev_dir, tiny_controlnet_
     edges, _ = _control_images(tmp_path)
     paths = dict(edges=edges, cn=tiny_controlnet_dir, missing=tmp_path / "missing.png")
     with pytest.raises(SystemExit):
-        generate.parse_args(["--model", str(tiny_dev_dir), *ARGS, *(a.format(**paths) for a in extra)])
+        generate.parse_args(["--model", str(tiny_dev_dir), *GENERATE_ARGS, *(a.format(**paths) for a in extra)])
     assert re.search(message, capsys.readouterr().err)
     assert generate.split_scale("InstantX/FLUX.1-dev-Controlnet-Union:0.6") == (
         "InstantX/FLUX.1-dev-Controlnet-Union",

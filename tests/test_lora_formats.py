@@ -5,10 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +28,8 @@ from flux_lora.lora.weight import LoraWeight
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.weights.safetensors_io import iter_tensors, read_keys, read_metadata
 
+from helpers.lora import random_lora
+
 # Tiny and odd-sized on purpose: hidden 32 (q/k/v blocks of 32 rows), mlp 128, in/out channels 16.
 P = FluxParams(
     in_channels=16,
@@ -46,19 +45,6 @@ P = FluxParams(
 NAMES = sorted(linear_shapes(P))
 
 
-def random_lora(names, ranks, alphas, seed: int, dtype=torch.float32, params: FluxParams = P) -> dict[str, LoraWeight]:
-    g = torch.Generator().manual_seed(seed)
-    shapes = linear_shapes(params)
-    return {
-        n: LoraWeight(
-            torch.randn(r, shapes[n][1], generator=g).to(dtype),
-            torch.randn(shapes[n][0], r, generator=g).to(dtype),
-            a,
-        )
-        for n, r, a in zip(names, ranks, alphas, strict=True)
-    }
-
-
 alphas_st = st.one_of(st.integers(1, 64).map(float), st.floats(0.125, 100.0, allow_nan=False, width=32))
 
 
@@ -67,7 +53,7 @@ def loras(draw):
     names = sorted(draw(st.sets(st.sampled_from(NAMES), min_size=1)))
     ranks = draw(st.lists(st.integers(1, 6), min_size=len(names), max_size=len(names)))
     alphas = draw(st.lists(alphas_st, min_size=len(names), max_size=len(names)))
-    return random_lora(names, ranks, alphas, draw(st.integers(0, 2**31)))
+    return random_lora(P, names, rank=ranks, alpha=alphas, scale=1.0, seed=draw(st.integers(0, 2**31)))
 
 
 def assert_close_rel(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -291,13 +277,8 @@ def test_split_to_fused_is_exact(modules, rank, shared_a, same_alpha, ranks, alp
 
 def test_split_with_equal_scales_scales_alpha_by_the_number_of_parts():
     """Three rank-4 parts with alpha 8 and different A (sd-scripts' split_qkv): rank 12, alpha 24, exact B."""
-    g = torch.Generator().manual_seed(3)
-    parts = {
-        f"transformer_blocks.0.attn.{m}": LoraWeight(
-            torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), 8.0
-        )
-        for m in ("to_q", "to_k", "to_v")
-    }
+    shapes = {f"transformer_blocks.0.attn.{m}": (32, 32) for m in ("to_q", "to_k", "to_v")}
+    parts = random_lora(shapes, rank=4, alpha=8.0, scale=1.0, seed=3)
     fused = from_diffusers_state_dict(_diffusers_parts(parts), P)["double_blocks.0.img_attn.qkv"]
     assert (fused.rank, fused.alpha) == (12, 24.0)
     assert torch.equal(fused.up, torch.block_diag(*(w.up for w in parts.values())))
@@ -305,9 +286,8 @@ def test_split_with_equal_scales_scales_alpha_by_the_number_of_parts():
 
 
 def test_norm_out_swap_is_its_own_inverse():
-    g = torch.Generator().manual_seed(1)
-    w = LoraWeight(torch.randn(3, 32, generator=g), torch.randn(64, 3, generator=g), 3.0)
     name = "final_layer.adaLN_modulation.1"
+    w = random_lora(P, [name], rank=3, alpha=3.0, scale=1.0, seed=1)[name]
     diff = to_diffusers_state_dict({name: w}, P, bake_scale=False)
     b = diff["transformer.norm_out.linear.lora_B.weight"]
     assert torch.equal(b, torch.cat([w.up[32:], w.up[:32]]))  # BFL [shift; scale] -> diffusers [scale; shift]
@@ -451,22 +431,24 @@ def _kohya_proj(down: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]
     return {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up}
 
 
-def test_unmatched_keys_give_one_warning(caplog):
+def test_unmatched_keys_give_one_warning_when_partial_is_allowed(caplog):
     g = torch.Generator().manual_seed(6)
     down, up = _pair(g, 32, 32, 2)
     sd = {
         **_kohya_proj(down, up),
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down,
         "lora_unet_double_blocks_7_img_attn_proj.alpha": torch.tensor(1.0),
-        "double_blocks.0.img_attn.proj.lora_B.bias": torch.zeros(32),
+        "double_blocks.0.img_attn.proj.lora_mid.weight": torch.zeros(2, 2),  # LoCon's conv-only middle
     }
+    with pytest.raises(LoraFormatError, match="3 keys cannot be applied"):
+        read_lora(sd, P)  # the default: a partial LoRA is a different model
     with caplog.at_level(logging.WARNING, logger="flux_lora"):
-        lora = read_lora(sd, P)
+        lora = read_lora(sd, P, allow_partial=True)
     assert set(lora) == {"double_blocks.0.img_attn.proj"}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
-    ignored = [k for k in sd if not k.startswith("lora_unet_double_blocks_0_")]  # TE key, stray alpha, bias
+    ignored = [k for k in sd if not k.startswith("lora_unet_double_blocks_0_")]  # TE key, stray alpha, lora_mid
     assert len(ignored) == 3 and all(key in message for key in ignored)
     assert "lora_unet_double_blocks_0_img_attn_proj" not in message
 
@@ -475,13 +457,8 @@ def test_unmatched_keys_give_one_warning(caplog):
 
 
 def test_kohya_file_round_trips_bit_exactly(tmp_path):
-    lora = random_lora(
-        NAMES,
-        [1 + i % 5 for i in range(len(NAMES))],
-        [float(1 + i) for i in range(len(NAMES))],
-        seed=7,
-        dtype=torch.bfloat16,
-    )
+    ranks, alphas = [1 + i % 5 for i in range(len(NAMES))], [float(1 + i) for i in range(len(NAMES))]
+    lora = random_lora(P, NAMES, rank=ranks, alpha=alphas, scale=1.0, seed=7, dtype=torch.bfloat16)
     path = write_lora(tmp_path / "style.safetensors", lora, P)
     back = read_lora(path, P)
     assert set(back) == set(lora)
@@ -493,7 +470,9 @@ def test_kohya_file_round_trips_bit_exactly(tmp_path):
 
 
 def test_kohya_metadata(tmp_path):
-    lora = random_lora(["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"], [4, 4], [8.0, 8.0], seed=8)
+    lora = random_lora(
+        P, ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"], rank=4, alpha=8.0, scale=1.0, seed=8
+    )
     path = write_lora(tmp_path / "mine.safetensors", lora, P, metadata={"ss_steps": "100", "modelspec.author": "me"})
     meta = read_metadata(path)
     assert meta["format"] == "pt" and meta["ss_network_module"] == "networks.lora_flux"
@@ -517,7 +496,7 @@ def test_kohya_metadata(tmp_path):
 
 
 def test_kohya_writer_warns_about_modules_diffusers_drops(tmp_path, caplog):
-    lora = random_lora(["img_in", "final_layer.linear", "double_blocks.0.img_mlp.0"], [2, 2, 2], [1.0] * 3, seed=9)
+    lora = random_lora(P, ["img_in", "final_layer.linear", "double_blocks.0.img_mlp.0"], alpha=1.0, scale=1.0, seed=9)
     with caplog.at_level(logging.WARNING, logger="flux_lora"):
         write_lora(tmp_path / "x.safetensors", lora, P)
     msg = " ".join(r.getMessage() for r in caplog.records)
@@ -566,7 +545,7 @@ def test_bad_input_errors_name_the_file_and_keys(tmp_path):
 
 def test_convert_cli_both_ways(tmp_path, tiny_dev_dir, caplog):
     tiny = PRESETS["tiny"]
-    lora = random_lora(sorted(linear_shapes(tiny)), [3] * 36, [5.0] * 36, seed=11, params=tiny)
+    lora = random_lora(tiny, sorted(linear_shapes(tiny)), rank=3, alpha=5.0, scale=1.0, seed=11)
     kohya = write_lora(tmp_path / "in.safetensors", lora, tiny)
     d, k = tmp_path / "d.safetensors", tmp_path / "k.safetensors"
     with caplog.at_level(logging.INFO):
@@ -579,29 +558,12 @@ def test_convert_cli_both_ways(tmp_path, tiny_dev_dir, caplog):
     caplog.clear()
     assert convert_main([str(kohya), str(tmp_path / "x.safetensors"), "--to", "kohya", "--model", "flux-dev"]) == 1
     assert "in.safetensors" in caplog.text and "lora_unet_" in caplog.text  # shapes do not fit flux-dev
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "flux_lora.lora.convert"]
-    run = subprocess.run(
-        [
-            *cmd,
-            str(kohya),
-            str(tmp_path / "s.safetensors"),
-            "--to",
-            "diffusers",
-            "--model",
-            "tiny",
-            "--no-bake",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=repo,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "wrote" in run.stderr and read_lora(tmp_path / "s.safetensors", tiny).keys() == lora.keys()
-    bad = subprocess.run(
-        [*cmd, str(tmp_path / "missing.safetensors"), str(tmp_path / "y.safetensors"), "--to", "kohya"],
-        capture_output=True,
-        text=True,
-        cwd=repo,
-    )
-    assert bad.returncode == 1 and "missing.safetensors" in bad.stderr
+    caplog.clear()
+    no_bake = [str(kohya), str(tmp_path / "s.safetensors"), "--to", "diffusers", "--model", "tiny", "--no-bake"]
+    with caplog.at_level(logging.INFO):
+        assert convert_main(no_bake) == 0
+    assert "wrote" in caplog.text and read_lora(tmp_path / "s.safetensors", tiny).keys() == lora.keys()
+    assert any(k.endswith(".alpha") for k in read_keys(tmp_path / "s.safetensors"))  # --no-bake: alpha keys
+    caplog.clear()
+    missing = [str(tmp_path / "missing.safetensors"), str(tmp_path / "y.safetensors"), "--to", "kohya"]
+    assert convert_main(missing) == 1 and "missing.safetensors" in caplog.text

@@ -6,8 +6,6 @@ model (``W += delta`` in float32) must give the output diffusers gives after its
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -18,7 +16,10 @@ from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.weights.keymaps import flux_to_diffusers, flux_to_diffusers_config
 from flux_lora.weights.safetensors_io import read_keys, read_metadata
 
-from fluxtest import diffusers_forward, dit_inputs
+from helpers.dit import dit_inputs
+from helpers.lora import random_lora
+from helpers.numerics import assert_same_output
+from helpers.parity import adapter_state, diffusers_forward, load_with_diffusers, transformer_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -32,11 +33,6 @@ REAL_WIDTH = FluxParams(vec_in_dim=32, context_in_dim=32, depth=1, depth_single_
 
 def _inputs(p: FluxParams, batch=2, lat_h=4, lat_w=6, txt_len=5, seed=0) -> dict:
     return dit_inputs(p, batch, lat_h, lat_w, txt_len, seed)
-
-
-def _diffusers_out(model, x: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return diffusers_forward(model, x)
 
 
 def _models(p: FluxParams, share: bool = False):
@@ -55,63 +51,10 @@ def _models(p: FluxParams, share: bool = False):
     return ours.eval(), theirs.eval()
 
 
-def _pipeline(transformer):
-    return diffusers.FluxPipeline(
-        scheduler=None,
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-
-
 def _merge(model: Flux, lora: dict[str, LoraWeight]) -> None:
     with torch.no_grad():
         for name, w in lora.items():
             model.get_submodule(name).weight += w.delta()
-
-
-def _random_lora(p: FluxParams, names, seed: int, rank=lambda i: 2 + i % 3, alpha=lambda i: float(1 + i % 5)):
-    """Non-zero up and down, ranks 2-4, alphas 1-5 (mostly != rank)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = linear_shapes(p)
-    return {
-        n: LoraWeight(
-            0.05 * torch.randn(rank(i), shapes[n][1], generator=g),
-            0.05 * torch.randn(shapes[n][0], rank(i), generator=g),
-            alpha(i),
-        )
-        for i, n in enumerate(names)
-    }
-
-
-def _assert_same(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor) -> None:
-    err = float((got - want).abs().max() / want.abs().max())
-    effect = float((want - base).abs().max() / want.abs().max())
-    assert effect > 1e-2, f"the LoRA barely changes the output ({effect:.1e}): the test would prove nothing"
-    assert err <= 1e-5, f"relative max error {err:.2e} (LoRA effect {effect:.2e})"
-
-
-def _adapter_state(model) -> dict[str, torch.Tensor]:
-    (name,) = model.peft_config  # diffusers names the adapter it loads default_0
-    return get_peft_model_state_dict(model, adapter_name=name)
-
-
-def _load_with_diffusers(pipe, path, caplog) -> list[str]:
-    """``pipe.load_lora_weights(path)``; diffusers' warnings (but the one about the absent text encoder)."""
-    diffusers.utils.logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING, logger="diffusers"):
-            pipe.load_lora_weights(str(path))
-    finally:
-        diffusers.utils.logging.disable_propagation()
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name.startswith("diffusers") and r.levelno >= logging.WARNING and "text_encoder" not in r.getMessage()
-    ]
 
 
 @pytest.mark.parametrize("bake", [True, False])
@@ -122,17 +65,19 @@ def test_our_diffusers_file_in_diffusers_loader(tmp_path, caplog, bake):
     ours, theirs = _models(TINY)
     x = _inputs(TINY)
     base = ours(**x).detach()
-    lora = _random_lora(TINY, sorted(linear_shapes(TINY)), seed=1)
+    names = sorted(linear_shapes(TINY))
+    ranks, alphas = [2 + i % 3 for i in range(len(names))], [float(1 + i % 5) for i in range(len(names))]
+    lora = random_lora(TINY, names, rank=ranks, alpha=alphas, scale=0.05, seed=1)  # alphas mostly != rank
     path = write_lora(tmp_path / "pytorch_lora_weights.safetensors", lora, TINY, layout="diffusers", bake_scale=bake)
     assert detect_layout(read_keys(path)) == "diffusers"
-    warnings = _load_with_diffusers(_pipeline(theirs), path, caplog)
+    warnings = load_with_diffusers(transformer_pipeline(theirs), path, caplog)
     assert warnings == []
-    loaded = set(_adapter_state(theirs))
+    loaded = set(adapter_state(theirs))
     in_file = {k.removeprefix("transformer.") for k in read_keys(path) if not k.endswith(".alpha")}
     assert loaded == in_file  # zero keys left unloaded, none missing
     assert sum(isinstance(m, LoraLayer) for m in theirs.modules()) == len(in_file) // 2
     _merge(ours, lora)
-    _assert_same(ours(**x).detach(), _diffusers_out(theirs, x), base)
+    assert_same_output(ours(**x).detach(), diffusers_forward(theirs, x), base)
 
 
 def test_our_kohya_file_in_diffusers_loader_at_real_width(tmp_path, caplog):
@@ -143,24 +88,18 @@ def test_our_kohya_file_in_diffusers_loader_at_real_width(tmp_path, caplog):
     with torch.no_grad():
         base = ours(**x)
     blocks = sorted(n for n in linear_shapes(REAL_WIDTH) if n.startswith(("double_blocks.", "single_blocks.")))
-    lora = _random_lora(REAL_WIDTH, blocks, seed=2, rank=lambda i: 4, alpha=lambda i: 8.0)
-    g = torch.Generator().manual_seed(3)
-    split = [
-        (
-            k * 3072,
-            LoraWeight(0.05 * torch.randn(2, 3072, generator=g), 0.05 * torch.randn(3072, 2, generator=g), 3.0),
-        )
-        for k in range(3)
-    ]
+    lora = random_lora(REAL_WIDTH, blocks, rank=4, alpha=8.0, scale=0.05, seed=2)
+    parts = random_lora({f"txt_attn.{m}": (3072, 3072) for m in "qkv"}, rank=2, alpha=3.0, scale=0.05, seed=3)
+    split = [(k * 3072, w) for k, w in enumerate(parts.values())]
     lora["double_blocks.0.txt_attn.qkv"] = fuse_row_blocks(split, 9216)
     assert (lora["double_blocks.0.txt_attn.qkv"].rank, lora["double_blocks.0.txt_attn.qkv"].alpha) == (6, 9.0)
     path = write_lora(tmp_path / "kohya.safetensors", lora, REAL_WIDTH)
-    assert _load_with_diffusers(_pipeline(theirs), path, caplog) == []
-    assert len(_adapter_state(theirs)) == 2 * (len(blocks) + 2 + 2 + 3)  # split: qkv (2 more each), linear1 (3)
-    want = _diffusers_out(theirs, x)
+    assert load_with_diffusers(transformer_pipeline(theirs), path, caplog) == []
+    assert len(adapter_state(theirs)) == 2 * (len(blocks) + 2 + 2 + 3)  # split: qkv (2 more each), linear1 (3)
+    want = diffusers_forward(theirs, x)
     _merge(ours, lora)
     with torch.no_grad():
-        _assert_same(ours(**x), want, base)
+        assert_same_output(ours(**x), want, base)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -188,7 +127,7 @@ def test_peft_lora_made_on_diffusers_model_reads_into_ours(tmp_path, use_rslora)
         for name, p in theirs.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    want = _diffusers_out(theirs, x)
+    want = diffusers_forward(theirs, x)
     diffusers.FluxPipeline.save_lora_weights(
         tmp_path,
         transformer_lora_layers=get_peft_model_state_dict(theirs),
@@ -200,4 +139,4 @@ def test_peft_lora_made_on_diffusers_model_reads_into_ours(tmp_path, use_rslora)
     assert set(lora) == set(linear_shapes(TINY))
     assert lora["single_blocks.0.linear1"].rank == 4 + 2 + 4 + 4  # q, k (rank 2), v, mlp: different A
     _merge(ours, lora)
-    _assert_same(ours(**x).detach(), want, base)
+    assert_same_output(ours(**x).detach(), want, base)

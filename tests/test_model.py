@@ -9,7 +9,9 @@ from flux_lora.model.flux import PRESETS, Flux, FluxParams, count_parameters
 from flux_lora.weights.keymaps import flux_linear_maps, flux_to_diffusers, flux_to_diffusers_config
 from flux_lora.weights.loading import load_flow_model
 
-from fluxtest import diffusers_forward, dit_inputs
+from helpers.dit import dit_inputs
+from helpers.numerics import rel_err
+from helpers.parity import diffusers_forward
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -65,7 +67,7 @@ def test_parity_with_diffusers_loaded_from_sharded_folder(name, tmp_path):
         expected = diffusers_forward(ref, x)
         got = ours(**x)
     assert got.shape == (2, 12, p.out_channels)
-    err = (got - expected).abs().max() / expected.abs().max()
+    err = rel_err(got, expected, "max")
     assert err <= 1e-5, f"relative max error {err:.2e}"
 
 

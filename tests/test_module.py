@@ -1,7 +1,6 @@
 """Pieces of the trainer in isolation: targets, schedules, optimizers, the command line."""
 
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from flux_lora.config import LoraConfig, TrainConfig
 from flux_lora.lora.peft_adapters import inject_lora, select_targets
 from flux_lora.model.flux import PRESETS, Flux
 from flux_lora.training.module import FluxLoraModule, import_class, lr_lambda
+from train import main as train_main
 
 ROOT = Path(__file__).parents[1]
 
@@ -54,30 +54,16 @@ def test_optimizer_by_class_path():
         import_class("torch.optim.Adamm")
 
 
-def _train_py(*args, cwd):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-
-
-def test_train_py_reports_bad_config_and_data_before_loading_models(tmp_path):
-    bad = _train_py("--config", str(ROOT / "configs/tiny.yaml"), "--lora.rnak", "4", cwd=tmp_path)
-    assert bad.returncode == 2 and "did you mean 'lora.rank'" in bad.stderr
+def test_train_py_reports_bad_config_and_data_before_loading_models(tmp_path, monkeypatch, caplog):
+    """train.py's ``main(argv)`` in-process (its one run as a script is in test_entry_points.py)."""
+    monkeypatch.chdir(tmp_path)  # where relative outputs of the config would land
+    with caplog.at_level(logging.INFO):  # what train.py logs to stderr
+        assert train_main(["--config", str(ROOT / "configs/tiny.yaml"), "--lora.rnak", "4"]) == 2
+    assert "did you mean 'lora.rank'" in caplog.text
+    caplog.clear()
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(b"not a png")
-    empty = _train_py(
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        "--data.source",
-        str(tmp_path / "imgs"),
-        "--model.source",
-        str(tmp_path / "no-model"),
-        cwd=tmp_path,
-    )
-    assert empty.returncode == 2, empty.stderr[-2000:]
-    assert "a.png" in empty.stderr and not (tmp_path / "no-model").exists()  # nothing was loaded or written
+    args = ["--data.source", str(tmp_path / "imgs"), "--model.source", str(tmp_path / "no-model")]
+    with caplog.at_level(logging.INFO):  # what train.py logs to stderr
+        assert train_main(["--config", str(ROOT / "configs/tiny.yaml"), *args]) == 2
+    assert "a.png" in caplog.text and not (tmp_path / "no-model").exists()  # nothing was loaded or written

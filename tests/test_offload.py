@@ -11,37 +11,30 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_dit import FakeAccelerator, random_lora, realign, while_each_block_runs
 
 from flux_lora.inference.offload import BlockOffload, Transfer, location
-from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.runtime import apply_loras
 from flux_lora.model.fp8 import FP8
 from flux_lora.weights.loading import load_flow_model
 
-from fluxtest import dit_inputs
+from helpers.dit import dit_inputs
+from helpers.lora import random_lora
+from helpers.offload import FakeAccelerator, realign, while_each_block_runs
 
 KW = dict(height=32, width=48, num_inference_steps=2, seed=0, true_cfg=2.0, output_type="pt", progress=False)
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_dev_dir) -> FluxPipeline:
-    pipe = FluxPipeline.from_pretrained(tiny_dev_dir, dtype=torch.float32, device="cpu")
-    for module in (pipe.dit, pipe.ae, pipe.text_encoders):
-        realign(module)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def baseline(pipe) -> torch.Tensor:
-    return pipe("a dog", **KW)
+def baseline(dev_pipe) -> torch.Tensor:
+    return dev_pipe("a dog", **KW)
 
 
 @pytest.fixture
-def fake(pipe):
+def fake(dev_pipe):
+    """The fake accelerator and a list for its moves; the shared pipeline leaves offloading afterwards."""
     fake, events = FakeAccelerator(), []
     yield fake, events
-    pipe.enable_offload(None)
+    dev_pipe.enable_offload(None)
 
 
 def _tensor_ids(module: torch.nn.Module) -> list[int]:
@@ -49,9 +42,9 @@ def _tensor_ids(module: torch.nn.Module) -> list[int]:
     return [t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]]
 
 
-def test_model_offload_moves_each_component_only_while_it_runs(pipe, baseline, fake):
+def test_model_offload_moves_each_component_only_while_it_runs(dev_pipe, baseline, fake):
     fake, events = fake
-    parts = {"text_encoders": pipe.text_encoders, "dit": pipe.dit, "ae": pipe.ae}
+    parts = {"text_encoders": dev_pipe.text_encoders, "dit": dev_pipe.dit, "ae": dev_pipe.ae}
     host_ids = {name: _tensor_ids(m) for name, m in parts.items()}
     seen = {}
 
@@ -62,13 +55,13 @@ def test_model_offload_moves_each_component_only_while_it_runs(pipe, baseline, f
         return hook
 
     hooks = [
-        pipe.text_encoders.t5.register_forward_hook(snapshot("encode")),
-        pipe.dit.double_blocks[0].register_forward_hook(snapshot("denoise")),
-        pipe.ae.decoder.register_forward_hook(snapshot("decode")),
+        dev_pipe.text_encoders.t5.register_forward_hook(snapshot("encode")),
+        dev_pipe.dit.double_blocks[0].register_forward_hook(snapshot("denoise")),
+        dev_pipe.ae.decoder.register_forward_hook(snapshot("decode")),
     ]
     try:
-        pipe.enable_offload("model", transfer=fake, on_move=lambda *e: events.append(e))
-        out = pipe("a dog", **KW)
+        dev_pipe.enable_offload("model", transfer=fake, on_move=lambda *e: events.append(e))
+        out = dev_pipe("a dog", **KW)
     finally:
         for h in hooks:
             h.remove()
@@ -84,9 +77,9 @@ def test_model_offload_moves_each_component_only_while_it_runs(pipe, baseline, f
     assert {name: _tensor_ids(m) for name, m in parts.items()} == host_ids
 
 
-def test_block_offload_streams_one_block_at_a_time(pipe, baseline, fake):
+def test_block_offload_streams_one_block_at_a_time(dev_pipe, baseline, fake):
     fake, events = fake
-    model = pipe.dit
+    model = dev_pipe.dit
     blocks = [*model.double_blocks, *model.single_blocks]
     seen = []
 
@@ -97,16 +90,16 @@ def test_block_offload_streams_one_block_at_a_time(pipe, baseline, fake):
                 [j for j, b in enumerate(blocks) if location(b, fake) == "device"],
                 location(model.img_in, fake),
                 location(model.final_layer, fake),
-                location(pipe.text_encoders, fake),
-                location(pipe.ae, fake),
+                location(dev_pipe.text_encoders, fake),
+                location(dev_pipe.ae, fake),
             )
         )
 
     hooks = while_each_block_runs(model, snapshot)
     try:
-        pipe.enable_offload("block", transfer=fake, on_move=lambda *e: events.append(e))
+        dev_pipe.enable_offload("block", transfer=fake, on_move=lambda *e: events.append(e))
         assert [location(b, fake) for b in blocks] == ["host"] * len(blocks)
-        out = pipe("a dog", **KW)
+        out = dev_pipe("a dog", **KW)
     finally:
         for h in hooks:
             h.remove()
@@ -122,7 +115,7 @@ def test_block_offload_streams_one_block_at_a_time(pipe, baseline, fake):
     loads = [name for action, name in events if action == "load" and "blocks" in name]
     order = [f"dit.{group}.{i}" for group in ("double_blocks", "single_blocks") for i in range(2)]
     assert loads[:n] == order
-    pipe.enable_offload(None)
+    dev_pipe.enable_offload(None)
     assert location(model, fake) == "host"
 
 

@@ -1,17 +1,14 @@
-"""Files and folders the project writes: atomic tiny model, umask, unique temporaries, the output lock."""
+"""Files and folders a run writes: atomic tiny model, stale temporaries, the output lock (umask: test_atomic)."""
 
 from __future__ import annotations
 
 import os
-import stat
 
 import pytest
-import torch
 
 from flux_lora.config import ExperimentConfig
 from flux_lora.training.resume import OutputInUseError, clean_stale_temps, output_lock
 from flux_lora.weights import tiny
-from flux_lora.weights.safetensors_io import save_file_atomic
 
 
 def test_interrupted_tiny_model_write_leaves_nothing(tmp_path, monkeypatch):
@@ -26,16 +23,6 @@ def test_interrupted_tiny_model_write_leaves_nothing(tmp_path, monkeypatch):
     folder = tiny.write_tiny_model(tmp_path / "models" / "tiny")
     assert (folder / "flux1-dev.safetensors").is_file() and (folder / "text_encoder_2").is_dir()
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny"]
-
-
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_safetensors_files_honour_the_umask(tmp_path, umask, mode):
-    old = os.umask(umask)
-    try:
-        path = save_file_atomic({"x": torch.zeros(2)}, tmp_path / "a.safetensors")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_a_second_run_on_one_output_folder_is_refused_naming_the_first(tmp_path):

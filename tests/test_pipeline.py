@@ -14,19 +14,9 @@ from flux_lora.model.flux import ControlResiduals
 from flux_lora.model.fp8 import FP8Linear
 from flux_lora.sampling import img_ids, pack, txt_ids
 
-from fluxtest import diffusers_parts
+from helpers.parity import diffusers_parts
 
 H, W = 64, 96  # latent 8x12, 24 image tokens
-
-
-@pytest.fixture(scope="module")
-def dev_pipe(tiny_dev_dir) -> FluxPipeline:
-    return FluxPipeline.from_pretrained(tiny_dev_dir, dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def schnell_pipe(tiny_schnell_dir) -> FluxPipeline:
-    return FluxPipeline.from_pretrained(tiny_schnell_dir, dtype=torch.float32, device="cpu")
 
 
 def _noise(pipe: FluxPipeline, batch: int, seed: int = 0) -> torch.Tensor:

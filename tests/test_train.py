@@ -16,26 +16,16 @@ from flux_lora.lora.files import read_lora
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.fp8 import FP8, FP8Linear
 from flux_lora.model.text_encoders import TextEncoders
-from flux_lora.training.run import build, last_checkpoint, run
+from flux_lora.training.run import run
+
+from helpers.training import fit, tiny_config
 
 ROOT = Path(__file__).parents[1]
 
 
-def tiny_config(tmp_path: Path, model_dir: Path, *overrides: str):
-    return load_config(
-        ROOT / "configs/tiny.yaml",
-        [
-            f"--model.source={model_dir}",
-            f"--output_dir={tmp_path / 'run'}",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--data.source={ROOT / 'examples/data'}",
-            "--train.log_every_n_steps=1",
-            "--sample.prompts=[]",
-            "--train.accelerator=cpu",
-            "--train.devices=1",
-            *overrides,
-        ],
-    )
+def _live_encoders() -> list:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, (TextEncoders, AutoEncoder))]
 
 
 class Probe(L.Callback):
@@ -44,6 +34,9 @@ class Probe(L.Callback):
     def __init__(self, stop_at: int | None = None, count_encoders: bool = False):
         self.stop_at, self.losses, self.live_encoders, self.grad_names = stop_at, [], [], set()
         self.count_encoders = count_encoders  # a gc scan per step: slow, so only where it is the point
+        # encoders alive before the run (the session's shared pipelines hold some): not the run's to free. Held
+        # here, so no encoder the run makes can reuse one's id.
+        self.earlier = {id(o): o for o in _live_encoders()} if count_encoders else {}
 
     def on_train_start(self, trainer, module):
         self.base_before = {k: v.clone() for k, v in module.dit.state_dict().items() if "lora_" not in k}
@@ -51,8 +44,7 @@ class Probe(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if not self.count_encoders:
             return
-        gc.collect()
-        self.live_encoders.append(sum(isinstance(o, (TextEncoders, AutoEncoder)) for o in gc.get_objects()))
+        self.live_encoders.append(sum(id(o) not in self.earlier for o in _live_encoders()))
 
     def on_after_backward(self, trainer, module):
         self.grad_names |= {n for n, p in module.named_parameters() if p.grad is not None}
@@ -61,14 +53,6 @@ class Probe(L.Callback):
         self.losses.append(float(outputs["loss"]))
         if self.stop_at is not None and trainer.global_step >= self.stop_at:
             trainer.should_stop = True
-
-
-def fit(cfg, *callbacks):
-    trainer, module, datamodule = build(cfg)
-    for cb in callbacks:
-        trainer.callbacks.append(cb)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(cfg))
-    return trainer, module
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,12 @@ from flux_lora.weights.keymaps import flux_to_diffusers, flux_to_diffusers_confi
 from flux_lora.weights.loading import load_flow_model
 from flux_lora.weights.safetensors_io import read_keys
 
-diffusers = pytest.importorskip("diffusers")
+from helpers.dit import dit_inputs
+from helpers.numerics import assert_same_output
+from helpers.parity import adapter_state, diffusers_forward, load_with_diffusers, transformer_pipeline
+from helpers.training import fit, tiny_config
 
-from test_lora_interop import (  # noqa: E402
-    _adapter_state,
-    _assert_same,
-    _diffusers_out,
-    _inputs,
-    _load_with_diffusers,
-    _pipeline,  # noqa: E402
-)
-from test_train import fit, tiny_config  # noqa: E402
+diffusers = pytest.importorskip("diffusers")
 
 
 def test_trained_lora_loads_in_diffusers_and_matches_our_pipeline(tmp_path, tiny_dev_dir, caplog):
@@ -42,16 +37,16 @@ def test_trained_lora_loads_in_diffusers_and_matches_our_pipeline(tmp_path, tiny
     ours = load_flow_model(tiny_dev_dir, dtype=torch.float32)
     theirs = diffusers.FluxTransformer2DModel(**flux_to_diffusers_config(ours.params)).eval()
     theirs.load_state_dict(flux_to_diffusers(ours.state_dict(), ours.params), strict=True)
-    x = _inputs(ours.params)
+    x = dit_inputs(ours.params, lat_h=4, lat_w=6, txt_len=5)
     with torch.no_grad():
         base = ours(**x)
 
-    warnings = _load_with_diffusers(_pipeline(theirs), as_diffusers, caplog)
+    warnings = load_with_diffusers(transformer_pipeline(theirs), as_diffusers, caplog)
     assert warnings == []
-    loaded = {k.replace(".default_0", "") for k in _adapter_state(theirs)}
+    loaded = {k.replace(".default_0", "") for k in adapter_state(theirs)}
     assert {k.removeprefix("transformer.") for k in read_keys(as_diffusers)} == loaded  # no key left unloaded
 
     apply_loras(ours, [(read_lora(kohya, ours.params), 1.0, "trained")])
     with torch.no_grad():
         got = ours(**x)
-    _assert_same(got, _diffusers_out(theirs, x), base)
+    assert_same_output(got, diffusers_forward(theirs, x), base)

@@ -46,14 +46,15 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flux_lora.atomic import save_safetensors_atomic
 from flux_lora.config import DataConfig
 from flux_lora.data.buckets import Crop, apply_crop, bucket_sizes, choose_bucket, cover_scale, image_crops
 from flux_lora.data.fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
 from flux_lora.data.scan import ScannedData
+from flux_lora.dtypes import dtype_from_name, dtype_name
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import CLIP_MAX_LENGTH, TextEmbeddings, TextEncoders
 from flux_lora.weights.loading import find_ae_file
-from flux_lora.weights.safetensors_io import save_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,6 @@ def _sha(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """Identity of the text encoders (CLIP-L + T5): weights and tokenizers, T5 max length, compute dtype."""
@@ -89,14 +86,14 @@ class TextEncoderSpec:
     def from_folder(cls, folder: str | Path, max_length: int, dtype: torch.dtype | str) -> TextEncoderSpec:
         """From a FLUX.1-layout folder: ``text_encoder[_2]`` and ``tokenizer[_2]``."""
         folder = Path(folder)
-        return cls(fingerprint_paths(folder / sub for sub in TEXT_FOLDERS), max_length, _dtype_name(dtype))
+        return cls(fingerprint_paths(folder / sub for sub in TEXT_FOLDERS), max_length, dtype_name(dtype))
 
     @classmethod
     def from_module(cls, encoders: TextEncoders) -> TextEncoderSpec:
         """From loaded encoders (hashes every weight; meant for small or already-loaded models)."""
         extra = [tokenizer_identity(encoders.clip_tokenizer), tokenizer_identity(encoders.t5_tokenizer)]
         return cls(
-            fingerprint_module(encoders, extra), encoders.max_length, _dtype_name(next(encoders.t5.parameters()).dtype)
+            fingerprint_module(encoders, extra), encoders.max_length, dtype_name(next(encoders.t5.parameters()).dtype)
         )
 
     def key(self, caption: str) -> str:
@@ -123,11 +120,11 @@ class AutoEncoderSpec:
     @classmethod
     def from_folder(cls, source: str | Path, dtype: torch.dtype | str) -> AutoEncoderSpec:
         """From ``ae.safetensors`` in a model folder, a diffusers ``vae/`` folder or a single file."""
-        return cls(fingerprint_paths([find_ae_file(Path(source))]), _dtype_name(dtype))
+        return cls(fingerprint_paths([find_ae_file(Path(source))]), dtype_name(dtype))
 
     @classmethod
     def from_module(cls, ae: AutoEncoder) -> AutoEncoderSpec:
-        return cls(fingerprint_module(ae, [json.dumps(ae.params.to_dict())]), _dtype_name(next(ae.parameters()).dtype))
+        return cls(fingerprint_module(ae, [json.dumps(ae.params.to_dict())]), dtype_name(next(ae.parameters()).dtype))
 
     def key(self, image_hash: str, placement: Crop) -> str:
         return _sha(
@@ -217,7 +214,7 @@ class CacheStore:
 
     def _write(self, tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file_atomic(tensors, path, {**metadata, CHECKSUM_KEY: tensors_sha256(tensors)})
+        save_safetensors_atomic(tensors, path, {**metadata, CHECKSUM_KEY: tensors_sha256(tensors)})
 
     def write_text(self, key: str, txt: Tensor, y: Tensor, caption: str) -> None:
         self._write({"txt": txt, "y": y}, self.text_path(key), {"caption": caption})
@@ -394,7 +391,7 @@ def _check_dtype(module: nn.Module, expected: str, what: str) -> None:
     transformers does for T5's ``wo`` in float16)."""
     sizes: Counter[str] = Counter()
     for p in module.parameters():
-        sizes[_dtype_name(p.dtype)] += p.numel()
+        sizes[dtype_name(p.dtype)] += p.numel()
     found = sizes.most_common(1)[0][0] if sizes else None
     if found != expected:
         raise ValueError(
@@ -430,7 +427,7 @@ def image_to_tensor(image: Image.Image) -> Tensor:
 def _encode_latents(
     ae: AutoEncoder, plan: CachePlan, data: ScannedData, device: torch.device, batch_size: int, progress: bool
 ) -> int:
-    store, dtype = plan.store, getattr(torch, plan.ae_spec.dtype)
+    store, dtype = plan.store, dtype_from_name(plan.ae_spec.dtype)
     jobs = sorted(plan.missing_latents, key=lambda j: (j.placement.bucket, j.record, j.key))
     decoded: tuple[int, Image.Image] | None = None  # variants of one image come in a row: decode it once
     with tqdm(total=len(jobs), desc="caching latents", unit="image", disable=not progress) as bar:

@@ -94,7 +94,7 @@ def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
         raise ValueError(f"a batch mixes latent sizes {sorted(shapes)}; batch with BucketBatchSampler")
     out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples]) for k in ("latents", "txt", "y")}
     out["caption"] = [s["caption"] for s in samples]
-    out["image"] = [s.get("image", "?") for s in samples]
+    out["image"] = [str(s.get("image", "?")) for s in samples]
     return out
 
 

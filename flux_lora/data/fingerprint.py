@@ -14,6 +14,7 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".tiktoken")
 IGNORED_NAMES = ("README.md", "LICENSE.txt", "LICENSE.md")
 
 
-def _hash_stream(h, f, size: int) -> None:
+def _hash_stream(h: Any, f: BinaryIO, size: int) -> None:
     remaining = size
     while remaining > 0:
         block = f.read(min(remaining, 1 << 20))
@@ -108,9 +109,9 @@ def fingerprint_module(module: nn.Module, extra: Iterable[str] = ()) -> str:
     return h.hexdigest()
 
 
-def tokenizer_identity(tokenizer) -> str:
+def tokenizer_identity(tokenizer: Any) -> str:
     """A string that changes with a tokenizer's vocabulary and rules (fast tokenizers: their full JSON)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return backend.to_str()
+        return str(backend.to_str())
     return repr(sorted(tokenizer.get_vocab().items()))

@@ -22,9 +22,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from flux_lora.atomic import write_text_atomic
 from flux_lora.config import DataConfig, DataError
 from flux_lora.sampling import SIDE_MULTIPLE
 
@@ -124,15 +123,8 @@ def _probe(data: bytes, digest: str, probe_dir: Path | None, name: str = "") -> 
         result = f"{type(e).__name__}: {e}"
     if memo is not None:
         entry = {"error": result} if isinstance(result, str) else {"width": result[0], "height": result[1]}
-        _write_text_atomic(memo, json.dumps(entry))
+        write_text_atomic(memo, json.dumps(entry))
     return result
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _row_bytes(value: Any, name: str) -> bytes:

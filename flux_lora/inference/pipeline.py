@@ -9,6 +9,7 @@ same image on any device. Shapes come from the autoencoder's downscale factor an
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -21,22 +22,24 @@ from flux_lora.dtypes import Quantize, float_dtype
 from flux_lora.inference.control import (
     ControlNetProvider,
     ControlNetUnit,
+    ImageInput,
     check_units,
     controlnet_components,
     encode_units,
     prepare_images,
 )
 from flux_lora.inference.denoise import ControlProvider, StepCallback, denoise
+from flux_lora.inference.img2img import cut_schedule, image_latents, noised_start
 from flux_lora.inference.offload import OffloadMode, Placement, PlacementLog, Transfer
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.controlnet import FluxControlNet, check_compatible
-from flux_lora.model.flux import Flux
+from flux_lora.model.flux import Flux, FluxParams
 from flux_lora.model.fp8 import QuantPolicy
 from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
 from flux_lora.sampling import get_schedule, image_seq_len, img_ids, latent_size, pack, txt_ids, unpack
 from flux_lora.weights.controlnet_loading import load_controlnet
 from flux_lora.weights.hub import resolve_model
-from flux_lora.weights.loading import load_autoencoder, load_flow_model
+from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,16 @@ def model_folder(source: str | Path) -> Path:
     return path
 
 
+def check_latent_channels(ae: AutoEncoder, params: FluxParams) -> None:
+    """Raise ``ValueError`` unless the autoencoder's latents, packed 2x2, have the DiT's input width."""
+    packed = ae.params.z_channels * 4
+    if packed != params.in_channels:
+        raise ValueError(
+            f"the autoencoder's {ae.params.z_channels} latent channels pack to {packed}, "
+            f"the DiT takes {params.in_channels}"
+        )
+
+
 class FluxPipeline:
     """Prompts to images with a FLUX.1 DiT, its autoencoder and its text encoders.
 
@@ -80,12 +93,7 @@ class FluxPipeline:
         dtype: torch.dtype | None = None,
         offload: OffloadMode | None = None,
     ):
-        packed = ae.params.z_channels * 4
-        if packed != dit.params.in_channels:
-            raise ValueError(
-                f"the autoencoder's {ae.params.z_channels} latent channels pack to {packed}, "
-                f"the DiT takes {dit.params.in_channels}"
-            )
+        check_latent_channels(ae, dit.params)
         self.dit, self.ae, self.text_encoders = dit, ae, text_encoders
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or float_dtype(dit)
@@ -111,8 +119,10 @@ class FluxPipeline:
         folder = model_folder(source)
         device = torch.device(device) if device is not None else default_device()
         load_to = "cpu" if offload else device
-        dit = load_flow_model(folder, dtype=dtype, device=load_to, quantize=quantize, quant_policy=quant_policy)
+        # the small autoencoder first, checked against the DiT's headers: a bad one fails before the big load
         ae = load_autoencoder(folder, dtype=dtype, device=load_to)
+        check_latent_channels(ae, flux_params(folder))
+        dit = load_flow_model(folder, dtype=dtype, device=load_to, quantize=quantize, quant_policy=quant_policy)
         text = TextEncoders.from_folder(folder, dit.params.max_sequence_length, dtype=dtype, device=load_to)
         return cls(dit, ae, text, device=device, dtype=dtype, offload=offload)
 
@@ -194,6 +204,8 @@ class FluxPipeline:
         controlnets: Sequence[ControlNetUnit] = (),
         controls: ControlProvider | None = None,
         callback: StepCallback | None = None,
+        image: ImageInput | None = None,
+        strength: float = 1.0,
     ) -> list[Image.Image] | Tensor:
         """Generate images.
 
@@ -213,6 +225,11 @@ class FluxPipeline:
                 all checked before anything runs; a ControlNet that embeds guidance gets ``guidance`` (default
                 3.5) even when the DiT has none.
             controls: per-DiT-call ControlNet residuals, instead of ``controlnets`` (for custom providers).
+            image, strength: image to image (see :mod:`flux_lora.inference.img2img`): one image (PIL, or a
+                tensor in [0, 1]) or one per prompt, resized to the output size; the run keeps the last
+                ``steps - int(steps - steps * strength)`` steps (diffusers' rule) and starts from the image's
+                latents noised to that time.
+                Strength 1 gives the text-to-image result of the same seed, 0 the image's autoencoder round trip.
         """
         if output_type not in ("pil", "latent", "pt"):
             raise ValueError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
@@ -229,18 +246,28 @@ class FluxPipeline:
         ds = self.ae.params.downscale_factor
         lh, lw = height // ds, width // ds
         schedule = self.timesteps(height, width, steps)  # validates steps before any encoding
+        if image is not None:
+            schedule = cut_schedule(schedule, strength)
+        elif strength != 1.0:
+            raise ValueError("strength is for image to image: pass an image too")
 
         cond, neg = self._conditioning(prompt, text_embeddings, negative_prompt, negative_text_embeddings, true_cfg)
         neg = None if neg is None else neg.repeat(num_images_per_prompt)
         num_prompts, cond = len(cond), cond.repeat(num_images_per_prompt)
         batch = len(cond)
         if units:
-            controls = self._control_provider(units, height, width, num_prompts, batch, steps, control_guidance)
+            runs = len(schedule) - 1  # the steps this call integrates (fewer for image to image)
+            controls = self._control_provider(units, height, width, num_prompts, batch, runs, control_guidance)
 
-        img = pack(self._initial_noise(batch, lh, lw, seed, generator, latents)).to(self.device)
+        start = self._initial_noise(batch, lh, lw, seed, generator, latents)
+        if image is not None:
+            with self.placement.use("ae"):
+                x0 = image_latents(image, self.ae, height, width, num_prompts, self.device, float_dtype(self.ae))
+            start = noised_start(x0, start, schedule[0])
+        img = pack(start).to(self.device)
         ids = img_ids(batch, lh, lw, device=self.device)
         tids = txt_ids(batch, cond.txt.shape[1], device=self.device)
-        bar = _progress(steps, progress)
+        bar = _progress(len(schedule) - 1, progress)
 
         def on_step(i: int, t: float, x: Tensor) -> None:
             bar.update()
@@ -267,6 +294,7 @@ class FluxPipeline:
         finally:
             bar.close()
         latents_out = unpack(img, lh, lw)
+        _check_finite(latents_out, "the denoised latents")
         if output_type == "latent":
             return latents_out
         images = self.decode(latents_out)
@@ -294,7 +322,7 @@ class FluxPipeline:
         if not dev and guidance is not None and not for_controlnets:
             log.warning("this model (schnell-type) has no guidance embedding; guidance=%s is ignored", guidance)
         value = DEFAULT_GUIDANCE if guidance is None else float(guidance)
-        if (dev or for_controlnets) and (not value == value or value < 0):  # NaN or negative
+        if (dev or for_controlnets) and (math.isnan(value) or value < 0):
             raise ValueError(f"guidance must be a non-negative number, got {guidance}")
         return value if dev else None
 
@@ -344,6 +372,7 @@ class FluxPipeline:
                     f"{(batch, channels, lh, lw)} or packed "
                     f"{(batch, (lh // 2) * (lw // 2), 4 * channels)}"
                 )
+            _check_finite(latents, "the given latents")
             return latents.float()
         if generator is None:
             generator = torch.Generator("cpu")
@@ -354,6 +383,14 @@ class FluxPipeline:
         elif seed is not None:
             raise ValueError("pass seed or generator, not both")
         return self.noise(batch, lh, lw, generator)
+
+
+def _check_finite(latents: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError(
+            f"{what} hold NaN or Inf, so no image is made (a LoRA with huge values, or a model that overflows "
+            "in this dtype?)"
+        )
 
 
 def _prompt_list(prompts: str | list[str] | None, given: TextEmbeddings | None, what: str) -> list[str] | None:

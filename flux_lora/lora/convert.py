@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="diffusers layout: write float .alpha keys instead of baking alpha/r into lora_B",
     )
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="convert the keys that can be read and leave out the rest (DoRA scales, text-encoder parts, ...)",
+    )
     return parser
 
 
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = flux_params(args.model)
-        lora = read_lora(args.input, params)
+        lora = read_lora(args.input, params, allow_partial=args.allow_partial, plain=True)
         out = write_lora(args.output, lora, params, layout=args.to, bake_scale=not args.no_bake)
     except (ValueError, OSError) as e:  # CheckpointError and LoraFormatError are ValueErrors naming the file
         log.error("cannot convert %s: %s", args.input, e)

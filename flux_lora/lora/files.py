@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flux_lora.atomic import save_safetensors_atomic
+from flux_lora.lora.encoders import is_text_encoder_key
 from flux_lora.lora.keys import (
+    PLAIN_ROLES,
     LoraFormatError,
     Target,
     alpha_value,
@@ -29,14 +32,17 @@ from flux_lora.lora.keys import (
     detect_layout,
     kohya_name,
     linear_shapes,
+    non_finite,
     pair_error,
     split_suffix,
+    unapplied_message,
 )
 from flux_lora.lora.metadata import diffusers_metadata, kohya_metadata, peft_alpha_rule, warn_kohya_non_block
+from flux_lora.lora.patches import ModuleChange, Patch, check_patch, weight_change
 from flux_lora.lora.weight import LoraStateDict, LoraWeight, fuse_row_blocks, split_row_blocks
 from flux_lora.model.flux import FluxParams
 from flux_lora.weights.keymaps import flux_linear_maps
-from flux_lora.weights.safetensors_io import iter_tensors, read_metadata, save_file_atomic
+from flux_lora.weights.safetensors_io import iter_tensors, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,10 @@ def check_lora(lora: LoraStateDict, params: FluxParams, source: str = "LoRA") ->
     for name, w in lora.items():
         if name not in shapes:
             bad.append(f"{name!r} is not a Linear of the model")
+            continue
+        if not isinstance(w, LoraWeight):
+            kinds = sorted({k for p in w for k in p.kinds})
+            bad.append(f"{name!r} holds {'+'.join(kinds)}, which is not a plain LoRA")
             continue
         out_f, in_f = shapes[name]
         if (
@@ -159,36 +169,36 @@ def _group_keys(sd: dict[str, Tensor], table: dict[str, Target], source: str) ->
     return groups, unmatched
 
 
+Block = tuple[int, int, "LoraWeight | Patch", str]
+"""``(first row, rows, LoRA or patch, base name)``: what one base name of a file holds for one Linear."""
+
+
 def _collect_blocks(
     sd: dict[str, Tensor], params: FluxParams, metadata: dict | None, source: str
-) -> tuple[dict[str, list[tuple[int, LoraWeight, str]]], list[str]]:
-    """``bfl -> [(first row, LoRA, base name)]`` for every complete down/up pair; keys matching nothing."""
+) -> tuple[dict[str, list[Block]], list[str]]:
+    """``bfl -> blocks`` for every complete LoRA pair or patch; keys matching nothing."""
     table = base_name_table(params)
     shapes = linear_shapes(params)
-    maps = {m.bfl: m for m in flux_linear_maps(params)}
     peft_alpha = peft_alpha_rule(metadata, source)
     groups, unmatched = _group_keys(sd, table, source)
-    blocks: dict[str, list[tuple[int, LoraWeight, str]]] = defaultdict(list)
+    blocks: dict[str, list[Block]] = defaultdict(list)
     errors = []
     for base, roles in groups.items():
-        if "down" not in roles or "up" not in roles:
-            unmatched += [key for key, _ in roles.values()]
-            continue
         t = table[base]
-        (down_key, down), (up_key, up) = roles["down"], roles["up"]
-        if (err := pair_error(t, down, up, shapes[t.bfl][1])) is not None:
-            errors.append(f"{down_key!r}/{up_key!r}: {err}")
-            continue
-        rank = down.shape[0]
-        if "alpha" in roles:
-            alpha = alpha_value(*roles["alpha"], source)
-        elif peft_alpha is not None and t.layout in _PEFT_FAMILY:
-            alpha = peft_alpha(t.module, rank)
+        alpha = alpha_value(*roles["alpha"], source) if "alpha" in roles else None
+        if alpha is None and peft_alpha is not None and t.layout in _PEFT_FAMILY and "down" in roles:
+            alpha = peft_alpha(t.module, roles["down"][1].shape[0])
+        if set(roles) <= PLAIN_ROLES:
+            if "down" not in roles or "up" not in roles:
+                unmatched += [key for key, _ in roles.values()]
+                continue
+            item, err = _plain(t, roles, alpha, shapes[t.bfl][1], params)
         else:
-            alpha = float(rank)  # no alpha: every loader applies scale 1
-        if t.swap_halves:
-            up = maps[t.bfl].to_bfl_rows([up])
-        blocks[t.bfl].append((t.start, LoraWeight(down, up, alpha), base))
+            item, err = _patch(t, roles, alpha, shapes[t.bfl][1], params)
+        if err is not None:
+            errors.append(f"{' / '.join(repr(k) for k, _ in roles.values())}: {err}")
+            continue
+        blocks[t.bfl].append((t.start, t.rows, item, base))
     if errors:
         raise LoraFormatError(
             f"{source}: {len(errors)} LoRA modules do not fit the model "
@@ -197,12 +207,68 @@ def _collect_blocks(
     return blocks, unmatched
 
 
-def _check_overlap(bfl: str, blocks: list[tuple[int, LoraWeight, str]], source: str) -> None:
+def _plain(t: Target, roles: dict, alpha: float | None, in_f: int, params: FluxParams) -> tuple[LoraWeight, str | None]:
+    (_, down), (_, up) = roles["down"], roles["up"]
+    if (err := pair_error(t, down, up, in_f)) is not None:
+        return None, err  # type: ignore[return-value]
+    if t.swap_halves:
+        up = _swap(t, up, params)
+    return LoraWeight(down, up, float(down.shape[0]) if alpha is None else alpha), None
+
+
+def _swap(t: Target, rows: Tensor, params: FluxParams) -> Tensor:
+    return {m.bfl: m for m in flux_linear_maps(params)}[t.bfl].to_bfl_rows([rows])
+
+
+def _patch(t: Target, roles: dict, alpha: float | None, in_f: int, params: FluxParams) -> tuple[Patch, str | None]:
+    """A LoHa / LoKr / diff / bias / DoRA patch (any LoRA pair among the keys included)."""
+    try:
+        weight = weight_change(roles, alpha, alpha)
+    except ValueError as e:
+        return None, str(e)  # type: ignore[return-value]
+    bias = roles.get("diff_b", roles.get("bias", (None, None)))[1]
+    if "diff_b" in roles and "bias" in roles:
+        return None, "both diff_b and lora_B.bias"  # type: ignore[return-value]
+    p = Patch(t.start, t.rows, weight, bias, roles.get("dora_scale", (None, None))[1])
+    if (err := check_patch(p, in_f)) is not None:
+        return p, err
+    if t.swap_halves:
+        if p.dora_scale is not None:
+            return p, "DoRA on the diffusers norm_out.linear (rows swapped) is not supported"
+        w = p.weight
+        dense = None if w is None else (w if isinstance(w, Tensor) else w.delta())
+        p = Patch(t.start, t.rows, None if dense is None else _swap(t, dense, params), bias)
+        p.bias = None if bias is None else _swap(t, bias.reshape(-1), params)
+    return p, None
+
+
+def _check_overlap(bfl: str, blocks: list[Block], source: str) -> None:
     end, prev = 0, None
-    for start, w, base in sorted(blocks, key=lambda b: b[0]):
+    for start, rows, _, base in sorted(blocks, key=lambda b: b[0]):
         if prev is not None and start < end:
             raise LoraFormatError(f"{source}: {prev!r} and {base!r} both hold a LoRA for rows of {bfl}")
-        end, prev = start + w.up.shape[0], base
+        end, prev = start + rows, base
+
+
+def _control_lora_error(sd: dict[str, Tensor], params: FluxParams) -> str | None:
+    """Why a BFL FLUX Control LoRA (Canny/Depth: wider ``img_in``, norm overrides) cannot apply, or None."""
+    down = sd.get("img_in.lora_A.weight", sd.get("diffusion_model.img_in.lora_A.weight"))
+    if down is None or down.ndim != 2 or down.shape[1] == params.in_channels:
+        return None
+    return (
+        f"a FLUX Control LoRA (BFL Canny/Depth layout): its img_in takes {down.shape[1]} input channels (image and "
+        f"control latents), the model {params.in_channels}; it needs a control-image pipeline, which this one is not"
+    )
+
+
+def _module_change(parts: list[Block], out_features: int) -> ModuleChange:
+    """One Linear's blocks -> a fused plain LoRA, or patches (plain LoRA blocks among them as patches)."""
+    if all(isinstance(item, LoraWeight) for _, _, item, _ in parts):
+        return fuse_row_blocks([(start, item) for start, _, item, _ in parts], out_features)  # type: ignore[misc]
+    return tuple(
+        item if isinstance(item, Patch) else Patch(start, rows, item)
+        for start, rows, item, _ in sorted(parts, key=lambda b: b[0])
+    )
 
 
 def from_state_dict(
@@ -211,43 +277,61 @@ def from_state_dict(
     *,
     metadata: dict | None = None,
     source: str = "LoRA state dict",
+    allow_partial: bool = False,
+    skip_text_encoders: bool = False,
 ) -> LoraStateDict:
     """Any supported LoRA layout -> canonical fused LoRA with explicit alpha. Pure (no file access).
 
     Args:
-        sd: the file's tensors. Keys that match no module of the model are listed in one warning.
+        sd: the file's tensors. A key that is not applied (DoRA ``dora_scale``, LyCORIS LoHa/LoKr, ``.diff``,
+            biases, text-encoder parts, modules the model lacks) is an error listing the keys, unless
+            ``allow_partial``: then they are listed in one warning and the rest is applied.
         params: the model the LoRA is for; every down/up shape must fit it.
         metadata: safetensors header; ``lora_adapter_metadata`` (a peft LoraConfig as JSON, keys optionally
             prefixed ``transformer.``) gives alpha to diffusers / peft keys that have no ``.alpha``.
         source: how errors and warnings name the input.
+        skip_text_encoders: leave text-encoder keys out (read them with
+            :func:`flux_lora.lora.encoders.read_text_encoder_lora`) instead of counting them as unappliable; a
+            file with only text-encoder keys then gives ``{}``.
 
     Raises:
-        LoraFormatError: nothing matches, a shape does not fit, or two keys cover the same rows.
+        LoraFormatError: nothing matches, a key is not applied (without ``allow_partial``), a tensor holds NaN
+            or Inf, a shape does not fit, or two keys cover the same rows.
     """
+    if (bad := non_finite(sd)) is not None:
+        raise LoraFormatError(f"{source}: {bad}; the file is damaged or was saved from a diverged run")
+    if (err := _control_lora_error(sd, params)) is not None:
+        raise LoraFormatError(f"{source}: {err}")
+    if skip_text_encoders:
+        sd = {k: v for k, v in sd.items() if not is_text_encoder_key(k)}
+        if not sd:
+            return {}
     blocks, unmatched = _collect_blocks(sd, params, metadata, source)
     if not blocks:
         raise LoraFormatError(
             f"{source}: no key matches a FLUX LoRA layout for this model (layout guess: "
             f"{detect_layout(sd)}); first keys: {sorted(sd)[:5]}"
         )
+    if unmatched and not allow_partial:
+        raise LoraFormatError(unapplied_message(source, unmatched))
     if unmatched:
         log.warning(
-            "%s: %d keys match no module of the model and are ignored: %s",
+            "%s: %d keys match no module of the model and are ignored (allow_partial): %s",
             source,
             len(unmatched),
             sorted(unmatched),
         )
     shapes = linear_shapes(params)
-    lora: LoraStateDict = {}
+    lora: dict[str, ModuleChange] = {}
     for bfl, parts in blocks.items():
         _check_overlap(bfl, parts, source)
-        lora[bfl] = fuse_row_blocks([(start, w) for start, w, _ in parts], shapes[bfl][0])
-    return lora
+        lora[bfl] = _module_change(parts, shapes[bfl][0])
+    return lora  # type: ignore[return-value]
 
 
 def _from_layout(
     sd: dict[str, Tensor], params: FluxParams, layouts: tuple[str, ...], metadata: dict | None
-) -> LoraStateDict:
+) -> LoraStateDict:  # our own layouts: every key must apply
     found = detect_layout(sd)
     if found not in layouts:
         raise LoraFormatError(
@@ -270,14 +354,27 @@ def from_diffusers_state_dict(sd: dict[str, Tensor], params: FluxParams, metadat
 
 
 def read_lora(
-    source: str | Path | dict[str, Tensor], params: FluxParams, *, metadata: dict | None = None
+    source: str | Path | dict[str, Tensor],
+    params: FluxParams,
+    *,
+    metadata: dict | None = None,
+    allow_partial: bool = False,
+    plain: bool = False,
+    skip_text_encoders: bool = False,
 ) -> LoraStateDict:
     """Read a LoRA in any supported layout from a safetensors file (or a state dict) for a ``params`` model.
 
-    ``metadata`` is merged over the file's own safetensors metadata (see :func:`from_state_dict`).
+    ``metadata`` is merged over the file's own safetensors metadata; ``allow_partial`` applies what can be
+    applied when some keys cannot (see :func:`from_state_dict`). Modules with DoRA, LoHa, LoKr, diff or bias
+    keys come back as a tuple of :class:`~flux_lora.lora.patches.Patch` (``apply_loras`` applies them);
+    ``plain=True`` makes them an error, for uses that need a plain LoRA (training from it, writing it).
+    ``skip_text_encoders``: see :func:`from_state_dict`.
     """
     if isinstance(source, dict):
-        return from_state_dict(source, params, metadata=metadata)
+        lora = from_state_dict(
+            source, params, metadata=metadata, allow_partial=allow_partial, skip_text_encoders=skip_text_encoders
+        )
+        return check_plain(lora, "LoRA state dict") if plain else lora
     path = Path(source)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise LoraFormatError(
@@ -286,8 +383,25 @@ def read_lora(
         )
     file_metadata = read_metadata(path)
     sd = dict(iter_tensors(path))
-    lora = from_state_dict(sd, params, metadata={**file_metadata, **(metadata or {})}, source=str(path))
+    merged = {**file_metadata, **(metadata or {})}
+    lora = from_state_dict(
+        sd,
+        params,
+        metadata=merged,
+        source=str(path),
+        allow_partial=allow_partial,
+        skip_text_encoders=skip_text_encoders,
+    )
     log.info("%s: %s layout, %d modules", path, detect_layout(sd), len(lora))
+    return check_plain(lora, str(path)) if plain else lora
+
+
+def check_plain(lora: LoraStateDict, source: str) -> LoraStateDict:
+    """``lora`` if every module is a plain LoRA; else a :class:`LoraFormatError` naming the other kinds."""
+    other = {name: sorted({k for p in w for k in p.kinds}) for name, w in lora.items() if not isinstance(w, LoraWeight)}
+    if other:
+        first = ", ".join(f"{n} ({'+'.join(k)})" for n, k in list(other.items())[:5])
+        raise LoraFormatError(f"{source}: {len(other)} modules are not a plain LoRA, which is needed here: {first}")
     return lora
 
 
@@ -321,4 +435,4 @@ def write_lora(
         header = kohya_metadata(sd, lora, params, output_name=path.stem, extra=metadata)
     else:
         header = diffusers_metadata(params, extra=metadata)
-    return save_file_atomic(sd, path, header)
+    return save_safetensors_atomic(sd, path, header)

@@ -20,6 +20,10 @@ The layouts, with the base name of ``double_blocks.0.img_attn.qkv`` (down ``[r, 
 
 XLabs' single-block ``qkv_lora`` and ComfyUI's ``single_blocks.N.linear1_qkv`` cover only the q, k, v rows of
 ``linear1``.
+
+Any base name may also carry, instead of or with a down/up pair, the suffixes of :mod:`flux_lora.lora.patches`:
+``.dora_scale``, LyCORIS ``.hada_w{1,2}_{a,b}`` and ``.lokr_w{1,2}[_a|_b]``, ``.diff``, ``.diff_b``,
+``.lora_B.bias`` / ``.lora_up.bias``.
 """
 
 from __future__ import annotations
@@ -46,10 +50,27 @@ SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_up.weight", "up"),
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
+    (".lora_B.bias", "bias"),
+    (".lora_up.bias", "bias"),
     (".down.weight", "down"),
     (".up.weight", "up"),
     (".alpha", "alpha"),
+    (".dora_scale", "dora_scale"),
+    (".hada_w1_a", "hada_w1_a"),
+    (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+    (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"),
+    (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_w1", "lokr_w1"),
+    (".lokr_w2", "lokr_w2"),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
 )
+"""File suffix -> role. ``down``/``up``/``alpha``: a plain LoRA; the others: :mod:`flux_lora.lora.patches`."""
+PLAIN_ROLES = frozenset({"down", "up", "alpha"})
 
 _BFL_TOP = (
     "double_blocks.",
@@ -173,7 +194,7 @@ def _add_xlabs(params: FluxParams, shapes: dict[str, tuple[int, int]], add) -> N
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:
-    """``key -> (base name, role)`` with role ``down``, ``up`` or ``alpha``; None for other suffixes."""
+    """``key -> (base name, role)`` with a role of :data:`SUFFIXES`; None for other suffixes."""
     for suffix, role in SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
@@ -227,3 +248,42 @@ def pair_error(t: Target, down: Tensor, up: Tensor, in_features: int) -> str | N
             f"down {tuple(down.shape)}, up {tuple(up.shape)}; {t.bfl} expects down [r, {in_features}], up [{t.rows}, r]"
         )
     return None
+
+
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t if t.dtype.itemsize > 1 else t.float()).all())  # fp8 has no isfinite kernel
+
+
+def non_finite(sd: dict[str, Tensor]) -> str | None:
+    """Which float tensors of ``sd`` hold NaN or Inf (keys named), or None."""
+    bad = sorted(k for k, t in sd.items() if t.is_floating_point() and not _finite(t))
+    if not bad:
+        return None
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"key {', '.join(repr(k) for k in bad[:5])}{more} holds NaN or Inf"
+
+
+# Key fragments of LoRA kinds this reader does not apply -> what they are.
+_UNAPPLIED_KINDS = (
+    (".dora_scale", "DoRA (dora_scale)"),
+    (".hada_", "LyCORIS LoHa (hada_*)"),
+    (".lokr_", "LyCORIS LoKr (lokr_*)"),
+    (".diff", "full weight patches (.diff / .diff_b)"),
+    ("lora_te", "text-encoder LoRA (lora_te*)"),
+    ("text_encoder", "text-encoder LoRA"),
+    (".bias", "biases"),
+    (".norm", "norm overrides"),
+)
+
+
+def unapplied_message(source: str, keys: list[str]) -> str:
+    """One line naming the keys a reader would leave out, the kinds they belong to, and the opt-out."""
+    kinds = sorted({kind for frag, kind in _UNAPPLIED_KINDS for k in keys if frag in k})
+    what = f" ({', '.join(kinds)})" if kinds else ""
+    shown = ", ".join(repr(k) for k in sorted(keys)[:8])
+    more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+    return (
+        f"{source}: {len(keys)} keys cannot be applied to this model{what}: {shown}{more}; applying the rest "
+        "would give a different model than the file's author meant (allow_partial=True / --allow-partial "
+        "applies it anyway)"
+    )

@@ -122,15 +122,27 @@ def diffusers_metadata(params: FluxParams, extra: dict[str, str] | None = None) 
 
 
 def warn_kohya_non_block(lora: LoraStateDict, path: Path) -> None:
-    """Warn when a kohya-layout file holds modules outside the blocks: diffusers drops them without a word."""
+    """Warn when a kohya-layout file holds modules outside the blocks: other tools drop or refuse them.
+
+    ComfyUI, Forge and our reader apply them. diffusers drops embedder and final-layer modules of kohya files
+    without a warning; kohya sd-scripts' network loader (strict) refuses ``lora_unet_final_layer_*`` as
+    unexpected keys, and its merge script leaves them out without a word.
+    """
     outside = sorted(n for n in lora if not n.startswith(_BLOCK_PREFIXES))
     if outside:
+        final = [n for n in outside if n.startswith("final_layer.")]
+        kohya = (
+            f"kohya sd-scripts' LoRA loader refuses {', '.join(final)} (unexpected keys) and its merge skips them; "
+            if final
+            else ""
+        )
         log.warning(
-            "%s: %d modules outside the double/single blocks (%s) load in ComfyUI and Forge, but diffusers' "
-            "kohya converter silently ignores them; also write layout='diffusers' for diffusers users",
+            "%s: %d modules outside the double/single blocks (%s) load in ComfyUI and Forge, but diffusers drops "
+            "them from kohya files without a warning; %salso write layout='diffusers' for diffusers users",
             path,
             len(outside),
             ", ".join(outside),
+            kohya,
         )
 
 

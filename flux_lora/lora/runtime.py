@@ -5,10 +5,15 @@ default, never the fp8 of an fp8 base) and a forward hook that adds ``sum_i s_i 
 output, with ``s_i = scale_i * alpha_i / rank_i``. Removing a LoRA deletes its tensors; removing the last one
 removes the hook and the child, so the model is exactly what it was.
 
-Fused: ``W += s * up @ down``. On an :class:`FP8Linear` the weight is dequantized, updated in float32 and
-re-quantized (``FP8Linear.set_weight``); the original fp8 tensor and scale are kept (on the CPU), so unfusing
-restores the original weights bit for bit. The LoRAs of one call are summed first, so each layer is
-re-quantized once; calls are unfused last-in, first-out.
+Patches (DoRA, LoHa, LoKr, ``.diff`` / ``.diff_b``, LoRA biases; :mod:`flux_lora.lora.patches`) are turned into
+their dense change at strength 1, ``D [out, in]`` and ``db``, once when applied (DoRA from the layer's weight
+then); unfused they add ``s * (D @ x + db)``, a dense ``[out, in]`` buffer per layer in the adapter dtype.
+
+Fused: ``W += s * up @ down`` (patches: ``W += s * D``, ``b += s * db``). On an :class:`FP8Linear` the weight
+is dequantized, updated in float32 and re-quantized (``FP8Linear.set_weight``), which rounds away most of a small
+delta; the original fp8 tensor and scale are kept (on the CPU), so unfusing restores the original weights bit for
+bit. The LoRAs of one call are summed first, so each layer is re-quantized once; calls are unfused last-in,
+first-out.
 
 peft is not used here: injecting a second adapter with ``inject_adapter_in_model`` deactivates the first one
 in every layer, activating several needs a per-layer ``set_adapter`` that also makes them trainable, adapters
@@ -28,18 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux_lora.lora.weight import LoraStateDict, LoraWeight
+from flux_lora.lora.patches import ModuleChange, Patch, check_patch, dense_change
+from flux_lora.lora.weight import WRAPPED, LoraStateDict, LoraWeight
 from flux_lora.model.fp8 import FP8Linear
 
 log = logging.getLogger(__name__)
 
 LoraMode = Literal["unfused", "fused"]
-LoraSpec = tuple[LoraStateDict, float, str]
-"""``(weights, user scale, name)``."""
+LoraSpec = tuple[LoraStateDict | dict[str, ModuleChange], float, str]
+"""``(weights, user scale, name)``; weights as :func:`flux_lora.lora.files.read_lora` returns them."""
 
 RUNTIME_ATTR = "runtime_loras"
 STATE_ATTR = "_flux_lora_adapters"
-CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"  # torch's activation-checkpoint wrapper
 
 
 class RuntimeLoras(nn.Module):
@@ -60,16 +65,30 @@ class RuntimeLoras(nn.Module):
         self.alpha_over_rank[name] = lw.scale
         self.scales[name] = scale
 
+    def add_dense(self, name: str, delta: Tensor, bias: Tensor | None, scale: float, dtype: torch.dtype) -> None:
+        """A patch as its dense change at strength 1: ``delta [out, in]`` and ``bias [out]`` (or None)."""
+        self.register_buffer(f"{name}__delta", delta.to(dtype), persistent=False)
+        self.register_buffer(f"{name}__bias", None if bias is None else bias.to(dtype), persistent=False)
+        self.alpha_over_rank[name] = 1.0
+        self.scales[name] = scale
+
     def drop(self, name: str) -> None:
-        del self._buffers[f"{name}__down"], self._buffers[f"{name}__up"]
+        for part in ("down", "up", "delta", "bias"):
+            self._buffers.pop(f"{name}__{part}", None)
         del self.alpha_over_rank[name], self.scales[name]
+
+    def _delta(self, name: str, x: Tensor) -> Tensor:
+        if f"{name}__delta" in self._buffers:
+            delta = self._buffers[f"{name}__delta"]
+            return F.linear(x.to(delta.dtype), delta, self._buffers[f"{name}__bias"])
+        down, up = self._buffers[f"{name}__down"], self._buffers[f"{name}__up"]
+        return F.linear(F.linear(x.to(down.dtype), down), up)
 
     def forward(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         """``x [..., in]`` -> ``[..., out]`` in ``out_dtype``, computed in the adapters' dtype."""
         total = None
         for name, scale in self.scales.items():
-            down, up = self._buffers[f"{name}__down"], self._buffers[f"{name}__up"]
-            delta = F.linear(F.linear(x.to(down.dtype), down), up) * (scale * self.alpha_over_rank[name])
+            delta = self._delta(name, x) * (scale * self.alpha_over_rank[name])
             total = delta if total is None else total + delta
         return total.to(out_dtype)
 
@@ -89,12 +108,16 @@ def _remove_hook(module: nn.Module) -> None:
             del module._forward_hooks[key]
 
 
+_Saved = tuple[nn.Linear, Tensor, Tensor | None, Tensor | None]
+"""``(layer, weight, fp8 scale or None, bias or None)`` as they were before a fuse."""
+
+
 @dataclass
 class _Fused:
-    """The LoRAs fused by one call, and the originals of their layers: ``(layer, weight, scale)``."""
+    """The LoRAs fused by one call, and the originals of their layers."""
 
     names: list[str]
-    saved: list[tuple[nn.Linear, Tensor, Tensor | None]]
+    saved: list[_Saved]
 
 
 @dataclass
@@ -124,21 +147,24 @@ def _submodule(model: nn.Module, path: str) -> nn.Module:
     """``model.get_submodule(path)``, looking through activation-checkpoint wrappers on the way."""
     module = model
     for part in path.split("."):
-        while not hasattr(module, part) and hasattr(module, CHECKPOINT_WRAPPED):
-            module = getattr(module, CHECKPOINT_WRAPPED)
+        while not hasattr(module, part) and hasattr(module, WRAPPED):
+            module = getattr(module, WRAPPED)
         module = getattr(module, part)
         if not isinstance(module, nn.Module):
             raise AttributeError(f"{part} is not a module")
     return module
 
 
-def _resolve(model: nn.Module, lora_name: str, path: str, lw: LoraWeight) -> tuple[nn.Module, nn.Linear]:
+def _resolve(model: nn.Module, lora_name: str, path: str, lw: ModuleChange) -> tuple[nn.Module, nn.Linear]:
     """``(module at path, its base Linear)`` after checking that the LoRA's shapes fit it."""
     try:
         module = _submodule(model, path)
         base = _base_linear(module)
     except (AttributeError, TypeError) as e:
         raise ValueError(f"LoRA {lora_name!r}: key {path!r} names no Linear layer of this model ({e})") from None
+    if not isinstance(lw, LoraWeight):
+        _check_patches(lora_name, path, lw, base)
+        return module, base
     if lw.down.ndim != 2 or lw.up.ndim != 2 or lw.up.shape[1] != lw.down.shape[0]:
         raise ValueError(
             f"LoRA {lora_name!r}: key {path!r} has down {tuple(lw.down.shape)} and up "
@@ -152,14 +178,31 @@ def _resolve(model: nn.Module, lora_name: str, path: str, lw: LoraWeight) -> tup
     return module, base
 
 
+def _check_patches(lora_name: str, path: str, patches: tuple[Patch, ...], base: nn.Linear) -> None:
+    for p in patches:
+        if p.start + p.rows > base.out_features:
+            raise ValueError(f"LoRA {lora_name!r}: key {path!r} patches rows past the layer's {base.out_features}")
+        if (err := check_patch(p, base.in_features)) is not None:
+            raise ValueError(f"LoRA {lora_name!r}: key {path!r}: {err}")
+        if p.bias is not None and base.bias is None:
+            raise ValueError(f"LoRA {lora_name!r}: key {path!r} changes a bias the layer does not have")
+
+
+def float_weight(layer: nn.Linear) -> Tensor:
+    """The layer's weight in float32 (dequantized for fp8 layers)."""
+    return layer.dequantized_weight(torch.float32) if isinstance(layer, FP8Linear) else layer.weight.float()
+
+
 def apply_loras(
     model: nn.Module, loras: Sequence[LoraSpec], mode: LoraMode = "unfused", *, dtype: torch.dtype = torch.float32
 ) -> list[str]:
     """Apply several LoRAs, each ``(LoraStateDict, scale, name)``, to ``model`` (a :class:`Flux`, BFL paths).
 
     Args:
-        mode: ``"unfused"`` adds each LoRA at run time (removable, scale changeable); ``"fused"`` adds
-            ``scale * delta`` into the weights (fp8 layers are dequantized, updated and re-quantized).
+        mode: ``"unfused"`` (default, exact) adds each LoRA at run time (removable, scale changeable);
+            ``"fused"`` adds ``scale * delta`` into the weights. fp8 layers are dequantized, updated and
+            re-quantized, which is not exact: e4m3 rounds away most of a delta below ~10 % of the weight
+            (``benchmarks/fused_fp8_error.py``: at 1 % of max|W|, 97 % of the LoRA's effect is lost to rounding).
         dtype: dtype of unfused adapter tensors (float32 by default; bf16 to save memory on an accelerator).
 
     Returns:
@@ -197,41 +240,58 @@ def _add_unfused(state: _State, name: str, scale: float, targets: list, dtype: t
             runtime = RuntimeLoras()
             module.add_module(RUNTIME_ATTR, runtime)
             module.register_forward_hook(_lora_hook)
-        runtime.add(name, lw, scale, base.weight.device, dtype)
+        if isinstance(lw, LoraWeight):
+            runtime.add(name, lw, scale, base.weight.device, dtype)
+        else:
+            runtime.add_dense(name, *dense_change(lw, float_weight(base)), scale, dtype)
     state.unfused[name] = [path for path, *_ in targets]
 
 
-def _fuse_all(resolved: list) -> list[tuple[nn.Linear, Tensor, Tensor | None]]:
+def _fuse_all(resolved: list) -> list[_Saved]:
     """Add every LoRA's ``scale * delta`` into its layers, each layer updated (and re-quantized) once."""
-    deltas: dict[int, tuple[nn.Linear, Tensor]] = {}
+    deltas: dict[int, tuple[nn.Linear, Tensor, Tensor | None]] = {}
     for _, scale, targets in resolved:
         if scale == 0:
             continue  # leaves the weights, fp8 bytes included, untouched
         for _, lw, _, layer in targets:
-            device = layer.weight.device
-            delta = (scale * lw.scale) * (lw.up.to(device, torch.float32) @ lw.down.to(device, torch.float32))
+            delta, bias = _layer_change(lw, layer)
+            delta, bias = scale * delta, None if bias is None else scale * bias
             if id(layer) in deltas:
-                delta = deltas[id(layer)][1] + delta
-            deltas[id(layer)] = (layer, delta)
-    return [_fuse(layer, delta) for layer, delta in deltas.values()]
+                _, before, before_bias = deltas[id(layer)]
+                delta = before + delta
+                bias = before_bias if bias is None else (bias if before_bias is None else before_bias + bias)
+            deltas[id(layer)] = (layer, delta, bias)
+    return [_fuse(layer, delta, bias) for layer, delta, bias in deltas.values()]
 
 
-def _fuse(layer: nn.Linear, delta: Tensor) -> tuple[nn.Linear, Tensor, Tensor | None]:
-    """``W += delta`` (fp8: dequantize, add, re-quantize); return what restores the layer exactly."""
+def _layer_change(lw: ModuleChange, layer: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    device = layer.weight.device
+    if isinstance(lw, LoraWeight):
+        return lw.scale * (lw.up.to(device, torch.float32) @ lw.down.to(device, torch.float32)), None
+    return dense_change(lw, float_weight(layer))
+
+
+def _fuse(layer: nn.Linear, delta: Tensor, bias: Tensor | None) -> _Saved:
+    """``W += delta`` (fp8: dequantize, add, re-quantize), ``b += bias``; return what restores the layer exactly."""
+    saved_bias = None if bias is None else layer.bias.data.to("cpu", copy=True)
+    if bias is not None:
+        layer.bias.data = (layer.bias.data.float() + bias.to(layer.bias.device)).to(layer.bias.dtype)
     if isinstance(layer, FP8Linear):
-        saved = (layer, layer.weight.data.to("cpu"), layer.weight_scale.detach().to("cpu", copy=True))
+        saved = (layer, layer.weight.data.to("cpu"), layer.weight_scale.detach().to("cpu", copy=True), saved_bias)
         layer.set_weight(layer.dequantized_weight(torch.float32) + delta)
         return saved
-    saved = (layer, layer.weight.data.to("cpu"), None)
+    saved = (layer, layer.weight.data.to("cpu"), None, saved_bias)
     layer.weight.data = (layer.weight.data.float() + delta).to(layer.weight.dtype)
     return saved
 
 
 def _unfuse(fused: _Fused) -> None:
-    for layer, weight, scale in reversed(fused.saved):
+    for layer, weight, scale, bias in reversed(fused.saved):
         layer.weight.data = weight.to(layer.weight.device)
         if scale is not None:
             layer.weight_scale.copy_(scale)
+        if bias is not None:
+            layer.bias.data = bias.to(layer.bias.device)
 
 
 def remove_loras(model: nn.Module, names: Iterable[str] | None = None) -> None:

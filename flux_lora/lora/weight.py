@@ -30,6 +30,15 @@ class LoraWeight:
 
 
 LoraStateDict = dict[str, LoraWeight]
+"""LoRAs by the BFL module path of their Linear (``double_blocks.0.img_attn.qkv``)."""
+
+WRAPPED = "_checkpoint_wrapped_module"
+"""The attribute under which torch's activation-checkpoint wrapper keeps a block; it shows in module names."""
+
+
+def clean_name(name: str) -> str:
+    """A module name without the activation-checkpoint wrapper's part (the BFL path LoRAs are keyed by)."""
+    return name.replace(f"{WRAPPED}.", "")
 
 
 # ------------------------------------------------------------------------------------- fused <-> split math
@@ -92,7 +101,7 @@ def split_row_blocks(w: LoraWeight, sizes: list[int] | tuple[int, ...]) -> list[
     if not live:
         return [LoraWeight(w.down, u, w.alpha) for u in ups]
     out: list[LoraWeight | None] = [None] * len(ups)
-    disjoint = len(live) > 1 and bool((sum(masks[i].int() for i in live) <= 1).all())
+    disjoint = len(live) > 1 and bool((torch.stack([masks[i].int() for i in live]).sum(0) <= 1).all())
     for i in live:
         if disjoint:
             m = masks[i]

@@ -1,13 +1,14 @@
 """The FLUX.1 DiT (``Flux``) and its hyper-parameters, with BFL's module names.
 
 Official ``flux1-dev.safetensors`` / ``flux1-schnell.safetensors`` files load into :class:`Flux` with strict key
-matching. Quantization, LoRA, checkpointing and offload are applied from outside (see ``quantization.py``,
-``lora.py``, ``memory.py``).
+matching. Quantization, LoRA, checkpointing and offload are applied from outside (``model/fp8.py``,
+``lora/peft_adapters.py``, ``training/block_wrappers.py``, ``inference/offload.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,13 +61,13 @@ class FluxParams:
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["axes_dim"] = list(self.axes_dim)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> FluxParams:
+    def from_dict(cls, d: dict[str, Any]) -> FluxParams:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:

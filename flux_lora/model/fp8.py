@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flux_lora.dtypes import FP8
+from flux_lora.model.fp8_matmul import FP8ScaledMatmul
+
 log = logging.getLogger(__name__)
 
-FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 QuantPolicy = Literal["blocks", "all"]
 
@@ -127,7 +129,14 @@ class FP8Linear(nn.Linear):
             out.bias.data = linear.bias.detach().to(bias_dtype)
         return out
 
+    fp8_matmul = False
+    """Multiply in fp8 (``torch._scaled_mm``) instead of dequantizing; set by :func:`set_fp8_matmul`."""
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.fp8_matmul:
+            dtype = _compute_dtype(x)
+            with torch.autocast(x.device.type, enabled=False):
+                return FP8ScaledMatmul.apply(x, self.weight, self.weight_scale, self.bias, dtype)
         return _FP8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -210,3 +219,21 @@ def storage_bytes(model: nn.Module) -> int:
         seen.add(ptr)
         total += t.numel() * t.element_size()
     return total
+
+
+MODULATION_SUFFIXES = ("_mod.lin", "modulation.lin", "adaLN_modulation.1")
+
+
+def is_token_path(name: str) -> bool:
+    """A block Linear that sees every token (attention qkv/proj, MLPs, linear1/linear2), not a modulation."""
+    return name.startswith(("double_blocks.", "single_blocks.")) and not name.endswith(MODULATION_SUFFIXES)
+
+
+def set_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the token-path :class:`FP8Linear` layers of ``model`` to fp8 GEMMs (or back); returns how many."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear) and is_token_path(name.replace("_checkpoint_wrapped_module.", "")):
+            module.fp8_matmul = enabled
+            count += 1
+    return count

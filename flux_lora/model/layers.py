@@ -74,10 +74,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``[B, S, 3*H*Dh]`` (rows q, k, v, head-major) -> three ``[B, H, S, Dh]``."""
+    """``[B, S, 3*H*Dh]`` (rows q, k, v, head-major) -> three ``[B, H, S, Dh]`` views.
+
+    ``unbind`` rather than indexing: the backward of three index ops allocates and zero-fills three full-size
+    gradients and adds them; unbind's backward stacks the three once."""
     b, s, _ = qkv.shape
-    qkv = qkv.reshape(b, s, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
+    q, k, v = qkv.reshape(b, s, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 class EmbedND(nn.Module):
@@ -182,12 +185,17 @@ class DoubleStreamBlock(nn.Module):
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        for stream in ("img", "txt"):
-            self.add_module(f"{stream}_mod", Modulation(hidden_size, double=True))
-            self.add_module(f"{stream}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            self.add_module(f"{stream}_attn", SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias))
-            self.add_module(f"{stream}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            self.add_module(f"{stream}_mlp", _mlp(hidden_size, mlp_hidden))
+        # registration order (img stream, then txt) fixes the state-dict and parameter order
+        self.img_mod = Modulation(hidden_size, double=True)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = _mlp(hidden_size, mlp_hidden)
+        self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = _mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """``img [B, N, D]``, ``txt [B, L, D]``, ``vec [B, D]``, ``pe [B, 1, L+N, Dh/2, 2, 2]``."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from flux_lora.atomic import save_torch_atomic, write_atomic
 from flux_lora.data.cache import tensors_sha256
 from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
@@ -27,30 +26,18 @@ log = logging.getLogger(__name__)
 ADAPTERS_SHA_KEY = "flux_lora_adapters_sha256"
 
 
-def temp_path(path: Path) -> Path:
-    """A temporary name beside ``path``, unique per process and call (two writers never share one)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written through a unique temporary file and a rename, with a checksum of the
     adapters, never with a non-finite adapter value; read back with ``torch.load(weights_only=True)``: they only
     ever hold tensors and plain Python values."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
         state = checkpoint["state_dict"]
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise ValueError(f"refusing to write {path}: adapter weights {bad[:3]} hold non-finite values")
         checkpoint[ADAPTERS_SHA_KEY] = tensors_sha256(state)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(path)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_torch_atomic(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
@@ -97,8 +84,10 @@ class StepCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        super().on_train_batch_end(trainer, module, *args, **kwargs)
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
         # the last step, or a stop requested in this one (signal): save here, while the loops' state is that of
         # a step in progress; by on_train_end Lightning has closed the epoch and a resume would start the next one
         if trainer.should_stop or trainer.global_step >= trainer.max_steps:
@@ -198,13 +187,7 @@ class SampleImages(L.Callback):
         step = trainer.global_step
         for i, image in enumerate(images):
             path = self.out_dir / f"step{step:06d}-{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_path(path)
-            try:
-                image.save(tmp, format="PNG")
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             self.written.append(path)
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_image"):

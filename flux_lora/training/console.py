@@ -122,10 +122,10 @@ class StepProgress(ProgressBar):
         self.on_train_end(trainer, module)
 
 
-def start_summary(cfg, trainer: L.Trainer, module, datamodule) -> str:
+def start_summary(cfg, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> str:
     """One paragraph: model and source, quantization, trainable parameters, images and buckets, steps, output."""
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    plan = datamodule.plan
+    plan = getattr(datamodule, "plan", None)
     buckets = Counter(f"{w}x{h}" for w, h in plan.buckets) if plan is not None else Counter()
     per_bucket = ", ".join(f"{b}: {n}" for b, n in sorted(buckets.items()))
     return (
@@ -144,4 +144,4 @@ class Summaries(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            log.info("%s", start_summary(self.cfg, trainer, module, trainer.datamodule))
+            log.info("%s", start_summary(self.cfg, trainer, module, getattr(trainer, "datamodule", None)))

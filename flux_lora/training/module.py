@@ -17,10 +17,8 @@ from functools import partial
 import lightning as L
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from flux_lora import sampling as S
 from flux_lora.config import TrainConfig
 from flux_lora.lora.peft_adapters import (
     LoraConfig,
@@ -34,6 +32,7 @@ from flux_lora.lora.weight import LoraStateDict
 from flux_lora.model.flux import Flux, FluxParams
 from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
+from flux_lora.training.loss import flow_matching_loss
 
 log = logging.getLogger(__name__)
 
@@ -113,45 +112,15 @@ class FluxLoraModule(L.LightningModule):
         if self.train_cfg.caption_dropout > 0 and self.empty_embedding is None and datamodule is not None:
             self.empty_embedding = datamodule.empty_embedding()
 
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """One flow-matching prediction: ``(prediction [B, N, 64], target [B, N, 64], t [B])``."""
-        cfg, dit = self.train_cfg, self.dit
-        latents = batch["latents"]
-        b, _, h, w = latents.shape
-        seq_len = S.image_seq_len(h, w)
-        x0 = S.pack(latents.float())
-        noise = S.pack(torch.randn(latents.shape, generator=generator)).to(x0.device)
-        t = S.sample_timesteps(
-            b,
-            cfg.timestep_sampling,
-            seq_len=seq_len if cfg.shift == "flux" else None,
-            shift=cfg.fixed_shift if cfg.shift == "fixed" else None,
-            logit_mean=cfg.logit_mean,
-            logit_std=cfg.logit_std,
-            sigmoid_scale=cfg.sigmoid_scale,
-            generator=generator,
-        ).to(x0.device)
-        txt, y = batch["txt"], batch["y"]
-        if cfg.caption_dropout > 0:
-            if self.empty_embedding is None:
-                raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
-            if self.empty_embedding.txt.device != x0.device:  # moved once, not every step
-                self.empty_embedding = self.empty_embedding.to(device=x0.device)
-            drop = (torch.rand(b, generator=generator) < cfg.caption_dropout).to(x0.device)
-            txt = torch.where(drop[:, None, None], self.empty_embedding.txt.to(txt.dtype), txt)
-            y = torch.where(drop[:, None], self.empty_embedding.y.to(y.dtype), y)
-        guidance = torch.full((b,), cfg.guidance, device=x0.device) if dit.params.guidance_embed else None
-        # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
-        pred = dit(
-            img=S.add_noise(x0, noise, t).to(dit.img_in.bias.dtype),
-            img_ids=S.img_ids(b, h, w, device=x0.device),
-            txt=txt,
-            txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device),
-            timesteps=t,
-            y=y,
-            guidance=guidance,
-        )
-        return pred, S.flow_target(x0, noise), t
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """The flow-matching loss of ``batch`` (see :func:`flux_lora.training.loss.flow_matching_loss`)."""
+        empty = self._empty_embedding_on(batch["latents"].device)
+        return flow_matching_loss(self.dit, batch, self.train_cfg, generator, empty)
+
+    def _empty_embedding_on(self, device: torch.device) -> TextEmbeddings | None:
+        if self.empty_embedding is not None and self.empty_embedding.txt.device != device:  # moved once, not every step
+            self.empty_embedding = self.empty_embedding.to(device=device)
+        return self.empty_embedding
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """Noise, times and caption dropout of a micro-batch depend only on (seed, epoch, batch, rank), so a resumed
@@ -160,10 +129,8 @@ class FluxLoraModule(L.LightningModule):
         return torch.Generator().manual_seed(hash(key) % (2**63))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        pred, target, t = self(batch, self.step_generator(batch_idx))
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2))
-        loss = (per_sample * S.loss_weight(t, self.train_cfg.loss_weighting)).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(t))
+        loss = self(batch, self.step_generator(batch_idx))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["latents"]))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         if torch.cuda.is_available() and self.device.type == "cuda":
             self.log("train/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)

@@ -23,6 +23,7 @@ import torch
 from flux_lora.config import ExperimentConfig, save_config
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, scan
+from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora, StepCheckpoint
@@ -45,12 +46,10 @@ from flux_lora.weights.tiny import write_tiny_model
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def compute_dtype(cfg: ExperimentConfig, accelerator: str) -> torch.dtype:
     if cfg.model.dtype != "auto":
-        return _DTYPES[cfg.model.dtype]
+        return DTYPES[cfg.model.dtype]
     return torch.float32 if accelerator == "cpu" else torch.bfloat16
 
 
@@ -88,7 +87,7 @@ def build(
     datamodule = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=cfg.sample.prompts, scanned=scanned
     )
-    initial = partial(read_lora, cfg.train.init_lora) if cfg.train.init_lora else None
+    initial = partial(read_lora, cfg.train.init_lora, plain=True) if cfg.train.init_lora else None
     module = FluxLoraModule(
         partial(_load_for_training, cfg, folder, dtype),
         cfg.lora,
@@ -224,21 +223,25 @@ def run(cfg: ExperimentConfig) -> Path | None:
     return cfg.output_path / f"{cfg.name}.safetensors"
 
 
+def _callbacks(trainer: L.Trainer) -> list[L.Callback]:
+    return list(getattr(trainer, "callbacks", []))
+
+
 def _callback(trainer: L.Trainer, kind: type[T]) -> T:
-    return next(c for c in trainer.callbacks if isinstance(c, kind))
+    return next(c for c in _callbacks(trainer) if isinstance(c, kind))
 
 
 def end_summary(trainer: L.Trainer, seconds: float) -> str:
     """Steps trained in this run, wall time, loss at its start and end, files written."""
     progress = _callback(trainer, StepProgress)
-    written = [*_callback(trainer, SaveLora).written]
-    written += [c.best_model_path for c in trainer.callbacks if isinstance(c, StepCheckpoint) and c.best_model_path]
-    samples = [c for c in trainer.callbacks if isinstance(c, SampleImages)]
+    written = [str(p) for p in _callback(trainer, SaveLora).written]
+    written += [c.best_model_path for c in _callbacks(trainer) if isinstance(c, StepCheckpoint) and c.best_model_path]
+    samples = [c for c in _callbacks(trainer) if isinstance(c, SampleImages)]
     pngs = len(samples[0].written) if samples else 0
     steps = trainer.global_step - progress.start_step
     first = f"{progress.first_loss:.4f}" if progress.first_loss is not None else "-"
     last = f"{progress.smoothed:.4f}" if progress.smoothed is not None else "-"
-    files = ", ".join(str(p) for p in written) or "none"
+    files = ", ".join(written) or "none"
     return (
         f"trained {steps} steps in this run (to step {trainer.global_step}) in {seconds:.0f} s; loss {first} at the "
         f"start, {last} (smoothed) at the end; wrote {files}" + (f" and {pngs} sample images" if pngs else "")

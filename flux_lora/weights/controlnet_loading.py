@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flux_lora.dtypes import Quantize, check_quantize
 from flux_lora.model.controlnet import ControlNetParams, FluxControlNet
 from flux_lora.model.fp8 import QuantPolicy, default_predicate, quantize_
 from flux_lora.weights.hub import Downloader, ModelNotFoundError, resolve_model
@@ -184,7 +185,7 @@ def load_controlnet(
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
-    quantize: str | None = None,
+    quantize: Quantize | None = None,
     quant_policy: QuantPolicy = "blocks",
     resolve: Resolver | None = None,
 ) -> FluxControlNet:
@@ -197,8 +198,7 @@ def load_controlnet(
         quant_policy: ``"blocks"`` (the double and single blocks, as for the DiT) or ``"all"`` Linears.
         resolve: turns ``source`` into a local path; default :func:`resolve_controlnet` (local or ModelScope).
     """
-    if quantize not in (None, "float8_e4m3fn", "fp8"):
-        raise ValueError(f"quantize must be None or 'float8_e4m3fn', got {quantize!r}")
+    check_quantize(quantize)
     folder = find_controlnet_folder((resolve or resolve_controlnet)(str(source)))
     params = read_controlnet_params(folder)
     with torch.device("meta"):

@@ -3,7 +3,9 @@
 Sources accepted for the DiT: a folder in the FLUX.1 layout (``flux1-dev.safetensors`` or
 ``flux1-schnell.safetensors``), a diffusers ``transformer/`` folder (sharded or not), the folder above it, or a
 single safetensors file (keys may carry a prefix such as ``model.diffusion_model.``, weights may already be
-float8_e4m3fn, with or without scales). Models are built on the meta device and filled tensor by tensor.
+float8_e4m3fn or float8_e5m2, with or without scales: ours ``weight_scale``, ComfyUI's ``scale_weight``; e5m2
+weights are dequantized with their scale and re-encoded per channel in e4m3). Models are built on the meta
+device and filled tensor by tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flux_lora.dtypes import FP8_DTYPES, Quantize, check_quantize
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import FP8, FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
@@ -186,16 +189,40 @@ def _dit_stream(
     params = wanted or _params_from_header(shapes, read_metadata(path), path)
     _check_variant(params, shapes, path)
 
-    scales: dict[str, Tensor] = {}
-    # Scales of pre-quantized files: ours (weight_scale, per channel) and ComfyUI's scaled fp8 (scale_weight).
-    extra = {k for k in shapes if k.endswith((".weight_scale", ".scale_weight", ".scale_input")) or k == "scaled_fp8"}
-    if extra:
-        for key, t in iter_tensors(path, prefix, skip=lambda k: k not in extra):
-            if key.endswith(".weight_scale"):
-                scales[key.removesuffix("_scale")] = t.float()
-            elif key.endswith(".scale_weight"):
-                scales[key.removesuffix(".scale_weight") + ".weight"] = t.float().reshape(-1)
+    extra = {k for k in shapes if k.endswith(_QUANT_SUFFIXES) or k == "scaled_fp8"}
+    scales = _quant_scales(path, prefix, extra)
     return params, iter_tensors(path, prefix, skip=lambda k: k in extra), scales, str(path)
+
+
+# Scale keys of pre-quantized files: ours (weight_scale, per channel), ComfyUI's scaled fp8 (scale_weight,
+# scale_input) and ComfyUI's comfy_quant layout (weight_scale per tensor, input_scale, comfy_quant = JSON bytes).
+_QUANT_SUFFIXES = (".weight_scale", ".scale_weight", ".scale_input", ".input_scale", ".comfy_quant")
+_COMFY_QUANT_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+
+
+def _quant_scales(path: Path, prefix: str, extra: set[str]) -> dict[str, Tensor]:
+    """``weight key -> scale`` from the scale keys ``extra``; a comfy_quant format we cannot run is an error."""
+    scales: dict[str, Tensor] = {}
+    for key, t in iter_tensors(path, prefix, skip=lambda k: k not in extra) if extra else ():
+        if key.endswith(".weight_scale"):
+            scales[key.removesuffix("_scale")] = t.float()
+        elif key.endswith(".scale_weight"):
+            scales[key.removesuffix(".scale_weight") + ".weight"] = t.float().reshape(-1)
+        elif key.endswith(".comfy_quant"):
+            _check_comfy_quant(path, key, t)
+    return scales
+
+
+def _check_comfy_quant(path: Path, key: str, t: Tensor) -> None:
+    try:
+        fmt = json.loads(bytes(t.to(torch.uint8).tolist()).decode()).get("format")
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{path}: {key!r} is not a ComfyUI comfy_quant JSON object") from None
+    if fmt not in _COMFY_QUANT_FORMATS:
+        raise CheckpointError(
+            f"{path}: ComfyUI comfy_quant layout with format {fmt!r} at {key!r}; only "
+            f"{', '.join(_COMFY_QUANT_FORMATS)} (scaled per tensor) are read. Use a bf16 or fp8 checkpoint"
+        )
 
 
 def flux_params(source: str | Path | FluxParams) -> FluxParams:
@@ -217,7 +244,7 @@ def load_flow_model(
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
-    quantize: str | None = None,
+    quantize: Quantize | None = None,
     quant_policy: QuantPolicy = "blocks",
     per_channel_scale: bool = True,
 ) -> Flux:
@@ -234,8 +261,7 @@ def load_flow_model(
     Returns:
         The frozen model in eval mode on ``device``.
     """
-    if quantize not in (None, "float8_e4m3fn", "fp8"):
-        raise ValueError(f"quantize must be None or 'float8_e4m3fn', got {quantize!r}")
+    check_quantize(quantize)
     path = find_dit_file(Path(source))
     params, stream, scales, desc = _dit_stream(path, None if params is None else flux_params(params))
 
@@ -248,34 +274,18 @@ def load_flow_model(
         fp8_in_file = {
             k[len(prefix) :].removesuffix(".weight")
             for k, d in dtypes.items()
-            if d == "F8_E4M3" and k.endswith(".weight")
+            if d in ("F8_E4M3", "F8_E5M2") and k.endswith(".weight")
         }
     policy = default_predicate(quant_policy) if quantize else (lambda n, m: False)
     quantize_(model, lambda n, m: policy(n, m) or n in fp8_in_file, per_channel=per_channel_scale)
 
-    expected = target_shapes(model)
-    unexpected: list[str] = []
-    for key, tensor in stream:
-        if key not in expected:
-            unexpected.append(key)
-            continue
-        shape, _ = expected[key]
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(shape)}"
-            )
-        _assign_dit_tensor(model, key, tensor, scales, dtype, device, per_channel_scale)
-    if unexpected:
-        raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
-    missing = meta_keys(model)
-    if missing:
-        raise CheckpointError(f"{desc}: missing keys {missing[:5]} ({len(missing)} in all)")
+    stream_into(model, stream, desc, dtype, device, per_channel_scale, scales)
     model.requires_grad_(False)
     return model.eval()
 
 
-def _assign_dit_tensor(
-    model: Flux, key: str, tensor: Tensor, scales: dict[str, Tensor], dtype: torch.dtype, device, per_channel: bool
+def _assign_tensor(
+    model: nn.Module, key: str, tensor: Tensor, scales: dict[str, Tensor], dtype: torch.dtype, device, per_channel: bool
 ) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
@@ -284,6 +294,8 @@ def _assign_dit_tensor(
         if tensor.dtype == FP8:
             scale = scales.get(key, torch.ones(()))
             scale = scale.to(device).float().expand(tensor.shape[0]).clone()
+        elif tensor.dtype in FP8_DTYPES:  # e5m2 (range 57344): dequantize, then re-encode per channel in e4m3
+            tensor, scale = quantize_weight(_dequantized(tensor, scales.get(key)), per_channel=True)
         else:
             tensor, scale = quantize_weight(tensor, per_channel)
         assign_tensor(model, key, tensor)
@@ -291,10 +303,18 @@ def _assign_dit_tensor(
         return
     if isinstance(module, FP8Linear) and attr == "weight_scale":
         return  # set together with the weight
-    if tensor.dtype == FP8:  # an fp8 tensor the model keeps in float (e.g. a norm scale)
-        scale = scales.get(key)
-        tensor = tensor.float() * (scale if scale is not None else 1.0)
+    if tensor.dtype in FP8_DTYPES:  # an fp8 tensor the model keeps in float (e.g. a norm scale)
+        tensor = _dequantized(tensor, scales.get(key))
     assign_tensor(model, key, tensor.to(device=device, dtype=dtype))
+
+
+def _dequantized(tensor: Tensor, scale: Tensor | None) -> Tensor:
+    """An fp8 tensor of any fp8 dtype times its stored scale (scalar or one per output row), in float32."""
+    out = tensor.float()
+    if scale is None:
+        return out
+    scale = scale.to(out.device).float()
+    return out * (scale.reshape(-1, *([1] * (out.ndim - 1))) if scale.numel() > 1 else scale.reshape(()))
 
 
 # ------------------------------------------------------------------------------------------ autoencoder
@@ -356,10 +376,13 @@ def stream_into(
     dtype: torch.dtype,
     device,
     per_channel: bool = True,
+    scales: dict[str, Tensor] | None = None,
 ) -> None:
-    """Fill a meta-built ``model`` from ``(key, tensor)`` pairs with strict key and shape matching.
+    """Fill a meta-built ``model`` from ``(key, tensor)`` pairs with strict key and shape matching: the one loading
+    loop of every model (DiT, autoencoder, ControlNet).
 
-    Float tensors are cast to ``dtype``; weights of :class:`FP8Linear` modules are quantized on arrival.
+    Float tensors are cast to ``dtype``; weights of :class:`FP8Linear` modules are quantized on arrival, or kept as
+    they are when the file stores them in fp8 (with their ``scales`` by weight key, from the file).
     """
     expected = target_shapes(model)
     unexpected = []
@@ -371,7 +394,7 @@ def stream_into(
             raise CheckpointError(
                 f"{desc}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key][0])}"
             )
-        _assign_dit_tensor(model, key, tensor, {}, dtype, device, per_channel)
+        _assign_tensor(model, key, tensor, scales or {}, dtype, device, per_channel)
     if unexpected:
         raise CheckpointError(f"{desc}: unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
     missing = meta_keys(model)

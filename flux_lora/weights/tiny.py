@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flux_lora.atomic import save_safetensors_atomic, write_text_atomic
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
 from flux_lora.model.controlnet import MASK_CHANNELS, PATCH_AREA, ControlNetParams, FluxControlNet
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.weights.controlnet_loading import controlnet_config, controlnet_to_diffusers
 from flux_lora.weights.loading import PARAMS_METADATA_KEY
-from flux_lora.weights.safetensors_io import save_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +203,14 @@ def _write_tiny_model(out: Path, variant: str, seed: int, params: FluxParams | N
     out.mkdir(parents=True)
     params = params or PRESETS["tiny" if variant == "dev" else "tiny-schnell"]
     dit = random_flux(params, seed)
-    save_file_atomic(
+    save_safetensors_atomic(
         dit.state_dict(),
         out / f"flux1-{variant}.safetensors",
         {PARAMS_METADATA_KEY: json.dumps(params.to_dict()), "format": "pt"},
     )
     ae_params = AE_PRESETS["tiny"]
     ae = random_autoencoder(ae_params, seed)
-    save_file_atomic(
+    save_safetensors_atomic(
         ae.state_dict(), out / "ae.safetensors", {PARAMS_METADATA_KEY: json.dumps(ae_params.to_dict()), "format": "pt"}
     )
     build_text_encoders(out, params, seed)
@@ -250,12 +250,6 @@ def random_controlnet(params: ControlNetParams, seed: int) -> FluxControlNet:
     return model
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_tiny_controlnet(
     out: str | Path,
     union: bool = False,
@@ -276,18 +270,18 @@ def write_tiny_controlnet(
     sd = controlnet_to_diffusers(random_controlnet(params, seed).state_dict(), params)
     stem = "diffusion_pytorch_model"
     if shards <= 1:
-        save_file_atomic(sd, out / f"{stem}.safetensors", {"format": "pt"})
+        save_safetensors_atomic(sd, out / f"{stem}.safetensors", {"format": "pt"})
     else:
         keys = sorted(sd)
         weight_map = {}
         for i in range(shards):
             name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
             part = {k: sd[k] for k in keys[i::shards]}
-            save_file_atomic(part, out / name, {"format": "pt"})
+            save_safetensors_atomic(part, out / name, {"format": "pt"})
             weight_map.update(dict.fromkeys(part, name))
         index = json.dumps({"weight_map": weight_map}, indent=2)
-        _write_text_atomic(out / f"{stem}.safetensors.index.json", index)
-    _write_text_atomic(out / "config.json", json.dumps(controlnet_config(params), indent=2))
+        write_text_atomic(out / f"{stem}.safetensors.index.json", index)
+    write_text_atomic(out / "config.json", json.dumps(controlnet_config(params), indent=2))
     log.info("wrote tiny %sControlNet to %s", "union " if params.is_union else "", out)
     return out
 

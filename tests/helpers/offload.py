@@ -1,27 +1,15 @@
-"""LoRA and memory-layout helpers shared by the offload and adapter tests."""
+"""Memory-layout helpers of the offload tests: a fake accelerator on the CPU, re-aligned tensors, hooks that
+run while each block runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from flux_lora.inference.offload import Transfer
-from flux_lora.lora.weight import LoraWeight
-
-
-def random_lora(
-    model: nn.Module, paths: list[str], rank: int = 2, alpha: float = 4.0, seed: int = 0
-) -> dict[str, LoraWeight]:
-    """A LoRA on the Linears at ``paths`` with random ``down`` and ``up`` (both non-zero)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for path in paths:
-        layer = model.get_submodule(path)
-        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-        down = torch.randn(rank, layer.in_features, generator=g) * 0.2
-        up = torch.randn(layer.out_features, rank, generator=g) * 0.2
-        out[path] = LoraWeight(down, up, alpha)
-    return out
 
 
 def realign(module: nn.Module) -> nn.Module:
@@ -56,7 +44,7 @@ class FakeAccelerator(Transfer):
         return t.untyped_storage().data_ptr() in self._addresses
 
 
-def while_each_block_runs(model: nn.Module, record) -> list:
+def while_each_block_runs(model: nn.Module, record: Callable[[int], None]) -> list[RemovableHandle]:
     """Forward hooks calling ``record(i)`` while block ``i`` of ``model`` (double blocks, then single blocks)
     runs: they sit on a Linear inside each block. Returns the hook handles."""
     inner = [b.img_attn.qkv for b in model.double_blocks] + [b.linear1 for b in model.single_blocks]

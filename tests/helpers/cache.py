@@ -1,4 +1,5 @@
-"""Helpers shared by the cache tests and the processes they spawn (kept free of Lightning to start fast)."""
+"""Helpers of the cache and data-module tests and of the processes they spawn (kept free of Lightning to start
+fast)."""
 
 from __future__ import annotations
 

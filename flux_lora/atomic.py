@@ -1,0 +1,72 @@
+"""Atomic file writes: every file the project writes goes through a unique temporary name beside the target and a
+rename, so a crash or a kill never leaves half a file and readers see the old file or the new one.
+
+The temporary name is unique per process and call (two runs, or DDP ranks, writing one path do not collide), and
+the finished file gets the permissions a plain ``open()`` would give it (``0o666`` less the user's umask): some
+writers (safetensors, ``tempfile``) create ``0600`` files that another user's ComfyUI could not read.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden temporary name beside ``path``, unique per process and call."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it becomes ``path`` (umask permissions), on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` to produce the file, then move it to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_safetensors_atomic(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file (tensors made contiguous) with ``metadata`` in its header."""
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> Path:
+    """A ``torch.save`` file (our own checkpoints: tensors and plain values, read back with ``weights_only=True``)."""
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -1,0 +1,114 @@
+"""The flow-matching loss of one training step, from a batch of cached latents and text embeddings to the scalar.
+
+One function, :func:`flow_matching_loss`, for the trainer (``FluxLoraModule``) and the benchmarks, so both run the
+same step: noise, flow times (with the configured shift), caption dropout, embedded guidance, the DiT call and the
+loss weighting. Every random draw comes from the given generator, on the CPU, in a fixed order (noise, times,
+caption dropout), so a step depends only on the generator's state, whatever the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flux_lora import sampling as S
+from flux_lora.config import TrainConfig
+from flux_lora.model.flux import Flux
+from flux_lora.model.text_encoders import TextEmbeddings
+
+
+@dataclass(frozen=True)
+class StepDraws:
+    """The random part of a step, on the CPU: ``noise`` (packed, ``[B, N, 64]``), flow times ``t [B]`` and
+    ``drop [B]`` (samples trained on the empty caption; ``None`` without caption dropout)."""
+
+    noise: Tensor
+    t: Tensor
+    drop: Tensor | None
+
+
+def draw(latents_shape: torch.Size, cfg: TrainConfig, generator: torch.Generator) -> StepDraws:
+    """Noise, times and caption dropout for latents of ``latents_shape`` (``[B, C, h, w]``), in that order."""
+    b, _, h, w = latents_shape
+    noise = S.pack(torch.randn(latents_shape, generator=generator))
+    t = S.sample_timesteps(
+        b,
+        cfg.timestep_sampling,
+        seq_len=S.image_seq_len(h, w) if cfg.shift == "flux" else None,
+        shift=cfg.fixed_shift if cfg.shift == "fixed" else None,
+        logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std,
+        sigmoid_scale=cfg.sigmoid_scale,
+        generator=generator,
+    )
+    drop = torch.rand(b, generator=generator) < cfg.caption_dropout if cfg.caption_dropout > 0 else None
+    return StepDraws(noise, t, drop)
+
+
+def drop_captions(txt: Tensor, y: Tensor, drop: Tensor, empty: TextEmbeddings) -> tuple[Tensor, Tensor]:
+    """``txt``/``y`` with the samples where ``drop`` is set replaced by the empty caption's embedding."""
+    empty = empty.to(device=txt.device)  # a no-op when the caller keeps it on the batch's device
+    drop = drop.to(txt.device)
+    txt = torch.where(drop[:, None, None], empty.txt.to(txt.dtype), txt)
+    y = torch.where(drop[:, None], empty.y.to(y.dtype), y)
+    return txt, y
+
+
+def dit_inputs(
+    batch: dict[str, Tensor],
+    draws: StepDraws,
+    guidance: float | None,
+    dtype: torch.dtype,
+    empty: TextEmbeddings | None,
+) -> tuple[dict[str, Tensor | None], Tensor]:
+    """The DiT's keyword arguments for a step (BFL names; the noisy image in ``dtype``, ``guidance`` None for a
+    model without the guidance input), and the velocity target ``[B, N, 64]`` (float32)."""
+    latents = batch["latents"]
+    b, _, h, w = latents.shape
+    x0 = S.pack(latents.float())
+    noise, t = draws.noise.to(x0.device), draws.t.to(x0.device)
+    txt, y = batch["txt"], batch["y"]
+    if draws.drop is not None:
+        if empty is None:
+            raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
+        txt, y = drop_captions(txt, y, draws.drop, empty)
+    inputs = dict(
+        img=S.add_noise(x0, noise, t).to(dtype),
+        img_ids=S.img_ids(b, h, w, device=x0.device),
+        txt=txt,
+        txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device),
+        timesteps=t,
+        y=y,
+        guidance=None if guidance is None else torch.full((b,), guidance, device=x0.device),
+    )
+    return inputs, S.flow_target(x0, noise)
+
+
+def weighted_mse(pred: Tensor, target: Tensor, t: Tensor, weighting: str) -> Tensor:
+    """Mean over the batch of each sample's MSE (in float32) times its loss weight at time ``t``."""
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2))
+    return (per_sample * S.loss_weight(t, weighting)).mean()
+
+
+def flow_matching_loss(
+    dit: Flux,
+    batch: dict[str, Tensor],
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    empty_embedding: TextEmbeddings | None = None,
+) -> Tensor:
+    """The training loss of ``dit`` on ``batch`` (``latents [B, C, h, w]``, ``txt [B, L, D]``, ``y [B, D]``).
+
+    ``empty_embedding`` (``txt [1, L, D]``, ``y [1, D]``) is needed when ``cfg.caption_dropout > 0``.
+    """
+    if cfg.caption_dropout > 0 and empty_embedding is None:
+        raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
+    draws = draw(batch["latents"].shape, cfg, generator)
+    guidance = cfg.guidance if dit.params.guidance_embed else None
+    # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
+    inputs, target = dit_inputs(batch, draws, guidance, dit.img_in.bias.dtype, empty_embedding)
+    pred = dit(**inputs)
+    return weighted_mse(pred, target, draws.t.to(target.device), cfg.loss_weighting)
