@@ -33,22 +33,39 @@ def temp_path(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it becomes ``path`` (umask permissions), on error it is removed."""
+def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it becomes ``path`` (umask permissions), on error it is removed.
+
+    With ``overwrite=False`` an existing ``path`` is never replaced, even one another process creates meanwhile:
+    ``FileExistsError`` instead (the new name is a hard link where the filesystem has them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+def _link_new(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # fails if path exists
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists") from None
+    except OSError:  # no hard links on this filesystem: check, then rename
+        if path.exists():
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], Any], *, overwrite: bool = True) -> Path:
     """Call ``write(tmp)`` to produce the file, then move it to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         write(tmp)
     return Path(path)
 

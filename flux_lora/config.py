@@ -2,15 +2,17 @@
 
 Sections: ``model`` (weights, quantization, memory), ``lora`` (what to train), ``data`` (images, captions,
 buckets, cache), ``train`` (objective, optimizer, schedule, checkpoints, devices) and ``sample`` (preview images).
-See ``configs/*.yaml``; every field can be overridden as ``--section.field value`` or ``--field value``.
+See ``configs/*.yaml``; every field can be overridden as ``--section.field value`` or ``--field value``. Each
+field carries its one-line description in ``metadata["help"]``, which ``train.py --help`` lists.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from flux_lora import config_io
 from flux_lora.dtypes import Quantize
@@ -23,59 +25,74 @@ class DataError(ValueError):
     """Training data that cannot be used; the message names the file, column or setting."""
 
 
+def _doc(help: str, default: Any = MISSING, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with its one-line description, which ``train.py --help`` shows."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DatasetConfig:
+    """One entry of ``data.datasets``. A field left null takes the data section's value, as kohya's [general]."""
+
+    source: str = _doc("image folder, `datasets` folder or dataset name of this dataset", "")
+    image_column: str | None = _doc("as data.image_column; null: the data section's", None)
+    caption_column: str | None = _doc("as data.caption_column; null: the data section's", None)
+    split: str | None = _doc("as data.split; null: the data section's", None)
+    caption_extension: str | None = _doc("as data.caption_extension; null: the data section's", None)
+    default_caption: str | None = _doc("as data.default_caption; null: the data section's", None)
+    trigger_word: str | None = _doc("as data.trigger_word; null: the data section's", None)
+    repeats: int | None = _doc("as data.repeats; null: the data section's", None)
+    resolution: int | list[int] | None = _doc("as data.resolution; null: the data section's", None)
+
+
 @dataclass
 class DataConfig:
-    """Where the training images and captions come from, how they are bucketed, and where the cache lives.
+    """The training data: one dataset (``source`` ... ``resolution``) or several (``datasets``, whose entries
+    default to those fields), and what they share: buckets, crops, batches and the cache."""
 
-    Attributes:
-        source: image folder, ``datasets`` save_to_disk folder, imagefolder with metadata, or dataset name.
-        image_column / caption_column: columns of a ``datasets`` source (imagefolder: ``image`` / ``text``).
-        split: split of a ``datasets`` source.
-        caption_extension: caption file suffix in an image folder.
-        default_caption: caption for images without one; ``None`` makes a missing caption an error.
-        resolution: target side; buckets have an area close to ``resolution**2``.
-        bucket_step: spacing of the bucket widths (a multiple of 16); larger means fewer, fuller buckets.
-        max_aspect: longest bucket side over shortest; more extreme images are cropped to it.
-        upscale: enlarge images smaller than their bucket (default: they get a bucket of their own size).
-        crop: ``center`` or ``random`` (``crop_variants`` random crops per image are cached, one
-            drawn per use).
-        flip: also cache a mirrored copy of each crop and draw it half of the time.
-        repeats: times each image appears per epoch.
-        batch_size: images per batch, all from one bucket.
-        drop_last: drop each bucket's last partial batch.
-        num_workers: DataLoader workers (reading cached tensors only).
-        shuffle / seed: per-epoch shuffling, deterministic from ``seed``; also seeds random-crop choice.
-        cache_dir: folder of the content-keyed latent and embedding cache.
-        encode_batch_size: images or captions per encoder call while filling the cache.
-    """
+    source: str = _doc("image folder, `datasets` save_to_disk folder, imagefolder with metadata, or dataset name", "")
+    image_column: str = _doc("image column of a `datasets` source", "image")
+    caption_column: str = _doc("caption column of a `datasets` source (imagefolder: `text`)", "text")
+    split: str = _doc("split of a `datasets` source", "train")
+    caption_extension: str = _doc("caption file suffix beside each image in a folder", ".txt")
+    default_caption: str | None = _doc("caption for images without one; null makes a missing caption an error", None)
+    trigger_word: str | None = _doc(
+        "replaces [trigger] in captions and sample prompts, else is prepended as 'word, caption'", None
+    )
+    repeats: int = _doc("times each image appears per epoch (times N in a kohya N_name/ subfolder)", 1)
+    resolution: int | list[int] = _doc(
+        "bucket area is resolution**2; a list such as [512, 768, 1024] puts each image in a bucket at each", 1024
+    )
+    datasets: list[DatasetConfig] = _doc(
+        "several datasets: entries of source, image_column, caption_column, split, caption_extension, "
+        "default_caption, trigger_word, repeats, resolution; what an entry leaves out is the field above",
+        factory=list,
+    )
+    bucket_step: int = _doc("spacing of bucket widths (a multiple of 16); larger means fewer, fuller buckets", 16)
+    max_aspect: float = _doc("longest bucket side over shortest; more extreme images are cropped to it", 4.0)
+    upscale: bool = _doc("enlarge images smaller than their bucket (default: they get a bucket of their own)", False)
+    crop: str = _doc("center, or random (crop_variants random crops are cached, one drawn per use)", "center")
+    crop_variants: int = _doc("random crops cached per image and resolution (crop: random)", 4)
+    flip: bool = _doc("also cache a mirrored copy of each crop and draw it half of the time", False)
+    batch_size: int = _doc("images per batch, all from one bucket", 1)
+    drop_last: bool = _doc("drop each bucket's last partial batch", False)
+    num_workers: int = _doc("DataLoader workers (they read cached tensors only)", 0)
+    shuffle: bool = _doc("shuffle every epoch, deterministically from seed", True)
+    seed: int = _doc("seeds shuffling and the choice of random crops", 0)
+    cache_dir: str = _doc("folder of the content-keyed latent and embedding cache", ".cache/flux-lora")
+    encode_batch_size: int = _doc("images or captions per encoder call while filling the cache", 4)
 
-    source: str = ""
-    image_column: str = "image"
-    caption_column: str = "text"
-    split: str = "train"
-    caption_extension: str = ".txt"
-    default_caption: str | None = None
-    resolution: int = 1024
-    bucket_step: int = 16
-    max_aspect: float = 4.0
-    upscale: bool = False
-    crop: str = "center"
-    crop_variants: int = 4
-    flip: bool = False
-    repeats: int = 1
-    batch_size: int = 1
-    drop_last: bool = False
-    num_workers: int = 0
-    shuffle: bool = True
-    seed: int = 0
-    cache_dir: str = ".cache/flux-lora"
-    encode_batch_size: int = 4
+    @property
+    def resolutions(self) -> list[int]:
+        return list(self.resolution) if isinstance(self.resolution, list) else [self.resolution]
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> DataError:
             return DataError(f"data.{name} must be {rule}, got {getattr(self, name)!r}")
 
-        if self.resolution < SIDE_MULTIPLE or self.resolution % SIDE_MULTIPLE:
+        if not self.resolutions or any(r < SIDE_MULTIPLE or r % SIDE_MULTIPLE for r in self.resolutions):
             raise bad("resolution", f"a positive multiple of {SIDE_MULTIPLE}")
         if self.bucket_step < SIDE_MULTIPLE or self.bucket_step % SIDE_MULTIPLE:
             raise bad("bucket_step", f"a positive multiple of {SIDE_MULTIPLE}")
@@ -92,20 +109,39 @@ class DataConfig:
             raise bad("caption_extension", "a suffix starting with '.'")
         if not self.cache_dir:
             raise bad("cache_dir", "a folder path")
+        self.dataset_configs()  # each entry of datasets, completed, must be valid too
+
+    def dataset_configs(self) -> list[DataConfig]:
+        """One complete DataConfig per dataset: each ``datasets`` entry with its null fields taken from this
+        section, or this config itself when there are no entries."""
+        out = []
+        for i, d in enumerate(self.datasets):
+            if not d.source:
+                raise DataError(f"data.datasets[{i}].source is empty: set it to an image folder or a dataset")
+            own = {f.name: getattr(d, f.name) for f in fields(DatasetConfig) if getattr(d, f.name) is not None}
+            try:
+                out.append(replace(self, datasets=[], **own))
+            except DataError as e:
+                raise DataError(f"data.datasets[{i}]: {e}") from None
+        return out or [self]
+
+    @property
+    def all_resolutions(self) -> list[int]:
+        return sorted({r for d in self.dataset_configs() for r in d.resolutions})
 
 
 @dataclass
 class LoraConfig:
-    """What to train: ``rank`` and ``alpha`` (scale = alpha / rank, or alpha / sqrt(rank) with ``use_rslora``),
-    ``dropout`` on the adapter input, ``init`` of A ("default": Kaiming-uniform A and zero B, "gaussian"), and
-    ``targets``, globs over BFL module names selecting Linear layers."""
+    """What to train (scale = alpha / rank, or alpha / sqrt(rank) with use_rslora)."""
 
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    init: Literal["default", "gaussian"] = "default"
-    use_rslora: bool = False
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rank: int = _doc("LoRA rank of every adapted Linear", 16)
+    alpha: float = _doc("LoRA alpha; the update is scaled by alpha / rank", 16.0)
+    dropout: float = _doc("dropout on the adapter input", 0.0)
+    init: Literal["default", "gaussian"] = _doc("A's init: default (Kaiming-uniform A, zero B) or gaussian", "default")
+    use_rslora: bool = _doc("scale by alpha / sqrt(rank) (rank-stabilised LoRA)", False)
+    targets: list[str] = _doc(
+        "globs over BFL module names selecting the Linear layers to adapt", factory=lambda: list(DEFAULT_TARGETS)
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -128,51 +164,62 @@ class LoraConfig:
 class ModelConfig:
     """Which FLUX.1 and how it is held in memory."""
 
-    source: str = "AI-ModelScope/FLUX.1-dev"  # a local folder in the official layout or a ModelScope id
-    preset: str | None = None  # architecture preset; None infers it from the checkpoint
-    quantize: Quantize | None = None  # store the DiT's block Linears in fp8
-    quant_policy: Literal["blocks", "all"] = "blocks"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPUs, float32 on CPUs
-    gradient_checkpointing: bool = True  # recompute each block in backward
-    compile: bool = False  # torch.compile each block
-    cache_dir: str | None = None  # where ModelScope downloads go
-    tiny_if_missing: bool = False  # write a tiny random model to `source` when it does not exist (CPU demos)
-    tiny_variant: Literal["dev", "schnell"] = "dev"
+    source: str = _doc(
+        "local folder (official or diffusers layout), hf:owner/name, ms:owner/name, or owner/name on model.hub",
+        "AI-ModelScope/FLUX.1-dev",
+    )
+    hub: Literal["huggingface", "modelscope"] = _doc("where a bare owner/name source is downloaded from", "modelscope")
+    revision: str | None = _doc("hub revision (branch, tag or commit) to download; null: the default branch", None)
+    preset: str | None = _doc("architecture preset; null infers it from the checkpoint", None)
+    quantize: Quantize | None = _doc("store the DiT's block Linears in fp8", None)
+    quant_policy: Literal["blocks", "all"] = _doc("which Linears quantize touches: the blocks', or all", "blocks")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _doc(
+        "compute dtype; auto: bf16 on GPUs, float32 on CPUs", "auto"
+    )
+    gradient_checkpointing: bool = _doc("recompute each block in backward (less memory, more time)", True)
+    compile: bool = _doc("torch.compile each block", False)
+    cache_dir: str | None = _doc("download cache; null: the hub's own (HF_HOME, MODELSCOPE_CACHE)", None)
+    tiny_if_missing: bool = _doc("write a tiny random model to source when it does not exist (CPU demos)", False)
+    tiny_variant: Literal["dev", "schnell"] = _doc("which tiny model tiny_if_missing writes", "dev")
 
 
 @dataclass
 class TrainConfig:
     """Objective, optimizer, schedule, checkpoints and devices."""
 
-    max_steps: int = 1000
-    seed: int = 42
-    learning_rate: float = 1e-4
-    optimizer: str = "torch.optim.AdamW"  # any optimizer class by import path
-    optimizer_args: dict = field(default_factory=lambda: {"weight_decay": 0.01})
-    lr_scheduler: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine ends at learning_rate * min_lr_ratio
-    gradient_clip: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    timestep_sampling: TimestepSampling = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    sigmoid_scale: float = 1.0
-    shift: Literal["flux", "fixed", "none"] = "flux"  # flux: resolution-dependent, as the sampler
-    fixed_shift: float = 3.0
-    guidance: float = 1.0  # embedded guidance fed to dev while training
-    caption_dropout: float = 0.0  # probability of training on the empty caption
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
-    precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = "auto"  # auto: bf16-mixed on GPUs
-    accelerator: str = "auto"
-    devices: str = "auto"  # "auto", a count such as "2", or a list such as "0,1"
-    num_nodes: int = 1
-    strategy: str = "auto"  # Lightning strategy; several devices use DDP
-    save_every_n_steps: int = 250  # LoRA file (0: only at the end)
-    checkpoint_every_n_steps: int = 250  # resumable training state (0: only at the end)
-    log_every_n_steps: int = 10
-    resume: bool = True  # continue from the newest checkpoint; false moves the old run aside (previous-<time>/)
-    init_lora: str | None = None  # start from this LoRA file (any readable layout) instead of zeros
+    max_steps: int = _doc("optimizer steps to train", 1000)
+    seed: int = _doc("seed of noise, timesteps and LoRA init", 42)
+    learning_rate: float = _doc("peak learning rate", 1e-4)
+    optimizer: str = _doc("optimizer class by import path, e.g. torch.optim.AdamW", "torch.optim.AdamW")
+    optimizer_args: dict = _doc("keyword arguments of the optimizer", factory=lambda: {"weight_decay": 0.01})
+    lr_scheduler: Literal["constant", "cosine"] = _doc("learning-rate schedule after warmup", "constant")
+    warmup_steps: int = _doc("linear warmup steps", 0)
+    min_lr_ratio: float = _doc("cosine ends at learning_rate * min_lr_ratio", 0.0)
+    gradient_clip: float | None = _doc("clip the gradient norm to this; null: no clipping", 1.0)
+    accumulate_grad_batches: int = _doc("batches per optimizer step", 1)
+    timestep_sampling: TimestepSampling = _doc("density of training timesteps", "logit_normal")
+    logit_mean: float = _doc("mean of logit_normal sampling", 0.0)
+    logit_std: float = _doc("standard deviation of logit_normal sampling", 1.0)
+    sigmoid_scale: float = _doc("scale of sigmoid sampling", 1.0)
+    shift: Literal["flux", "fixed", "none"] = _doc("timestep shift; flux: resolution-dependent, as the sampler", "flux")
+    fixed_shift: float = _doc("the shift when shift is fixed", 3.0)
+    guidance: float = _doc("embedded guidance fed to dev while training", 1.0)
+    caption_dropout: float = _doc("probability of training on the empty caption", 0.0)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = _doc("per-timestep loss weight", "none")
+    precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = _doc(
+        "Lightning precision; auto: bf16-mixed on GPUs, 32-true on CPUs", "auto"
+    )
+    accelerator: str = _doc("Lightning accelerator: auto, gpu, cpu", "auto")
+    devices: str = _doc("auto, a count such as 2, or a list such as 0,1", "auto")
+    num_nodes: int = _doc("machines taking part", 1)
+    strategy: str = _doc("Lightning strategy; several devices use DDP", "auto")
+    save_every_n_steps: int = _doc("write the LoRA file every N steps (0: only at the end)", 250)
+    checkpoint_every_n_steps: int = _doc("write resumable training state every N steps (0: only at the end)", 250)
+    log_every_n_steps: int = _doc("log metrics every N steps", 10)
+    resume: bool = _doc(
+        "continue from the newest checkpoint; false moves the old run aside into output_dir/previous-<time>/", True
+    )
+    init_lora: str | None = _doc("start from this LoRA file (any readable layout) instead of zeros", None)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
@@ -183,7 +230,8 @@ class TrainConfig:
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if "." not in self.optimizer:
-            raise ValueError(f"train.optimizer must be an import path (torch.optim.AdamW), got {self.optimizer!r}")
+            hint = OPTIMIZER_NAMES.get(self.optimizer.lower(), "an import path such as torch.optim.AdamW")
+            raise ValueError(f"train.optimizer must be an import path, got {self.optimizer!r}: use {hint}")
         check_optimizer(self.optimizer, self.optimizer_args, self.learning_rate)
 
 
@@ -215,19 +263,21 @@ def check_optimizer(path: str, args: dict, lr: float) -> None:
 class SampleConfig:
     """Preview images generated from cached prompt embeddings while training."""
 
-    prompts: list[str] = field(default_factory=list)
-    every_n_steps: int = 0  # 0: only at the end (and never when there are no prompts)
-    steps: int | None = None  # None: the model's default (28 dev, 4 schnell)
-    guidance: float = 3.5
-    height: int = 1024
-    width: int = 1024
-    seed: int = 0
+    prompts: list[str] = _doc("prompts of the preview images ([trigger] and data.trigger_word apply)", factory=list)
+    every_n_steps: int = _doc("sample every N steps (0: only at the end; never without prompts)", 0)
+    steps: int | None = _doc("denoising steps; null: the model's default (28 dev, 4 schnell)", None)
+    guidance: float = _doc("embedded guidance of the previews", 3.5)
+    height: int = _doc("preview height in pixels", 1024)
+    width: int = _doc("preview width in pixels", 1024)
+    seed: int = _doc("seed of the preview noise", 0)
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = "flux-lora"
-    output_dir: str = "outputs/flux-lora"
+    """One training run."""
+
+    name: str = _doc("run name; the LoRA file is output_dir/<name>.safetensors", "flux-lora")
+    output_dir: str = _doc("folder of the LoRA, checkpoints, samples, logs and config.yaml", "outputs/flux-lora")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -239,9 +289,51 @@ class ExperimentConfig:
         return Path(self.output_dir)
 
 
+# Names other trainers (kohya sd-scripts, ai-toolkit, SimpleTuner) use, pointed at ours in the error message.
+FOREIGN_KEYS: dict[str, str] = {
+    "network_dim": "lora.rank",
+    "network_alpha": "lora.alpha",
+    "linear": "lora.rank",
+    "linear_alpha": "lora.alpha",
+    "trigger_word": "data.trigger_word",
+    "resolution": "data.resolution",
+    "train_data_dir": "data.source",
+    "folder_path": "data.source",
+    "caption_ext": "data.caption_extension",
+    "num_repeats": "data.repeats",
+    "train_batch_size": "data.batch_size",
+    "lr": "train.learning_rate",
+    "unet_lr": "train.learning_rate",
+    "steps": "train.max_steps (or sample.steps)",
+    "max_train_steps": "train.max_steps",
+    "lr_warmup_steps": "train.warmup_steps",
+    "optimizer_type": "train.optimizer",
+    "pretrained_model_name_or_path": "model.source",
+    "name_or_path": "model.source",
+    "output_name": "name",
+    "sample_prompts": "sample.prompts",
+    "fp8_base": "model.quantize: float8_e4m3fn",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+}
+FOREIGN_VALUES: dict[tuple[str, str], str] = {
+    ("train.lr_scheduler", "cosine_with_restarts"): "cosine (with min_lr_ratio); restarts are not supported",
+    ("train.lr_scheduler", "constant_with_warmup"): "constant with train.warmup_steps",
+    ("train.lr_scheduler", "linear"): "cosine or constant; a linear decay is not supported",
+}
+OPTIMIZER_NAMES: dict[str, str] = {
+    "adamw": "torch.optim.AdamW",
+    "adam": "torch.optim.Adam",
+    "adamw8bit": "bitsandbytes.optim.AdamW8bit (pip install bitsandbytes)",
+    "prodigy": "prodigyopt.Prodigy (pip install prodigyopt; with learning_rate 1.0)",
+    "adafactor": "transformers.optimization.Adafactor",
+    "lion": "lion_pytorch.Lion (pip install lion-pytorch)",
+    "sgd": "torch.optim.SGD",
+}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment and apply command-line overrides (strict: unknown keys and bad values raise)."""
-    return config_io.load(ExperimentConfig, path, overrides)
+    return config_io.load(ExperimentConfig, path, overrides, foreign_keys=FOREIGN_KEYS, foreign_values=FOREIGN_VALUES)
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:

@@ -22,7 +22,13 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the key (and file) and what would be valid."""
+    """A configuration problem; the message names the key (and file or command line) and what would be valid.
+
+    ``key`` is the dotted path concerned (when known); ``value`` the offending value, for unknown choices."""
+
+    def __init__(self, message: str, *, key: str | None = None, value: Any = None, unknown: bool = False):
+        super().__init__(message)
+        self.key, self.value, self.unknown = key, value, unknown
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -57,10 +63,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         for choice in args:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
-        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}", key=key, value=value)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = _list_text(value)  # never split on commas: a prompt may hold one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         item = args[0] if args else Any
@@ -88,6 +94,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             number = float(value) if isinstance(value, str) else value
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not isinstance(number, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         if tp is int:
             if isinstance(number, float) and not number.is_integer():
                 raise ConfigError(f"{key}: expected a whole number, got {value!r}")
@@ -108,14 +116,18 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}{_suggest(unknown[0], list(fields))}")
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!r}{_suggest(unknown[0], list(fields))}",
+            key=f"{prefix}{unknown[0]}",
+            unknown=True,
+        )
     kwargs = {k: coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}", key=prefix.rstrip(".") or None) from e
 
 
 def leaf_paths(cls: type, prefix: str = "") -> dict[str, Any]:
@@ -129,10 +141,12 @@ def leaf_paths(cls: type, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def parse_overrides(cls: type, args: list[str]) -> dict[str, str]:
-    """``["--train.lr", "1e-4", "lora.rank=8", "--quantize=float8_e4m3fn"]`` -> ``{dotted path: raw value}``.
+def parse_overrides(cls: type, args: list[str]) -> dict[str, list[str]]:
+    """``["--train.lr", "1e-4", "lora.rank=8", "--quantize=float8_e4m3fn"]`` -> ``{dotted path: raw values}``.
 
-    A bare field name is accepted when exactly one leaf of ``cls`` has it."""
+    A bare field name is accepted when exactly one leaf of ``cls`` has it. A field given more than once keeps
+    its last value, except that list fields collect them (``--sample.prompts "a, b" --sample.prompts c`` is two
+    prompts)."""
     paths = list(leaf_paths(cls))
     by_name: dict[str, list[str]] = {}
     for p in paths:
@@ -158,8 +172,8 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, str]:
             elif len(matches) > 1:
                 raise ConfigError(f"override {key!r} is ambiguous: use one of {matches}")
             else:
-                raise ConfigError(f"unknown key {key!r}{_suggest(key, paths + list(by_name))}")
-        out[key] = value
+                raise ConfigError(f"unknown key {key!r}{_suggest(key, paths + list(by_name))}", key=key, unknown=True)
+        out.setdefault(key, []).append(value)
         i += 1
     return out
 
@@ -174,32 +188,138 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     data[leaf] = value
 
 
+def _accepts_list(tp: Any) -> bool:
+    return get_origin(tp) in (list, tuple) or any(get_origin(a) in (list, tuple) for a in get_args(tp))
+
+
+def _list_text(text: str) -> Any:
+    """A list field's text: JSON/YAML list syntax (``[a, "b, c"]``) when it reads as a list, else one item."""
+    stripped = text.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        try:
+            parsed = yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, list):
+            return parsed
+    return [text]
+
+
 def _keeps_raw_text(tp: Any) -> bool:
     """String fields take command-line text as is (a prompt may contain ': ' or look like a number)."""
     args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) in (list, tuple):
+        return _keeps_raw_text(args[0]) if args else False
     return tp is str or (get_origin(tp) in (Union, types.UnionType) and args == [str])
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + command-line overrides -> a validated ``cls`` instance."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+def _override_value(raws: list[str], tp: Any) -> Any:
+    """Command-line text -> a value for a field of type ``tp``; repeated list flags are joined into one list."""
+    if _accepts_list(tp) and (len(raws) > 1 or get_origin(tp) in (list, tuple)):
+        keep = _keeps_raw_text(tp)
+        items: list[Any] = []
+        for raw in raws:
+            parsed = _list_text(raw)
+            items.extend(parsed if parsed != [raw] or keep else [yaml.safe_load(raw)])
+        return items
+    return raws[-1] if _keeps_raw_text(tp) else yaml.safe_load(raws[-1])
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _hint(e: ConfigError, foreign_keys: dict[str, str], foreign_values: dict[tuple[str, str], str]) -> str:
+    """A pointer from a name another trainer uses to ours (or "")."""
+    if e.key is None:
+        return ""
+    if e.unknown:
+        name = e.key.rsplit(".", 1)[-1]
+        return f" ({name!r} is another trainer's name: use {foreign_keys[name]})" if name in foreign_keys else ""
+    pointer = foreign_values.get((e.key, str(e.value)))
+    return f" (use {pointer})" if pointer else ""
+
+
+def load(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    foreign_keys: dict[str, str] | None = None,
+    foreign_values: dict[tuple[str, str], str] | None = None,
+) -> T:
+    """YAML file (optional) + command-line overrides -> a validated ``cls`` instance.
+
+    Errors name where the bad value came from: the YAML file, or the command line for overridden keys.
+    ``foreign_keys`` (name -> our dotted path) and ``foreign_values`` ((path, value) -> advice) add a pointer to
+    errors about names other tools use."""
+    foreign_keys, foreign_values = foreign_keys or {}, foreign_values or {}
+    data = _read_yaml(Path(path)) if path is not None else {}
     types_by_path = leaf_paths(cls)
-    for key, raw in parse_overrides(cls, overrides or []).items():
-        _set_dotted(data, key, raw if _keeps_raw_text(types_by_path[key]) else yaml.safe_load(raw))
+    try:
+        parsed = parse_overrides(cls, overrides or [])
+        for key, raws in parsed.items():
+            value = _override_value(raws, types_by_path[key])
+            coerce(value, types_by_path[key], key)  # a bad value is reported as the command line's
+            _set_dotted(data, key, value)
+    except ConfigError as e:
+        raise ConfigError(f"command line: {e}{_hint(e, foreign_keys, foreign_values)}", key=e.key) from None
     try:
         return build(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        from_cli = e.key in parsed or any(k in str(e) for k in parsed)
+        where = "command line" if from_cli or path is None else str(path)
+        raise ConfigError(f"{where}: {e}{_hint(e, foreign_keys, foreign_values)}", key=e.key) from None
+
+
+def type_name(tp: Any) -> str:
+    """A short, readable name of a type hint: ``int``, ``str | None``, ``{constant,cosine}``, ``list[str]``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(dotted path, type name, default, one-line description)`` for every leaf field of ``cls``, read from
+    each field's ``metadata["help"]``."""
+    rows = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            rows.extend(field_docs(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((f"{prefix}{f.name}", type_name(tp), default, f.metadata.get("help", "")))
+    return rows
+
+
+def help_text(cls: type) -> str:
+    """Every field of ``cls`` as ``--dotted.path TYPE`` with its description and default, grouped by section."""
+    lines, section = [], None
+    for path, tname, default, doc in field_docs(cls):
+        head = path.split(".")[0] if "." in path else ""
+        if head != section:
+            section = head
+            lines.append(f"{head or 'run'}:")
+        shown = yaml.safe_dump(to_dict(default), default_flow_style=True, width=10_000).strip().removesuffix("...")
+        lines.append(f"  --{path} {tname}\n      {doc} (default: {shown.strip()})")
+    return "\n".join(lines)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -52,3 +52,13 @@ def test_temporary_names_are_unique_per_call(tmp_path):
     for _ in range(3):
         write_atomic(tmp_path / "f", lambda tmp: (seen.append(tmp.name), tmp.write_text("x")))
     assert len(set(seen)) == 3 and all(name.startswith(".f.") and name.endswith(".tmp") for name in seen)
+
+
+def test_no_overwrite_refuses_an_existing_file_and_keeps_it(tmp_path):
+    target = write_text_atomic(tmp_path / "out.png", "first")
+    with pytest.raises(FileExistsError, match="out.png exists"):
+        write_atomic(target, lambda tmp: tmp.write_text("second"), overwrite=False)
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    fresh = write_atomic(tmp_path / "new.png", lambda tmp: tmp.write_text("x"), overwrite=False)
+    assert fresh.read_text() == "x"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -14,6 +13,8 @@ from PIL import Image
 
 from flux_lora.inference.pipeline import FluxPipeline
 
+from helpers.cli import load_generate
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
 ARGS = ["--prompt", "a cat", "--height", "32", "--width", "32", "--steps", "2", "--dtype", "float32"]
 ARGS += ["--device", "cpu", "--quiet"]
@@ -21,10 +22,7 @@ ARGS += ["--device", "cpu", "--quiet"]
 
 @pytest.fixture(scope="module")
 def generate():
-    spec = importlib.util.spec_from_file_location("generate_batches_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_generate()
 
 
 def _px(path: Path) -> np.ndarray:

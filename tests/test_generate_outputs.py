@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ from flux_lora.lora.files import to_kohya_state_dict, write_lora
 from flux_lora.lora.weight import LoraWeight
 from flux_lora.model.flux import PRESETS
 
+from helpers.cli import load_generate
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
 ARGS = ["--prompt", "a dog, in the rain", "--height", "32", "--width", "32", "--steps", "1"]
 ARGS += ["--dtype", "float32", "--device", "cpu", "--quiet", "--seed", "3"]
@@ -32,10 +33,7 @@ QKV = "double_blocks.0.img_attn.qkv"
 
 @pytest.fixture(scope="module")
 def generate():
-    spec = importlib.util.spec_from_file_location("generate_outputs_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_generate()
 
 
 @pytest.fixture

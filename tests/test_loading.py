@@ -212,7 +212,11 @@ def test_modelscope_offline_error_says_what_to_do():
     with pytest.raises(hub.ModelNotFoundError) as e:
         hub.resolve_model("AI-ModelScope/FLUX.1-dev", download=offline)
     msg = str(e.value)
-    assert "AI-ModelScope/FLUX.1-dev" in msg and "flux1-*.safetensors" in msg and "pass the local folder" in msg
+    assert (
+        "AI-ModelScope/FLUX.1-dev" in msg
+        and "flux1-*.safetensors" in msg
+        and "pass a local folder with --model.source" in msg
+    )
 
 
 def test_modelscope_incomplete_download(tmp_path):
@@ -221,5 +225,5 @@ def test_modelscope_incomplete_download(tmp_path):
 
 
 def test_unknown_source():
-    with pytest.raises(hub.ModelNotFoundError, match="not a ModelScope model id"):
+    with pytest.raises(hub.ModelNotFoundError, match=r"^\./does/not/exist: no such folder or file"):
         hub.resolve_model("./does/not/exist")

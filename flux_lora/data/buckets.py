@@ -137,7 +137,8 @@ class BucketBatchSampler:
     """Batches of ``(sample, variant)`` indices in which every sample shares one bucket, for ``DataLoader(
     batch_sampler=...)``.
 
-    Each epoch (see :meth:`set_epoch`) every sample appears ``repeats`` times, each time with a variant (crop
+    Each epoch (see :meth:`set_epoch`) every sample appears ``repeats`` times (one count for all, or one per
+    sample), each time with a variant (crop
     / flip) drawn uniformly from its ``num_variants``. Samples are grouped by bucket, shuffled within the
     bucket and cut into batches of ``batch_size``; the batch order is shuffled across buckets. Everything
     derives from ``(seed, epoch)``, so all ranks build the same global batch list and rank ``r`` of
@@ -161,7 +162,7 @@ class BucketBatchSampler:
         num_variants: Sequence[int],
         *,
         batch_size: int,
-        repeats: int = 1,
+        repeats: int | Sequence[int] = 1,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
@@ -172,9 +173,12 @@ class BucketBatchSampler:
             raise ValueError(f"{len(buckets)} buckets for {len(num_variants)} samples")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if batch_size < 1 or repeats < 1:
+        reps = [repeats] * len(buckets) if isinstance(repeats, int) else list(repeats)
+        if len(reps) != len(buckets):
+            raise ValueError(f"{len(reps)} repeat counts for {len(buckets)} samples")
+        if batch_size < 1 or any(r < 1 for r in reps):
             raise ValueError(f"batch_size ({batch_size}) and repeats ({repeats}) must be >= 1")
-        self.buckets, self.num_variants = list(buckets), list(num_variants)
+        self.buckets, self.num_variants, self.sample_repeats = list(buckets), list(num_variants), reps
         self.batch_size, self.repeats, self.shuffle, self.seed = batch_size, repeats, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
@@ -189,7 +193,12 @@ class BucketBatchSampler:
         groups: dict[Size, list[int]] = {}
         for i, b in enumerate(self.buckets):
             groups.setdefault(tuple(b), []).append(i)
-        return {size: members * self.repeats for size, members in groups.items()}
+        # per-sample repeats (kohya folders): round r holds the samples repeated more than r times
+        reps = self.sample_repeats
+        return {
+            size: [i for r in range(max(reps[i] for i in members)) for i in members if reps[i] > r]
+            for size, members in groups.items()
+        }
 
     def global_batches(self) -> list[list[tuple[int, int]]]:
         """This epoch's batches for all ranks together, before padding and splitting."""

@@ -245,9 +245,10 @@ class LatentJob:
 class CachePlan:
     """Every entry the training run needs and which of them are missing, computed without any encoder.
 
-    ``captions[i]`` is record ``i``'s caption; ``variants[i]`` its latent entries (one per crop/flip variant,
-    all in bucket ``buckets[i]``). ``text_keys`` maps every caption, the empty caption and each sample prompt
-    to its key.
+    A sample is one (record, resolution) pair: every image appears once per resolution of its dataset.
+    ``records[i]`` is sample ``i``'s record, ``captions[i]`` its caption, ``repeats[i]`` its times per epoch;
+    ``variants[i]`` its latent entries (one per crop/flip variant, all in bucket ``buckets[i]``). ``text_keys``
+    maps every caption, the empty caption and each sample prompt to its key.
     """
 
     root: Path
@@ -259,7 +260,9 @@ class CachePlan:
     text_keys: dict[str, str]
     missing_text: list[str] = field(default_factory=list)
     missing_latents: list[LatentJob] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)  # record i's image file (or dataset row) name
+    records: list[int] = field(default_factory=list)
+    repeats: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # sample i's image file (or dataset row) name
 
     @property
     def store(self) -> CacheStore:
@@ -289,29 +292,45 @@ def plan_cache(
     ae_spec: AutoEncoderSpec,
     sample_prompts: Sequence[str] = (),
 ) -> CachePlan:
-    """Buckets, crop variants and cache keys for every record, and what is missing. Loads no encoder."""
-    standard = bucket_sizes(cfg.resolution, cfg.max_aspect, cfg.bucket_step)
-    buckets, variants = [], []
+    """Buckets, crop variants and cache keys for every (record, resolution) sample, and what is missing. Loads
+    no encoder. Resolutions come from each record's dataset (``record.part`` of ``cfg.dataset_configs()``)."""
+    datasets = cfg.dataset_configs()
+    standard = {res: bucket_sizes(res, cfg.max_aspect, cfg.bucket_step) for res in cfg.all_resolutions}
+    records, buckets, variants, repeats, resolutions = [], [], [], [], []
     for i, r in enumerate(data.records):
-        bucket = choose_bucket(
-            r.width, r.height, standard, resolution=cfg.resolution, max_aspect=cfg.max_aspect, upscale=cfg.upscale
-        )
-        places = image_crops(
-            r.width,
-            r.height,
-            bucket,
-            crop=cfg.crop,
-            variants=cfg.crop_variants,
-            flip=cfg.flip,
-            seed=f"{cfg.seed}:{r.image_hash}",
-        )
-        buckets.append(bucket)
-        variants.append([LatentJob(i, p, ae_spec.key(r.image_hash, p)) for p in places])
-    _warn_poor_fits(data, buckets, cfg.resolution)
-    captions = [r.caption for r in data.records]
+        for res in datasets[r.part].resolutions:
+            bucket = choose_bucket(
+                r.width, r.height, standard[res], resolution=res, max_aspect=cfg.max_aspect, upscale=cfg.upscale
+            )
+            places = image_crops(
+                r.width,
+                r.height,
+                bucket,
+                crop=cfg.crop,
+                variants=cfg.crop_variants,
+                flip=cfg.flip,
+                seed=f"{cfg.seed}:{r.image_hash}",
+            )
+            records.append(i)
+            buckets.append(bucket)
+            variants.append([LatentJob(i, p, ae_spec.key(r.image_hash, p)) for p in places])
+            repeats.append(r.repeats)
+            resolutions.append(res)
+    captions = [data.records[i].caption for i in records]
     text_keys = {c: text_spec.key(c) for c in dict.fromkeys(["", *captions, *sample_prompts])}
-    plan = CachePlan(Path(cfg.cache_dir), text_spec, ae_spec, captions, buckets, variants, text_keys)
-    plan.names = [r.name for r in data.records]
+    plan = CachePlan(
+        Path(cfg.cache_dir),
+        text_spec,
+        ae_spec,
+        captions,
+        buckets,
+        variants,
+        text_keys,
+        records=records,
+        repeats=repeats,
+        names=[data.records[i].name for i in records],
+    )
+    _warn_poor_fits(data, plan, resolutions)
     plan = plan.refresh()
     log.info(
         "cache %s: %d of %d captions and %d of %d latents to encode",
@@ -319,28 +338,40 @@ def plan_cache(
         len(plan.missing_text),
         len(text_keys),
         len(plan.missing_latents),
-        sum(map(len, variants)),
+        len({j.key for jobs in variants for j in jobs}),
     )
+    _log_buckets(data, plan, datasets)
     return plan
 
 
-def _warn_poor_fits(data: ScannedData, buckets: list[tuple[int, int]], resolution: int) -> None:
-    """Name the images that train as a handful of tokens (under 1/16 of the target area) or that lose more than
-    half of their area to the crop into their bucket."""
+def _warn_poor_fits(data: ScannedData, plan: CachePlan, resolutions: list[int]) -> None:
+    """Name the images that train as a handful of tokens (under 1/16 of the area of their resolution) or that
+    lose more than half of their area to the crop into their bucket."""
     small, cropped = [], []
-    for r, (bw, bh) in zip(data.records, buckets, strict=True):
-        if bw * bh * 16 < resolution * resolution:
+    for i, (bw, bh), res in zip(plan.records, plan.buckets, resolutions, strict=True):
+        r = data.records[i]
+        if bw * bh * 16 < res * res:
             small.append(f"{r.name} ({bw}x{bh}: {(bw // 16) * (bh // 16)} tokens)")
         scale = cover_scale(r.width, r.height, (bw, bh))
         kept = bw * bh / (r.width * r.height * scale * scale)
         if kept < 0.5:
             cropped.append(f"{r.name} ({kept:.0%} kept)")
     if small:
-        log.warning("%d images are far smaller than data.resolution and train as few tokens: %s", len(small), small[:5])
+        log.warning("%d images train as only a few tokens: %s", len(small), small[:5])
     if cropped:
         log.warning(
             "%d images lose most of their area to the crop (see data.max_aspect): %s", len(cropped), cropped[:5]
         )
+
+
+def _log_buckets(data: ScannedData, plan: CachePlan, datasets: list[DataConfig]) -> None:
+    """Which images went where: per dataset, the samples (with repeats) in each bucket."""
+    per: dict[int, Counter[tuple[int, int]]] = {}
+    for i, bucket in zip(plan.records, plan.buckets, strict=True):
+        per.setdefault(data.records[i].part, Counter())[bucket] += data.records[i].repeats
+    for part, counts in sorted(per.items()):
+        sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
+        log.info("dataset %s: samples per epoch by bucket: %s", datasets[part].source, sizes)
 
 
 # ------------------------------------------------------------------------------------------ filling

@@ -31,7 +31,7 @@ from flux_lora.data.cache import (
     load_text_embeddings,
     plan_cache,
 )
-from flux_lora.data.scan import ScannedData, scan
+from flux_lora.data.scan import ScannedData, scan_all
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
 from flux_lora.weights.loading import load_autoencoder
@@ -133,7 +133,7 @@ def make_dataloader(plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size:
         plan.buckets,
         [len(v) for v in plan.variants],
         batch_size=cfg.batch_size,
-        repeats=cfg.repeats,
+        repeats=plan.repeats or cfg.repeats,  # per sample: a dataset's repeats times its kohya folder's
         shuffle=cfg.shuffle,
         seed=cfg.seed,
         drop_last=cfg.drop_last,
@@ -163,7 +163,7 @@ class FluxDataModule(L.LightningDataModule):
         load_text_encoders / load_autoencoder: build fresh encoders; called only if something is missing.
         sample_prompts: prompts whose embeddings the sampling callback needs (:meth:`sample_embeddings`).
         device: where to encode; default: the trainer's root device, else the CPU.
-        scanned: the result of :func:`flux_lora.data.scan.scan` when the caller already has it (scanning hashes
+        scanned: the result of :func:`flux_lora.data.scan.scan_all` when the caller already has it (scanning hashes
             every image, so it is done once per process).
     """
 
@@ -216,7 +216,7 @@ class FluxDataModule(L.LightningDataModule):
     def scan(self) -> ScannedData:
         """Read and check the training data (once per process: every image's bytes are hashed)."""
         if self._scanned is None:
-            self._scanned = scan(self.cfg)
+            self._scanned = scan_all(self.cfg)
         return self._scanned
 
     def _plan(self) -> tuple[ScannedData, CachePlan]:

@@ -9,6 +9,11 @@ Sources (``DataConfig.source``), tried in this order:
    beside it with the same stem and ``caption_extension``;
 4. anything else is passed to ``datasets.load_dataset`` (a hub name or a local dataset path).
 
+In an image folder, kohya's DreamBooth layout is honoured: images under a subfolder named ``N_name`` (``10_sks
+dog/``) are repeated ``N`` times (times ``repeats``), and an image there without a caption file is captioned
+``name``. Every caption then gets the dataset's ``trigger_word`` (:func:`apply_trigger`). Several datasets
+(``data.datasets``) are scanned one by one and joined by :func:`scan_all`.
+
 An image that cannot be decoded is skipped with a warning naming it, and the count is logged at the end. An
 empty dataset, a missing caption (an absent or blank caption, unless ``default_caption`` is set) and a missing
 column raise :class:`DataError`. The scan decodes each image once to find its size (after EXIF rotation) and
@@ -25,7 +30,7 @@ import logging
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+TRIGGER = "[trigger]"
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's DreamBooth subfolders: <repeats>_<class caption>
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 
 
@@ -54,20 +61,26 @@ class ImageRecord:
     height: int
     path: str | None = None
     row: int | None = None
+    repeats: int = 1  # times per epoch: the dataset's repeats times a kohya folder's N
+    part: int = 0  # which dataset of data.datasets it belongs to
 
 
 @dataclass
 class ScannedData:
-    """What :func:`scan` found: usable records, skipped images (name, reason), and a way to read images."""
+    """What :func:`scan` found: usable records, skipped images (name, reason), and a way to read images.
+    Several datasets joined by :func:`scan_all` keep their own scans in ``parts`` (``record.part`` indexes it)."""
 
     source: str
     records: list[ImageRecord]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dataset: Any = None  # the datasets.Dataset holding the rows, for sources that embed image bytes
     image_column: str = "image"
+    parts: list[ScannedData] = field(default_factory=list)
 
     def read_bytes(self, record: ImageRecord) -> bytes:
         """The image file's bytes; raises :class:`DataError` when they changed since the scan."""
+        if self.parts:
+            return self.parts[record.part].read_bytes(record)
         if record.row is not None:
             data = _row_bytes(self.dataset[record.row][self.image_column], record.name)
         else:
@@ -142,12 +155,39 @@ def _row_bytes(value: Any, name: str) -> bytes:
 # ------------------------------------------------------------------------------------------ sources
 
 
-def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -> list[tuple[str, str | None, str]]:
-    """``(name, caption or None, path)`` per image in ``folder`` (hidden folders, the cache and ``exclude``d
-    folders left out). Files pillow could read in other formats, and captions without an image, are named in
-    a warning."""
+def apply_trigger(text: str, trigger: str | None, where: str) -> str:
+    """``[trigger]`` in ``text`` replaced by ``trigger``; else ``"trigger, text"`` unless ``text`` already holds
+    it. ``where`` names the caption or prompt in the error raised for ``[trigger]`` without a trigger word."""
+    if not trigger:
+        if TRIGGER in text:
+            raise DataError(f"{where} uses {TRIGGER} but data.trigger_word is not set")
+        return text
+    if TRIGGER in text:
+        return text.replace(TRIGGER, trigger)
+    if trigger in text:
+        return text
+    return f"{trigger}, {text}" if text else trigger
+
+
+def kohya_folder(folder: Path, path: Path) -> tuple[int, str | None]:
+    """``(repeats, class caption)`` of an image under a kohya ``N_name`` subfolder of ``folder``, else
+    ``(1, None)``."""
+    parts = path.relative_to(folder).parts
+    match = KOHYA_FOLDER.match(parts[0]) if len(parts) > 1 else None
+    return (int(match.group(1)), match.group(2).strip()) if match and int(match.group(1)) > 0 else (1, None)
+
+
+FolderItem = tuple[str, str | None, str, int, str | None]
+
+
+def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -> list[FolderItem]:
+    """``(name, caption or None, path, kohya repeats, kohya class caption)`` per image in ``folder`` (hidden
+    folders, the cache and ``exclude``d folders left out). Files pillow could read in other formats, and
+    captions without an image, are named in a warning."""
     skip = [Path(cfg.cache_dir).resolve(), *(Path(e).resolve() for e in exclude)]
-    items, other_images, captions = [], [], []
+    items: list[FolderItem] = []
+    other_images: list[str] = []
+    captions: list[Path] = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if not path.is_file() or any(p.startswith(".") for p in rel.parts):
@@ -161,8 +201,10 @@ def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -
             if suffix in _pillow_extensions() and suffix != cfg.caption_extension:
                 other_images.append(str(path))
             continue
-        items.append((str(path), _read_caption(path.with_suffix(cfg.caption_extension)), str(path)))
-    images = [ref for _, _, ref in items] + other_images
+        caption = _read_caption(path.with_suffix(cfg.caption_extension))
+        items.append((str(path), caption, str(path), *kohya_folder(folder, path)))
+    _log_kohya_folders(folder, items)
+    images = [item[2] for item in items] + other_images
     _warn_unused(folder, other_images, captions, {Path(p).with_suffix("") for p in images})
     return items
 
@@ -191,11 +233,20 @@ def _warn_unused(folder: Path, other_images: list[str], captions: list[Path], im
             folder,
             ", ".join(other_images[:5]),
         )
-    orphans = [str(c) for c in captions if c.with_suffix("") not in image_stems and c.name not in ("README.txt",)]
+    orphans = [str(c) for c in captions if c.with_suffix("") not in image_stems]
     if orphans:
         log.warning(
             "%d caption files in %s have no image beside them: %s", len(orphans), folder, ", ".join(orphans[:5])
         )
+
+
+def _log_kohya_folders(folder: Path, items: list[FolderItem]) -> None:
+    counts: dict[str, list[int]] = {}
+    for name, _, _, repeats, _ in items:
+        if repeats > 1 or KOHYA_FOLDER.match(Path(name).relative_to(folder).parts[0]):
+            counts.setdefault(Path(name).relative_to(folder).parts[0], [repeats, 0])[1] += 1
+    for sub, (repeats, n) in sorted(counts.items()):
+        log.info("kohya folder %s/%s: %d images x %d repeats", folder, sub, n, repeats)
 
 
 def _load_datasets_source(cfg: DataConfig):
@@ -219,7 +270,7 @@ def _load_datasets_source(cfg: DataConfig):
     return ds
 
 
-def _dataset_items(ds, cfg: DataConfig) -> tuple[Any, list[tuple[str, str | None, dict | str]]]:
+def _dataset_items(ds, cfg: DataConfig) -> tuple[Any, list[tuple[str, str | None, Any, int, str | None]]]:
     import datasets
 
     for role, column in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)):
@@ -235,7 +286,7 @@ def _dataset_items(ds, cfg: DataConfig) -> tuple[Any, list[tuple[str, str | None
         cell = example[cfg.image_column]
         path = cell if isinstance(cell, str) else (cell or {}).get("path")
         name = f"{cfg.source}[{row}]" + (f" ({path})" if path else "")
-        items.append((name, example[cfg.caption_column], cell))
+        items.append((name, example[cfg.caption_column], cell, 1, None))
     return ds, items
 
 
@@ -268,7 +319,7 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
         dataset, items = _dataset_items(_load_datasets_source(cfg), cfg)
     probe_dir = Path(cfg.cache_dir) / "probe"
     records, skipped, missing = [], [], []
-    for row, (name, caption, ref) in enumerate(items):
+    for row, (name, caption, ref, kohya_repeats, class_caption) in enumerate(items):
         try:
             data = Path(ref).read_bytes() if kind == "folder" else _row_bytes(ref, name)
         except (OSError, DataError) as e:  # unreadable file, or a row without image data
@@ -280,16 +331,40 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
             log.warning("skipping %s: the image cannot be read (%s)", name, probed)
             skipped.append((name, probed))
             continue
-        caption = caption.strip() if isinstance(caption, str) else None
+        caption = (caption.strip() if isinstance(caption, str) else None) or class_caption
         if not caption:
             if cfg.default_caption is None:
                 missing.append(name)
                 continue
             caption = cfg.default_caption
+        caption = apply_trigger(caption, cfg.trigger_word, f"the caption of {name}")
         path = ref if kind == "folder" else _cell_path(ref)
-        records.append(ImageRecord(name, caption, digest, probed[0], probed[1], path=path, row=None if path else row))
+        records.append(
+            ImageRecord(
+                name,
+                caption,
+                digest,
+                probed[0],
+                probed[1],
+                path=path,
+                row=None if path else row,
+                repeats=cfg.repeats * kohya_repeats,
+            )
+        )
     _check_scan(cfg, records, skipped, missing, len(items))
     return ScannedData(cfg.source, records, skipped, dataset, cfg.image_column)
+
+
+def scan_all(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
+    """:func:`scan` of every dataset of ``cfg`` (``data.datasets``, or the single one), joined; each record's
+    ``part`` says which dataset it came from."""
+    configs = cfg.dataset_configs()
+    if len(configs) == 1:
+        return scan(configs[0], exclude)
+    parts = [scan(c, exclude) for c in configs]
+    records = [replace(r, part=i) for i, p in enumerate(parts) for r in p.records]
+    skipped = [s for p in parts for s in p.skipped]
+    return ScannedData(" + ".join(c.source for c in configs), records, skipped, parts=parts)
 
 
 def _cell_path(cell: Any) -> str | None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from flux_lora.atomic import write_atomic
 
 SETTINGS_CHUNK = "flux_lora"
 PARAMETERS_CHUNK = "parameters"
@@ -71,37 +71,14 @@ def png_info(settings: dict) -> PngImagePlugin.PngInfo:
 
 
 def save_png(image: Image.Image, path: Path, settings: dict, *, overwrite: bool = False) -> Path:
-    """Write atomically (a temporary file in the same folder, then a rename), with the user's umask.
-
-    Raises ``FileExistsError`` when ``path`` exists and ``overwrite`` is false.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    """Write atomically with the user's umask. Raises ``FileExistsError`` when ``path`` exists and ``overwrite``
+    is false (also when another process creates it meanwhile)."""
     try:
-        with open(tmp, "xb") as f:  # plain open(): the mode follows the umask (mkstemp would force 0600)
-            image.save(f, format="PNG", pnginfo=png_info(settings))
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _link_new(tmp, path)
+        return write_atomic(
+            path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(settings)), overwrite=overwrite
+        )
     except FileExistsError:
         raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _link_new(tmp: Path, path: Path) -> None:
-    """Give ``tmp`` the name ``path`` unless that exists (atomic where the filesystem has hard links)."""
-    try:
-        os.link(tmp, path)  # fails if path exists, even when another process wrote it meanwhile
-    except FileExistsError:
-        raise
-    except OSError:  # no hard links here: check, then rename
-        if path.exists():
-            raise FileExistsError(path) from None
-        os.replace(tmp, path)
 
 
 def numbered_paths(folder: Path, stem: str, count: int, suffix: str = ".png") -> list[Path]:

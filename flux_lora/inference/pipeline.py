@@ -58,7 +58,8 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 
 def model_folder(source: str | Path) -> Path:
-    """A local model folder, or the folder a ModelScope id (``AI-ModelScope/FLUX.1-dev``) downloads to."""
+    """A local model folder, or the folder a hub id downloads to (``hf:black-forest-labs/FLUX.1-dev``,
+    ``AI-ModelScope/FLUX.1-dev``; see :func:`flux_lora.weights.hub.parse_source`)."""
     path = resolve_model(source, ("dit", "ae", "text_encoders"))
     if not path.is_dir():
         raise ValueError(f"{source} is a file; pass a model folder (DiT, autoencoder and text encoders)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flux_lora.atomic import save_torch_atomic, write_atomic
 from flux_lora.data.cache import tensors_sha256
+from flux_lora.data.scan import ScannedData
 from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
 from flux_lora.model.autoencoder import AutoEncoder
@@ -46,6 +49,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def training_metadata(cfg, step: int) -> dict[str, str]:
     """Training details for the kohya ``ss_*`` keys Forge and the A1111 family display."""
     t = cfg.train
+    res = max(cfg.data.all_resolutions)
+    triggers = dict.fromkeys(d.trigger_word for d in cfg.data.dataset_configs() if d.trigger_word)
     return {
         "ss_output_name": cfg.name,
         "ss_steps": str(step),
@@ -53,11 +58,25 @@ def training_metadata(cfg, step: int) -> dict[str, str]:
         "ss_guidance_scale": str(t.guidance),
         "ss_timestep_sampling": t.timestep_sampling,
         "ss_weighting_scheme": t.loss_weighting,
-        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_resolution": f"({res}, {res})",
         "ss_training_finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ss_base_model": cfg.model.source,
         "flux_lora.quantize": str(cfg.model.quantize),
-        "modelspec.resolution": f"{cfg.data.resolution}x{cfg.data.resolution}",
+        "modelspec.resolution": f"{res}x{res}",
+        **({"modelspec.trigger_phrase": ", ".join(triggers)} if triggers else {}),
+    }
+
+
+def dataset_metadata(scanned: ScannedData, sources: list[str]) -> dict[str, str]:
+    """kohya's ``ss_tag_frequency`` (per dataset, how many captions hold each comma-separated tag: Civitai and
+    the A1111 family show these as the trained words) and ``ss_num_train_images`` (samples per epoch)."""
+    freq: dict[str, Counter[str]] = {}
+    for r in scanned.records:
+        tags = {t.strip() for t in r.caption.split(",") if t.strip()}
+        freq.setdefault(sources[r.part], Counter()).update(tags)
+    return {
+        "ss_tag_frequency": json.dumps({name: dict(c.most_common()) for name, c in freq.items()}),
+        "ss_num_train_images": str(sum(r.repeats for r in scanned.records)),
     }
 
 
@@ -111,9 +130,10 @@ class SaveLora(L.Callback):
     """Writes the adapters as a kohya-layout LoRA every ``every_n_steps`` and at the end (rank 0, atomically):
     ``<output_dir>/lora/<name>-step<N>.safetensors`` and ``<output_dir>/<name>.safetensors``."""
 
-    def __init__(self, cfg, every_n_steps: int):
+    def __init__(self, cfg, every_n_steps: int, extra_metadata: dict[str, str] | None = None):
         self.cfg = cfg
         self.every_n_steps = every_n_steps
+        self.extra_metadata = dict(extra_metadata or {})
         self.written: list[Path] = []
 
     def _write(self, trainer: L.Trainer, module, path: Path) -> None:
@@ -126,7 +146,7 @@ class SaveLora(L.Callback):
                 weights,
                 module.dit.params,
                 layout="kohya",
-                metadata=training_metadata(self.cfg, trainer.global_step),
+                metadata={**training_metadata(self.cfg, trainer.global_step), **self.extra_metadata},
             )
             self.written.append(path)
             log.info("wrote %s", path)

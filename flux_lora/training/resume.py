@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 IDENTITY_KEY = "flux_lora_run"
 DATA_FIELDS = (
     "resolution",
+    "datasets",
     "bucket_step",
     "max_aspect",
     "upscale",
@@ -47,7 +48,7 @@ DATA_FIELDS = (
     "shuffle",
     "seed",
 )
-MODEL_FIELDS = ("source", "preset", "quantize", "quant_policy", "dtype")
+MODEL_FIELDS = ("source", "hub", "revision", "preset", "quantize", "quant_policy", "dtype")
 TRAIN_FIELDS = (
     "seed",
     "learning_rate",
@@ -85,7 +86,7 @@ class OutputInUseError(ConfigError):
 def data_fingerprint(scanned: ScannedData) -> str:
     """Content of the training set: every image's hash, size and caption, in scan order (not the paths: the
     same data in a moved folder is the same run)."""
-    rows = [(r.caption, r.image_hash, r.width, r.height) for r in scanned.records]
+    rows = [(r.caption, r.image_hash, r.width, r.height, r.repeats, r.part) for r in scanned.records]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 

@@ -22,11 +22,17 @@ import torch
 
 from flux_lora.config import ExperimentConfig, save_config
 from flux_lora.data.datamodule import FluxDataModule
-from flux_lora.data.scan import ScannedData, scan
+from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
-from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora, StepCheckpoint
+from flux_lora.training.callbacks import (
+    AtomicCheckpointIO,
+    SampleImages,
+    SaveLora,
+    StepCheckpoint,
+    dataset_metadata,
+)
 from flux_lora.training.console import StepProgress, Summaries
 from flux_lora.training.guards import FiniteGuard, StopOnSignal, StoppedBySignal
 from flux_lora.training.module import FluxLoraModule
@@ -61,14 +67,18 @@ def resolve_accelerator(cfg: ExperimentConfig) -> str:
 
 
 def fetch_model_folder(cfg: ExperimentConfig) -> Path:
-    """The local model folder: written (tiny) or downloaded (ModelScope) when needed. In DDP, processes other than
-    the first of a node reuse what the first one fetched instead of downloading again."""
+    """The local model folder: written (tiny) or downloaded (Hugging Face or ModelScope) when needed. In DDP,
+    processes other than the first of a node reuse what the first one fetched instead of downloading again."""
     m = cfg.model
     if m.tiny_if_missing and not Path(m.source).exists():
         log.info("writing a tiny random FLUX model to %s (model.tiny_if_missing)", m.source)
         write_tiny_model(m.source, variant=m.tiny_variant)
     return hub.resolve_model(
-        m.source, cache_dir=m.cache_dir, local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0
+        m.source,
+        hub=m.hub,
+        revision=m.revision,
+        cache_dir=m.cache_dir,
+        local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0,
     )
 
 
@@ -76,7 +86,8 @@ def build(
     cfg: ExperimentConfig, scanned: ScannedData | None = None
 ) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
     """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan (``scanned``, or done here)."""
-    scanned = scanned or scan(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
+    scanned = scanned or scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model
+    prompts = sample_prompts(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
@@ -85,7 +96,7 @@ def build(
     out = cfg.output_path
 
     datamodule = FluxDataModule.from_model_folder(
-        cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=cfg.sample.prompts, scanned=scanned
+        cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
     initial = partial(read_lora, cfg.train.init_lora, plain=True) if cfg.train.init_lora else None
     module = FluxLoraModule(
@@ -99,7 +110,11 @@ def build(
     callbacks: list[L.Callback] = [
         # the two newest step checkpoints, the last step always among them (adapters and optimizer state)
         StepCheckpoint(out / "checkpoints", cfg.train.checkpoint_every_n_steps),
-        SaveLora(cfg, cfg.train.save_every_n_steps),
+        SaveLora(
+            cfg,
+            cfg.train.save_every_n_steps,
+            dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()]),
+        ),
         RunRecord(run_identity(cfg, scanned)),
         FiniteGuard(),
         StopOnSignal(),
@@ -132,6 +147,11 @@ def build(
         enable_model_summary=False,
     )
     return trainer, module, datamodule
+
+
+def sample_prompts(cfg: ExperimentConfig) -> list[str]:
+    """The preview prompts with ``data.trigger_word`` applied as to every caption."""
+    return [apply_trigger(p, cfg.data.trigger_word, f"sample prompt {p!r}") for p in cfg.sample.prompts]
 
 
 def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, device: torch.device) -> Flux:
@@ -199,7 +219,7 @@ def run(cfg: ExperimentConfig) -> Path | None:
 
     Raises :class:`~flux_lora.training.guards.StoppedBySignal` after a clean stop on SIGTERM/SIGINT,
     :class:`~flux_lora.training.resume.RunMismatchError` when the output folder holds another run."""
-    scanned = scan(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
+    scanned = scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
     lock = output_lock(cfg.output_path) if _first_process() else contextlib.nullcontext()
     with lock:
         if _first_process():

@@ -21,7 +21,7 @@ from torch import Tensor
 from flux_lora.dtypes import Quantize, check_quantize
 from flux_lora.model.controlnet import ControlNetParams, FluxControlNet
 from flux_lora.model.fp8 import QuantPolicy, default_predicate, quantize_
-from flux_lora.weights.hub import Downloader, ModelNotFoundError, resolve_model
+from flux_lora.weights.hub import DEFAULT_HUB, Downloader, HubName, ModelNotFoundError, resolve_model
 from flux_lora.weights.keymaps import (
     DiffusersToFlux,
     LinearMap,
@@ -143,13 +143,14 @@ def controlnet_to_diffusers(sd: dict[str, Tensor], p: ControlNetParams) -> dict[
 # ------------------------------------------------------------------------------------------ loading
 
 
-def resolve_controlnet(source: str | Path, download: Downloader | None = None) -> Path:
-    """The default resolver: a local path as is, or a ModelScope id (e.g.
-    ``InstantX/FLUX.1-dev-Controlnet-Union-alpha``) downloaded through :func:`flux_lora.weights.hub.resolve_model`."""
+def resolve_controlnet(source: str | Path, download: Downloader | None = None, hub: HubName = DEFAULT_HUB) -> Path:
+    """The default resolver: a local path as is, or a repository id read by :func:`flux_lora.weights.hub.parse_source`
+    (``hf:InstantX/FLUX.1-dev-Controlnet-Union``, ``ms:...``, or a bare id on ``hub``), downloaded through
+    :func:`flux_lora.weights.hub.resolve_model`."""
     try:
-        return resolve_model(source, ["controlnet"], download=download)
+        return resolve_model(source, ["controlnet"], hub=hub, download=download)
     except ModelNotFoundError as e:
-        reason = re.split(r"\. If you|; pass", str(e))[0]  # the hub's advice is for FLUX.1 model folders
+        reason = re.split(r"; or pass|; pass", str(e))[0]  # the hub's advice is for FLUX.1 model folders
         raise CheckpointError(
             f"ControlNet {str(source)!r} is neither a local folder nor could it be downloaded "
             f"({reason}); pass a local folder holding config.json and "

@@ -1,4 +1,4 @@
-"""The entry points: examples/generate.py loaded as a module, small settings for it, and a fresh ``python``
+"""The entry points: the generate program as a module, small settings for it, and a fresh ``python``
 process from a given directory with this checkout importable."""
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ GENERATE_ARGS = [
 
 
 def load_generate() -> ModuleType:
-    """examples/generate.py as a module (it is a script, not part of the package): call its ``main(argv)``."""
-    spec = importlib.util.spec_from_file_location("generate_example", GENERATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The generate program (``flux_lora.cli.generate``; examples/generate.py wraps it): call its ``main(argv)``."""
+    return importlib.import_module("flux_lora.cli.generate")
 
 
 def run_python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
