@@ -291,9 +291,11 @@ def plan_cache(
     text_spec: TextEncoderSpec,
     ae_spec: AutoEncoderSpec,
     sample_prompts: Sequence[str] = (),
+    quiet: bool = False,
 ) -> CachePlan:
     """Buckets, crop variants and cache keys for every (record, resolution) sample, and what is missing. Loads
-    no encoder. Resolutions come from each record's dataset (``record.part`` of ``cfg.dataset_configs()``)."""
+    no encoder; ``quiet`` leaves out the summary lines (for a process that plans a second time). Resolutions
+    come from each record's dataset (``record.part`` of ``cfg.dataset_configs()``)."""
     datasets = cfg.dataset_configs()
     standard = {res: bucket_sizes(res, cfg.max_aspect, cfg.bucket_step) for res in cfg.all_resolutions}
     records, buckets, variants, repeats, resolutions = [], [], [], [], []
@@ -330,8 +332,10 @@ def plan_cache(
         repeats=repeats,
         names=[data.records[i].name for i in records],
     )
-    _warn_poor_fits(data, plan, resolutions)
     plan = plan.refresh()
+    if quiet:
+        return plan
+    _warn_poor_fits(data, plan, resolutions)
     log.info(
         "cache %s: %d of %d captions and %d of %d latents to encode",
         plan.root,

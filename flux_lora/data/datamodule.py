@@ -219,9 +219,9 @@ class FluxDataModule(L.LightningDataModule):
             self._scanned = scan_all(self.cfg)
         return self._scanned
 
-    def _plan(self) -> tuple[ScannedData, CachePlan]:
+    def _plan(self, quiet: bool = False) -> tuple[ScannedData, CachePlan]:
         data = self.scan()
-        return data, plan_cache(data, self.cfg, self.text_spec, self.ae_spec, self.sample_prompts)
+        return data, plan_cache(data, self.cfg, self.text_spec, self.ae_spec, self.sample_prompts, quiet=quiet)
 
     def _device(self) -> torch.device:
         if self.device is not None:
@@ -238,7 +238,7 @@ class FluxDataModule(L.LightningDataModule):
             )
 
     def setup(self, stage: str | None = None) -> None:
-        _, plan = self._plan()
+        _, plan = self._plan(quiet=True)  # planned once more: its summary was logged in prepare_data
         if not plan.complete:
             raise RuntimeError(
                 f"the cache {plan.root} is incomplete on this process after prepare_data; "
