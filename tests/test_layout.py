@@ -177,3 +177,14 @@ def test_cache_entries_of_the_previous_layout_are_found(tmp_path):
     planned |= {store.latent_path(job.key) for jobs in plan.variants for job in jobs}
     expected = set((FIXTURES / "cache_entries.txt").read_text().split())
     assert {str(p.relative_to(store.root)) for p in planned} == expected
+
+
+def test_public_api_names_exist_and_the_readme_uses_them():
+    import re
+
+    import flux_lora
+
+    assert all(hasattr(flux_lora, name) for name in flux_lora.__all__)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    used = {n.strip() for m in re.findall(r"^from flux_lora import (.+)$", readme, re.M) for n in m.split(",")}
+    assert used and used <= set(flux_lora.__all__), used - set(flux_lora.__all__)

@@ -1,0 +1,47 @@
+"""``auto`` compile and fp8 GEMMs: on only on CUDA GPUs of compute capability >= 8.9; explicit settings win."""
+
+from __future__ import annotations
+
+import pytest
+
+from flux_lora.config import ModelConfig
+from flux_lora.training.speed import SpeedPlan, plan_speed
+
+FP8 = "float8_e4m3fn"
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        (None, SpeedPlan(False, False, False)),
+        ((8, 6), SpeedPlan(False, False, False)),
+        ((8, 9), SpeedPlan(True, True, False)),
+        ((9, 0), SpeedPlan(True, True, False)),
+    ],
+)
+def test_auto_follows_the_device(capability, expected):
+    assert plan_speed(ModelConfig(quantize=FP8), capability) == expected
+
+
+def test_auto_fp8_gemms_need_an_fp8_base_and_explicit_settings_win():
+    assert plan_speed(ModelConfig(), (9, 0)) == SpeedPlan(True, False, False)
+    assert plan_speed(ModelConfig(quantize=FP8, compile=False), (9, 0)) == SpeedPlan(False, False, False)
+    assert plan_speed(ModelConfig(quantize=FP8, fp8_matmul=True), None) == SpeedPlan(False, True, False)
+    assert plan_speed(ModelConfig(compile=True, selective_checkpointing=True), None) == SpeedPlan(True, False, True)
+
+
+def test_contradictions_are_one_line_errors():
+    with pytest.raises(ValueError, match="needs an fp8 base"):
+        plan_speed(ModelConfig(fp8_matmul=True), (9, 0))
+    with pytest.raises(ValueError, match="needs model.gradient_checkpointing"):
+        plan_speed(ModelConfig(gradient_checkpointing=False, selective_checkpointing=True), None)
+
+
+def test_yaml_values_parse():
+    from flux_lora.config import load_config
+
+    cfg = load_config(
+        None, ["--model.compile", "auto", "--model.fp8_matmul", "false", "--model.selective_checkpointing", "true"]
+    )
+    assert (cfg.model.compile, cfg.model.fp8_matmul, cfg.model.selective_checkpointing) == ("auto", False, True)
+    assert load_config(None, ["--model.compile", "false"]).model.compile is False
