@@ -224,7 +224,9 @@ class TrainConfig:
     save_every_n_steps: int = _doc("write the LoRA file every N steps (0: only at the end)", 250)
     checkpoint_every_n_steps: int = _doc("write resumable training state every N steps (0: only at the end)", 250)
     log_every_n_steps: int = _doc("log metrics every N steps", 10)
-    resume: bool = _doc("continue from output_dir/checkpoints/last.ckpt when it exists", True)
+    resume: bool = _doc(
+        "continue from the newest checkpoint; false moves the old run aside into output_dir/previous-<time>/", True
+    )
     init_lora: str | None = _doc("start from this LoRA file (any readable layout) instead of zeros", None)
 
     def __post_init__(self) -> None:
@@ -238,6 +240,31 @@ class TrainConfig:
         if "." not in self.optimizer:
             hint = OPTIMIZER_NAMES.get(self.optimizer.lower(), "an import path such as torch.optim.AdamW")
             raise ValueError(f"train.optimizer must be an import path, got {self.optimizer!r}: use {hint}")
+        check_optimizer(self.optimizer, self.optimizer_args, self.learning_rate)
+
+
+def check_optimizer(path: str, args: dict, lr: float) -> None:
+    """Import the optimizer class and build it once on a one-element parameter, so an unknown class or bad
+    ``optimizer_args`` stop the run when the config loads, not after caching and model loading."""
+    import importlib
+
+    import torch
+
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"train.optimizer {path!r} cannot be imported ({type(e).__name__}: {e})") from None
+    if not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
+        raise ValueError(f"train.optimizer {path!r} is not a torch.optim.Optimizer class")
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise ValueError(f"train.optimizer_args must be a mapping of argument names to values, got {args!r}")
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **args)  # type: ignore[call-arg]
+    except Exception as e:  # TypeError (unknown argument), ValueError, IndexError (betas: [0.9]), ...
+        raise ValueError(
+            f"train.optimizer_args {args!r} are not accepted by {path} ({type(e).__name__}: {e})"
+        ) from None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from functools import partial
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from flux_lora.config import TrainConfig
@@ -111,6 +112,11 @@ class FluxLoraModule(L.LightningModule):
         if self.use_compile:
             compile_blocks(dit)
         self.dit = dit.train()  # loaders return eval mode; LoRA dropout needs train mode
+        # DDP must not broadcast the frozen base: every rank loaded it already (~12 GB at full size), and gloo
+        # cannot broadcast float8 at all ("Invalid scalar type")
+        self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if not p.requires_grad] + [
+            n for n, _ in self.named_buffers()
+        ]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -165,11 +171,7 @@ class FluxLoraModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint["rng_states"] = {"per_rank": _gather_rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trainable = self._trainable_keys()
@@ -181,7 +183,30 @@ class FluxLoraModule(L.LightningModule):
             )
         rng = checkpoint.get("rng_states")
         if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            per_rank = rng.get("per_rank", [rng])  # checkpoints from before per-rank states hold one
+            _set_rng_state(per_rank[self.global_rank] if self.global_rank < len(per_rank) else per_rank[0])
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, by rank (LoRA dropout draws differ per rank, so each must get its own back)."""
+    state = _rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
