@@ -23,7 +23,7 @@ LAYERS = {
     "lora": 3,
     "inference": 3,
     "training": 4,
-    "toy": 4,
+    "toy": 5,  # the demo: may use training (its model trainer, later), like the programs
     "cli": 5,
     "api": 6,
 }
