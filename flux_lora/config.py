@@ -8,6 +8,7 @@ field carries its one-line description in ``metadata["help"]``, which ``train.py
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -19,6 +20,31 @@ from flux_lora.dtypes import Quantize
 from flux_lora.sampling import SIDE_MULTIPLE, TimestepSampling
 
 DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")
+
+
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+# train.optimizer names: the class's import path, and the package of the `optim` extra it needs (None: a dependency).
+OPTIMIZERS: dict[str, tuple[str, str | None]] = {
+    "adamw": ("torch.optim.AdamW", None),
+    "adam": ("torch.optim.Adam", None),
+    "sgd": ("torch.optim.SGD", None),
+    "adamw8bit": ("bitsandbytes.optim.AdamW8bit", "bitsandbytes"),
+    "prodigy": ("prodigyopt.Prodigy", "prodigyopt"),
+    "adafactor": ("transformers.optimization.Adafactor", None),
+    "lion": ("lion_pytorch.Lion", "lion_pytorch"),
+    "schedulefree_adamw": ("schedulefree.AdamWScheduleFree", "schedulefree"),
+}
+
+
+def check_optimizer(name: str) -> None:
+    """A one-line error, at config time, for an optimizer name we do not know or whose package is missing."""
+    if name.lower() in OPTIMIZERS:
+        package = OPTIMIZERS[name.lower()][1]
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"train.optimizer {name!r} needs the {package} package: pip install 'flux-lora[optim]'")
+    elif "." not in name:
+        raise ValueError(f"train.optimizer {name!r} is unknown: use one of {', '.join(OPTIMIZERS)} or an import path")
 
 
 class DataError(ValueError):
@@ -198,11 +224,19 @@ class TrainConfig:
     max_steps: int = _doc("optimizer steps to train", 1000)
     seed: int = _doc("seed of noise, timesteps and LoRA init", 42)
     learning_rate: float = _doc("peak learning rate", 1e-4)
-    optimizer: str = _doc("optimizer class by import path, e.g. torch.optim.AdamW", "torch.optim.AdamW")
+    optimizer: str = _doc(
+        "adamw, adamw8bit, prodigy, adafactor, lion, schedulefree_adamw, or a class by import path", "adamw"
+    )
     optimizer_args: dict = _doc("keyword arguments of the optimizer", factory=lambda: {"weight_decay": 0.01})
-    lr_scheduler: Literal["constant", "cosine"] = _doc("learning-rate schedule after warmup", "constant")
-    warmup_steps: int = _doc("linear warmup steps", 0)
-    min_lr_ratio: float = _doc("cosine ends at learning_rate * min_lr_ratio", 0.0)
+    lr_scheduler: LrSchedule = _doc(
+        "transformers.get_scheduler schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
+        "polynomial",
+        "constant",
+    )
+    warmup_steps: int = _doc("linear warmup steps (lr 0 at step 0)", 0)
+    min_lr_ratio: float = _doc("cosine and polynomial end at learning_rate * min_lr_ratio", 0.0)
+    lr_cycles: int = _doc("hard restarts of cosine_with_restarts", 1)
+    lr_power: float = _doc("power of the polynomial decay", 1.0)
     gradient_clip: float | None = _doc("clip the gradient norm to this; null: no clipping", 1.0)
     accumulate_grad_batches: int = _doc("batches per optimizer step", 1)
     timestep_sampling: TimestepSampling = _doc("density of training timesteps", "logit_normal")
@@ -235,9 +269,11 @@ class TrainConfig:
             raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if "." not in self.optimizer:
-            hint = OPTIMIZER_NAMES.get(self.optimizer.lower(), "an import path such as torch.optim.AdamW")
-            raise ValueError(f"train.optimizer must be an import path, got {self.optimizer!r}: use {hint}")
+        check_optimizer(self.optimizer)
+        if not 0 <= self.min_lr_ratio < 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
+        if self.lr_cycles < 1:
+            raise ValueError(f"train.lr_cycles must be >= 1, got {self.lr_cycles}")
 
 
 @dataclass
@@ -297,18 +333,7 @@ FOREIGN_KEYS: dict[str, str] = {
     "gradient_checkpointing": "model.gradient_checkpointing",
 }
 FOREIGN_VALUES: dict[tuple[str, str], str] = {
-    ("train.lr_scheduler", "cosine_with_restarts"): "cosine (with min_lr_ratio); restarts are not supported",
-    ("train.lr_scheduler", "constant_with_warmup"): "constant with train.warmup_steps",
-    ("train.lr_scheduler", "linear"): "cosine or constant; a linear decay is not supported",
-}
-OPTIMIZER_NAMES: dict[str, str] = {
-    "adamw": "torch.optim.AdamW",
-    "adam": "torch.optim.Adam",
-    "adamw8bit": "bitsandbytes.optim.AdamW8bit (pip install bitsandbytes)",
-    "prodigy": "prodigyopt.Prodigy (pip install prodigyopt; with learning_rate 1.0)",
-    "adafactor": "transformers.optimization.Adafactor",
-    "lion": "lion_pytorch.Lion (pip install lion-pytorch)",
-    "sgd": "torch.optim.SGD",
+    ("train.lr_scheduler", "cosine_with_min_lr"): "cosine with train.min_lr_ratio",
 }
 
 

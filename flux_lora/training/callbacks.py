@@ -20,6 +20,7 @@ from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEmbeddings
+from flux_lora.training.optimizers import eval_weights
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ def dataset_metadata(scanned: ScannedData, sources: list[str]) -> dict[str, str]
     }
 
 
+def _optimizer(trainer: L.Trainer) -> torch.optim.Optimizer | None:
+    return trainer.optimizers[0] if trainer.optimizers else None
+
+
 def _due(trainer: L.Trainer, every: int, owner: Any) -> bool:
     """True once per optimizer step that is a multiple of ``every`` (not at the last step: the end hook runs)."""
     step = trainer.global_step
@@ -89,7 +94,9 @@ class SaveLora(L.Callback):
         self.written: list[Path] = []
 
     def _write(self, trainer: L.Trainer, module, path: Path) -> None:
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        with eval_weights(_optimizer(trainer)):
             write_lora(
                 path,
                 module.lora_weights(),
@@ -97,8 +104,8 @@ class SaveLora(L.Callback):
                 layout="kohya",
                 metadata={**training_metadata(self.cfg, trainer.global_step), **self.extra_metadata},
             )
-            self.written.append(path)
-            log.info("wrote %s", path)
+        self.written.append(path)
+        log.info("wrote %s", path)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if _due(trainer, self.every_n_steps, self):
@@ -136,16 +143,17 @@ class SampleImages(L.Callback):
         module.dit.eval()
         ae = self.load_autoencoder(device)
         try:
-            pipe = FluxPipeline(module.dit, ae, None, device=device)
-            images = pipe(
-                text_embeddings=self.embeddings(),
-                height=self.cfg.height,
-                width=self.cfg.width,
-                num_inference_steps=self.cfg.steps,
-                guidance=self.cfg.guidance,
-                seed=self.cfg.seed,
-                progress=False,
-            )
+            with eval_weights(_optimizer(trainer)):
+                pipe = FluxPipeline(module.dit, ae, None, device=device)
+                images = pipe(
+                    text_embeddings=self.embeddings(),
+                    height=self.cfg.height,
+                    width=self.cfg.width,
+                    num_inference_steps=self.cfg.steps,
+                    guidance=self.cfg.guidance,
+                    seed=self.cfg.seed,
+                    progress=False,
+                )
         finally:
             del ae
             module.dit.train(was_training)
