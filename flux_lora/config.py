@@ -290,6 +290,44 @@ class SampleConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An fp32 exponential moving average of the LoRA weights only, saved as output_dir/<name>_ema.safetensors."""
+
+    enabled: bool = _doc("keep the EMA of the adapters", False)
+    decay: float = _doc("ema = decay * ema + (1 - decay) * weights at each update", 0.999)
+    every_n_steps: int = _doc("update the EMA every N optimizer steps", 1)
+    device: Literal["gpu", "cpu"] = _doc("where the EMA lives: gpu (the training device) or cpu (host memory)", "gpu")
+    use_for_samples: bool = _doc("generate the preview samples with the EMA weights", False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+        if self.every_n_steps < 1:
+            raise ValueError(f"ema.every_n_steps must be >= 1, got {self.every_n_steps}")
+        if self.device not in ("gpu", "cpu"):
+            raise ValueError(f"ema.device must be 'gpu' or 'cpu', got {self.device!r}")
+
+
+SAVE_DTYPES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class SaveConfig:
+    """How LoRA files are written (when: train.save_every_n_steps)."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = _doc(
+        "dtype of the LoRA matrices in saved files (bf16: half of fp32)", "bf16"
+    )
+    keep_last: int = _doc("intermediate LoRA files (output_dir/lora) kept, the newest; 0 keeps all", 0)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SAVE_DTYPES:
+            raise ValueError(f"save.dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.dtype!r}")
+        if self.keep_last < 0:
+            raise ValueError(f"save.keep_last must be >= 0, got {self.keep_last}")
+
+
+@dataclass
 class ExperimentConfig:
     """One training run."""
 
@@ -300,6 +338,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
     @property
     def output_path(self) -> Path:

@@ -23,6 +23,7 @@ from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora, dataset_metadata
+from flux_lora.training.ema import AdapterEma
 from flux_lora.training.module import FluxLoraModule
 from flux_lora.weights import hub
 from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
@@ -83,7 +84,11 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         compile=cfg.model.compile,
     )
+    metadata = dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()])
+    saver = SaveLora(cfg, cfg.train.save_every_n_steps, metadata)
+    ema = AdapterEma(cfg.ema, saver) if cfg.ema.enabled else None
     callbacks: list[L.Callback] = [
+        *([ema] if ema else []),  # first: a step's samples and checkpoint see its EMA update
         # last.ckpt plus the two newest periodic checkpoints (each holds adapters and optimizer state)
         ModelCheckpoint(
             dirpath=out / "checkpoints",
@@ -95,15 +100,17 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
             mode="max",
             save_top_k=2,
         ),
-        SaveLora(
-            cfg,
-            cfg.train.save_every_n_steps,
-            dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()]),
-        ),
+        saver,
     ]
     if cfg.sample.prompts:
         callbacks.append(
-            SampleImages(datamodule.sample_embeddings, partial(_load_ae, folder, dtype), cfg.sample, out / "samples")
+            SampleImages(
+                datamodule.sample_embeddings,
+                partial(_load_ae, folder, dtype),
+                cfg.sample,
+                out / "samples",
+                weights=ema.applied if ema and cfg.ema.use_for_samples else None,
+            )
         )
     precision = cfg.train.precision
     if precision == "auto":
