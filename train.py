@@ -32,18 +32,37 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Lightning adds its own console handlers on import: with ours, every Lightning line printed twice
+    import lightning  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    from flux_lora.training.console import quiet_third_party
+
+    quiet_third_party()
+    log = logging.getLogger("train")
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
             sys.stdout.write(yaml.safe_dump(config_io.to_dict(cfg), sort_keys=False))
             return 0
+        from flux_lora.training.guards import NonFiniteLossError, StoppedBySignal
         from flux_lora.training.run import run
 
-        lora = run(cfg)
+        try:
+            lora = run(cfg)
+        except StoppedBySignal as e:
+            log.warning("%s", e)
+            return e.exit_code
+        except NonFiniteLossError as e:
+            log.error("%s", e)
+            return 1
     except (ConfigError, DataError, ModelNotFoundError) as e:
-        logging.getLogger("train").error("%s", e)
+        log.error("%s", e)
         return 2
-    logging.getLogger("train").info("LoRA written to %s", lora)
+    if lora is not None:
+        log.info("LoRA written to %s", lora)
     return 0
 
 

@@ -234,8 +234,12 @@ def free(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_gb(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / GB if device.startswith("cuda") else None
+def peak_gb(device: str, reserved: bool = False) -> float | None:
+    """Peak CUDA memory since the last reset: allocated by tensors, or ``reserved`` by the caching allocator (what
+    the GPU really gives up, fragmentation included)."""
+    if not device.startswith("cuda"):
+        return None
+    return (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / GB
 
 
 def time_steps(step: Callable[[], object], device: str, warmup: int, steps: int) -> list[float]:

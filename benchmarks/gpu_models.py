@@ -11,9 +11,10 @@ from torch import Tensor, nn
 
 from benchmarks.common import clip_l_config, materialise_, precision_context, random_dit, t5_xxl_config
 from flux_lora.config import LoraConfig, TrainConfig
-from flux_lora.lora.peft_adapters import inject_lora
+from flux_lora.lora.peft_adapters import inject_lora, set_input_casting
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
 from flux_lora.model.flux import FluxParams
+from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 from flux_lora.training.loss import dit_inputs, draw, weighted_mse
@@ -29,12 +30,25 @@ BLOCK_LISTS = (
 )
 
 
-def ours(params: FluxParams, device: str, *, rank: int, checkpointing: bool, compiled: bool) -> nn.Module:
-    """Our training setup: block Linears in fp8 (per-channel scales), float32 LoRA on the block Linears."""
+def ours(
+    params: FluxParams,
+    device: str,
+    *,
+    rank: int,
+    checkpointing: bool,
+    compiled: bool,
+    fp8_matmul: bool = False,
+    selective: bool = False,
+) -> nn.Module:
+    """Our training setup: block Linears in fp8 (per-channel scales), float32 LoRA on the block Linears, no peft
+    input cast (the step runs under autocast), optionally fp8 GEMMs and selective checkpointing."""
     model = random_dit(params, device=device, quantize="blocks")
     inject_lora(model, LoraConfig(rank=rank, alpha=rank))
+    set_input_casting(model, False)
+    if fp8_matmul:
+        set_fp8_matmul(model)
     if checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, selective=selective)
     if compiled:
         compile_blocks(model)
     return model.train()

@@ -8,6 +8,7 @@ field carries its one-line description in ``metadata["help"]``, which ``train.py
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 from collections.abc import Callable
@@ -35,16 +36,45 @@ OPTIMIZERS: dict[str, tuple[str, str | None]] = {
     "lion": ("lion_pytorch.Lion", "lion_pytorch"),
     "schedulefree_adamw": ("schedulefree.AdamWScheduleFree", "schedulefree"),
 }
+# Arguments a named optimizer needs to honour an explicit learning rate; optimizer_args override them.
+OPTIMIZER_DEFAULT_ARGS: dict[str, dict[str, Any]] = {
+    "adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
+}
 
 
-def check_optimizer(name: str) -> None:
-    """A one-line error, at config time, for an optimizer name we do not know or whose package is missing."""
+def optimizer_path(name: str) -> str:
+    """The import path of a ``train.optimizer`` name (``adamw``, ``prodigy``, ...); an import path as it is."""
+    return OPTIMIZERS[name.lower()][0] if name.lower() in OPTIMIZERS else name
+
+
+def check_optimizer(name: str, args: dict, lr: float) -> None:
+    """At config time: a known name whose package is installed (else the extra to install) or an import path,
+    and the class built once on a one-element parameter, so an unknown class or bad ``optimizer_args`` stop the
+    run when the config loads, not after caching and model loading."""
+    import torch
+
     if name.lower() in OPTIMIZERS:
         package = OPTIMIZERS[name.lower()][1]
         if package is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"train.optimizer {name!r} needs the {package} package: pip install 'flux-lora[optim]'")
     elif "." not in name:
         raise ValueError(f"train.optimizer {name!r} is unknown: use one of {', '.join(OPTIMIZERS)} or an import path")
+    path = optimizer_path(name)
+    module, _, attr = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"train.optimizer {path!r} cannot be imported ({type(e).__name__}: {e})") from None
+    if not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
+        raise ValueError(f"train.optimizer {path!r} is not a torch.optim.Optimizer class")
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise ValueError(f"train.optimizer_args must be a mapping of argument names to values, got {args!r}")
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **{**OPTIMIZER_DEFAULT_ARGS.get(name.lower(), {}), **args})
+    except Exception as e:  # TypeError (unknown argument), ValueError, IndexError (betas: [0.9]), ...
+        raise ValueError(
+            f"train.optimizer_args {args!r} are not accepted by {path} ({type(e).__name__}: {e})"
+        ) from None
 
 
 class DataError(ValueError):
@@ -258,7 +288,9 @@ class TrainConfig:
     save_every_n_steps: int = _doc("write the LoRA file every N steps (0: only at the end)", 250)
     checkpoint_every_n_steps: int = _doc("write resumable training state every N steps (0: only at the end)", 250)
     log_every_n_steps: int = _doc("log metrics every N steps", 10)
-    resume: bool = _doc("continue from output_dir/checkpoints/last.ckpt when it exists", True)
+    resume: bool = _doc(
+        "continue from the newest checkpoint; false moves the old run aside into output_dir/previous-<time>/", True
+    )
     init_lora: str | None = _doc("start from this LoRA file (any readable layout) instead of zeros", None)
 
     def __post_init__(self) -> None:
@@ -269,7 +301,7 @@ class TrainConfig:
             raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        check_optimizer(self.optimizer)
+        check_optimizer(self.optimizer, self.optimizer_args, self.learning_rate)
         if not 0 <= self.min_lr_ratio < 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
         if self.lr_cycles < 1:

@@ -1,5 +1,5 @@
-"""Several processes through Lightning's own DDP strategy (gloo on the CPU): different samples per rank,
-identical adapters after every step, one cache fill."""
+"""Several processes through Lightning's own DDP strategy (gloo on the CPU), with an fp8 base and LoRA dropout:
+different samples per rank, identical adapters after every step, one cache fill, exact resume."""
 
 import json
 import os
@@ -7,32 +7,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 ROOT = Path(__file__).parents[1]
 
 
-def test_two_process_ddp(tmp_path, tiny_dev_dir):
-    out = tmp_path / "records"
-    out.mkdir()
+def _ddp(tmp_path: Path, model_dir: Path, records: Path, run: str, max_steps: int) -> None:
+    records.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
         str(ROOT / "tests/ddp_worker.py"),
-        str(out),
-        f"--model.source={tiny_dev_dir}",
-        f"--output_dir={tmp_path / 'run'}",
+        str(records),
+        f"--model.source={model_dir}",
+        f"--output_dir={tmp_path / run}",
         f"--data.cache_dir={tmp_path / 'cache'}",
         f"--data.source={ROOT / 'examples/data'}",
         "--train.accelerator=cpu",
         "--train.devices=2",
         "--train.strategy=ddp",
-        "--max_steps=3",
+        f"--max_steps={max_steps}",
         "--sample.prompts=[]",
         "--train.save_every_n_steps=0",
         "--train.checkpoint_every_n_steps=0",
+        "--train.lr_scheduler=constant",  # the same schedule for a run of 2 then 3 steps as for 3 straight
         "--data.batch_size=1",
+        "--quantize=float8_e4m3fn",
+        "--lora.dropout=0.2",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_process_ddp_fp8_with_exact_resume(tmp_path, tiny_dev_dir):
+    out = tmp_path / "records"
+    _ddp(tmp_path, tiny_dev_dir, out, "run", 3)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2 and r0["pid"] != r1["pid"]
     # each rank trains on its own samples...
@@ -46,3 +55,11 @@ def test_two_process_ddp(tmp_path, tiny_dev_dir):
     assert r1["loads"] == {"text": 0, "ae": 0}
     assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
     assert (tmp_path / "run" / "tiny.safetensors").is_file()
+
+    # 2 steps, then the same command with max_steps 3: each rank's dropout RNG comes back, so the LoRA is exact
+    _ddp(tmp_path, tiny_dev_dir, tmp_path / "records-b", "run-b", 2)
+    _ddp(tmp_path, tiny_dev_dir, tmp_path / "records-c", "run-b", 3)
+    resumed = json.loads((tmp_path / "records-c" / "rank0.json").read_text())
+    assert resumed["digests"] == r0["digests"][2:]
+    a, b = (load_file(tmp_path / run / "tiny.safetensors") for run in ("run", "run-b"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -84,6 +84,10 @@ def test_tiny_lora_learns_with_fp8_matmuls():
     p = PRESETS["tiny"]
     model = lora_dit(p)
     assert set_fp8_matmul(model) > 0
+    modulations = [
+        m for n, m in model.named_modules() if n.endswith(("_mod.lin.base_layer", "modulation.lin.base_layer"))
+    ]
+    assert modulations and not any(m.fp8_matmul for m in modulations)  # peft's wrapping does not hide them
     inputs = dit_inputs(p, lat_h=8, lat_w=8, txt_len=5, seed=0)
     target = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)

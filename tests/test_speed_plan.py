@@ -45,3 +45,33 @@ def test_yaml_values_parse():
     )
     assert (cfg.model.compile, cfg.model.fp8_matmul, cfg.model.selective_checkpointing) == ("auto", False, True)
     assert load_config(None, ["--model.compile", "false"]).model.compile is False
+
+
+def test_the_module_applies_the_plan():
+    """fp8 GEMMs on the token-path Linears and selective checkpoint wrappers, as FluxLoraModule builds the DiT."""
+    import torch
+
+    from flux_lora.config import LoraConfig, TrainConfig
+    from flux_lora.model.flux import PRESETS, Flux
+    from flux_lora.model.fp8 import FP8Linear, quantize_
+    from flux_lora.training.module import FluxLoraModule
+
+    def load(device: torch.device) -> Flux:
+        dit = Flux(PRESETS["tiny"])
+        quantize_(dit)
+        return dit.requires_grad_(False)
+
+    module = FluxLoraModule(
+        load,
+        LoraConfig(rank=2, alpha=2.0),
+        TrainConfig(),
+        gradient_checkpointing=True,
+        selective_checkpointing=True,
+        fp8_matmul=True,
+    )
+    module.configure_model()
+    switched = [n for n, m in module.dit.named_modules() if isinstance(m, FP8Linear) and m.fp8_matmul]
+    assert switched and all("_mod." not in n and "modulation" not in n for n in switched)
+    assert any(n.endswith("img_attn.qkv.base_layer") for n in switched)
+    wrapped = [m for m in module.dit.modules() if type(m).__name__ == "CheckpointWrapper"]
+    assert len(wrapped) == 4 and all("context_fn" in repr(m.checkpoint_fn.keywords) for m in wrapped)

@@ -130,10 +130,14 @@ def test_outputs_of_a_run(tmp_path, model_dir):
     lora = read_lora(lora_path, _params(model_dir))
     assert len(lora) == 2 * 10 + 2 * 3 and all(w.rank == 8 for w in lora.values())
     # checkpoints hold the adapters and the training state, not the frozen base
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    # the two newest step checkpoints, no last.ckpt (resume picks the newest loadable one by step)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step000002.ckpt", "step000004.ckpt"]
+    ckpt = torch.load(out / "checkpoints" / "step000004.ckpt", weights_only=True)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     assert ckpt["global_step"] == 4 and "optimizer_states" in ckpt and "rng_states" in ckpt
-    assert (out / "checkpoints" / "last.ckpt").stat().st_size < (model_dir / "flux1-dev.safetensors").stat().st_size
+    assert (out / "checkpoints" / "step000004.ckpt").stat().st_size < (
+        model_dir / "flux1-dev.safetensors"
+    ).stat().st_size
 
 
 def _params(model_dir):

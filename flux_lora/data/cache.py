@@ -20,6 +20,11 @@ Use: ``plan = plan_cache(...)`` (no encoder is loaded), ``fill_cache(plan, ...)`
 an entry it serves is missing, writes as it goes so an interrupted pass resumes, then releases it), and
 ``plan.refresh().complete``. ``fill_cache`` holds a file lock on the cache folder: when several processes (DDP
 ranks) call it together, one encodes and the others wait, then find everything cached and load nothing.
+
+Every entry carries a sha256 of its tensors in its header (``flux_lora.sha256``), verified when it is read.
+An entry that is empty, truncated, unreadable or fails its checksum counts as missing: it is named in a
+warning and encoded again. (Entries written before checksums existed are accepted if they read whole and hold
+only finite values.)
 """
 
 from __future__ import annotations
@@ -38,13 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flux_lora.atomic import save_safetensors_atomic
 from flux_lora.config import DataConfig
-from flux_lora.data.buckets import Crop, apply_crop, bucket_sizes, choose_bucket, image_crops
+from flux_lora.data.buckets import Crop, apply_crop, bucket_sizes, choose_bucket, cover_scale, image_crops
 from flux_lora.data.fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
 from flux_lora.data.scan import ScannedData
 from flux_lora.dtypes import dtype_from_name, dtype_name
@@ -136,11 +140,71 @@ class AutoEncoderSpec:
         )
 
 
+CHECKSUM_KEY = "flux_lora.sha256"
+# entry -> (inode, size, mtime) of the version that verified, or (inode, size, mtime, False) of one that failed
+_VERIFIED: dict[Path, tuple] = {}
+
+
+class CacheEntryError(RuntimeError):
+    """A cache entry that cannot be used (empty, truncated, unreadable, or its checksum does not match)."""
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of ``tensors`` (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_entry(path: Path) -> dict[str, Tensor]:
+    """The tensors of one cache entry, verified; :class:`CacheEntryError` naming the file otherwise."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+            # copied out of the file's memory map: a later rewrite of the file must not change them
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for empty or truncated files
+        raise CacheEntryError(f"cache entry {path} is unreadable ({type(e).__name__}: {e})") from None
+    if expected is None:  # written before checksums: accept only whole, finite values
+        if not all(bool(torch.isfinite(t.float()).all()) for t in tensors.values()):
+            raise CacheEntryError(f"cache entry {path} holds non-finite values")
+    elif tensors_sha256(tensors) != expected:
+        raise CacheEntryError(f"cache entry {path} fails its checksum (its bytes changed after it was written)")
+    return tensors
+
+
 class CacheStore:
-    """Paths, reads and atomic writes of cache entries under ``root``."""
+    """Paths, reads (verified) and atomic writes (checksummed) of cache entries under ``root``."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    @staticmethod
+    def usable(path: Path) -> bool:
+        """Whether the entry at ``path`` exists and verifies (checked once per file version and process); a bad
+        entry is named in a warning and counts as missing."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if _VERIFIED.get(path) == stamp:
+            return True
+        if _VERIFIED.get(path) == (*stamp, False):
+            return False
+        try:
+            read_entry(path)
+        except CacheEntryError as e:
+            log.warning("%s: encoding it again", e)
+            _VERIFIED[path] = (*stamp, False)
+            return False
+        _VERIFIED[path] = stamp
+        return True
 
     def text_path(self, key: str) -> Path:
         return self.root / "text" / key[:2] / f"{key}.safetensors"
@@ -148,20 +212,24 @@ class CacheStore:
     def latent_path(self, key: str) -> Path:
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
+    def _write(self, tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_safetensors_atomic(tensors, path, {**metadata, CHECKSUM_KEY: tensors_sha256(tensors)})
+
     def write_text(self, key: str, txt: Tensor, y: Tensor, caption: str) -> None:
-        save_safetensors_atomic({"txt": txt, "y": y}, self.text_path(key), {"caption": caption})
+        self._write({"txt": txt, "y": y}, self.text_path(key), {"caption": caption})
 
     def write_latent(self, key: str, latents: Tensor, name: str) -> None:
-        save_safetensors_atomic({"latents": latents}, self.latent_path(key), {"image": name})
+        self._write({"latents": latents}, self.latent_path(key), {"image": name})
 
     def read_text(self, key: str) -> tuple[Tensor, Tensor]:
-        """``(txt [L, d_t5], y [d_clip])``."""
-        entry = load_file(self.text_path(key))
+        """``(txt [L, d_t5], y [d_clip])``, verified."""
+        entry = read_entry(self.text_path(key))
         return entry["txt"], entry["y"]
 
     def read_latent(self, key: str) -> Tensor:
-        """``latents [z, h, w]``."""
-        return load_file(self.latent_path(key))["latents"]
+        """``latents [z, h, w]``, verified."""
+        return read_entry(self.latent_path(key))["latents"]
 
 
 @dataclass(frozen=True)
@@ -194,6 +262,7 @@ class CachePlan:
     missing_latents: list[LatentJob] = field(default_factory=list)
     records: list[int] = field(default_factory=list)
     repeats: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # sample i's image file (or dataset row) name
 
     @property
     def store(self) -> CacheStore:
@@ -206,11 +275,11 @@ class CachePlan:
     def refresh(self) -> CachePlan:
         """The same plan with ``missing_*`` recomputed from what is on disk now."""
         store = self.store
-        missing_text = [c for c, k in self.text_keys.items() if not store.text_path(k).is_file()]
+        missing_text = [c for c, k in self.text_keys.items() if not store.usable(store.text_path(k))]
         seen: set[str] = set()
         missing_latents = []
         for job in (j for jobs in self.variants for j in jobs):
-            if job.key not in seen and not store.latent_path(job.key).is_file():
+            if job.key not in seen and not store.usable(store.latent_path(job.key)):
                 missing_latents.append(job)
             seen.add(job.key)
         return replace(self, missing_text=missing_text, missing_latents=missing_latents)
@@ -222,12 +291,14 @@ def plan_cache(
     text_spec: TextEncoderSpec,
     ae_spec: AutoEncoderSpec,
     sample_prompts: Sequence[str] = (),
+    quiet: bool = False,
 ) -> CachePlan:
     """Buckets, crop variants and cache keys for every (record, resolution) sample, and what is missing. Loads
-    no encoder. Resolutions come from each record's dataset (``record.part`` of ``cfg.dataset_configs()``)."""
+    no encoder; ``quiet`` leaves out the summary lines (for a process that plans a second time). Resolutions
+    come from each record's dataset (``record.part`` of ``cfg.dataset_configs()``)."""
     datasets = cfg.dataset_configs()
     standard = {res: bucket_sizes(res, cfg.max_aspect, cfg.bucket_step) for res in cfg.all_resolutions}
-    records, buckets, variants, repeats = [], [], [], []
+    records, buckets, variants, repeats, resolutions = [], [], [], [], []
     for i, r in enumerate(data.records):
         for res in datasets[r.part].resolutions:
             bucket = choose_bucket(
@@ -246,6 +317,7 @@ def plan_cache(
             buckets.append(bucket)
             variants.append([LatentJob(i, p, ae_spec.key(r.image_hash, p)) for p in places])
             repeats.append(r.repeats)
+            resolutions.append(res)
     captions = [data.records[i].caption for i in records]
     text_keys = {c: text_spec.key(c) for c in dict.fromkeys(["", *captions, *sample_prompts])}
     plan = CachePlan(
@@ -258,8 +330,12 @@ def plan_cache(
         text_keys,
         records=records,
         repeats=repeats,
+        names=[data.records[i].name for i in records],
     )
     plan = plan.refresh()
+    if quiet:
+        return plan
+    _warn_poor_fits(data, plan, resolutions)
     log.info(
         "cache %s: %d of %d captions and %d of %d latents to encode",
         plan.root,
@@ -270,6 +346,26 @@ def plan_cache(
     )
     _log_buckets(data, plan, datasets)
     return plan
+
+
+def _warn_poor_fits(data: ScannedData, plan: CachePlan, resolutions: list[int]) -> None:
+    """Name the images that train as a handful of tokens (under 1/16 of the area of their resolution) or that
+    lose more than half of their area to the crop into their bucket."""
+    small, cropped = [], []
+    for i, (bw, bh), res in zip(plan.records, plan.buckets, resolutions, strict=True):
+        r = data.records[i]
+        if bw * bh * 16 < res * res:
+            small.append(f"{r.name} ({bw}x{bh}: {(bw // 16) * (bh // 16)} tokens)")
+        scale = cover_scale(r.width, r.height, (bw, bh))
+        kept = bw * bh / (r.width * r.height * scale * scale)
+        if kept < 0.5:
+            cropped.append(f"{r.name} ({kept:.0%} kept)")
+    if small:
+        log.warning("%d images train as only a few tokens: %s", len(small), small[:5])
+    if cropped:
+        log.warning(
+            "%d images lose most of their area to the crop (see data.max_aspect): %s", len(cropped), cropped[:5]
+        )
 
 
 def _log_buckets(data: ScannedData, plan: CachePlan, datasets: list[DataConfig]) -> None:

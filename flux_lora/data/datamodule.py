@@ -43,13 +43,21 @@ Sample = dict[str, Tensor | str]
 
 class CachedDataset(Dataset):
     """Cached training samples. ``dataset[(i, v)]`` is record ``i`` in its variant ``v`` (crop / flip), as a
-    dict: ``latents [z, h, w]``, ``txt [L, d_t5]``, ``y [d_clip]`` (tensors in the cached dtype) and
-    ``caption`` (str).
+    dict: ``latents [z, h, w]``, ``txt [L, d_t5]``, ``y [d_clip]`` (tensors in the cached dtype),
+    ``caption`` (str) and ``image`` (the image's file name, for error messages).
     A plain integer ``i`` means variant 0."""
 
-    def __init__(self, root: str | Path, latent_keys: list[list[str]], text_keys: list[str], captions: list[str]):
+    def __init__(
+        self,
+        root: str | Path,
+        latent_keys: list[list[str]],
+        text_keys: list[str],
+        captions: list[str],
+        names: list[str] | None = None,
+    ):
         self.root, self.latent_keys = Path(root), latent_keys
         self.text_keys, self.captions = text_keys, captions
+        self.names = names or [f"record {i}" for i in range(len(captions))]
 
     @classmethod
     def from_plan(cls, plan: CachePlan) -> CachedDataset:
@@ -63,6 +71,7 @@ class CachedDataset(Dataset):
             [[j.key for j in jobs] for jobs in plan.variants],
             [plan.text_keys[c] for c in plan.captions],
             list(plan.captions),
+            list(plan.names) or None,
         )
 
     def __len__(self) -> int:
@@ -73,17 +82,19 @@ class CachedDataset(Dataset):
         store = CacheStore(self.root)
         txt, y = store.read_text(self.text_keys[i])
         latents = store.read_latent(self.latent_keys[i][v])
-        return {"latents": latents, "txt": txt, "y": y, "caption": self.captions[i]}
+        return {"latents": latents, "txt": txt, "y": y, "caption": self.captions[i], "image": self.names[i]}
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
     """Stack one bucket's samples: ``latents [B, z, h, w]``, ``txt [B, L, d_t5]``, ``y [B, d_clip]``,
-    ``caption`` (list of B str). Raises if the latents differ in size (samples from different buckets)."""
+    ``caption`` and ``image`` (lists of B str). Raises if the latents differ in size (samples from different
+    buckets)."""
     shapes = {tuple(s["latents"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(f"a batch mixes latent sizes {sorted(shapes)}; batch with BucketBatchSampler")
     out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples]) for k in ("latents", "txt", "y")}
     out["caption"] = [s["caption"] for s in samples]
+    out["image"] = [str(s.get("image", "?")) for s in samples]
     return out
 
 
@@ -208,9 +219,9 @@ class FluxDataModule(L.LightningDataModule):
             self._scanned = scan_all(self.cfg)
         return self._scanned
 
-    def _plan(self) -> tuple[ScannedData, CachePlan]:
+    def _plan(self, quiet: bool = False) -> tuple[ScannedData, CachePlan]:
         data = self.scan()
-        return data, plan_cache(data, self.cfg, self.text_spec, self.ae_spec, self.sample_prompts)
+        return data, plan_cache(data, self.cfg, self.text_spec, self.ae_spec, self.sample_prompts, quiet=quiet)
 
     def _device(self) -> torch.device:
         if self.device is not None:
@@ -227,7 +238,7 @@ class FluxDataModule(L.LightningDataModule):
             )
 
     def setup(self, stage: str | None = None) -> None:
-        _, plan = self._plan()
+        _, plan = self._plan(quiet=True)  # planned once more: its summary was logged in prepare_data
         if not plan.complete:
             raise RuntimeError(
                 f"the cache {plan.root} is incomplete on this process after prepare_data; "

@@ -28,6 +28,8 @@ import io
 import json
 import logging
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -111,8 +113,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # ------------------------------------------------------------------------------------------ probing images
 
 
-def _probe(data: bytes, digest: str, probe_dir: Path | None) -> tuple[int, int] | str:
-    """``(width, height)`` after EXIF rotation, or the reason the image cannot be read; remembered by hash."""
+def _probe(data: bytes, digest: str, probe_dir: Path | None, name: str = "") -> tuple[int, int] | str:
+    """``(width, height)`` after EXIF rotation, or the reason the image cannot be read; remembered by hash.
+    Warnings pillow raises while decoding are logged with the image's ``name`` (pillow names only its buffer)."""
     memo = probe_dir / digest[:2] / f"{digest}.json" if probe_dir else None
     if memo is not None and memo.is_file():
         try:
@@ -121,8 +124,12 @@ def _probe(data: bytes, digest: str, probe_dir: Path | None) -> tuple[int, int] 
         except (ValueError, KeyError):
             pass  # a damaged memo: probe again and overwrite it
     try:
-        with decode(data) as image:
-            result: tuple[int, int] | str = image.size
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with decode(data) as image:
+                result: tuple[int, int] | str = image.size
+        for w in caught:
+            log.warning("%s: %s", name, re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image", str(w.message)))
         if min(result) < SIDE_MULTIPLE:
             result = f"smaller than {SIDE_MULTIPLE} px ({result[0]}x{result[1]})"
     except Exception as e:  # PIL raises many types for corrupt data
@@ -173,30 +180,64 @@ def kohya_folder(folder: Path, path: Path) -> tuple[int, str | None]:
 FolderItem = tuple[str, str | None, str, int, str | None]
 
 
-def _folder_items(folder: Path, cfg: DataConfig) -> list[FolderItem]:
+def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -> list[FolderItem]:
     """``(name, caption or None, path, kohya repeats, kohya class caption)`` per image in ``folder`` (hidden
-    folders and the cache excluded)."""
-    cache = Path(cfg.cache_dir).resolve()
-    items = []
+    folders, the cache and ``exclude``d folders left out). Files pillow could read in other formats, and
+    captions without an image, are named in a warning."""
+    skip = [Path(cfg.cache_dir).resolve(), *(Path(e).resolve() for e in exclude)]
+    items: list[FolderItem] = []
+    other_images: list[str] = []
+    captions: list[Path] = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if (
-            path.suffix.lower() not in IMAGE_EXTENSIONS
-            or not path.is_file()
-            or any(p.startswith(".") for p in rel.parts)
-            or cache in path.resolve().parents
-        ):
+        if not path.is_file() or any(p.startswith(".") for p in rel.parts):
             continue
-        caption_file = path.with_suffix(cfg.caption_extension)
-        caption = None
-        if caption_file.is_file():
-            try:
-                caption = caption_file.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"caption file {caption_file} is not UTF-8 text ({e})") from None
+        if any(s == path.resolve() or s in path.resolve().parents for s in skip):
+            continue
+        suffix = path.suffix.lower()
+        if suffix == cfg.caption_extension:
+            captions.append(path)
+        if suffix not in IMAGE_EXTENSIONS:
+            if suffix in _pillow_extensions() and suffix != cfg.caption_extension:
+                other_images.append(str(path))
+            continue
+        caption = _read_caption(path.with_suffix(cfg.caption_extension))
         items.append((str(path), caption, str(path), *kohya_folder(folder, path)))
     _log_kohya_folders(folder, items)
+    images = [item[2] for item in items] + other_images
+    _warn_unused(folder, other_images, captions, {Path(p).with_suffix("") for p in images})
     return items
+
+
+def _read_caption(caption_file: Path) -> str | None:
+    if not caption_file.is_file():
+        return None
+    try:
+        return caption_file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the caption
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption file {caption_file} is not UTF-8 text ({e})") from None
+
+
+def _pillow_extensions() -> set[str]:
+    """File suffixes pillow can open (not only write)."""
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _warn_unused(folder: Path, other_images: list[str], captions: list[Path], image_stems: set[Path]) -> None:
+    if other_images:
+        log.warning(
+            "not used as training images (format not in %s): %d files in %s, e.g. %s",
+            ", ".join(IMAGE_EXTENSIONS),
+            len(other_images),
+            folder,
+            ", ".join(other_images[:5]),
+        )
+    orphans = [str(c) for c in captions if c.with_suffix("") not in image_stems]
+    if orphans:
+        log.warning(
+            "%d caption files in %s have no image beside them: %s", len(orphans), folder, ", ".join(orphans[:5])
+        )
 
 
 def _log_kohya_folders(folder: Path, items: list[FolderItem]) -> None:
@@ -259,8 +300,9 @@ def source_kind(source: str) -> str:
     return "hub"
 
 
-def scan(cfg: DataConfig) -> ScannedData:
-    """Read every caption and check every image of ``cfg.source``; needs no model.
+def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
+    """Read every caption and check every image of ``cfg.source``; needs no model. Folders in ``exclude`` (the
+    run's output folder, when it lies inside the data) are not scanned.
 
     Raises:
         DataError: empty or unreadable source, missing column, missing captions (all named), no usable image.
@@ -272,7 +314,7 @@ def scan(cfg: DataConfig) -> ScannedData:
         raise DataError(f"data.source {cfg.source} is not a folder (an image folder or a dataset folder)")
     dataset = None
     if kind == "folder":
-        items = _folder_items(Path(cfg.source), cfg)
+        items = _folder_items(Path(cfg.source), cfg, exclude)
     else:
         dataset, items = _dataset_items(_load_datasets_source(cfg), cfg)
     probe_dir = Path(cfg.cache_dir) / "probe"
@@ -284,7 +326,7 @@ def scan(cfg: DataConfig) -> ScannedData:
             digest, probed = "", f"{type(e).__name__}: {e}"
         else:
             digest = hashlib.sha256(data).hexdigest()
-            probed = _probe(data, digest, probe_dir)
+            probed = _probe(data, digest, probe_dir, name)
         if isinstance(probed, str):
             log.warning("skipping %s: the image cannot be read (%s)", name, probed)
             skipped.append((name, probed))
@@ -313,13 +355,13 @@ def scan(cfg: DataConfig) -> ScannedData:
     return ScannedData(cfg.source, records, skipped, dataset, cfg.image_column)
 
 
-def scan_all(cfg: DataConfig) -> ScannedData:
+def scan_all(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
     """:func:`scan` of every dataset of ``cfg`` (``data.datasets``, or the single one), joined; each record's
     ``part`` says which dataset it came from."""
     configs = cfg.dataset_configs()
     if len(configs) == 1:
-        return scan(configs[0])
-    parts = [scan(c) for c in configs]
+        return scan(configs[0], exclude)
+    parts = [scan(c, exclude) for c in configs]
     records = [replace(r, part=i) for i, p in enumerate(parts) for r in p.records]
     skipped = [s for p in parts for s in p.skipped]
     return ScannedData(" + ".join(c.source for c in configs), records, skipped, parts=parts)

@@ -233,7 +233,9 @@ def set_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
     """Switch the token-path :class:`FP8Linear` layers of ``model`` to fp8 GEMMs (or back); returns how many."""
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, FP8Linear) and is_token_path(name.replace("_checkpoint_wrapped_module.", "")):
+        # the BFL path, also under checkpoint wrappers and peft (whose LoRA layer keeps the Linear as base_layer)
+        path = name.replace("_checkpoint_wrapped_module.", "").removesuffix(".base_layer")
+        if isinstance(module, FP8Linear) and is_token_path(path):
             module.fp8_matmul = enabled
             count += 1
     return count

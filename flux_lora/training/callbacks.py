@@ -13,10 +13,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flux_lora.atomic import save_torch_atomic, write_atomic
 from flux_lora.config import SAVE_DTYPES
+from flux_lora.data.cache import tensors_sha256
 from flux_lora.data.scan import ScannedData
 from flux_lora.dtypes import DTYPES
 from flux_lora.inference.pipeline import FluxPipeline
@@ -28,11 +30,20 @@ from flux_lora.training.optimizers import eval_weights
 log = logging.getLogger(__name__)
 
 
+ADAPTERS_SHA_KEY = "flux_lora_adapters_sha256"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written through a temporary file and a rename, and read back with
-    ``torch.load(weights_only=True)``: they only ever hold tensors and plain Python values."""
+    """Lightning checkpoints written through a unique temporary file and a rename, with a checksum of the
+    adapters, never with a non-finite adapter value; read back with ``torch.load(weights_only=True)``: they only
+    ever hold tensors and plain Python values."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        state = checkpoint["state_dict"]
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"refusing to write {path}: adapter weights {bad[:3]} hold non-finite values")
+        checkpoint[ADAPTERS_SHA_KEY] = tensors_sha256(state)
         save_torch_atomic(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
@@ -77,6 +88,43 @@ def _optimizer(trainer: L.Trainer) -> torch.optim.Optimizer | None:
     return trainer.optimizers[0] if trainer.optimizers else None
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """``<dir>/step<N>.ckpt`` every ``every_n_steps`` optimizer steps (0: none on the way) and always at the
+    last step of a fit, the two newest kept; a file of the same name is replaced, never suffixed ``-v1``."""
+
+    def __init__(self, dirpath: Path, every_n_steps: int):
+        super().__init__(
+            dirpath=dirpath,
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every_n_steps,
+            every_n_epochs=0,
+            save_last=False,
+            monitor="step",
+            mode="max",
+            save_top_k=2,
+            enable_version_counter=False,
+            save_on_train_epoch_end=False,
+        )
+
+    def _save_now(self, trainer: L.Trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        # the last step, or a stop requested in this one (signal): save here, while the loops' state is that of
+        # a step in progress; by on_train_end Lightning has closed the epoch and a resume would start the next one
+        if trainer.should_stop or trainer.global_step >= trainer.max_steps:
+            self._save_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_train_end(trainer, module)
+        self._save_now(trainer)
+
+
 def _due(trainer: L.Trainer, every: int, owner: Any) -> bool:
     """True once per optimizer step that is a multiple of ``every`` (not at the last step: the end hook runs)."""
     step = trainer.global_step
@@ -102,9 +150,12 @@ class SaveLora(L.Callback):
         if not trainer.is_global_zero:
             return
         with eval_weights(_optimizer(trainer) if as_trained else None):
+            weights = module.lora_weights()
+            if not all(bool(torch.isfinite(w.down).all() and torch.isfinite(w.up).all()) for w in weights.values()):
+                raise ValueError(f"refusing to write {path}: the adapters hold non-finite values")
             write_lora(
                 path,
-                module.lora_weights(),
+                weights,
                 module.dit.params,
                 layout="kohya",
                 metadata={**training_metadata(self.cfg, trainer.global_step), **self.extra_metadata},
@@ -130,7 +181,11 @@ class SaveLora(L.Callback):
                 self._prune()
 
     def on_train_end(self, trainer, module) -> None:
-        self.write(trainer, module, self.cfg.output_path / f"{self.cfg.name}.safetensors")
+        step = trainer.global_step
+        if step >= trainer.max_steps:
+            self.write(trainer, module, self.cfg.output_path / f"{self.cfg.name}.safetensors")
+        elif step > 0 and getattr(self, "_last", -1) != step:  # stopped early: this step's LoRA, not the final
+            self.write(trainer, module, self.cfg.output_path / "lora" / f"{self.cfg.name}-step{step:06d}.safetensors")
 
 
 class SampleImages(L.Callback):

@@ -27,7 +27,8 @@ def _trainable(module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
 
 
 class AdapterEma(L.Callback):
-    """The EMA of ``module``'s trainable parameters; ``saver`` writes ``<name>_ema.safetensors`` at the end."""
+    """The EMA of ``module``'s trainable parameters; ``saver`` writes ``<name>_ema.safetensors`` when training
+    completes (not when stopped early: resuming continues the EMA from the checkpoint)."""
 
     def __init__(self, cfg: EmaConfig, saver: SaveLora | None = None):
         self.cfg = cfg
@@ -79,7 +80,7 @@ class AdapterEma(L.Callback):
                     p.copy_(saved[k])
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self.saver is not None and self.shadow:
+        if self.saver is not None and self.shadow and trainer.global_step >= trainer.max_steps:
             with self.applied(module):
                 path = self.saver.cfg.output_path / f"{self.saver.cfg.name}_ema.safetensors"
                 self.saver.write(trainer, module, path, as_trained=False)

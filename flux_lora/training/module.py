@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from flux_lora.config import TrainConfig
@@ -22,10 +23,12 @@ from flux_lora.lora.peft_adapters import (
     inject_lora,
     load_lora_weights,
     lora_state_dict,
+    set_input_casting,
     trainable_parameters,
 )
 from flux_lora.lora.weight import LoraStateDict
 from flux_lora.model.flux import Flux, FluxParams
+from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 from flux_lora.training.loss import flow_matching_loss
@@ -45,7 +48,8 @@ class FluxLoraModule(L.LightningModule):
         empty_embedding: the empty-caption embedding (``txt [1, L, D]``, ``y [1, D]``) for caption dropout; by
             default taken from the trainer's data module (``empty_embedding()``) when dropout is on.
         initial_lora: reads LoRA weights to start from, given the model's params (continued training).
-        gradient_checkpointing, compile: memory and speed options applied to the blocks.
+        gradient_checkpointing, selective_checkpointing, compile, fp8_matmul: memory and speed options applied
+            to the blocks (see :mod:`flux_lora.training.speed`).
     """
 
     def __init__(
@@ -57,6 +61,8 @@ class FluxLoraModule(L.LightningModule):
         initial_lora: Callable[[FluxParams], LoraStateDict] | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        selective_checkpointing: bool = False,
+        fp8_matmul: bool = False,
     ):
         super().__init__()
         self.load_model = load_model
@@ -66,6 +72,8 @@ class FluxLoraModule(L.LightningModule):
         self.empty_embedding = empty_embedding
         self.gradient_checkpointing = gradient_checkpointing
         self.use_compile = compile
+        self.selective_checkpointing = selective_checkpointing
+        self.fp8_matmul = fp8_matmul
         self.dit: Flux | None = None
         self.strict_loading = False  # checkpoints hold only the adapters, not the frozen base
 
@@ -76,11 +84,20 @@ class FluxLoraModule(L.LightningModule):
         inject_lora(dit, self.lora_cfg)
         if self.initial_lora is not None:
             load_lora_weights(dit, self.initial_lora(dit.params))
+        if self.fp8_matmul:
+            set_fp8_matmul(dit)
+        if self._trainer is not None and self.trainer.precision in ("bf16-mixed", "16-mixed"):
+            set_input_casting(dit, False)  # autocast casts the LoRA matmuls itself: bit-identical, less traffic
         if self.gradient_checkpointing:
-            enable_gradient_checkpointing(dit)
+            enable_gradient_checkpointing(dit, selective=self.selective_checkpointing)
         if self.use_compile:
             compile_blocks(dit)
         self.dit = dit.train()  # loaders return eval mode; LoRA dropout needs train mode
+        # DDP must not broadcast the frozen base: every rank loaded it already (~12 GB at full size), and gloo
+        # cannot broadcast float8 at all ("Invalid scalar type")
+        self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if not p.requires_grad] + [
+            n for n, _ in self.named_buffers()
+        ]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -128,11 +145,7 @@ class FluxLoraModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint["rng_states"] = {"per_rank": _gather_rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trainable = self._trainable_keys()
@@ -144,7 +157,30 @@ class FluxLoraModule(L.LightningModule):
             )
         rng = checkpoint.get("rng_states")
         if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            per_rank = rng.get("per_rank", [rng])  # checkpoints from before per-rank states hold one
+            _set_rng_state(per_rank[self.global_rank] if self.global_rank < len(per_rank) else per_rank[0])
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, by rank (LoRA dropout draws differ per rank, so each must get its own back)."""
+    state = _rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

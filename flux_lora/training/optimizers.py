@@ -15,19 +15,14 @@ from typing import Any
 
 import torch
 
-from flux_lora.config import OPTIMIZERS, TrainConfig
+from flux_lora.config import OPTIMIZER_DEFAULT_ARGS, TrainConfig, optimizer_path
 
 log = logging.getLogger(__name__)
-
-# Arguments a named optimizer needs to honour an explicit learning rate; optimizer_args override them.
-DEFAULT_ARGS: dict[str, dict[str, Any]] = {
-    "adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
-}
 
 
 def import_class(name: str) -> type:
     """The optimizer class of a ``train.optimizer`` name (``adamw``, ``prodigy``, ...) or import path."""
-    path = OPTIMIZERS[name.lower()][0] if name.lower() in OPTIMIZERS else name
+    path = optimizer_path(name)
     module, _, attr = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), attr)
@@ -40,7 +35,7 @@ def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> t
     name = cfg.optimizer.lower()
     if name == "prodigy" and cfg.learning_rate != 1.0:
         log.warning("prodigy adapts its own step size: train.learning_rate 1.0 is advised, got %s", cfg.learning_rate)
-    args = {**DEFAULT_ARGS.get(name, {}), **cfg.optimizer_args}
+    args = {**OPTIMIZER_DEFAULT_ARGS.get(name, {}), **cfg.optimizer_args}
     optimizer = import_class(cfg.optimizer)(params, lr=cfg.learning_rate, **args)
     if is_schedule_free(optimizer):
         optimizer.train()

@@ -1,35 +1,59 @@
-"""One training run: config -> data check -> model files -> cache (then encoders released) -> LoRA training.
+"""One training run: config -> data check -> resume check -> model files -> cache (then encoders released) ->
+LoRA training.
 
-``run(cfg)`` is what ``train.py`` calls. Order matters for memory: the data is scanned before any model is
-loaded (bad input fails in seconds), the Lightning data module fills the embedding/latent cache and releases the
-encoders in ``prepare_data``, and the DiT is built only afterwards, in the module's ``configure_model``.
+``run(cfg)`` is what ``train.py`` calls. Order matters for memory and for errors: the data is scanned and the
+output folder's previous run compared with this one before any model is loaded (bad input or changed settings
+fail in seconds), the Lightning data module fills the embedding/latent cache and releases the encoders in
+``prepare_data``, and the DiT is built only afterwards, in the module's ``configure_model``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
+from dataclasses import astuple
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from flux_lora.config import ExperimentConfig, save_config
 from flux_lora.data.datamodule import FluxDataModule
-from flux_lora.data.scan import apply_trigger, scan_all
+from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
 from flux_lora.model.flux import Flux
-from flux_lora.training.callbacks import AtomicCheckpointIO, SampleImages, SaveLora, dataset_metadata
+from flux_lora.training.callbacks import (
+    AtomicCheckpointIO,
+    SampleImages,
+    SaveLora,
+    StepCheckpoint,
+    dataset_metadata,
+)
+from flux_lora.training.console import StepProgress, Summaries
 from flux_lora.training.ema import AdapterEma
+from flux_lora.training.guards import FiniteGuard, StopOnSignal, StoppedBySignal
 from flux_lora.training.module import FluxLoraModule
+from flux_lora.training.resume import (
+    RunRecord,
+    clean_stale_temps,
+    compare,
+    find_checkpoint,
+    move_aside,
+    output_lock,
+    run_identity,
+)
+from flux_lora.training.speed import plan_speed
 from flux_lora.weights import hub
 from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
 from flux_lora.weights.tiny import write_tiny_model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def compute_dtype(cfg: ExperimentConfig, accelerator: str) -> torch.dtype:
@@ -61,15 +85,20 @@ def fetch_model_folder(cfg: ExperimentConfig) -> Path:
     )
 
 
-def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
-    """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan."""
-    scanned = scan_all(cfg.data)  # bad data fails here, before any model is touched
+def build(
+    cfg: ExperimentConfig, scanned: ScannedData | None = None
+) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
+    """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan (``scanned``, or done here)."""
+    scanned = scanned or scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model
     prompts = sample_prompts(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
     accelerator = resolve_accelerator(cfg)
     dtype = compute_dtype(cfg, accelerator)
+    cuda = accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    speed = plan_speed(cfg.model, torch.cuda.get_device_capability(0) if cuda else None)
+    log.info("speed: compile %s, fp8 GEMMs %s, selective checkpointing %s", *astuple(speed))
     out = cfg.output_path
 
     datamodule = FluxDataModule.from_model_folder(
@@ -82,25 +111,23 @@ def build(cfg: ExperimentConfig) -> tuple[L.Trainer, FluxLoraModule, FluxDataMod
         cfg.train,
         initial_lora=initial,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
-        compile=cfg.model.compile,
+        compile=speed.compile,
+        selective_checkpointing=speed.selective_checkpointing,
+        fp8_matmul=speed.fp8_matmul,
     )
     metadata = dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()])
     saver = SaveLora(cfg, cfg.train.save_every_n_steps, metadata)
     ema = AdapterEma(cfg.ema, saver) if cfg.ema.enabled else None
     callbacks: list[L.Callback] = [
         *([ema] if ema else []),  # first: a step's samples and checkpoint see its EMA update
-        # last.ckpt plus the two newest periodic checkpoints (each holds adapters and optimizer state)
-        ModelCheckpoint(
-            dirpath=out / "checkpoints",
-            filename="step{step:06d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=cfg.train.checkpoint_every_n_steps or None,
-            save_last=True,
-            monitor="step",
-            mode="max",
-            save_top_k=2,
-        ),
+        # the two newest step checkpoints, the last step always among them (adapters and optimizer state)
+        StepCheckpoint(out / "checkpoints", cfg.train.checkpoint_every_n_steps),
         saver,
+        RunRecord(run_identity(cfg, scanned)),
+        FiniteGuard(),
+        StopOnSignal(),
+        StepProgress(every_n_steps=cfg.train.log_every_n_steps),
+        Summaries(cfg),
     ]
     if cfg.sample.prompts:
         callbacks.append(
@@ -178,17 +205,78 @@ def _logger(out: Path, name: str):
 
 
 def last_checkpoint(cfg: ExperimentConfig) -> Path | None:
-    path = cfg.output_path / "checkpoints" / "last.ckpt"
-    return path if cfg.train.resume and path.is_file() else None
+    """The checkpoint to resume from: the loadable one with the highest step (None with ``train.resume`` off)."""
+    found = find_checkpoint(cfg.output_path / "checkpoints") if cfg.train.resume else None
+    return found.path if found else None
 
 
-def run(cfg: ExperimentConfig) -> Path:
-    """Train, and return the path of the final LoRA file."""
-    trainer, module, datamodule = build(cfg)
-    if trainer.is_global_zero:
-        save_config(cfg, cfg.output_path / "config.yaml")
-    ckpt = last_checkpoint(cfg)
-    if ckpt:
-        log.info("resuming from %s", ckpt)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+def _first_process() -> bool:
+    """True in the process that starts a run (DDP's launcher re-runs the script with LOCAL_RANK set)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def _prepare_output(cfg: ExperimentConfig, scanned: ScannedData) -> tuple[Path | None, int | None]:
+    """Move the old run aside or check that it is this one; ``(checkpoint to resume, step it finished at)``."""
+    if not cfg.train.resume:
+        if _first_process():
+            move_aside(cfg)
+        return None, None
+    found = find_checkpoint(cfg.output_path / "checkpoints")
+    if found is None:
+        return None, None
+    compare(found, run_identity(cfg, scanned), cfg)
+    return found.path, found.step if found.step >= cfg.train.max_steps else None
+
+
+def run(cfg: ExperimentConfig) -> Path | None:
+    """Train, and return the path of the final LoRA file (None when the run had already finished).
+
+    Raises :class:`~flux_lora.training.guards.StoppedBySignal` after a clean stop on SIGTERM/SIGINT,
+    :class:`~flux_lora.training.resume.RunMismatchError` when the output folder holds another run."""
+    scanned = scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
+    lock = output_lock(cfg.output_path) if _first_process() else contextlib.nullcontext()
+    with lock:
+        if _first_process():
+            clean_stale_temps(cfg.output_path)
+        ckpt, finished = _prepare_output(cfg, scanned)
+        if finished is not None:
+            log.info("%s already finished at step %d, nothing trained", cfg.output_dir, finished)
+            return None
+        if _first_process():
+            save_config(cfg, cfg.output_path / "config.yaml")
+        trainer, module, datamodule = build(cfg, scanned)
+        if ckpt:
+            log.info("resuming from %s", ckpt)
+        started = time.monotonic()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        if trainer.is_global_zero:
+            log.info("%s", end_summary(trainer, time.monotonic() - started))
+        stop = _callback(trainer, StopOnSignal)
+        if stop.signum is not None and trainer.global_step < cfg.train.max_steps:
+            raise StoppedBySignal(stop.signum, trainer.global_step)
     return cfg.output_path / f"{cfg.name}.safetensors"
+
+
+def _callbacks(trainer: L.Trainer) -> list[L.Callback]:
+    return list(getattr(trainer, "callbacks", []))
+
+
+def _callback(trainer: L.Trainer, kind: type[T]) -> T:
+    return next(c for c in _callbacks(trainer) if isinstance(c, kind))
+
+
+def end_summary(trainer: L.Trainer, seconds: float) -> str:
+    """Steps trained in this run, wall time, loss at its start and end, files written."""
+    progress = _callback(trainer, StepProgress)
+    written = [str(p) for p in _callback(trainer, SaveLora).written]
+    written += [c.best_model_path for c in _callbacks(trainer) if isinstance(c, StepCheckpoint) and c.best_model_path]
+    samples = [c for c in _callbacks(trainer) if isinstance(c, SampleImages)]
+    pngs = len(samples[0].written) if samples else 0
+    steps = trainer.global_step - progress.start_step
+    first = f"{progress.first_loss:.4f}" if progress.first_loss is not None else "-"
+    last = f"{progress.smoothed:.4f}" if progress.smoothed is not None else "-"
+    files = ", ".join(written) or "none"
+    return (
+        f"trained {steps} steps in this run (to step {trainer.global_step}) in {seconds:.0f} s; loss {first} at the "
+        f"start, {last} (smoothed) at the end; wrote {files}" + (f" and {pngs} sample images" if pngs else "")
+    )

@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,11 +162,45 @@ def random_autoencoder(params: AutoEncoderParams, seed: int) -> AutoEncoder:
 def write_tiny_model(
     out: str | Path, variant: str = "dev", seed: int = DEFAULT_SEED, params: FluxParams | None = None
 ) -> Path:
-    """Write the tiny model folder and return its path."""
+    """Write the tiny model folder and return its path.
+
+    The folder is written under a temporary name and renamed into place, so an interrupted write never leaves
+    a partial model that later runs would take for a complete one. (Into an existing, non-empty folder, each
+    file or subfolder is replaced atomically instead.)"""
     if variant not in ("dev", "schnell"):
         raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _write_tiny_model(tmp, variant, seed, params)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote tiny %s model to %s", variant, out)
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError:  # another process renamed its copy first: the same model, keep that one
+            if out.is_dir() and any(out.iterdir()):
+                return
+            raise
+    for entry in tmp.iterdir():
+        target = out / entry.name
+        if target.is_dir() and entry.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+
+
+def _write_tiny_model(out: Path, variant: str, seed: int, params: FluxParams | None) -> None:
+    out.mkdir(parents=True)
     params = params or PRESETS["tiny" if variant == "dev" else "tiny-schnell"]
     dit = random_flux(params, seed)
     save_safetensors_atomic(
@@ -181,8 +218,6 @@ def write_tiny_model(
         f"Tiny FLUX.1-{variant}-shaped model with random weights (seed {seed}), written by flux_lora.weights.tiny.\n"
         "For tests and offline demos only: it produces noise, not pictures.\n"
     )
-    log.info("wrote tiny %s model to %s", variant, out)
-    return out
 
 
 def tiny_controlnet_params(

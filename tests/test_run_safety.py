@@ -1,0 +1,148 @@
+"""A run never reports work it did not do: NaN stops it, resume picks the right state or refuses, before any
+model loads."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from flux_lora.config import load_config
+from flux_lora.data.cache import CacheStore
+from flux_lora.training import run as run_module
+from flux_lora.training.callbacks import ADAPTERS_SHA_KEY
+from flux_lora.training.guards import NonFiniteLossError
+from flux_lora.training.resume import RunMismatchError, find_checkpoint
+from flux_lora.training.run import run
+
+ROOT = Path(__file__).parents[1]
+
+
+def cfg_for(tmp_path: Path, model_dir: Path, *overrides: str, data: Path | None = None):
+    return load_config(
+        ROOT / "configs/tiny.yaml",
+        [
+            f"--model.source={model_dir}",
+            f"--output_dir={tmp_path / 'run'}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--data.source={data or ROOT / 'examples/data'}",
+            "--sample.prompts=[]",
+            "--train.accelerator=cpu",
+            "--train.devices=1",
+            "--train.save_every_n_steps=0",
+            "--train.checkpoint_every_n_steps=0",
+            "--model.gradient_checkpointing=false",
+            *overrides,
+        ],
+    )
+
+
+def _all_finite(path: Path) -> bool:
+    if path.suffix == ".ckpt":
+        tensors = torch.load(path, weights_only=True)["state_dict"].values()
+    else:
+        tensors = load_file(path).values()
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def test_nan_loss_stops_the_run_naming_images_and_captions(tmp_path, tiny_dev_dir):
+    cfg = cfg_for(tmp_path, tiny_dev_dir, "--max_steps=1", "--output_dir", str(tmp_path / "fill"))
+    run(cfg)  # fills the cache
+    store = CacheStore(cfg.data.cache_dir)
+    for path in (Path(cfg.data.cache_dir) / "latents").rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            name, latents = f.metadata()["image"], f.get_tensor("latents")
+        if name.endswith("green_triangle.png"):  # an encoder that overflowed: NaN, with a valid checksum
+            store.write_latent(path.stem, torch.full_like(latents, float("nan")), name)
+    cfg = cfg_for(
+        tmp_path, tiny_dev_dir, "--max_steps=8", "--train.save_every_n_steps=1", "--train.checkpoint_every_n_steps=1"
+    )
+    with pytest.raises(NonFiniteLossError) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "green_triangle.png" in message and "a green triangle" in message and "at step " in message
+    out = cfg.output_path
+    assert not (out / "tiny.safetensors").exists()
+    written = [*(out / "checkpoints").glob("*.ckpt"), *(out / "lora").glob("*.safetensors")]
+    assert all(_all_finite(p) for p in written)
+
+
+def test_changed_settings_stop_before_any_model_loads(tmp_path, tiny_dev_dir, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "examples/data", data)
+    assert run(cfg_for(tmp_path, tiny_dev_dir, "--max_steps=2", data=data)) is not None
+    config_yaml = (tmp_path / "run" / "config.yaml").read_text()
+
+    def no_model(cfg):
+        raise AssertionError("a model was fetched or loaded")
+
+    monkeypatch.setattr(run_module, "fetch_model_folder", no_model)
+    for override, key in [
+        ("--train.learning_rate=1.0e-3", "train.learning_rate (0.003 -> 0.001)"),
+        ("--lora.rank=4", "lora.rank (8 -> 4)"),
+    ]:
+        with pytest.raises(RunMismatchError, match=r"--train.resume false") as err:
+            run(cfg_for(tmp_path, tiny_dev_dir, "--max_steps=4", override, data=data))
+        assert key in str(err.value)
+    (data / "red_circle.txt").write_text("a red circle, edited")
+    with pytest.raises(RunMismatchError, match=r"data.images"):
+        run(cfg_for(tmp_path, tiny_dev_dir, "--max_steps=4", data=data))
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_yaml  # written only after the checks
+
+
+def test_finished_run_trains_nothing_and_more_steps_continue(tmp_path, tiny_dev_dir, caplog):
+    cfg = cfg_for(tmp_path, tiny_dev_dir, "--max_steps=2")
+    run(cfg)
+    lora = cfg.output_path / "tiny.safetensors"
+    before = lora.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        assert run(cfg) is None
+    assert "already finished at step 2, nothing trained" in caplog.text
+    assert lora.stat().st_mtime_ns == before
+    # more steps is a safe change; checkpoint_every_n_steps 0 checkpoints only at the end
+    run(cfg_for(tmp_path, tiny_dev_dir, "--max_steps=3"))
+    assert sorted(p.name for p in (cfg.output_path / "checkpoints").iterdir()) == [
+        "step000002.ckpt",
+        "step000003.ckpt",
+    ]
+
+
+def test_resume_false_twice_then_a_plain_rerun_continues_the_newest(tmp_path, tiny_dev_dir):
+    def lr(value: str, *more: str):
+        return cfg_for(tmp_path, tiny_dev_dir, f"--train.learning_rate={value}", *more)
+
+    run(lr("1.0e-3", "--max_steps=1"))
+    run(lr("2.0e-3", "--max_steps=1", "--train.resume=false"))
+    run(lr("3.0e-3", "--max_steps=1", "--train.resume=false"))
+    out = tmp_path / "run"
+    moved = sorted(out.glob("previous-*"))
+    assert len(moved) == 2 and all((m / "checkpoints").is_dir() and (m / "tiny.safetensors").is_file() for m in moved)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step000001.ckpt"]
+    run(lr("3.0e-3", "--max_steps=2"))  # the plain rerun continues the newest experiment...
+    assert find_checkpoint(out / "checkpoints").step == 2
+    with pytest.raises(RunMismatchError, match="train.learning_rate"):  # ...and no older one
+        run(lr("2.0e-3", "--max_steps=3"))
+
+
+def test_resume_picks_the_newest_loadable_checkpoint(tmp_path, caplog):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    state = {"lora_A": torch.ones(2, 2)}
+    for step in (2, 4, 6, 8):
+        torch.save({"global_step": step, "state_dict": state}, folder / f"step{step:06d}.ckpt")
+    torch.save({"global_step": 1, "state_dict": state}, folder / "last.ckpt")
+    raw = (folder / "step000004.ckpt").read_bytes()
+    (folder / "step000004.ckpt").write_bytes(raw[: len(raw) // 2])  # truncated
+    (folder / "step000006.ckpt").write_bytes(b"")  # zero bytes
+    # adapters changed after writing: fails its checksum
+    torch.save({"global_step": 8, "state_dict": state, ADAPTERS_SHA_KEY: "0" * 64}, folder / "step000008.ckpt")
+    with caplog.at_level(logging.WARNING):
+        found = find_checkpoint(folder)
+    assert found.step == 2 and found.path.name == "step000002.ckpt"
+    for name in ("step000004.ckpt", "step000006.ckpt", "step000008.ckpt"):
+        assert str(folder / name) in caplog.text
