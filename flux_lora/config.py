@@ -70,7 +70,8 @@ def check_optimizer(name: str, args: dict, lr: float) -> None:
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise ValueError(f"train.optimizer_args must be a mapping of argument names to values, got {args!r}")
     try:
-        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **{**OPTIMIZER_DEFAULT_ARGS.get(name.lower(), {}), **args})
+        kwargs = {**OPTIMIZER_DEFAULT_ARGS.get(name.lower(), {}), **args}
+        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **kwargs)  # type: ignore[call-arg]
     except Exception as e:  # TypeError (unknown argument), ValueError, IndexError (betas: [0.9]), ...
         raise ValueError(
             f"train.optimizer_args {args!r} are not accepted by {path} ({type(e).__name__}: {e})"
@@ -139,6 +140,11 @@ class DataConfig:
     seed: int = _doc("seeds shuffling and the choice of random crops", 0)
     cache_dir: str = _doc("folder of the content-keyed latent and embedding cache", ".cache/flux-lora")
     encode_batch_size: int = _doc("images or captions per encoder call while filling the cache", 4)
+    masks: str | None = _doc(
+        "loss masks: alpha (each image's alpha channel) or a folder of greyscale masks named as the images "
+        "(white trains, black is ignored); null: none",
+        None,
+    )
 
     @property
     def resolutions(self) -> list[int]:
@@ -165,6 +171,8 @@ class DataConfig:
             raise bad("caption_extension", "a suffix starting with '.'")
         if not self.cache_dir:
             raise bad("cache_dir", "a folder path")
+        if self.masks and self.masks != "alpha" and not Path(self.masks).is_dir():
+            raise bad("masks", "alpha or an existing folder of masks")
         self.dataset_configs()  # each entry of datasets, completed, must be valid too
 
     def dataset_configs(self) -> list[DataConfig]:
