@@ -296,6 +296,10 @@ class TrainConfig:
     save_every_n_steps: int = _doc("write the LoRA file every N steps (0: only at the end)", 250)
     checkpoint_every_n_steps: int = _doc("write resumable training state every N steps (0: only at the end)", 250)
     log_every_n_steps: int = _doc("log metrics every N steps", 10)
+    logger: Literal["tensorboard", "wandb", "csv"] = _doc(
+        "where metrics go: tensorboard (CSV when it is not installed), wandb (WANDB_MODE=offline works), csv",
+        "tensorboard",
+    )
     resume: bool = _doc(
         "continue from the newest checkpoint; false moves the old run aside into output_dir/previous-<time>/", True
     )
@@ -314,6 +318,8 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
         if self.lr_cycles < 1:
             raise ValueError(f"train.lr_cycles must be >= 1, got {self.lr_cycles}")
+        if self.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ValueError("train.logger wandb needs the wandb package: pip install wandb")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from flux_lora.training.callbacks import (
 from flux_lora.training.console import StepProgress, Summaries
 from flux_lora.training.ema import AdapterEma
 from flux_lora.training.guards import FiniteGuard, StopOnSignal, StoppedBySignal
+from flux_lora.training.metrics import TrainingMetrics, make_logger
 from flux_lora.training.module import FluxLoraModule
 from flux_lora.training.resume import (
     RunRecord,
@@ -128,6 +129,7 @@ def build(
         StopOnSignal(),
         StepProgress(every_n_steps=cfg.train.log_every_n_steps),
         Summaries(cfg),
+        TrainingMetrics(),
     ]
     if cfg.sample.prompts:
         callbacks.append(
@@ -154,7 +156,7 @@ def build(
         log_every_n_steps=cfg.train.log_every_n_steps,
         default_root_dir=out,
         callbacks=callbacks,
-        logger=_logger(out, cfg.name),
+        logger=make_logger(cfg.train.logger, out, cfg.name),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
@@ -189,19 +191,6 @@ def _devices(value: str) -> int | str | list[int]:
     if "," in value:
         return [int(v) for v in value.split(",") if v]
     return int(value) if value.lstrip("-").isdigit() else value
-
-
-def _logger(out: Path, name: str):
-    try:
-        import tensorboard  # noqa: F401
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(out, name="logs", version="")
-    except ImportError:
-        from lightning.pytorch.loggers import CSVLogger
-
-        log.info("tensorboard is not installed: logging to CSV")
-        return CSVLogger(out, name="logs", version="")
 
 
 def last_checkpoint(cfg: ExperimentConfig) -> Path | None:
