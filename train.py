@@ -1,70 +1,17 @@
 """Train a FLUX.1 LoRA: ``python train.py --config configs/<experiment>.yaml [--section.field value ...]``.
 
-Any config field can be overridden, by dotted path (``--train.learning_rate 5e-5``) or, where unambiguous, by its
-name (``--quantize float8_e4m3fn``, ``--max_steps 200``). List fields take JSON/YAML list syntax or repeated flags
-(``--sample.prompts "a cat, sitting" --sample.prompts "a dog"``); text is never split on commas. ``--help`` lists
-every field; ``--print-config`` prints the resolved configuration and exits. See README.md and configs/.
+A thin wrapper around :mod:`flux_lora.cli.train` (installed as the ``flux-lora-train`` command); ``--help`` lists
+every config field.
 """
 
-import argparse
-import logging
 import sys
+from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this checkout's package, even if another is installed
 
-from flux_lora import config_io
-from flux_lora.config import DataError, ExperimentConfig, load_config
-from flux_lora.config_io import ConfigError
-from flux_lora.weights.hub import ModelNotFoundError
+from flux_lora.cli.train import main, parser  # noqa: E402
 
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="config fields (each also --field when the name is unique):\n" + config_io.help_text(ExperimentConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", help="experiment YAML (configs/*.yaml); a run's own config.yaml reproduces it")
-    p.add_argument("--print-config", action="store_true", help="print the fully resolved YAML and exit")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parser().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Lightning adds its own console handlers on import: with ours, every Lightning line printed twice
-    import lightning  # noqa: F401
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
-    from flux_lora.training.console import quiet_third_party
-
-    quiet_third_party()
-    log = logging.getLogger("train")
-    try:
-        cfg = load_config(args.config, overrides)
-        if args.print_config:
-            sys.stdout.write(yaml.safe_dump(config_io.to_dict(cfg), sort_keys=False))
-            return 0
-        from flux_lora.training.guards import NonFiniteLossError, StoppedBySignal
-        from flux_lora.training.run import run
-
-        try:
-            lora = run(cfg)
-        except StoppedBySignal as e:
-            log.warning("%s", e)
-            return e.exit_code
-        except NonFiniteLossError as e:
-            log.error("%s", e)
-            return 1
-    except (ConfigError, DataError, ModelNotFoundError) as e:
-        log.error("%s", e)
-        return 2
-    if lora is not None:
-        log.info("LoRA written to %s", lora)
-    return 0
-
+__all__ = ["main", "parser"]
 
 if __name__ == "__main__":
     sys.exit(main())

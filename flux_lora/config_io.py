@@ -151,7 +151,7 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, list[str]]:
     by_name: dict[str, list[str]] = {}
     for p in paths:
         by_name.setdefault(p.rsplit(".", 1)[-1], []).append(p)
-    out: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
     i = 0
     while i < len(args):
         arg = args[i]

@@ -26,11 +26,7 @@ from flux_lora.data.buckets import (
 from flux_lora.data.datamodule import collate
 from flux_lora.data.scan import scan
 
-
-def write_image(path: Path, size: tuple[int, int], colour=(200, 40, 40)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-    return path
+from helpers.cache import write_image
 
 
 def image_folder(root: Path, n: int = 3) -> Path:

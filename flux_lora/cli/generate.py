@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
+from flux_lora.dtypes import DTYPES, QUANTIZE_VALUES, Quantize
 from flux_lora.inference.control import ControlNetUnit
 from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
 from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
@@ -64,7 +65,6 @@ from flux_lora.weights.loading import flux_params
 from flux_lora.weights.safetensors_io import read_keys
 
 log = logging.getLogger("flux_lora.generate")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def split_scale(spec: str) -> tuple[str, float]:
@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fused: added into the weights (on an fp8 DiT re-quantized, which is not exact)",
     )
     p.add_argument("--allow-partial", action="store_true", help="apply LoRAs even when some keys cannot be applied")
-    p.add_argument("--quantize", choices=["float8_e4m3fn"], default=None, help="store the DiT and ControlNets in fp8")
+    p.add_argument("--quantize", choices=QUANTIZE_VALUES, default=None, help="store the DiT and ControlNets in fp8")
     p.set_defaults(controlnets=[])
     cn = p.add_argument_group("ControlNets (options after a --controlnet apply to it)")
     cn.add_argument("--controlnet", action=ControlNetOption, metavar="ID_OR_PATH[:SCALE]")
@@ -201,7 +201,7 @@ def seed_list(seeds: list[int] | None, num_images: int | None) -> list[int]:
 
 
 def load_controlnets(
-    pipe: FluxPipeline, specs: list[dict], images: dict[Path, Image.Image], quantize: str | None
+    pipe: FluxPipeline, specs: list[dict], images: dict[Path, Image.Image], quantize: Quantize | None
 ) -> list[ControlNetUnit]:
     """The ControlNets of the command line (each loaded once, however often it is named) with their inputs."""
     models, units = {}, []

@@ -249,6 +249,31 @@ def _log_kohya_folders(folder: Path, items: list[FolderItem]) -> None:
         log.info("kohya folder %s/%s: %d images x %d repeats", folder, sub, n, repeats)
 
 
+def _warn_unlisted(folder: Path, listed: list[str | None], exclude: Sequence[Path]) -> None:
+    """Name the images in an image folder that its metadata file does not list (they are not trained on)."""
+    known = {Path(p).resolve() for p in listed if p}
+    skip = [Path(e).resolve() for e in exclude]
+    unlisted = sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.resolve() not in known
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not any(p.resolve().is_relative_to(s) for s in skip)
+    )
+    if unlisted:
+        metadata = next(m for m in METADATA_FILES if (folder / m).is_file())
+        more = f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else ""
+        log.warning(
+            "%d images in %s are not listed in %s and are not trained on: %s%s",
+            len(unlisted),
+            folder,
+            metadata,
+            ", ".join(unlisted[:5]),
+            more,
+        )
+
+
 def _load_datasets_source(cfg: DataConfig):
     import datasets
 
@@ -317,6 +342,8 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
         items = _folder_items(Path(cfg.source), cfg, exclude)
     else:
         dataset, items = _dataset_items(_load_datasets_source(cfg), cfg)
+        if kind == "imagefolder":
+            _warn_unlisted(Path(cfg.source), [_cell_path(ref) for _, _, ref, _, _ in items], exclude)
     probe_dir = Path(cfg.cache_dir) / "probe"
     records, skipped, missing = [], [], []
     for row, (name, caption, ref, kohya_repeats, class_caption) in enumerate(items):

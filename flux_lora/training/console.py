@@ -132,8 +132,22 @@ def start_summary(cfg, trainer: L.Trainer, module: L.LightningModule, datamodule
         f"training {cfg.name}: model {cfg.model.source} ({cfg.model.quantize or 'not quantized'}), LoRA rank "
         f"{cfg.lora.rank} ({trainable:,} trainable parameters), {len(plan.captions) if plan else 0} images in "
         f"{len(buckets)} buckets ({per_bucket}), batch {cfg.data.batch_size}, steps {trainer.global_step} -> "
-        f"{trainer.max_steps}, output {cfg.output_dir}"
+        f"{trainer.max_steps}, {_speed(module)}, output {cfg.output_dir}"
     )
+
+
+def _speed(module: L.LightningModule) -> str:
+    on = [
+        name
+        for name, flag in (
+            ("compiled blocks", getattr(module, "use_compile", False)),
+            ("fp8 GEMMs", getattr(module, "fp8_matmul", False)),
+            ("selective checkpointing", getattr(module, "selective_checkpointing", False)),
+        )
+        if flag
+    ]
+    checkpointing = "checkpointing" if getattr(module, "gradient_checkpointing", False) else "no checkpointing"
+    return ", ".join([checkpointing, *on]) if on else f"{checkpointing}, eager"
 
 
 class Summaries(L.Callback):

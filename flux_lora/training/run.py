@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import astuple
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -99,7 +98,6 @@ def build(
     dtype = compute_dtype(cfg, accelerator)
     cuda = accelerator in ("gpu", "cuda") and torch.cuda.is_available()
     speed = plan_speed(cfg.model, torch.cuda.get_device_capability(0) if cuda else None)
-    log.info("speed: compile %s, fp8 GEMMs %s, selective checkpointing %s", *astuple(speed))
     out = cfg.output_path
 
     datamodule = FluxDataModule.from_model_folder(

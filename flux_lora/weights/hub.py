@@ -105,7 +105,7 @@ def default_download(hub: HubName) -> Downloader:
 
 def missing_files(folder: Path, components: Iterable[str]) -> list[str]:
     """Patterns of ``components`` that match nothing in ``folder`` (any alternative counts as present)."""
-    missing = []
+    missing: list[str] = []
     for c in components:
         if not any(all(any(folder.glob(p)) for p in alt) for alt in COMPONENT_FILES[c]):
             missing.extend(COMPONENT_PATTERNS[c])

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from flux_lora.config import DataConfig
 from flux_lora.data.cache import AutoEncoderSpec, CachePlan, TextEncoderSpec, fill_cache, plan_cache
@@ -95,3 +96,10 @@ def fill_worker(data_dir: str, model: str, cache: str, barrier, results) -> None
     barrier.wait()
     fill_cache(plan, data, loaders.text, loaders.ae, batch_size=1, progress=False)
     results.put(dict(loaders.encoded))
+
+
+def write_image(path: Path, size: tuple[int, int], colour: tuple[int, int, int] = (200, 40, 40)) -> Path:
+    """A plain RGB image of ``size`` at ``path`` (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
