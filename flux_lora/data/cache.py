@@ -454,7 +454,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 def _encode_texts(encoders: TextEncoders, plan: CachePlan, batch_size: int, progress: bool) -> int:
     store = plan.store
     with tqdm(
-        total=len(plan.missing_text), desc="caching text embeddings", unit="caption", disable=not progress
+        total=len(plan.missing_text), desc="caching text embeddings", unit="caption", disable=None if progress else True
     ) as bar:
         for batch in _batches(sorted(plan.missing_text), batch_size):
             emb = encoders.encode(batch).to("cpu")
@@ -476,7 +476,7 @@ def _encode_latents(
     store, dtype = plan.store, dtype_from_name(plan.ae_spec.dtype)
     jobs = sorted(plan.missing_latents, key=lambda j: (j.placement.bucket, j.record, j.key))
     decoded: tuple[int, Image.Image] | None = None  # variants of one image come in a row: decode it once
-    with tqdm(total=len(jobs), desc="caching latents", unit="image", disable=not progress) as bar:
+    with tqdm(total=len(jobs), desc="caching latents", unit="image", disable=None if progress else True) as bar:
         for _, same_size in itertools.groupby(jobs, key=lambda j: j.placement.bucket):
             for batch in _batches(list(same_size), batch_size):
                 pixels = []

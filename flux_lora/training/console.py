@@ -40,6 +40,11 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=f".*{re.escape(text)}")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropNoise())
+    # transformers' own bars ("Loading weights", "Writing model shards") for the tiny encoders and the text
+    # encoders: our cache has its own bar, and these flood redirected logs
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _eta(seconds: float) -> str:
