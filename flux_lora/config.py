@@ -354,6 +354,31 @@ class EmaConfig:
             raise ValueError(f"ema.device must be 'gpu' or 'cpu', got {self.device!r}")
 
 
+@dataclass
+class ValidationConfig:
+    """A validation loss on held-out images: fixed timesteps and fixed noise, so it is comparable across steps."""
+
+    source: str | None = _doc("held-out image folder (captions as data's); null: none, or see fraction", None)
+    fraction: float = _doc("hold out this fraction of the training images instead (chosen by content hash)", 0.0)
+    every_n_steps: int = _doc("score the held-out images every N steps and at the end (0: never)", 0)
+    timesteps: list[float] = _doc("flow times each image is scored at", factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    seed: int = _doc("seed of the fixed noise", 0)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"validation.fraction must be in [0, 1), got {self.fraction}")
+        if self.source and self.fraction:
+            raise ValueError("validation: set source or fraction, not both")
+        if not self.timesteps or not all(0 < t <= 1 for t in self.timesteps):
+            raise ValueError(f"validation.timesteps must be flow times in (0, 1], got {self.timesteps}")
+        if self.every_n_steps < 0:
+            raise ValueError(f"validation.every_n_steps must be >= 0, got {self.every_n_steps}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps > 0 and bool(self.source or self.fraction)
+
+
 SAVE_DTYPES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -386,6 +411,7 @@ class ExperimentConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     @property
     def output_path(self) -> Path:

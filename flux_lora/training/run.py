@@ -48,6 +48,7 @@ from flux_lora.training.resume import (
     run_identity,
 )
 from flux_lora.training.speed import plan_speed
+from flux_lora.training.validation import ValidationLoss, held_out_data
 from flux_lora.weights import hub
 from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
 from flux_lora.weights.tiny import write_tiny_model
@@ -100,6 +101,7 @@ def build(
     speed = plan_speed(cfg.model, torch.cuda.get_device_capability(0) if cuda else None)
     out = cfg.output_path
 
+    scanned, held_out = held_out_data(cfg, scanned)
     datamodule = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
@@ -129,6 +131,11 @@ def build(
         Summaries(cfg),
         TrainingMetrics(),
     ]
+    if held_out is not None:
+        val_data = FluxDataModule.from_model_folder(
+            cfg.data, folder, params.max_sequence_length, dtype, scanned=held_out
+        )
+        callbacks.append(ValidationLoss(cfg.validation, val_data, cfg.train.guidance))
     if cfg.sample.prompts:
         callbacks.append(
             SampleImages(
