@@ -15,7 +15,18 @@ FIXTURES = Path(__file__).parent / "fixtures" / "v0"
 # Lower layers never import higher ones; folders of one layer never import each other. The top-level modules
 # (config, config_io, dtypes, sampling, atomic) are the base every folder may use; cli/ holds the programs;
 # __init__ is the public API.
-LAYERS = {"base": 0, "model": 1, "weights": 2, "data": 3, "lora": 3, "inference": 3, "training": 4, "cli": 5, "api": 6}
+LAYERS = {
+    "base": 0,
+    "model": 1,
+    "weights": 2,
+    "data": 3,
+    "lora": 3,
+    "inference": 3,
+    "training": 4,
+    "toy": 5,  # the demo: may use training (its model trainer, later), like the programs
+    "cli": 5,
+    "api": 6,
+}
 
 
 def _module_name(path: Path) -> str:
