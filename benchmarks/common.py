@@ -34,7 +34,7 @@ from flux_lora.model.layers import RMSNorm
 from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.block_wrappers import enable_gradient_checkpointing
 from flux_lora.training.loss import flow_matching_loss
-from flux_lora.training.module import import_class
+from flux_lora.training.optimizers import import_class
 
 WEIGHT_STD = 0.02
 GB = 1e9

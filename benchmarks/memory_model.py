@@ -63,7 +63,7 @@ from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import default_predicate, quantize_
 from flux_lora.model.text_encoders import TextEncoders
 from flux_lora.training.block_wrappers import enable_gradient_checkpointing
-from flux_lora.training.module import import_class
+from flux_lora.training.optimizers import import_class
 
 log = logging.getLogger(__name__)
 

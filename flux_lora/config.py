@@ -8,6 +8,8 @@ field carries its one-line description in ``metadata["help"]``, which ``train.py
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -19,6 +21,61 @@ from flux_lora.dtypes import Quantize
 from flux_lora.sampling import SIDE_MULTIPLE, TimestepSampling
 
 DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")
+
+
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+# train.optimizer names: the class's import path, and the package of the `optim` extra it needs (None: a dependency).
+OPTIMIZERS: dict[str, tuple[str, str | None]] = {
+    "adamw": ("torch.optim.AdamW", None),
+    "adam": ("torch.optim.Adam", None),
+    "sgd": ("torch.optim.SGD", None),
+    "adamw8bit": ("bitsandbytes.optim.AdamW8bit", "bitsandbytes"),
+    "prodigy": ("prodigyopt.Prodigy", "prodigyopt"),
+    "adafactor": ("transformers.optimization.Adafactor", None),
+    "lion": ("lion_pytorch.Lion", "lion_pytorch"),
+    "schedulefree_adamw": ("schedulefree.AdamWScheduleFree", "schedulefree"),
+}
+# Arguments a named optimizer needs to honour an explicit learning rate; optimizer_args override them.
+OPTIMIZER_DEFAULT_ARGS: dict[str, dict[str, Any]] = {
+    "adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False},
+}
+
+
+def optimizer_path(name: str) -> str:
+    """The import path of a ``train.optimizer`` name (``adamw``, ``prodigy``, ...); an import path as it is."""
+    return OPTIMIZERS[name.lower()][0] if name.lower() in OPTIMIZERS else name
+
+
+def check_optimizer(name: str, args: dict, lr: float) -> None:
+    """At config time: a known name whose package is installed (else the extra to install) or an import path,
+    and the class built once on a one-element parameter, so an unknown class or bad ``optimizer_args`` stop the
+    run when the config loads, not after caching and model loading."""
+    import torch
+
+    if name.lower() in OPTIMIZERS:
+        package = OPTIMIZERS[name.lower()][1]
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"train.optimizer {name!r} needs the {package} package: pip install 'flux-lora[optim]'")
+    elif "." not in name:
+        raise ValueError(f"train.optimizer {name!r} is unknown: use one of {', '.join(OPTIMIZERS)} or an import path")
+    path = optimizer_path(name)
+    module, _, attr = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"train.optimizer {path!r} cannot be imported ({type(e).__name__}: {e})") from None
+    if not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
+        raise ValueError(f"train.optimizer {path!r} is not a torch.optim.Optimizer class")
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise ValueError(f"train.optimizer_args must be a mapping of argument names to values, got {args!r}")
+    try:
+        kwargs = {**OPTIMIZER_DEFAULT_ARGS.get(name.lower(), {}), **args}
+        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **kwargs)  # type: ignore[call-arg]
+    except Exception as e:  # TypeError (unknown argument), ValueError, IndexError (betas: [0.9]), ...
+        raise ValueError(
+            f"train.optimizer_args {args!r} are not accepted by {path} ({type(e).__name__}: {e})"
+        ) from None
 
 
 class DataError(ValueError):
@@ -83,6 +140,11 @@ class DataConfig:
     seed: int = _doc("seeds shuffling and the choice of random crops", 0)
     cache_dir: str = _doc("folder of the content-keyed latent and embedding cache", ".cache/flux-lora")
     encode_batch_size: int = _doc("images or captions per encoder call while filling the cache", 4)
+    masks: str | None = _doc(
+        "loss masks: alpha (each image's alpha channel) or a folder of greyscale masks named as the images "
+        "(white trains, black is ignored); null: none",
+        None,
+    )
 
     @property
     def resolutions(self) -> list[int]:
@@ -109,6 +171,8 @@ class DataConfig:
             raise bad("caption_extension", "a suffix starting with '.'")
         if not self.cache_dir:
             raise bad("cache_dir", "a folder path")
+        if self.masks and self.masks != "alpha" and not Path(self.masks).is_dir():
+            raise bad("masks", "alpha or an existing folder of masks")
         self.dataset_configs()  # each entry of datasets, completed, must be valid too
 
     def dataset_configs(self) -> list[DataConfig]:
@@ -198,11 +262,19 @@ class TrainConfig:
     max_steps: int = _doc("optimizer steps to train", 1000)
     seed: int = _doc("seed of noise, timesteps and LoRA init", 42)
     learning_rate: float = _doc("peak learning rate", 1e-4)
-    optimizer: str = _doc("optimizer class by import path, e.g. torch.optim.AdamW", "torch.optim.AdamW")
+    optimizer: str = _doc(
+        "adamw, adamw8bit, prodigy, adafactor, lion, schedulefree_adamw, or a class by import path", "adamw"
+    )
     optimizer_args: dict = _doc("keyword arguments of the optimizer", factory=lambda: {"weight_decay": 0.01})
-    lr_scheduler: Literal["constant", "cosine"] = _doc("learning-rate schedule after warmup", "constant")
-    warmup_steps: int = _doc("linear warmup steps", 0)
-    min_lr_ratio: float = _doc("cosine ends at learning_rate * min_lr_ratio", 0.0)
+    lr_scheduler: LrSchedule = _doc(
+        "transformers.get_scheduler schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
+        "polynomial",
+        "constant",
+    )
+    warmup_steps: int = _doc("linear warmup steps (lr 0 at step 0)", 0)
+    min_lr_ratio: float = _doc("cosine and polynomial end at learning_rate * min_lr_ratio", 0.0)
+    lr_cycles: int = _doc("hard restarts of cosine_with_restarts", 1)
+    lr_power: float = _doc("power of the polynomial decay", 1.0)
     gradient_clip: float | None = _doc("clip the gradient norm to this; null: no clipping", 1.0)
     accumulate_grad_batches: int = _doc("batches per optimizer step", 1)
     timestep_sampling: TimestepSampling = _doc("density of training timesteps", "logit_normal")
@@ -224,6 +296,10 @@ class TrainConfig:
     save_every_n_steps: int = _doc("write the LoRA file every N steps (0: only at the end)", 250)
     checkpoint_every_n_steps: int = _doc("write resumable training state every N steps (0: only at the end)", 250)
     log_every_n_steps: int = _doc("log metrics every N steps", 10)
+    logger: Literal["tensorboard", "wandb", "csv"] = _doc(
+        "where metrics go: tensorboard (CSV when it is not installed), wandb (WANDB_MODE=offline works), csv",
+        "tensorboard",
+    )
     resume: bool = _doc(
         "continue from the newest checkpoint; false moves the old run aside into output_dir/previous-<time>/", True
     )
@@ -237,34 +313,13 @@ class TrainConfig:
             raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if "." not in self.optimizer:
-            hint = OPTIMIZER_NAMES.get(self.optimizer.lower(), "an import path such as torch.optim.AdamW")
-            raise ValueError(f"train.optimizer must be an import path, got {self.optimizer!r}: use {hint}")
         check_optimizer(self.optimizer, self.optimizer_args, self.learning_rate)
-
-
-def check_optimizer(path: str, args: dict, lr: float) -> None:
-    """Import the optimizer class and build it once on a one-element parameter, so an unknown class or bad
-    ``optimizer_args`` stop the run when the config loads, not after caching and model loading."""
-    import importlib
-
-    import torch
-
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"train.optimizer {path!r} cannot be imported ({type(e).__name__}: {e})") from None
-    if not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
-        raise ValueError(f"train.optimizer {path!r} is not a torch.optim.Optimizer class")
-    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
-        raise ValueError(f"train.optimizer_args must be a mapping of argument names to values, got {args!r}")
-    try:
-        cls([torch.nn.Parameter(torch.zeros(1))], lr=lr, **args)  # type: ignore[call-arg]
-    except Exception as e:  # TypeError (unknown argument), ValueError, IndexError (betas: [0.9]), ...
-        raise ValueError(
-            f"train.optimizer_args {args!r} are not accepted by {path} ({type(e).__name__}: {e})"
-        ) from None
+        if not 0 <= self.min_lr_ratio < 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
+        if self.lr_cycles < 1:
+            raise ValueError(f"train.lr_cycles must be >= 1, got {self.lr_cycles}")
+        if self.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ValueError("train.logger wandb needs the wandb package: pip install wandb")
 
 
 @dataclass
@@ -281,6 +336,69 @@ class SampleConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An fp32 exponential moving average of the LoRA weights only, saved as output_dir/<name>_ema.safetensors."""
+
+    enabled: bool = _doc("keep the EMA of the adapters", False)
+    decay: float = _doc("ema = decay * ema + (1 - decay) * weights at each update", 0.999)
+    every_n_steps: int = _doc("update the EMA every N optimizer steps", 1)
+    device: Literal["gpu", "cpu"] = _doc("where the EMA lives: gpu (the training device) or cpu (host memory)", "gpu")
+    use_for_samples: bool = _doc("generate the preview samples with the EMA weights", False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+        if self.every_n_steps < 1:
+            raise ValueError(f"ema.every_n_steps must be >= 1, got {self.every_n_steps}")
+        if self.device not in ("gpu", "cpu"):
+            raise ValueError(f"ema.device must be 'gpu' or 'cpu', got {self.device!r}")
+
+
+@dataclass
+class ValidationConfig:
+    """A validation loss on held-out images: fixed timesteps and fixed noise, so it is comparable across steps."""
+
+    source: str | None = _doc("held-out image folder (captions as data's); null: none, or see fraction", None)
+    fraction: float = _doc("hold out this fraction of the training images instead (chosen by content hash)", 0.0)
+    every_n_steps: int = _doc("score the held-out images every N steps and at the end (0: never)", 0)
+    timesteps: list[float] = _doc("flow times each image is scored at", factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    seed: int = _doc("seed of the fixed noise", 0)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"validation.fraction must be in [0, 1), got {self.fraction}")
+        if self.source and self.fraction:
+            raise ValueError("validation: set source or fraction, not both")
+        if not self.timesteps or not all(0 < t <= 1 for t in self.timesteps):
+            raise ValueError(f"validation.timesteps must be flow times in (0, 1], got {self.timesteps}")
+        if self.every_n_steps < 0:
+            raise ValueError(f"validation.every_n_steps must be >= 0, got {self.every_n_steps}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps > 0 and bool(self.source or self.fraction)
+
+
+SAVE_DTYPES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class SaveConfig:
+    """How LoRA files are written (when: train.save_every_n_steps)."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = _doc(
+        "dtype of the LoRA matrices in saved files (bf16: half of fp32)", "bf16"
+    )
+    keep_last: int = _doc("intermediate LoRA files (output_dir/lora) kept, the newest; 0 keeps all", 0)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SAVE_DTYPES:
+            raise ValueError(f"save.dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.dtype!r}")
+        if self.keep_last < 0:
+            raise ValueError(f"save.keep_last must be >= 0, got {self.keep_last}")
+
+
+@dataclass
 class ExperimentConfig:
     """One training run."""
 
@@ -291,6 +409,9 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     @property
     def output_path(self) -> Path:
@@ -324,18 +445,7 @@ FOREIGN_KEYS: dict[str, str] = {
     "gradient_checkpointing": "model.gradient_checkpointing",
 }
 FOREIGN_VALUES: dict[tuple[str, str], str] = {
-    ("train.lr_scheduler", "cosine_with_restarts"): "cosine (with min_lr_ratio); restarts are not supported",
-    ("train.lr_scheduler", "constant_with_warmup"): "constant with train.warmup_steps",
-    ("train.lr_scheduler", "linear"): "cosine or constant; a linear decay is not supported",
-}
-OPTIMIZER_NAMES: dict[str, str] = {
-    "adamw": "torch.optim.AdamW",
-    "adam": "torch.optim.Adam",
-    "adamw8bit": "bitsandbytes.optim.AdamW8bit (pip install bitsandbytes)",
-    "prodigy": "prodigyopt.Prodigy (pip install prodigyopt; with learning_rate 1.0)",
-    "adafactor": "transformers.optimization.Adafactor",
-    "lion": "lion_pytorch.Lion (pip install lion-pytorch)",
-    "sgd": "torch.optim.SGD",
+    ("train.lr_scheduler", "cosine_with_min_lr"): "cosine with train.min_lr_ratio",
 }
 
 

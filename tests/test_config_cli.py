@@ -89,9 +89,8 @@ def test_command_line_errors_are_the_command_lines(tmp_path):
         ("lora:\n  network_alpha: 16\n", "use lora.alpha"),
         ("trigger_word: sks\n", "use data.trigger_word"),
         ("resolution: 512\n", "use data.resolution"),
-        ("train:\n  lr_scheduler: cosine_with_restarts\n", "use cosine (with min_lr_ratio)"),
-        ("train:\n  optimizer: AdamW8bit\n", "use bitsandbytes.optim.AdamW8bit"),
-        ("train:\n  optimizer: Prodigy\n", "use prodigyopt.Prodigy"),
+        ("train:\n  lr_scheduler: cosine_with_min_lr\n", "use cosine with train.min_lr_ratio"),
+        ("train:\n  optimizer: AdamW9bit\n", "'AdamW9bit' is unknown: use one of adamw, adam, sgd, adamw8bit"),
     ],
 )
 def test_names_from_other_trainers_point_at_ours(tmp_path, yaml_text, pointer):

@@ -1,4 +1,4 @@
-"""Pieces of the trainer in isolation: targets, schedules, optimizers, the command line."""
+"""Pieces of the trainer in isolation: targets, optimizers, the command line (schedules: test_schedules.py)."""
 
 import logging
 from pathlib import Path
@@ -9,7 +9,8 @@ import torch
 from flux_lora.config import LoraConfig, TrainConfig
 from flux_lora.lora.peft_adapters import inject_lora, select_targets
 from flux_lora.model.flux import PRESETS, Flux
-from flux_lora.training.module import FluxLoraModule, import_class, lr_lambda
+from flux_lora.training.module import FluxLoraModule
+from flux_lora.training.optimizers import import_class
 from train import main as train_main
 
 ROOT = Path(__file__).parents[1]
@@ -32,13 +33,6 @@ def test_rank_alpha_and_rslora_scales():
     assert layer.scaling["default"] == pytest.approx(8 / 2)  # alpha / sqrt(rank)
     assert layer.lora_A["default"].weight.shape == (4, layer.in_features)
     assert torch.count_nonzero(layer.lora_B["default"].weight) == 0  # default init: the LoRA starts as a no-op
-
-
-def test_learning_rate_schedules():
-    warm = [lr_lambda(s, warmup=4, total=20, schedule="constant", min_ratio=0.0) for s in range(8)]
-    assert warm[:4] == [0.25, 0.5, 0.75, 1.0] and warm[4:] == [1.0] * 4
-    cos = [lr_lambda(s, warmup=0, total=10, schedule="cosine", min_ratio=0.1) for s in (0, 5, 10, 20)]
-    assert cos == pytest.approx([1.0, 0.55, 0.1, 0.1])
 
 
 def test_optimizer_by_class_path():

@@ -50,6 +50,7 @@ from flux_lora.atomic import save_safetensors_atomic
 from flux_lora.config import DataConfig
 from flux_lora.data.buckets import Crop, apply_crop, bucket_sizes, choose_bucket, cover_scale, image_crops
 from flux_lora.data.fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
+from flux_lora.data.masks import latent_mask, mask_hash, read_mask
 from flux_lora.data.scan import ScannedData
 from flux_lora.dtypes import dtype_from_name, dtype_name
 from flux_lora.model.autoencoder import AutoEncoder
@@ -126,7 +127,8 @@ class AutoEncoderSpec:
     def from_module(cls, ae: AutoEncoder) -> AutoEncoderSpec:
         return cls(fingerprint_module(ae, [json.dumps(ae.params.to_dict())]), dtype_name(next(ae.parameters()).dtype))
 
-    def key(self, image_hash: str, placement: Crop) -> str:
+    def key(self, image_hash: str, placement: Crop, mask: str = "") -> str:
+        """``mask`` (see :func:`flux_lora.data.masks.mask_hash`) is part of the key when set."""
         return _sha(
             {
                 "v": CACHE_VERSION,
@@ -136,6 +138,7 @@ class AutoEncoderSpec:
                 "image": image_hash,
                 "placement": placement.to_dict(),
                 "settings": LATENT_SETTINGS,
+                **({"mask": mask} if mask else {}),
             }
         )
 
@@ -219,8 +222,9 @@ class CacheStore:
     def write_text(self, key: str, txt: Tensor, y: Tensor, caption: str) -> None:
         self._write({"txt": txt, "y": y}, self.text_path(key), {"caption": caption})
 
-    def write_latent(self, key: str, latents: Tensor, name: str) -> None:
-        self._write({"latents": latents}, self.latent_path(key), {"image": name})
+    def write_latent(self, key: str, latents: Tensor, name: str, mask: Tensor | None = None) -> None:
+        tensors = {"latents": latents} if mask is None else {"latents": latents, "mask": mask}
+        self._write(tensors, self.latent_path(key), {"image": name})
 
     def read_text(self, key: str) -> tuple[Tensor, Tensor]:
         """``(txt [L, d_t5], y [d_clip])``, verified."""
@@ -230,6 +234,10 @@ class CacheStore:
     def read_latent(self, key: str) -> Tensor:
         """``latents [z, h, w]``, verified."""
         return read_entry(self.latent_path(key))["latents"]
+
+    def read_latent_entry(self, key: str) -> dict[str, Tensor]:
+        """``latents [z, h, w]`` and, for masked training, ``mask [h, w]``, verified."""
+        return read_entry(self.latent_path(key))
 
 
 @dataclass(frozen=True)
@@ -263,6 +271,7 @@ class CachePlan:
     records: list[int] = field(default_factory=list)
     repeats: list[int] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # sample i's image file (or dataset row) name
+    masks: str | None = None  # data.masks: each latent entry also holds the loss mask
 
     @property
     def store(self) -> CacheStore:
@@ -300,6 +309,7 @@ def plan_cache(
     standard = {res: bucket_sizes(res, cfg.max_aspect, cfg.bucket_step) for res in cfg.all_resolutions}
     records, buckets, variants, repeats, resolutions = [], [], [], [], []
     for i, r in enumerate(data.records):
+        mask = mask_hash(cfg.masks, r)  # a missing mask file fails here, before any encoder loads
         for res in datasets[r.part].resolutions:
             bucket = choose_bucket(
                 r.width, r.height, standard[res], resolution=res, max_aspect=cfg.max_aspect, upscale=cfg.upscale
@@ -315,7 +325,7 @@ def plan_cache(
             )
             records.append(i)
             buckets.append(bucket)
-            variants.append([LatentJob(i, p, ae_spec.key(r.image_hash, p)) for p in places])
+            variants.append([LatentJob(i, p, ae_spec.key(r.image_hash, p, mask)) for p in places])
             repeats.append(r.repeats)
             resolutions.append(res)
     captions = [data.records[i].caption for i in records]
@@ -331,6 +341,7 @@ def plan_cache(
         records=records,
         repeats=repeats,
         names=[data.records[i].name for i in records],
+        masks=cfg.masks,
     )
     plan = plan.refresh()
     if quiet:
@@ -476,7 +487,11 @@ def _encode_latents(
                 with torch.no_grad():
                     latents = ae.encode(torch.stack(pixels).to(device=device, dtype=dtype)).to("cpu")
                 for job, z in zip(batch, latents, strict=True):
-                    store.write_latent(job.key, z, data.records[job.record].name)
+                    record = data.records[job.record]
+                    mask = None
+                    if plan.masks:
+                        mask = latent_mask(read_mask(plan.masks, data, record), job.placement, tuple(z.shape[-2:]))
+                    store.write_latent(job.key, z, record.name, mask)
                 bar.update(len(batch))
     return len(jobs)
 

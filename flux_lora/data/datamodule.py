@@ -81,18 +81,20 @@ class CachedDataset(Dataset):
         i, v = (index, 0) if isinstance(index, int) else index
         store = CacheStore(self.root)
         txt, y = store.read_text(self.text_keys[i])
-        latents = store.read_latent(self.latent_keys[i][v])
-        return {"latents": latents, "txt": txt, "y": y, "caption": self.captions[i], "image": self.names[i]}
+        entry = store.read_latent_entry(self.latent_keys[i][v])  # latents, and mask when training with masks
+        return {**entry, "txt": txt, "y": y, "caption": self.captions[i], "image": self.names[i]}
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
-    """Stack one bucket's samples: ``latents [B, z, h, w]``, ``txt [B, L, d_t5]``, ``y [B, d_clip]``,
+    """Stack one bucket's samples: ``latents [B, z, h, w]``, ``txt [B, L, d_t5]``, ``y [B, d_clip]``, loss
+    ``mask [B, h, w]`` (with data.masks),
     ``caption`` and ``image`` (lists of B str). Raises if the latents differ in size (samples from different
     buckets)."""
     shapes = {tuple(s["latents"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(f"a batch mixes latent sizes {sorted(shapes)}; batch with BucketBatchSampler")
-    out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples]) for k in ("latents", "txt", "y")}
+    keys = ("latents", "txt", "y", "mask") if all("mask" in s for s in samples) else ("latents", "txt", "y")
+    out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples]) for k in keys}
     out["caption"] = [s["caption"] for s in samples]
     out["image"] = [str(s.get("image", "?")) for s in samples]
     return out

@@ -430,8 +430,11 @@ def write_lora(
     layout: str = "kohya",
     metadata: dict[str, str] | None = None,
     bake_scale: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``lora`` as a safetensors file (atomically) in the ``kohya`` or ``diffusers`` layout.
+
+    ``dtype`` (e.g. bfloat16, half the bytes of float32) stores the up/down matrices in it; ``.alpha`` stays float32.
 
     kohya: fused modules, float32 ``.alpha``, ``format``/``ss_*``/``modelspec.*``/``sshs_*`` metadata (see
     :mod:`flux_lora.lora.metadata`). diffusers: split ``transformer.*`` modules, scale baked into lora_B
@@ -448,6 +451,8 @@ def write_lora(
         raise ValueError(f"layout must be 'kohya' or 'diffusers', got {layout!r}")
     # Our own copies: split parts share storage, which safetensors refuses to write.
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    if dtype is not None:
+        sd = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in sd.items()}
     if layout == "kohya":
         header = kohya_metadata(sd, lora, params, output_name=path.stem, extra=metadata)
     else:

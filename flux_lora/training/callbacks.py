@@ -6,6 +6,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flux_lora.atomic import save_torch_atomic, write_atomic
+from flux_lora.config import SAVE_DTYPES
 from flux_lora.data.cache import tensors_sha256
 from flux_lora.data.scan import ScannedData
+from flux_lora.dtypes import DTYPES
 from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEmbeddings
+from flux_lora.training.optimizers import eval_weights
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,10 @@ def dataset_metadata(scanned: ScannedData, sources: list[str]) -> dict[str, str]
     }
 
 
+def _optimizer(trainer: L.Trainer) -> torch.optim.Optimizer | None:
+    return trainer.optimizers[0] if trainer.optimizers else None
+
+
 class StepCheckpoint(ModelCheckpoint):
     """``<dir>/step<N>.ckpt`` every ``every_n_steps`` optimizer steps (0: none on the way) and always at the
     last step of a fit, the two newest kept; a file of the same name is replaced, never suffixed ``-v1``."""
@@ -136,8 +144,12 @@ class SaveLora(L.Callback):
         self.extra_metadata = dict(extra_metadata or {})
         self.written: list[Path] = []
 
-    def _write(self, trainer: L.Trainer, module, path: Path) -> None:
-        if trainer.is_global_zero:
+    def write(self, trainer: L.Trainer, module, path: Path, as_trained: bool = True) -> None:
+        """Write the module's adapters to ``path``: with ``as_trained`` a schedule-free optimizer's evaluation
+        weights; otherwise the weights as they are (an EMA put in place)."""
+        if not trainer.is_global_zero:
+            return
+        with eval_weights(_optimizer(trainer) if as_trained else None):
             weights = module.lora_weights()
             if not all(bool(torch.isfinite(w.down).all() and torch.isfinite(w.up).all()) for w in weights.values()):
                 raise ValueError(f"refusing to write {path}: the adapters hold non-finite values")
@@ -147,21 +159,33 @@ class SaveLora(L.Callback):
                 module.dit.params,
                 layout="kohya",
                 metadata={**training_metadata(self.cfg, trainer.global_step), **self.extra_metadata},
+                dtype=DTYPES[SAVE_DTYPES[self.cfg.save.dtype]],
             )
-            self.written.append(path)
-            log.info("wrote %s", path)
+        self.written.append(path)
+        log.info("wrote %s", path)
+
+    def _prune(self) -> None:
+        """Delete all but the newest ``save.keep_last`` intermediate LoRA files of this run (those of an earlier,
+        resumed part of the run too)."""
+        keep = self.cfg.save.keep_last
+        if keep:
+            for old in sorted((self.cfg.output_path / "lora").glob(f"{self.cfg.name}-step*.safetensors"))[:-keep]:
+                old.unlink()
+                log.info("removed %s (save.keep_last %d)", old, keep)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if _due(trainer, self.every_n_steps, self):
             step = trainer.global_step
-            self._write(trainer, module, self.cfg.output_path / "lora" / f"{self.cfg.name}-step{step:06d}.safetensors")
+            self.write(trainer, module, self.cfg.output_path / "lora" / f"{self.cfg.name}-step{step:06d}.safetensors")
+            if trainer.is_global_zero:
+                self._prune()
 
     def on_train_end(self, trainer, module) -> None:
         step = trainer.global_step
         if step >= trainer.max_steps:
-            self._write(trainer, module, self.cfg.output_path / f"{self.cfg.name}.safetensors")
+            self.write(trainer, module, self.cfg.output_path / f"{self.cfg.name}.safetensors")
         elif step > 0 and getattr(self, "_last", -1) != step:  # stopped early: this step's LoRA, not the final
-            self._write(trainer, module, self.cfg.output_path / "lora" / f"{self.cfg.name}-step{step:06d}.safetensors")
+            self.write(trainer, module, self.cfg.output_path / "lora" / f"{self.cfg.name}-step{step:06d}.safetensors")
 
 
 class SampleImages(L.Callback):
@@ -175,7 +199,9 @@ class SampleImages(L.Callback):
         load_autoencoder: Callable[[torch.device], AutoEncoder],
         cfg,
         out_dir: Path,
+        weights: Callable[[Any], AbstractContextManager] | None = None,
     ):
+        self.weights = weights  # puts other weights in place (an EMA) while sampling
         self.embeddings = embeddings
         self.load_autoencoder = load_autoencoder
         self.cfg = cfg
@@ -191,16 +217,18 @@ class SampleImages(L.Callback):
         module.dit.eval()
         ae = self.load_autoencoder(device)
         try:
-            pipe = FluxPipeline(module.dit, ae, None, device=device)
-            images = pipe(
-                text_embeddings=self.embeddings(),
-                height=self.cfg.height,
-                width=self.cfg.width,
-                num_inference_steps=self.cfg.steps,
-                guidance=self.cfg.guidance,
-                seed=self.cfg.seed,
-                progress=False,
-            )
+            weights = self.weights(module) if self.weights else eval_weights(_optimizer(trainer))
+            with weights:
+                pipe = FluxPipeline(module.dit, ae, None, device=device)
+                images = pipe(
+                    text_embeddings=self.embeddings(),
+                    height=self.cfg.height,
+                    width=self.cfg.width,
+                    num_inference_steps=self.cfg.steps,
+                    guidance=self.cfg.guidance,
+                    seed=self.cfg.seed,
+                    progress=False,
+                )
         finally:
             del ae
             module.dit.train(was_training)

@@ -7,12 +7,9 @@ encoders), and checkpoints hold only what is trained: adapters, optimizer, sched
 
 from __future__ import annotations
 
-import importlib
 import logging
-import math
 import random
 from collections.abc import Callable
-from functools import partial
 
 import lightning as L
 import torch
@@ -35,26 +32,10 @@ from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 from flux_lora.training.loss import flow_matching_loss
+from flux_lora.training.optimizers import build_optimizer
+from flux_lora.training.schedules import build_scheduler
 
 log = logging.getLogger(__name__)
-
-
-def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then constant or cosine to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def import_class(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"train.optimizer {path!r} cannot be imported ({e})") from None
 
 
 class FluxLoraModule(L.LightningModule):
@@ -150,15 +131,8 @@ class FluxLoraModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.train_cfg
         params = trainable_parameters(self.dit)
-        optimizer = import_class(cfg.optimizer)(params, lr=cfg.learning_rate, **cfg.optimizer_args)
-        schedule = partial(
-            lr_lambda,
-            warmup=cfg.warmup_steps,
-            total=cfg.max_steps,
-            schedule=cfg.lr_scheduler,
-            min_ratio=cfg.min_lr_ratio,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer = build_optimizer(cfg, params)
+        scheduler = build_scheduler(cfg, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lora_weights(self) -> LoraStateDict:

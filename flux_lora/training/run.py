@@ -34,7 +34,9 @@ from flux_lora.training.callbacks import (
     dataset_metadata,
 )
 from flux_lora.training.console import StepProgress, Summaries
+from flux_lora.training.ema import AdapterEma
 from flux_lora.training.guards import FiniteGuard, StopOnSignal, StoppedBySignal
+from flux_lora.training.metrics import TrainingMetrics, make_logger
 from flux_lora.training.module import FluxLoraModule
 from flux_lora.training.resume import (
     RunRecord,
@@ -46,6 +48,7 @@ from flux_lora.training.resume import (
     run_identity,
 )
 from flux_lora.training.speed import plan_speed
+from flux_lora.training.validation import ValidationLoss, held_out_data
 from flux_lora.weights import hub
 from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
 from flux_lora.weights.tiny import write_tiny_model
@@ -98,6 +101,7 @@ def build(
     speed = plan_speed(cfg.model, torch.cuda.get_device_capability(0) if cuda else None)
     out = cfg.output_path
 
+    scanned, held_out = held_out_data(cfg, scanned)
     datamodule = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
@@ -112,23 +116,35 @@ def build(
         selective_checkpointing=speed.selective_checkpointing,
         fp8_matmul=speed.fp8_matmul,
     )
+    metadata = dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()])
+    saver = SaveLora(cfg, cfg.train.save_every_n_steps, metadata)
+    ema = AdapterEma(cfg.ema, saver) if cfg.ema.enabled else None
     callbacks: list[L.Callback] = [
+        *([ema] if ema else []),  # first: a step's samples and checkpoint see its EMA update
         # the two newest step checkpoints, the last step always among them (adapters and optimizer state)
         StepCheckpoint(out / "checkpoints", cfg.train.checkpoint_every_n_steps),
-        SaveLora(
-            cfg,
-            cfg.train.save_every_n_steps,
-            dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()]),
-        ),
+        saver,
         RunRecord(run_identity(cfg, scanned)),
         FiniteGuard(),
         StopOnSignal(),
         StepProgress(every_n_steps=cfg.train.log_every_n_steps),
         Summaries(cfg),
+        TrainingMetrics(),
     ]
+    if held_out is not None:
+        val_data = FluxDataModule.from_model_folder(
+            cfg.data, folder, params.max_sequence_length, dtype, scanned=held_out
+        )
+        callbacks.append(ValidationLoss(cfg.validation, val_data, cfg.train.guidance))
     if cfg.sample.prompts:
         callbacks.append(
-            SampleImages(datamodule.sample_embeddings, partial(_load_ae, folder, dtype), cfg.sample, out / "samples")
+            SampleImages(
+                datamodule.sample_embeddings,
+                partial(_load_ae, folder, dtype),
+                cfg.sample,
+                out / "samples",
+                weights=ema.applied if ema and cfg.ema.use_for_samples else None,
+            )
         )
     precision = cfg.train.precision
     if precision == "auto":
@@ -145,7 +161,7 @@ def build(
         log_every_n_steps=cfg.train.log_every_n_steps,
         default_root_dir=out,
         callbacks=callbacks,
-        logger=_logger(out, cfg.name),
+        logger=make_logger(cfg.train.logger, out, cfg.name),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
@@ -180,19 +196,6 @@ def _devices(value: str) -> int | str | list[int]:
     if "," in value:
         return [int(v) for v in value.split(",") if v]
     return int(value) if value.lstrip("-").isdigit() else value
-
-
-def _logger(out: Path, name: str):
-    try:
-        import tensorboard  # noqa: F401
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(out, name="logs", version="")
-    except ImportError:
-        from lightning.pytorch.loggers import CSVLogger
-
-        log.info("tensorboard is not installed: logging to CSV")
-        return CSVLogger(out, name="logs", version="")
 
 
 def last_checkpoint(cfg: ExperimentConfig) -> Path | None:
