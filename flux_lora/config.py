@@ -244,6 +244,11 @@ class ModelConfig:
     selective_checkpointing: bool = _doc(
         "with gradient_checkpointing: keep attention outputs, recompute the rest (~1.6 GB more at 1024 px)", False
     )
+    blocks_to_swap: int = _doc(
+        "keep the last N DiT blocks in host memory, streamed to the GPU while they run (12-16 GB cards; needs "
+        "gradient_checkpointing, runs eager)",
+        0,
+    )
     compile: bool | Literal["auto"] = _doc(
         "torch.compile each block; auto: on CUDA GPUs of compute capability >= 8.9, eager elsewhere", "auto"
     )

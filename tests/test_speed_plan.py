@@ -75,3 +75,49 @@ def test_the_module_applies_the_plan():
     assert any(n.endswith("img_attn.qkv.base_layer") for n in switched)
     wrapped = [m for m in module.dit.modules() if type(m).__name__ == "CheckpointWrapper"]
     assert len(wrapped) == 4 and all("context_fn" in repr(m.checkpoint_fn.keywords) for m in wrapped)
+
+
+def test_block_swap_rules():
+    plan = plan_speed(ModelConfig(quantize=FP8, blocks_to_swap=10), (9, 0))
+    assert plan.blocks_to_swap == 10 and not plan.compile  # auto stays eager with swapping
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        plan_speed(ModelConfig(blocks_to_swap=4), None)
+    with pytest.raises(ValueError, match="needs model.gradient_checkpointing"):
+        plan_speed(ModelConfig(blocks_to_swap=4, gradient_checkpointing=False), (8, 6))
+    with pytest.raises(ValueError, match="runs eager"):
+        plan_speed(ModelConfig(blocks_to_swap=4, compile=True), (9, 0))
+    with pytest.raises(ValueError, match=">= 0"):
+        plan_speed(ModelConfig(blocks_to_swap=-1), (9, 0))
+
+
+def test_the_module_swaps_blocks_at_train_start_and_releases_after_each_step(monkeypatch):
+    """The module builds its BlockSwap once Lightning has placed it (on_train_start) and sends the last
+    recomputed block back after every step; a fake device stands in for the GPU."""
+
+    from flux_lora.config import LoraConfig, TrainConfig
+    from flux_lora.inference.offload import location
+    from flux_lora.model.flux import PRESETS, Flux
+    from flux_lora.training import module as module_mod
+    from flux_lora.training.module import FluxLoraModule
+
+    from helpers.dit import dit_inputs
+    from helpers.offload import FakeAccelerator
+
+    fake = FakeAccelerator()
+    monkeypatch.setattr(module_mod, "Transfer", lambda device: fake)
+    module = FluxLoraModule(
+        lambda device: Flux(PRESETS["tiny"]).requires_grad_(False),
+        LoraConfig(rank=2, alpha=2.0),
+        TrainConfig(),
+        gradient_checkpointing=True,
+        blocks_to_swap=2,
+    )
+    module.configure_model()
+    module.on_train_start()
+    swap = module.block_swap
+    assert swap is not None and [n for n, _ in swap.swapped] == ["single_blocks.0", "single_blocks.1"]
+    module.dit(**dit_inputs(PRESETS["tiny"], lat_h=8, lat_w=8, txt_len=5)).square().mean().backward()
+    assert [location(b, fake) for _, b in swap.swapped] == ["mixed", "host"]  # the last one recomputed
+    module.on_train_batch_end(None, None, 0)
+    assert [location(b, fake) for _, b in swap.swapped] == ["host", "host"]
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)

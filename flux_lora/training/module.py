@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from flux_lora.config import TrainConfig
+from flux_lora.inference.offload import Transfer
 from flux_lora.lora.peft_adapters import (
     LoraConfig,
     clean_name,
@@ -30,6 +32,7 @@ from flux_lora.lora.weight import LoraStateDict
 from flux_lora.model.flux import Flux, FluxParams
 from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.model.text_encoders import TextEmbeddings
+from flux_lora.training.block_swap import BlockSwap
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 from flux_lora.training.loss import flow_matching_loss
 from flux_lora.training.optimizers import build_optimizer
@@ -63,6 +66,7 @@ class FluxLoraModule(L.LightningModule):
         compile: bool = False,
         selective_checkpointing: bool = False,
         fp8_matmul: bool = False,
+        blocks_to_swap: int = 0,
     ):
         super().__init__()
         self.load_model = load_model
@@ -74,6 +78,8 @@ class FluxLoraModule(L.LightningModule):
         self.use_compile = compile
         self.selective_checkpointing = selective_checkpointing
         self.fp8_matmul = fp8_matmul
+        self.blocks_to_swap = blocks_to_swap
+        self.block_swap: BlockSwap | None = None
         self.dit: Flux | None = None
         self.strict_loading = False  # checkpoints hold only the adapters, not the frozen base
 
@@ -98,6 +104,15 @@ class FluxLoraModule(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if not p.requires_grad] + [
             n for n, _ in self.named_buffers()
         ]
+
+    def on_train_start(self) -> None:
+        # after Lightning moved the module to the device (which would undo the swap if done in configure_model)
+        if self.blocks_to_swap and self.block_swap is None:
+            self.block_swap = BlockSwap(self.dit, Transfer(self.device), self.blocks_to_swap)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.block_swap is not None:
+            self.block_swap.release()  # the last block recomputed in backward goes back too
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

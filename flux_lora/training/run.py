@@ -115,6 +115,7 @@ def build(
         compile=speed.compile,
         selective_checkpointing=speed.selective_checkpointing,
         fp8_matmul=speed.fp8_matmul,
+        blocks_to_swap=speed.blocks_to_swap,
     )
     metadata = dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()])
     saver = SaveLora(cfg, cfg.train.save_every_n_steps, metadata)
