@@ -333,6 +333,7 @@ class SampleConfig:
 
     prompts: list[str] = _doc("prompts of the preview images ([trigger] and data.trigger_word apply)", factory=list)
     every_n_steps: int = _doc("sample every N steps (0: only at the end; never without prompts)", 0)
+    at_start: bool = _doc("also sample before the first step: the baseline the LoRA is judged against", True)
     steps: int | None = _doc("denoising steps; null: the model's default (28 dev, 4 schnell)", None)
     guidance: float = _doc("embedded guidance of the previews", 3.5)
     height: int = _doc("preview height in pixels", 1024)

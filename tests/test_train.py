@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from flux_lora.config import load_config
@@ -121,7 +123,12 @@ def test_outputs_of_a_run(tmp_path, model_dir):
     assert lora_path == out / "tiny.safetensors" and lora_path.is_file()
     assert (out / "lora" / "tiny-step000002.safetensors").is_file()
     assert load_config(out / "config.yaml") == cfg
-    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step000004-0.png"]
+    # the step-0 baseline and the end, each PNG with its settings for other tools
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step000000-0.png", "step000004-0.png"]
+    info = Image.open(out / "samples" / "step000004-0.png").text
+    settings = json.loads(info["flux_lora"])
+    assert (settings["prompt"], settings["step"], settings["seed"], settings["lora"]) == ("a red circle", 4, 0, "tiny")
+    assert info["parameters"].startswith("a red circle\nSteps: 2,")
     assert any((out / "logs").rglob("events.out.tfevents.*"))
     with safe_open(str(lora_path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -21,6 +22,7 @@ from flux_lora.config import SAVE_DTYPES
 from flux_lora.data.cache import tensors_sha256
 from flux_lora.data.scan import ScannedData
 from flux_lora.dtypes import DTYPES
+from flux_lora.inference.outputs import png_info
 from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
 from flux_lora.model.autoencoder import AutoEncoder
@@ -200,8 +202,13 @@ class SampleImages(L.Callback):
         cfg,
         out_dir: Path,
         weights: Callable[[Any], AbstractContextManager] | None = None,
+        prompts: list[str] | None = None,
+        lora_name: str = "",
+        model: str = "",
     ):
         self.weights = weights  # puts other weights in place (an EMA) while sampling
+        self.prompts = list(prompts) if prompts is not None else list(cfg.prompts)
+        self.lora_name, self.model = lora_name, model
         self.embeddings = embeddings
         self.load_autoencoder = load_autoencoder
         self.cfg = cfg
@@ -233,15 +240,34 @@ class SampleImages(L.Callback):
             del ae
             module.dit.train(was_training)
         step = trainer.global_step
-        for i, image in enumerate(images):
+        experiment = getattr(trainer.logger, "experiment", None)
+        for i, (image, prompt) in enumerate(zip(images, self.prompts, strict=True)):
             path = self.out_dir / f"step{step:06d}-{i}.png"
-            write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            settings = self._settings(prompt, step, image, module)
+            write_atomic(path, lambda tmp, image=image, s=settings: image.save(tmp, format="PNG", pnginfo=png_info(s)))
             self.written.append(path)
-            experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_image"):
-                import numpy as np
+                tag = f"samples/{i}: {prompt[:60]}"  # named after the prompt, kept apart by index
+                experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
-                experiment.add_image(f"samples/{i}", np.asarray(image), step, dataformats="HWC")
+    def _settings(self, prompt: str, step: int, image: Any, module: Any) -> dict[str, Any]:
+        """What the PNG records: the preview's prompt, seed, steps, guidance and size, the step and the LoRA."""
+        steps = self.cfg.steps or module.dit.params.default_steps
+        return {
+            "prompt": prompt,
+            "seed": self.cfg.seed,
+            "steps": steps,
+            "guidance": self.cfg.guidance,
+            "width": image.width,
+            "height": image.height,
+            "step": step,
+            "lora": self.lora_name,
+            "model": self.model,
+        }
+
+    def on_train_start(self, trainer, module) -> None:
+        if self.cfg.at_start and trainer.global_step == 0:
+            self.sample(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if _due(trainer, self.cfg.every_n_steps, self):

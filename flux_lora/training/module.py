@@ -107,7 +107,7 @@ class FluxLoraModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # after Lightning moved the module to the device (which would undo the swap if done in configure_model)
-        if self.blocks_to_swap and self.block_swap is None:
+        if self.blocks_to_swap and self.block_swap is None and self.dit is not None:
             self.block_swap = BlockSwap(self.dit, Transfer(self.device), self.blocks_to_swap)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -145,6 +145,9 @@ def build(
                 cfg.sample,
                 out / "samples",
                 weights=ema.applied if ema and cfg.ema.use_for_samples else None,
+                prompts=prompts,
+                lora_name=cfg.name,
+                model=cfg.model.source,
             )
         )
     precision = cfg.train.precision
