@@ -328,10 +328,28 @@ class TrainConfig:
 
 
 @dataclass
+class SamplePrompt:
+    """One preview with its own settings; a field left null takes the sample section's value."""
+
+    prompt: str = _doc("the prompt ([trigger] and data.trigger_word apply)", "")
+    negative_prompt: str = _doc("negative prompt, used with true_cfg != 1", "")
+    true_cfg: float = _doc("true classifier-free guidance scale (1: off)", 1.0)
+    seed: int | None = _doc("seed of this preview's noise", None)
+    steps: int | None = _doc("denoising steps of this preview", None)
+    guidance: float | None = _doc("embedded guidance of this preview", None)
+    height: int | None = _doc("height in pixels", None)
+    width: int | None = _doc("width in pixels", None)
+
+
+@dataclass
 class SampleConfig:
     """Preview images generated from cached prompt embeddings while training."""
 
-    prompts: list[str] = _doc("prompts of the preview images ([trigger] and data.trigger_word apply)", factory=list)
+    prompts: list[str | SamplePrompt] = _doc(
+        "preview prompts: text, or a mapping with its own prompt, negative_prompt, true_cfg, seed, steps, guidance, "
+        "height, width",
+        factory=list,
+    )
     every_n_steps: int = _doc("sample every N steps (0: only at the end; never without prompts)", 0)
     at_start: bool = _doc("also sample before the first step: the baseline the LoRA is judged against", True)
     steps: int | None = _doc("denoising steps; null: the model's default (28 dev, 4 schnell)", None)
@@ -339,6 +357,23 @@ class SampleConfig:
     height: int = _doc("preview height in pixels", 1024)
     width: int = _doc("preview width in pixels", 1024)
     seed: int = _doc("seed of the preview noise", 0)
+
+    def resolved(self) -> list[SamplePrompt]:
+        """Every preview as a :class:`SamplePrompt` with the section's values filled in."""
+        out = []
+        for item in self.prompts:
+            p = SamplePrompt(prompt=item) if isinstance(item, str) else item
+            out.append(
+                replace(
+                    p,
+                    seed=self.seed if p.seed is None else p.seed,
+                    steps=self.steps if p.steps is None else p.steps,
+                    guidance=self.guidance if p.guidance is None else p.guidance,
+                    height=self.height if p.height is None else p.height,
+                    width=self.width if p.width is None else p.width,
+                )
+            )
+        return out
 
 
 @dataclass
@@ -396,12 +431,17 @@ class SaveConfig:
         "dtype of the LoRA matrices in saved files (bf16: half of fp32)", "bf16"
     )
     keep_last: int = _doc("intermediate LoRA files (output_dir/lora) kept, the newest; 0 keeps all", 0)
+    keep_checkpoints: int = _doc(
+        "resumable checkpoints (adapters + optimizer state) kept in output_dir/checkpoints, the newest; >= 1", 2
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in SAVE_DTYPES:
             raise ValueError(f"save.dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.dtype!r}")
         if self.keep_last < 0:
             raise ValueError(f"save.keep_last must be >= 0, got {self.keep_last}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"save.keep_checkpoints must be >= 1 (resume needs one), got {self.keep_checkpoints}")
 
 
 @dataclass

@@ -262,9 +262,10 @@ class FluxDataModule(L.LightningDataModule):
         """The cached empty-caption embedding (caption dropout): ``txt [1, L, d_t5]``, ``y [1, d_clip]``."""
         return load_text_embeddings(self._require_plan(), [""])
 
-    def sample_embeddings(self) -> TextEmbeddings:
-        """The cached embeddings of the sample prompts, in order: ``txt [N, L, d_t5]``, ``y [N, d_clip]``."""
-        return load_text_embeddings(self._require_plan(), self.sample_prompts)
+    def sample_embeddings(self, prompts: Sequence[str] | None = None) -> TextEmbeddings:
+        """The cached embeddings of ``prompts`` (default: the sample prompts), in order: ``txt [N, L, d_t5]``,
+        ``y [N, d_clip]``; each must be a sample prompt or a caption of the plan."""
+        return load_text_embeddings(self._require_plan(), self.sample_prompts if prompts is None else prompts)
 
 
 def _never():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flux_lora.atomic import save_torch_atomic, write_atomic
-from flux_lora.config import SAVE_DTYPES
+from flux_lora.config import SAVE_DTYPES, SampleConfig, SamplePrompt
 from flux_lora.data.cache import tensors_sha256
 from flux_lora.data.scan import ScannedData
 from flux_lora.dtypes import DTYPES
@@ -92,9 +93,9 @@ def _optimizer(trainer: L.Trainer) -> torch.optim.Optimizer | None:
 
 class StepCheckpoint(ModelCheckpoint):
     """``<dir>/step<N>.ckpt`` every ``every_n_steps`` optimizer steps (0: none on the way) and always at the
-    last step of a fit, the two newest kept; a file of the same name is replaced, never suffixed ``-v1``."""
+    last step of a fit, the ``keep`` newest kept; a file of the same name is replaced, never suffixed ``-v1``."""
 
-    def __init__(self, dirpath: Path, every_n_steps: int):
+    def __init__(self, dirpath: Path, every_n_steps: int, keep: int = 2):
         super().__init__(
             dirpath=dirpath,
             filename="step{step:06d}",
@@ -104,7 +105,7 @@ class StepCheckpoint(ModelCheckpoint):
             save_last=False,
             monitor="step",
             mode="max",
-            save_top_k=2,
+            save_top_k=keep,
             enable_version_counter=False,
             save_on_train_epoch_end=False,
         )
@@ -197,17 +198,17 @@ class SampleImages(L.Callback):
 
     def __init__(
         self,
-        embeddings: Callable[[], TextEmbeddings],
+        embeddings: Callable[[list[str]], TextEmbeddings],
         load_autoencoder: Callable[[torch.device], AutoEncoder],
-        cfg,
+        cfg: SampleConfig,
         out_dir: Path,
         weights: Callable[[Any], AbstractContextManager] | None = None,
-        prompts: list[str] | None = None,
+        previews: list[SamplePrompt] | None = None,
         lora_name: str = "",
         model: str = "",
     ):
         self.weights = weights  # puts other weights in place (an EMA) while sampling
-        self.prompts = list(prompts) if prompts is not None else list(cfg.prompts)
+        self.previews = cfg.resolved() if previews is None else list(previews)
         self.lora_name, self.model = lora_name, model
         self.embeddings = embeddings
         self.load_autoencoder = load_autoencoder
@@ -217,49 +218,49 @@ class SampleImages(L.Callback):
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, module) -> None:
-        if not trainer.is_global_zero or not self.cfg.prompts:
+        if not trainer.is_global_zero or not self.previews:
             return
         device = module.device
         was_training = module.dit.training
         module.dit.eval()
         ae = self.load_autoencoder(device)
+        images = []
         try:
             weights = self.weights(module) if self.weights else eval_weights(_optimizer(trainer))
             with weights:
                 pipe = FluxPipeline(module.dit, ae, None, device=device)
-                images = pipe(
-                    text_embeddings=self.embeddings(),
-                    height=self.cfg.height,
-                    width=self.cfg.width,
-                    num_inference_steps=self.cfg.steps,
-                    guidance=self.cfg.guidance,
-                    seed=self.cfg.seed,
-                    progress=False,
-                )
+                for p in self.previews:  # each with its own seed, size, steps, guidance and negative prompt
+                    emb = self.embeddings([p.prompt, p.negative_prompt])
+                    images += pipe(
+                        text_embeddings=emb[0:1],
+                        negative_text_embeddings=emb[1:2] if p.true_cfg != 1.0 else None,
+                        true_cfg=p.true_cfg,
+                        height=p.height,
+                        width=p.width,
+                        num_inference_steps=p.steps,
+                        guidance=p.guidance,
+                        seed=p.seed,
+                        progress=False,
+                    )
         finally:
             del ae
             module.dit.train(was_training)
         step = trainer.global_step
         experiment = getattr(trainer.logger, "experiment", None)
-        for i, (image, prompt) in enumerate(zip(images, self.prompts, strict=True)):
+        for i, (image, p) in enumerate(zip(images, self.previews, strict=True)):
             path = self.out_dir / f"step{step:06d}-{i}.png"
-            settings = self._settings(prompt, step, image, module)
+            settings = self._settings(p, step, module)
             write_atomic(path, lambda tmp, image=image, s=settings: image.save(tmp, format="PNG", pnginfo=png_info(s)))
             self.written.append(path)
             if hasattr(experiment, "add_image"):
-                tag = f"samples/{i}: {prompt[:60]}"  # named after the prompt, kept apart by index
+                tag = f"samples/{i}: {p.prompt[:60]}"  # named after the prompt, kept apart by index
                 experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
-    def _settings(self, prompt: str, step: int, image: Any, module: Any) -> dict[str, Any]:
-        """What the PNG records: the preview's prompt, seed, steps, guidance and size, the step and the LoRA."""
-        steps = self.cfg.steps or module.dit.params.default_steps
+    def _settings(self, p: SamplePrompt, step: int, module: Any) -> dict[str, Any]:
+        """What the PNG records: the preview's settings, the training step and the LoRA."""
         return {
-            "prompt": prompt,
-            "seed": self.cfg.seed,
-            "steps": steps,
-            "guidance": self.cfg.guidance,
-            "width": image.width,
-            "height": image.height,
+            **dataclasses.asdict(p),
+            "steps": p.steps or module.dit.params.default_steps,
             "step": step,
             "lora": self.lora_name,
             "model": self.model,

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +21,7 @@ from typing import TypeVar
 import lightning as L
 import torch
 
-from flux_lora.config import ExperimentConfig, save_config
+from flux_lora.config import ExperimentConfig, SamplePrompt, save_config
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
@@ -91,7 +92,8 @@ def build(
 ) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
     """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan (``scanned``, or done here)."""
     scanned = scanned or scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model
-    prompts = sample_prompts(cfg)
+    previews = sample_previews(cfg)
+    prompts = list(dict.fromkeys(t for p in previews for t in (p.prompt, p.negative_prompt)))  # embeddings to cache
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
@@ -123,7 +125,7 @@ def build(
     callbacks: list[L.Callback] = [
         *([ema] if ema else []),  # first: a step's samples and checkpoint see its EMA update
         # the two newest step checkpoints, the last step always among them (adapters and optimizer state)
-        StepCheckpoint(out / "checkpoints", cfg.train.checkpoint_every_n_steps),
+        StepCheckpoint(out / "checkpoints", cfg.train.checkpoint_every_n_steps, cfg.save.keep_checkpoints),
         saver,
         RunRecord(run_identity(cfg, scanned)),
         FiniteGuard(),
@@ -145,7 +147,7 @@ def build(
                 cfg.sample,
                 out / "samples",
                 weights=ema.applied if ema and cfg.ema.use_for_samples else None,
-                prompts=prompts,
+                previews=previews,
                 lora_name=cfg.name,
                 model=cfg.model.source,
             )
@@ -174,9 +176,13 @@ def build(
     return trainer, module, datamodule
 
 
-def sample_prompts(cfg: ExperimentConfig) -> list[str]:
-    """The preview prompts with ``data.trigger_word`` applied as to every caption."""
-    return [apply_trigger(p, cfg.data.trigger_word, f"sample prompt {p!r}") for p in cfg.sample.prompts]
+def sample_previews(cfg: ExperimentConfig) -> list[SamplePrompt]:
+    """The previews with the sample section's defaults filled in and ``data.trigger_word`` applied to their prompts
+    as to every caption."""
+    return [
+        replace(p, prompt=apply_trigger(p.prompt, cfg.data.trigger_word, f"sample prompt {p.prompt!r}"))
+        for p in cfg.sample.resolved()
+    ]
 
 
 def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, device: torch.device) -> Flux:
