@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from PIL import Image
 
 from flux_lora.atomic import save_torch_atomic, write_atomic
 from flux_lora.config import SAVE_DTYPES, SampleConfig, SamplePrompt
@@ -224,7 +225,7 @@ class SampleImages(L.Callback):
         was_training = module.dit.training
         module.dit.eval()
         ae = self.load_autoencoder(device)
-        images = []
+        images: list[Image.Image] = []
         try:
             weights = self.weights(module) if self.weights else eval_weights(_optimizer(trainer))
             with weights:
@@ -235,8 +236,8 @@ class SampleImages(L.Callback):
                         text_embeddings=emb[0:1],
                         negative_text_embeddings=emb[1:2] if p.true_cfg != 1.0 else None,
                         true_cfg=p.true_cfg,
-                        height=p.height,
-                        width=p.width,
+                        height=p.height or self.cfg.height,
+                        width=p.width or self.cfg.width,
                         num_inference_steps=p.steps,
                         guidance=p.guidance,
                         seed=p.seed,
