@@ -44,6 +44,7 @@ from benchmarks.common import (
     variant,
 )
 from benchmarks.measure import count_flops, count_ops, held_for_backward, module_calls
+from flux_lora.atomic import write_text_atomic
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import FP8Linear, default_predicate, quantize_, storage_bytes
@@ -420,9 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(run(args.timing), indent=2)
     print(text)
     if args.out:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
+        write_text_atomic(args.out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from benchmarks.common import (
     train_step,
 )
 from benchmarks.gpu_infer import run_inference
+from flux_lora.atomic import write_text_atomic
 from flux_lora.model.flux import PRESETS
 
 RANK, N_TXT = 16, 512
@@ -379,9 +380,7 @@ def _env(args) -> dict:
 
 
 def _write(path: Path, result: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from flux_lora import sampling as S
+from flux_lora.atomic import write_text_atomic
 from flux_lora.lora.runtime import apply_loras, remove_loras
 from flux_lora.lora.weight import LoraWeight
 from flux_lora.model.flux import PRESETS, Flux
@@ -93,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(result, indent=2)
     sys.stdout.write(text + "\n")
     if args.out is not None:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        write_text_atomic(args.out, text)
 
 
 if __name__ == "__main__":

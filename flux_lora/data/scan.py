@@ -83,8 +83,10 @@ class ScannedData:
             return self.parts[record.part].read_bytes(record)
         if record.row is not None:
             data = _row_bytes(self.dataset[record.row][self.image_column], record.name)
-        else:
+        elif record.path is not None:
             data = Path(record.path).read_bytes()
+        else:
+            raise DataError(f"{record.name} has neither a file nor a dataset row to read")
         if hashlib.sha256(data).hexdigest() != record.image_hash:
             raise DataError(f"{record.name} changed since the data was scanned; start again")
         return data

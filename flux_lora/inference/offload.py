@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import ExitStack, contextmanager
 from typing import Literal
 
@@ -75,7 +76,7 @@ class Transfer:
         return t.device == self.device
 
 
-def _slots(module: nn.Module, skip: set[int] = frozenset()) -> Iterator[tuple[nn.Module, str, bool]]:
+def _slots(module: nn.Module, skip: AbstractSet[int] = frozenset()) -> Iterator[tuple[nn.Module, str, bool]]:
     """``(owner, name, is_parameter)`` for each tensor of ``module`` outside the submodules whose ids are in
     ``skip``; a Parameter shared by several modules (tied weights) comes once."""
     seen: set[int] = set()
@@ -106,7 +107,7 @@ def _current(owner: nn.Module, name: str, is_param: bool) -> Tensor:
     return owner._parameters[name].data if is_param else owner._buffers[name]
 
 
-def to_host_(module: nn.Module, transfer: Transfer, skip: set[int] = frozenset()) -> None:
+def to_host_(module: nn.Module, transfer: Transfer, skip: AbstractSet[int] = frozenset()) -> None:
     """Make every tensor of ``module`` a host tensor (pinned where ``transfer`` copies asynchronously); with
     ``transfer.pack``, views into one exact-size buffer for the whole module (:func:`pack_host`)."""
     slots = list(_slots(module, skip))
@@ -163,7 +164,7 @@ def _register(owner: np.ndarray, ptr: int, nbytes: int) -> None:
 class Loaded:
     """A module whose tensors point at device copies; :meth:`unload` points them back at the host tensors."""
 
-    def __init__(self, module: nn.Module, transfer: Transfer, skip: set[int] = frozenset()):
+    def __init__(self, module: nn.Module, transfer: Transfer, skip: AbstractSet[int] = frozenset()):
         self.saved: list[tuple[nn.Module, str, bool, Tensor]] = []
         copies: dict[int, Tensor] = {}  # id(host tensor) -> device copy: tied buffers share one copy
         for owner, name, is_param in _slots(module, skip):

@@ -43,8 +43,9 @@ from flux_lora.lora.patches import (
     input_width,
 )
 from flux_lora.lora.replace import Replaced, override, restore, widen
-from flux_lora.lora.weight import WRAPPED, LoraWeight
+from flux_lora.lora.weight import LoraWeight
 from flux_lora.model.fp8 import FP8Linear
+from flux_lora.model.layers import WRAPPED
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flux_lora.model.layers import WRAPPED
+
 
 @dataclass
 class LoraWeight:
@@ -31,9 +33,6 @@ class LoraWeight:
 
 LoraStateDict = dict[str, LoraWeight]
 """LoRAs by the BFL module path of their Linear (``double_blocks.0.img_attn.qkv``)."""
-
-WRAPPED = "_checkpoint_wrapped_module"
-"""The attribute under which torch's activation-checkpoint wrapper keeps a block; it shows in module names."""
 
 
 def clean_name(name: str) -> str:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from flux_lora.dtypes import FP8
 from flux_lora.model.fp8_matmul import FP8ScaledMatmul
+from flux_lora.model.layers import WRAPPED
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def set_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
     count = 0
     for name, module in model.named_modules():
         # the BFL path, also under checkpoint wrappers and peft (whose LoRA layer keeps the Linear as base_layer)
-        path = name.replace("_checkpoint_wrapped_module.", "").removesuffix(".base_layer")
+        path = name.replace(f"{WRAPPED}.", "").removesuffix(".base_layer")
         if isinstance(module, FP8Linear) and is_token_path(path):
             module.fp8_matmul = enabled
             count += 1

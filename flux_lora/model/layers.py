@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+WRAPPED = "_checkpoint_wrapped_module"
+"""The attribute under which torch's activation-checkpoint wrapper keeps a block; it shows in module names."""
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
     """Sinusoidal embedding of flow times ``t`` in [0, 1] (scaled by ``time_factor``), cosine half first.

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from flux_lora.inference.offload import Loaded, Transfer, to_host_
-from flux_lora.lora.weight import WRAPPED
+from flux_lora.model.layers import WRAPPED
 
 Log = Callable[[str, str], None]
 

@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flux_lora.atomic import save_safetensors_atomic, write_text_atomic
+from flux_lora.atomic import save_safetensors_atomic, temp_path, write_text_atomic
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
 from flux_lora.model.controlnet import MASK_CHANNELS, PATCH_AREA, ControlNetParams, FluxControlNet
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
@@ -171,7 +170,7 @@ def write_tiny_model(
         raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(out)  # a whole folder, renamed into place when complete
     try:
         _write_tiny_model(tmp, variant, seed, params)
         _move_into_place(tmp, out)
