@@ -9,6 +9,7 @@ writers (safetensors, ``tempfile``) create ``0600`` files that another user's Co
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,3 +88,23 @@ def save_safetensors_atomic(tensors: dict[str, Any], path: str | Path, metadata:
 def save_torch_atomic(obj: Any, path: str | Path) -> Path:
     """A ``torch.save`` file (our own checkpoints: tensors and plain values, read back with ``weights_only=True``)."""
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def move_folder_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``out``; into an existing, non-empty ``out``, replace each entry
+    of ``tmp`` there atomically instead. A concurrent writer that renamed its copy first wins (same content)."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError:
+            if out.is_dir() and any(out.iterdir()):
+                return
+            raise
+    for entry in tmp.iterdir():
+        target = out / entry.name
+        if target.is_dir() and entry.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)

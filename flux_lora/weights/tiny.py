@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flux_lora.atomic import save_safetensors_atomic, temp_path, write_text_atomic
+from flux_lora.atomic import move_folder_into_place, save_safetensors_atomic, temp_path, write_text_atomic
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
 from flux_lora.model.controlnet import MASK_CHANNELS, PATCH_AREA, ControlNetParams, FluxControlNet
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
@@ -173,29 +172,11 @@ def write_tiny_model(
     tmp = temp_path(out)  # a whole folder, renamed into place when complete
     try:
         _write_tiny_model(tmp, variant, seed, params)
-        _move_into_place(tmp, out)
+        move_folder_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote tiny %s model to %s", variant, out)
     return out
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        try:
-            os.rename(tmp, out)
-            return
-        except OSError:  # another process renamed its copy first: the same model, keep that one
-            if out.is_dir() and any(out.iterdir()):
-                return
-            raise
-    for entry in tmp.iterdir():
-        target = out / entry.name
-        if target.is_dir() and entry.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
 
 
 def _write_tiny_model(out: Path, variant: str, seed: int, params: FluxParams | None) -> None:
