@@ -237,6 +237,10 @@ class ModelConfig:
     preset: str | None = _doc("architecture preset; null infers it from the checkpoint", None)
     quantize: Quantize | None = _doc("store the DiT's block Linears in fp8", None)
     quant_policy: Literal["blocks", "all"] = _doc("which Linears quantize touches: the blocks', or all", "blocks")
+    fp8_scale: Literal["row", "none"] = _doc(
+        "fp8 weight scale: row (a power of two per output row, the default) or none (a plain cast, for comparison)",
+        "row",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _doc(
         "compute dtype; auto: bf16 on GPUs, float32 on CPUs", "auto"
     )

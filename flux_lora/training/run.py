@@ -193,6 +193,7 @@ def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, 
         device=device,
         quantize=cfg.model.quantize,
         quant_policy=cfg.model.quant_policy,
+        per_channel_scale=cfg.model.fp8_scale == "row",
     )
 
 
