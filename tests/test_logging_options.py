@@ -25,7 +25,7 @@ class NormProbe(L.Callback):
         self.tokens_per_image.append(h // 2 * w // 2 + batch["txt"].shape[1])
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
-        self.norms.append(grad_norm(module))
+        self.norms.append(float(grad_norm(module)))
 
 
 def _rows(path) -> list[dict[str, str]]:

@@ -29,6 +29,7 @@ from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEmbeddings
+from flux_lora.training.guards import check_finite
 from flux_lora.training.optimizers import eval_weights
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,10 @@ class StepCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
             save_on_train_epoch_end=False,
         )
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        check_finite(trainer)  # the flags of the steps since the last check, read before anything is written
+        super()._save_checkpoint(trainer, filepath)
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step:
@@ -219,6 +224,7 @@ class SampleImages(L.Callback):
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, module) -> None:
+        check_finite(trainer)
         if not trainer.is_global_zero or not self.previews:
             return
         device = module.device

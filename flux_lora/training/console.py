@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
 
@@ -55,16 +56,22 @@ def _eta(seconds: float) -> str:
 
 class StepProgress(ProgressBar):
     """Global step k of ``max_steps`` with steps/s, the whole run's ETA, smoothed loss and learning rate: a bar
-    on a terminal, a log line every ``every_n_steps`` steps (or ``every_s`` seconds) otherwise."""
+    on a terminal, a log line every ``every_n_steps`` steps (or ``every_s`` seconds) otherwise.
+
+    The loss is smoothed on the device and read on the host only when shown (every ``every_n_steps`` steps, or
+    ``every_s`` seconds without a terminal): reading it every step would make the host wait for the
+    accelerator each step."""
 
     def __init__(self, every_n_steps: int = 10, every_s: float = 60.0, interactive: bool | None = None):
         super().__init__()
-        self.every_n_steps, self.every_s = every_n_steps, every_s
+        self.every_n_steps, self.every_s = max(every_n_steps, 1), every_s
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self._enabled = True
         self.bar: tqdm | None = None
-        self.smoothed: float | None = None
+        self.smoothed: float | None = None  # as last read from the device
         self.first_loss: float | None = None
+        self._smoothed: torch.Tensor | None = None
+        self._first: torch.Tensor | None = None
         self.start_step = 0
         self._last_step = 0
         self._last_line = 0.0
@@ -82,12 +89,24 @@ class StepProgress(ProgressBar):
         if self._enabled and self.interactive and trainer.is_global_zero:
             self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="training", unit="step")
 
+    def _smooth(self, loss: torch.Tensor) -> None:
+        value = loss.detach().float()
+        if self._smoothed is None:
+            self._first, self._smoothed = value, value.clone()
+        else:
+            self._smoothed.lerp_(value, 0.1)  # 0.9 * smoothed + 0.1 * loss, on the device
+
+    def read_loss(self) -> None:
+        """Fetch the smoothed (and, once, the first) loss from the device: a host sync, once per shown line."""
+        if self._first is not None and self.first_loss is None:
+            self.first_loss = float(self._first)
+        if self._smoothed is not None:
+            self.smoothed = float(self._smoothed)
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch, idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            value = float(loss)
-            self.first_loss = value if self.first_loss is None else self.first_loss
-            self.smoothed = value if self.smoothed is None else 0.9 * self.smoothed + 0.1 * value
+        if isinstance(loss, torch.Tensor):
+            self._smooth(loss)
         step = trainer.global_step
         if step == self._last_step or not self._enabled or not trainer.is_global_zero:
             self._last_step = step
@@ -95,18 +114,24 @@ class StepProgress(ProgressBar):
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         if self.bar is not None:
             self.bar.update(step - self._last_step)
-            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", refresh=False)
-        else:
-            self._maybe_log(trainer, step, lr)
+            if self._due(trainer, step, interactive=True):
+                self.read_loss()
+                self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", refresh=False)
+        elif self._due(trainer, step, interactive=False):
+            self._log_line(trainer, step, lr)
         self._last_step = step
 
-    def _maybe_log(self, trainer: L.Trainer, step: int, lr: float) -> None:
+    def _due(self, trainer: L.Trainer, step: int, interactive: bool) -> bool:
         now = time.monotonic()
-        due = step % self.every_n_steps == 0 or now - self._last_line >= self.every_s or step >= trainer.max_steps
-        if not due:
-            return
-        self._last_line = now
-        rate = (step - self.start_step) / max(now - self._started, 1e-9)
+        late = not interactive and now - self._last_line >= self.every_s
+        if step % self.every_n_steps == 0 or late or step >= trainer.max_steps:
+            self._last_line = now
+            return True
+        return False
+
+    def _log_line(self, trainer: L.Trainer, step: int, lr: float) -> None:
+        self.read_loss()
+        rate = (step - self.start_step) / max(time.monotonic() - self._started, 1e-9)
         eta = _eta((trainer.max_steps - step) / rate) if rate > 0 else "?"
         log.info(
             "step %d/%d  loss %.4f (smoothed)  lr %.2e  %.2f steps/s  ETA %s",
@@ -119,6 +144,7 @@ class StepProgress(ProgressBar):
         )
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.read_loss()  # the end summary's figures
         if self.bar is not None:
             self.bar.close()
             self.bar = None

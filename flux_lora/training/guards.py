@@ -1,7 +1,8 @@
 """Callbacks that keep a run honest: stop at the first non-finite loss or gradient, and stop cleanly on a signal.
 
-Both decide together on every rank (one tiny all-reduce per step under DDP), so one rank's bad batch or signal
-stops all ranks at the same step instead of leaving the others waiting in a collective.
+The finiteness guard records its flags on the device and reads them once per logging interval and before every
+save (no host sync per step); the signal stop decides on every rank together, so one rank's signal stops all
+ranks at the same step instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.nn.utils import get_total_norm
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +45,83 @@ def _describe(batch: dict | None) -> str:
 
 
 class FiniteGuard(L.Callback):
-    """Raises :class:`NonFiniteLossError` before a non-finite loss is back-propagated or a non-finite adapter
-    gradient is applied, so no NaN reaches the adapters, a checkpoint or a LoRA file. (With ``16-mixed`` the
-    gradient scaler skips inf steps itself, so gradients are not checked there.)"""
+    """Stops the run with :class:`NonFiniteLossError` naming the first step (and its images and captions) whose loss
+    or adapter gradient was not finite, so no NaN reaches a checkpoint or a LoRA file.
 
-    def __init__(self) -> None:
+    Nothing is read on the host per step: each micro-batch's flag is folded into one device tensor, and
+    :meth:`check` reads it every ``every_n_steps`` steps, at the last step and before every save (the savers call
+    :func:`check_finite`). An optimizer step whose loss or gradient is not finite applies a zero gradient instead
+    (``masked_fill_`` on the device), so the adapters stay finite until the check. (With ``16-mixed`` the
+    gradient scaler skips inf steps itself, so gradients are neither checked nor zeroed there.)"""
+
+    def __init__(self, every_n_steps: int = 10) -> None:
+        self.every_n_steps = max(every_n_steps, 1)
         self._batch: dict | None = None
+        self._pending: list[tuple[int, str, dict | None]] = []  # (step, what, batch) per recorded flag
+        self._first_bad: torch.Tensor | None = None  # 1 + index into _pending of the first bad flag, else 0
+        self._step_bad: torch.Tensor | None = None  # this optimizer step's loss or gradient was not finite
+        self._checked_at = self._last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch = batch if isinstance(batch, dict) else None
+        # the names only: holding the batch would keep its tensors alive until the check
+        self._batch = {k: batch.get(k, []) for k in ("image", "caption")} if isinstance(batch, dict) else None
+
+    def _record(self, trainer: L.Trainer, bad: torch.Tensor, what: str) -> None:
+        self._pending.append((trainer.global_step + 1, what, self._batch))
+        first = torch.zeros((), dtype=torch.int64, device=bad.device) if self._first_bad is None else self._first_bad
+        self._first_bad = torch.where((first == 0) & bad, len(self._pending), first)
+        self._step_bad = bad if self._step_bad is None else self._step_bad | bad
 
     def on_before_backward(self, trainer: L.Trainer, module: L.LightningModule, loss: torch.Tensor) -> None:
-        value = loss.detach().float()
-        self._check(trainer, bool(torch.isfinite(value).all()), f"loss {value.item():g}")
+        self._record(trainer, ~torch.isfinite(loss.detach()).all(), "loss")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
-        if str(trainer.precision).startswith("16"):
-            return
         grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-        self._check(trainer, finite, "adapter gradient")
+        if grads and not str(trainer.precision).startswith("16"):
+            self._record(trainer, ~torch.isfinite(get_total_norm(grads, float("inf"))), "adapter gradient")
+            bad = self._step_bad
+            assert bad is not None  # set by _record
+            for g in grads:  # skip the update on the device: a zero gradient instead of a non-finite one
+                g.masked_fill_(bad, 0.0)
+        self._step_bad = None
 
-    def _check(self, trainer: L.Trainer, finite: bool, what: str) -> None:
-        if not trainer.strategy.reduce_boolean_decision(not finite, all=False):
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # mid gradient accumulation: no optimizer step in this batch
             return
-        where = _describe(self._batch) if not finite else "on another rank"
+        self._last_step = step
+        if step % self.every_n_steps == 0 or step >= trainer.max_steps:
+            self.check(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: L.Trainer) -> None:
+        """Read the flags recorded since the last check (one host sync; call on every rank); raise on a bad one."""
+        if self._checked_at == trainer.global_step and not self._pending:
+            return
+        self._checked_at = trainer.global_step
+        first = int(self._first_bad) if self._first_bad is not None else 0
+        if not trainer.strategy.reduce_boolean_decision(first > 0, all=False):
+            self._pending, self._first_bad = [], None
+            return
+        step, what, batch = self._pending[first - 1] if first else (trainer.global_step, "loss or gradient", None)
+        where = _describe(batch) if first else "on another rank"
         raise NonFiniteLossError(
-            f"non-finite {what if not finite else 'loss or gradient'} at step {trainer.global_step + 1} "
-            f"({where}); stopped before applying it, nothing was written for this step. Check those images, "
-            "the learning rate, or a damaged checkpoint"
+            f"non-finite {what} at step {step} ({where}); that update was skipped, the run stopped at step "
+            f"{trainer.global_step} and nothing was written since. Check those images, the learning rate, or a damaged "
+            "checkpoint"
         )
+
+
+def check_finite(trainer: L.Trainer) -> None:
+    """Run the :class:`FiniteGuard` check of ``trainer`` now (before a save), if it has one."""
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, FiniteGuard):
+            callback.check(trainer)
 
 
 class StopOnSignal(L.Callback):

@@ -37,10 +37,10 @@ def make_logger(kind: str, out: Path, name: str) -> Logger:
     return CSVLogger(out, name="logs", version="")
 
 
-def grad_norm(module: torch.nn.Module) -> float:
-    """The L2 norm of all trainable parameters' gradients together."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.requires_grad and p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of all trainable parameters' gradients together, on their device (not read on the host)."""
+    grads = [p.grad.detach() for p in module.parameters() if p.requires_grad and p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
 
 
 class TrainingMetrics(L.Callback):

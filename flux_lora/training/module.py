@@ -137,7 +137,9 @@ class FluxLoraModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self(batch, self.step_generator(batch_idx))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["latents"]))
+        self.log(
+            "train/loss", loss, batch_size=len(batch["latents"])
+        )  # no prog_bar: Lightning would read it every step
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         if torch.cuda.is_available() and self.device.type == "cuda":
             self.log("train/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)

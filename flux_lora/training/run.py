@@ -123,12 +123,12 @@ def build(
     saver = SaveLora(cfg, cfg.train.save_every_n_steps, metadata)
     ema = AdapterEma(cfg.ema, saver) if cfg.ema.enabled else None
     callbacks: list[L.Callback] = [
+        FiniteGuard(cfg.train.log_every_n_steps),  # first: its interval check precedes the step's saves
         *([ema] if ema else []),  # first: a step's samples and checkpoint see its EMA update
         # the two newest step checkpoints, the last step always among them (adapters and optimizer state)
         StepCheckpoint(out / "checkpoints", cfg.train.checkpoint_every_n_steps, cfg.save.keep_checkpoints),
         saver,
         RunRecord(run_identity(cfg, scanned)),
-        FiniteGuard(),
         StopOnSignal(),
         StepProgress(every_n_steps=cfg.train.log_every_n_steps),
         Summaries(cfg),

@@ -9,5 +9,6 @@ sys.path). Each module imports only what its role needs, so a process spawned by
 - ``offload``: a fake accelerator on the CPU, re-aligned tensors, per-block hooks
 - ``cache``: captioned images, counting encoder loaders, cache plans (no Lightning: spawned processes use it)
 - ``training``: the tiny training config and a fit
+- ``syncs``: host syncs (``item()``, ``bool()``) of a fit counted per optimizer step
 - ``cli``: examples/generate.py as a module, its tiny settings, a fresh ``python`` process
 """
