@@ -62,8 +62,29 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+_WIDE = (torch.float32, torch.bfloat16, torch.float64)  # 8+ exponent bits: the unscaled ``x @ W8^T`` cannot overflow
+
+
+def scale_on_activations(rows: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether to apply the per-output-channel scale to the ``[rows, out]`` output (and output gradient) rather
+    than to the ``[out, in]`` weight.
+
+    Eagerly, scaling the weight is a second pass over it (cast, then scale: 7 bytes per weight instead of 3) and
+    scaling the output is a pass over ``rows * out`` values (4 bytes each), so the output side wins when
+    ``rows < in_features``: always for the modulation Linears (one row per sample) and the text stream, at
+    small images for the rest. Compiled, the cast and the scale of the weight fuse into one kernel while the
+    output scale would still be a pass of its own, so the weight side is kept there; so it is in float16, where
+    the unscaled product (e4m3 values up to 448) could overflow.
+    """
+    return rows < in_features and dtype in _WIDE and not torch.compiler.is_compiling()
+
+
 class _FP8Matmul(torch.autograd.Function):
-    """``y = x W^T + b`` for a frozen fp8 ``W``; saves only the fp8 weight and its scale for backward."""
+    """``y = x W^T + b`` for a frozen fp8 ``W``; saves only the fp8 weight and its scale for backward.
+
+    With :func:`scale_on_activations`: ``y = (x @ W8^T + b / s) * s`` and ``gx = (g * s) @ W8``, where the weight
+    is only cast. Our scales are powers of two, so this is bit-identical to scaling the weight (barring
+    subnormals); an arbitrary scale from elsewhere differs by one rounding."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -71,16 +92,23 @@ class _FP8Matmul(torch.autograd.Function):
         ctx.save_for_backward(weight, scale)
         ctx.x_dtype = x.dtype
         ctx.compute_dtype = dtype
+        ctx.on_activations = scale_on_activations(x.numel() // x.shape[-1], weight.shape[1], dtype)
         with torch.autocast(x.device.type, enabled=False):
-            w = dequantize_weight(weight, scale, dtype)
-            return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+            b = None if bias is None else bias.to(dtype)
+            if not ctx.on_activations:
+                return F.linear(x.to(dtype), dequantize_weight(weight, scale, dtype), b)
+            s = scale.to(dtype)
+            return F.linear(x.to(dtype), weight.to(dtype), None if b is None else b / s).mul_(s)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         weight, scale = ctx.saved_tensors
+        dtype = ctx.compute_dtype
         with torch.autocast(grad_out.device.type, enabled=False):
-            w = dequantize_weight(weight, scale, ctx.compute_dtype)
-            grad_x = grad_out.to(ctx.compute_dtype) @ w
+            if ctx.on_activations:
+                grad_x = (grad_out.to(dtype) * scale.to(dtype)) @ weight.to(dtype)
+            else:
+                grad_x = grad_out.to(dtype) @ dequantize_weight(weight, scale, dtype)
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
