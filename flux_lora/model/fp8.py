@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 FP8_MAX = torch.finfo(FP8).max  # 448
 QuantPolicy = Literal["blocks", "all"]
+BLOCKS = ("double_blocks.", "single_blocks.")  # BFL name prefixes of the block Linears
 
 
 def quantize_weight(weight: Tensor, per_channel: bool = True) -> tuple[Tensor, Tensor]:
@@ -215,7 +216,7 @@ def default_predicate(policy: QuantPolicy = "blocks") -> Callable[[str, nn.Modul
     if policy == "all":
         return lambda name, m: isinstance(m, nn.Linear)
     if policy == "blocks":
-        return lambda name, m: isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))
+        return lambda name, m: isinstance(m, nn.Linear) and name.startswith(BLOCKS)
     raise ValueError(f"unknown quantization policy {policy!r}; use 'blocks' or 'all'")
 
 
@@ -255,16 +256,17 @@ MODULATION_SUFFIXES = ("_mod.lin", "modulation.lin", "adaLN_modulation.1")
 
 def is_token_path(name: str) -> bool:
     """A block Linear that sees every token (attention qkv/proj, MLPs, linear1/linear2), not a modulation."""
-    return name.startswith(("double_blocks.", "single_blocks.")) and not name.endswith(MODULATION_SUFFIXES)
+    return name.startswith(BLOCKS) and not name.endswith(MODULATION_SUFFIXES)
 
 
 def set_fp8_matmul(model: nn.Module, enabled: bool = True) -> int:
-    """Switch the token-path :class:`FP8Linear` layers of ``model`` to fp8 GEMMs (or back); returns how many."""
+    """Switch the :class:`FP8Linear` layers in the blocks of ``model`` (token path and modulation) to fp8 GEMMs
+    (or back); returns how many."""
     count = 0
     for name, module in model.named_modules():
         # the BFL path, also under checkpoint wrappers and peft (whose LoRA layer keeps the Linear as base_layer)
         path = name.replace(f"{WRAPPED}.", "").removesuffix(".base_layer")
-        if isinstance(module, FP8Linear) and is_token_path(path):
+        if isinstance(module, FP8Linear) and path.startswith(BLOCKS):
             module.fp8_matmul = enabled
             count += 1
     return count
