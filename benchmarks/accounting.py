@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Literal
 
 from flux_lora.model.flux import FluxParams
 
 ATTENTION_BACKWARD = 2.5
 DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")
+WeightRoute = Literal["two_pass", "one_pass", "fp8_gemm"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +149,33 @@ def step_flops(
 def tokens(height: int, width: int, n_txt: int, downscale: int = 8) -> tuple[int, int]:
     """Image size in pixels -> ``(image tokens, text tokens)`` (2x2 patches of the latent)."""
     return (height // (2 * downscale)) * (width // (2 * downscale)), n_txt
+
+
+def _weight_pass_bytes(s: LinearSpec, rows: int, route: WeightRoute, backward: bool) -> int:
+    """Bytes one eager pass (forward or input gradient) of an fp8 Linear moves over its weight, the GEMM's read
+    included. ``two_pass``: cast (1 read + 2 written), scale (2 + 2), GEMM read (2): 9 per weight.
+    ``one_pass`` (``FP8Linear`` since issue 14) with fewer rows than inputs: cast + GEMM read, 5 per weight, plus
+    the scale applied to the output (or output gradient), 4 per element; otherwise as ``two_pass``.
+    ``fp8_gemm``: the GEMM reads the 1-byte weight; the input gradient first makes a transposed copy (+2)."""
+    if route == "fp8_gemm":
+        return s.weights * (3 if backward else 1)
+    if route == "one_pass" and rows < s.in_features:
+        return 5 * s.weights + 4 * rows * s.out_features
+    return 9 * s.weights
+
+
+def fp8_weight_bytes(
+    p: FluxParams, n_img: int, n_txt: int, *, route: WeightRoute, checkpointing: bool, batch: int = 1
+) -> int:
+    """Bytes a LoRA training step moves to feed the fp8 block weights to their GEMMs (eager, no fusion): every
+    block Linear runs forward (twice with checkpointing); the token path also runs its input gradient, the
+    modulation Linears (whose input needs no gradient) do not."""
+    total = 0
+    for s in dit_linears(p):
+        if not s.name.startswith(("double_blocks.", "single_blocks.")):
+            continue
+        rows = _row_count(s.rows, n_img, n_txt) * batch
+        total += (2 if checkpointing else 1) * _weight_pass_bytes(s, rows, route, backward=False)
+        if s.rows != "sample":
+            total += _weight_pass_bytes(s, rows, route, backward=True)
+    return total

@@ -78,7 +78,7 @@ class BenchConfig:
     res: int
     checkpointing: bool
     compiled: bool
-    fp8_matmul: bool = False  # torch._scaled_mm for the token-path Linears (set_fp8_matmul)
+    fp8_matmul: bool = False  # torch._scaled_mm for the block Linears (set_fp8_matmul)
     selective: bool = False  # selective checkpointing: attention outputs kept
 
     @property

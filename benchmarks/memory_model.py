@@ -60,7 +60,7 @@ from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.peft_adapters import inject_lora, trainable_parameters
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
-from flux_lora.model.fp8 import default_predicate, quantize_
+from flux_lora.model.fp8 import default_predicate, quantize_, set_fp8_matmul
 from flux_lora.model.text_encoders import TextEncoders
 from flux_lora.training.block_wrappers import enable_gradient_checkpointing
 from flux_lora.training.optimizers import import_class
@@ -169,6 +169,7 @@ class TrainCase:
     base: Base = "fp8"
     checkpointing: Checkpointing = "full"
     rank: int = 16
+    fp8_matmul: bool = False  # the block Linears through torch._scaled_mm (set_fp8_matmul)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ def train_case(case: TrainCase, params: FluxParams = PRESETS["flux-dev"]) -> dic
     adapters and optimizer state; transient = everything the step allocates (batch, activations, gradients)."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_dit(params, fake, case.base, case.rank)
+    set_fp8_matmul(model, case.fp8_matmul)
     cfg = shipped_train_config()
     with fake:
         if case.checkpointing != "none":
@@ -315,7 +317,7 @@ TRAIN_CASES = [
     for base in ("fp8", "bf16")
     for ckpt in ("full", "selective", "none")
     if base == "fp8" or ckpt == "full"
-]
+] + [TrainCase(1024, "fp8", "full", fp8_matmul=True)]
 INFER_CASES = [InferCase(mode) for mode in (None, "model", "block")]
 
 

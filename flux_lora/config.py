@@ -257,7 +257,7 @@ class ModelConfig:
         "torch.compile each block; auto: on CUDA GPUs of compute capability >= 8.9, eager elsewhere", "auto"
     )
     fp8_matmul: bool | Literal["auto"] = _doc(
-        "fp8 GEMMs for the token-path Linears of an fp8 DiT; auto: where compiled on capability >= 8.9", "auto"
+        "fp8 GEMMs for the block Linears of an fp8 DiT; auto: where compiled on capability >= 8.9", "auto"
     )
     cache_dir: str | None = _doc("download cache; null: the hub's own (HF_HOME, MODELSCOPE_CACHE)", None)
     tiny_if_missing: bool = _doc("write a tiny random model to source when it does not exist (CPU demos)", False)

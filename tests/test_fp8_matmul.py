@@ -1,6 +1,6 @@
 """fp8 GEMMs (``torch._scaled_mm``, which runs on this CPU) for the token-path Linears: error bounds at real FLUX
-layer shapes against the dequantize path, the exact power-of-two fold in backward, which layers switch, and a
-tiny LoRA that still learns with them on."""
+layer shapes against the dequantize path, the exact power-of-two fold in backward, and a tiny LoRA that still
+learns with them on (modulation included; its own bounds and which layers switch: ``test_fp8_modulation.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flux_lora.lora.peft_adapters import trainable_parameters
-from flux_lora.model.flux import PRESETS, Flux
-from flux_lora.model.fp8 import FP8Linear, is_token_path, quantize_, set_fp8_matmul
+from flux_lora.model.flux import PRESETS
+from flux_lora.model.fp8 import FP8Linear, set_fp8_matmul
 from flux_lora.model.fp8_matmul import quantize_rows
 
 from helpers.dit import dit_inputs, lora_dit
@@ -66,28 +66,16 @@ def test_power_of_two_weight_scales_fold_exactly():
     assert torch.equal(y2, 2 * y1) and torch.equal(gx2, 2 * gx1)
 
 
-def test_only_token_path_linears_switch():
-    model = Flux(PRESETS["tiny"])
-    quantize_(model)
-    count = set_fp8_matmul(model)
-    switched = sorted(n for n, m in model.named_modules() if isinstance(m, FP8Linear) and m.fp8_matmul)
-    assert count == len(switched) > 0
-    assert all(is_token_path(n) for n in switched)
-    assert not any(n.endswith(("_mod.lin", "modulation.lin")) for n in switched)
-    assert {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_mlp.2", "single_blocks.0.linear1"} <= set(switched)
-    set_fp8_matmul(model, False)
-    assert not any(m.fp8_matmul for m in model.modules() if isinstance(m, FP8Linear))
-
-
 def test_tiny_lora_learns_with_fp8_matmuls():
-    """A rank-4 LoRA fitting a fixed target through fp8 GEMMs (forward and input gradients) still learns."""
+    """A rank-4 LoRA fitting a fixed target through fp8 GEMMs (forward and input gradients, token path and
+    modulation: tiny rows padded to 16) still learns."""
     p = PRESETS["tiny"]
     model = lora_dit(p)
     assert set_fp8_matmul(model) > 0
     modulations = [
         m for n, m in model.named_modules() if n.endswith(("_mod.lin.base_layer", "modulation.lin.base_layer"))
     ]
-    assert modulations and not any(m.fp8_matmul for m in modulations)  # peft's wrapping does not hide them
+    assert modulations and all(m.fp8_matmul for m in modulations)  # peft's wrapping does not hide them
     inputs = dit_inputs(p, lat_h=8, lat_w=8, txt_len=5, seed=0)
     target = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)

@@ -10,9 +10,11 @@ folds exactly. The folded gradient is quantized per row to e4m3 and multiplied b
 made on the fly (fp8, 1 byte per weight). The weight never gets a gradient.
 
 The dequantize path (``fp8.py``) stays the default: it is exact to bf16 rounding, while these GEMMs add about 2-3 %
-relative error per layer (measured in ``tests/test_fp8_matmul.py``) for the fp8 tensor-core throughput. Only
-the token-path Linears use it (attention qkv/proj, MLPs, single-block linear1/linear2); the modulation Linears
-see one vector per sample and keep dequantizing.
+relative error per layer (measured in ``tests/test_fp8_matmul.py`` and ``tests/test_fp8_modulation.py``) for the
+fp8 tensor-core throughput. Every block Linear uses it when switched on: the token path (attention qkv/proj,
+MLPs, single-block linear1/linear2) and the modulation Linears, which see one vector per sample and would
+otherwise dequantize their 3.2 B weights per forward; here they read 1 byte per weight. The few rows are padded
+to the multiple of 16 that CUDA's fp8 GEMM needs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 from flux_lora.dtypes import FP8
 
 FP8_MAX = torch.finfo(FP8).max
+ROW_MULTIPLE = 16  # CUDA's fp8 GEMM wants every dimension a multiple of 16; the weight's always are
 _TINY = 2.0**-60  # floor of a row's scale, so all-zero rows quantize to zeros instead of NaN
 
 
@@ -33,6 +36,13 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     magnitude mapped to 448."""
     scale = (x.detach().abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)
     return (x.float() / scale).to(FP8), scale
+
+
+def pad_rows(x: Tensor) -> Tensor:
+    """``[M, K]`` -> ``[M', K]`` with zero rows appended up to a multiple of :data:`ROW_MULTIPLE` (``x`` itself
+    when it already is one)."""
+    pad = -x.shape[0] % ROW_MULTIPLE
+    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
@@ -48,8 +58,9 @@ class FP8ScaledMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
         shape = x.shape
-        xq, sx = quantize_rows(x.reshape(-1, shape[-1]))
-        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale.float()[None, :], out_dtype=dtype)
+        rows = x.numel() // shape[-1]
+        xq, sx = quantize_rows(pad_rows(x.reshape(rows, shape[-1])))
+        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scale.float()[None, :], out_dtype=dtype)[:rows]
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(weight, scale)
@@ -61,9 +72,10 @@ class FP8ScaledMatmul(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         weight, scale = ctx.saved_tensors
         shape = grad_out.shape
-        g = grad_out.reshape(-1, shape[-1]).float() * scale.float()[None, :]  # exact: powers of two
-        gq, sg = quantize_rows(g)
+        rows = grad_out.numel() // shape[-1]
+        g = grad_out.reshape(rows, shape[-1]).float() * scale.float()[None, :]  # exact: powers of two
+        gq, sg = quantize_rows(pad_rows(g))
         w_t = weight.t().contiguous().t()  # [out, in] in column-major order, as _scaled_mm wants its B operand
         ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
-        grad_x = torch._scaled_mm(gq, w_t, scale_a=sg, scale_b=ones, out_dtype=ctx.dtype)
+        grad_x = torch._scaled_mm(gq, w_t, scale_a=sg, scale_b=ones, out_dtype=ctx.dtype)[:rows]
         return grad_x.reshape(*shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None, None
