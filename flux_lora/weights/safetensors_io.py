@@ -122,7 +122,7 @@ def _read(f: Any, start: int, entry: dict[str, Any], dtype: torch.dtype) -> Tens
     begin, end = (start + o for o in entry["data_offsets"])
     buf = torch.empty(end - begin, dtype=torch.uint8)
     f.seek(begin)
-    view, done = memoryview(buf.numpy()), 0
+    view, done = buf.numpy().data, 0
     while done < len(view):
         n = f.readinto(view[done:])
         if not n:

@@ -71,7 +71,7 @@ def _materialise(part: nn.Module, seed: int) -> None:
 
 
 def _write_tensor(f: BinaryIO, t: torch.Tensor, dtype: torch.dtype) -> None:
-    f.write(memoryview(t.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy()))
+    f.write(t.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_random_dit(
