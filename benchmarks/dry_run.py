@@ -137,11 +137,33 @@ def markdown(result: dict) -> str:
     lines = [f"Dry run, preset `{result['preset']}`: {result['command']}", "", "| " + " | ".join(head) + " |"]
     lines.append("|" + "---|" * len(head))
     for child in ("write", "train", "generate"):
-        for name, row in result[child]["phases"].items():
+        for name, row in result.get(child, {}).get("phases", {}).items():
             values = [row["seconds"], *(row[f"peak_{k}_GB"] for k in FIELDS)]
             lines.append(f"| {child}: {name} | " + " | ".join(str(v) for v in values) + " |")
     lines += ["", *(f"- {k}: {v}" for k, v in result["files"].items())]
     return "\n".join(lines) + "\n"
+
+
+def run_all(work: Path, preset: str) -> dict:
+    """The three children in order (a later one only if the earlier succeeded), from a clean output."""
+    for old in ("train", "cache", "model", "data"):
+        shutil.rmtree(work / old, ignore_errors=True)  # a previous run's would resume, or skip the cache
+    (work / "generated.png").unlink(missing_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    # in a child of its own, measured like the others, so its memory is returned before training starts
+    writer = [sys.executable, "benchmarks/dry_run.py", str(work), "--preset", preset, "--write-only"]
+    children = [
+        ("write", writer, "write model", ()),
+        ("train", train_command(work), "startup", TRAIN_PHASES),
+        ("generate", generate_command(work), "load", GENERATE_PHASES),
+    ]
+    result: dict = {}
+    for name, cmd, first, phases in children:
+        result[name] = run_child(cmd, work / f"{name}.log", first, phases)
+        if result[name]["exit_code"] != 0:
+            log.error("%s failed (exit status %s): see %s", name, result[name]["exit_code"], work / f"{name}.log")
+            break
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,29 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         write_model(work / "model", args.preset)
         write_dataset(work / "data")
         return 0
-    result: dict = {
-        "preset": args.preset,
-        "command": " ".join(["python benchmarks/dry_run.py", *(argv or sys.argv[1:])]),
-    }
-    # in a child of its own, measured like the others, so its memory is returned before training starts
-    writer = [sys.executable, "benchmarks/dry_run.py", str(work), "--preset", args.preset, "--write-only"]
-    work.mkdir(parents=True, exist_ok=True)
-    result["write"] = run_child(writer, work / "write.log", "write model")
-    if result["write"]["exit_code"] != 0:
-        log.error("writing the model failed: see %s", work / "write.log")
-        return 1
-    result["train"] = run_child(train_command(work), work / "train.log", "startup", TRAIN_PHASES)
-    if result["train"]["exit_code"] == 0:
-        result["generate"] = run_child(generate_command(work), work / "generate.log", "load", GENERATE_PHASES)
-    else:
-        result["generate"] = {"command": "not run: training failed", "exit_code": None, "phases": {}}
+    command = " ".join(["python benchmarks/dry_run.py", *(argv if argv is not None else sys.argv[1:])])
+    result = {"preset": args.preset, "command": command, **run_all(work, args.preset)}
     result["files"] = _file_sizes(work)
     write_text_atomic(work / "dry_run.json", json.dumps(result, indent=2))
     write_text_atomic(work / "dry_run.md", markdown(result))
     print(markdown(result))
     if not args.keep:
         shutil.rmtree(work / "model", ignore_errors=True)
-    return 0 if result["train"]["exit_code"] == 0 and result["generate"]["exit_code"] == 0 else 1
+    ok = all(result.get(c, {}).get("exit_code") == 0 for c in ("write", "train", "generate"))
+    return 0 if ok else 1
 
 
 def _file_sizes(work: Path) -> dict[str, str]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.dry_run import run_child
 from flux_lora.model.flux import PRESETS
 from flux_lora.weights.loading import load_flow_model
 from flux_lora.weights.safetensors_io import read_metadata
@@ -39,6 +40,18 @@ def test_tiny_dry_run_measures_every_phase(tmp_path: Path) -> None:
     assert (tmp_path / "generated.png").is_file() and (tmp_path / "train" / "flux-dev-lora.safetensors").is_file()
     assert "| train: steps |" in (tmp_path / "dry_run.md").read_text()
     assert not (tmp_path / "model").exists()  # deleted without --keep
+
+
+def test_phases_follow_the_child_log_and_a_failure_is_reported(tmp_path: Path) -> None:
+    child = (
+        "import sys, time; b = bytearray(60_000_000); print('hello'); time.sleep(0.5); print('MARK two', flush=True); "
+        "time.sleep(0.5); sys.exit(3)"
+    )
+    r = run_child([sys.executable, "-c", child], tmp_path / "child.log", "one", (("two", r"^MARK"),))
+    assert r["exit_code"] == 3
+    assert list(r["phases"]) == ["one", "two"]
+    assert r["phases"]["two"]["seconds"] >= 0.4 and r["phases"]["two"]["peak_RssAnon_GB"] > 0
+    assert (tmp_path / "child.log").read_text() == "hello\nMARK two\n"
 
 
 def test_streamed_dit_file_holds_the_model_in_memory_order(tmp_path: Path) -> None:
