@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -517,6 +518,7 @@ def fill_cache(
         batch_size: captions or crops per encoder call.
     """
     device = torch.device(device)
+    started = time.monotonic()
     with fill_lock(plan.root):
         plan = plan.refresh()
         texts = latents = 0
@@ -536,6 +538,14 @@ def fill_cache(
                 "autoencoder",
                 lambda ae: _encode_latents(ae, plan, data, device, batch_size, progress),
             )
+    if texts or latents:  # the end of the cache phase: the DiT loads next
+        log.info(
+            "cache %s: encoded %d captions and %d latents in %.0f s, encoders released",
+            plan.root,
+            texts,
+            latents,
+            time.monotonic() - started,
+        )
     return FillStats(texts, latents)
 
 

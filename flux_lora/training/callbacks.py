@@ -118,6 +118,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step:
+            log.info("saving the step %d checkpoint in %s", trainer.global_step, self.dirpath)
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_batch_end(

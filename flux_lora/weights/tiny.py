@@ -95,46 +95,64 @@ def build_t5_tokenizer(out: Path, max_length: int) -> None:
     fast.save_pretrained(out)
 
 
-def build_text_encoders(out: Path, params: FluxParams, seed: int) -> None:
+# CLIP-L's and T5-XXL's real layer shapes, for full-width (but shallow) random encoders
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, relative_attention_num_buckets=32)
+
+
+def _clip_shapes(params: FluxParams, vocab: int, full_width: bool) -> dict:
+    if full_width:
+        return CLIP_L
+    d = params.vec_in_dim
+    return dict(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_attention_heads=2, projection_dim=d)
+
+
+def _t5_shapes(params: FluxParams, vocab: int, full_width: bool) -> dict:
+    if full_width:
+        return T5_XXL
+    d = params.context_in_dim
+    return dict(vocab_size=vocab, d_model=d, d_kv=8, d_ff=2 * d, num_heads=4, relative_attention_num_buckets=8)
+
+
+def build_text_encoders(out: Path, params: FluxParams, seed: int, full_width: bool = False, t5_layers: int = 2) -> None:
+    """Tokenizers and random CLIP + T5 encoders: tiny ones of the DiT's text widths, or with ``full_width`` the
+    real CLIP-L and T5-XXL layer shapes (vocabularies included) with 2 CLIP and ``t5_layers`` T5 layers, stored
+    in bf16 and built in bf16 (one T5-XXL layer is 0.39 GB there)."""
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     build_clip_tokenizer(out / "tokenizer")
     build_t5_tokenizer(out / "tokenizer_2", params.max_sequence_length)
     clip_tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     t5_tok = AutoTokenizer.from_pretrained(out / "tokenizer_2")
+    dtype = torch.bfloat16 if full_width else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(seed + 1)
+        clip_cfg = CLIPTextConfig(
+            **_clip_shapes(params, len(clip_tok), full_width),
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+        CLIPTextModel(clip_cfg).eval().save_pretrained(out / "text_encoder", safe_serialization=True)
 
-    torch.manual_seed(seed + 1)
-    clip_cfg = CLIPTextConfig(
-        vocab_size=len(clip_tok),
-        hidden_size=params.vec_in_dim,
-        intermediate_size=2 * params.vec_in_dim,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=params.vec_in_dim,
-        bos_token_id=clip_tok.bos_token_id,
-        eos_token_id=clip_tok.eos_token_id,
-        pad_token_id=clip_tok.pad_token_id,
-    )
-    CLIPTextModel(clip_cfg).eval().save_pretrained(out / "text_encoder", safe_serialization=True)
-
-    torch.manual_seed(seed + 2)
-    t5_cfg = T5Config(
-        vocab_size=len(t5_tok),
-        d_model=params.context_in_dim,
-        d_kv=8,
-        d_ff=2 * params.context_in_dim,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=t5_tok.pad_token_id,
-        eos_token_id=t5_tok.eos_token_id,
-        decoder_start_token_id=t5_tok.pad_token_id,
-    )
-    T5EncoderModel(t5_cfg).eval().save_pretrained(out / "text_encoder_2", safe_serialization=True)
+        torch.manual_seed(seed + 2)
+        t5_cfg = T5Config(
+            **_t5_shapes(params, len(t5_tok), full_width),
+            num_layers=t5_layers,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+        )
+        T5EncoderModel(t5_cfg).eval().save_pretrained(out / "text_encoder_2", safe_serialization=True)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def random_flux(params: FluxParams, seed: int) -> Flux:
@@ -155,6 +173,13 @@ def random_autoencoder(params: AutoEncoderParams, seed: int) -> AutoEncoder:
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.2, 0.2)
     return ae
+
+
+def write_autoencoder(path: Path, params: AutoEncoderParams, seed: int) -> Path:
+    """A random autoencoder as ``ae.safetensors`` (float32, as the official file), its params in the metadata."""
+    ae = random_autoencoder(params, seed)
+    metadata = {PARAMS_METADATA_KEY: json.dumps(params.to_dict()), "format": "pt"}
+    return save_safetensors_atomic(ae.state_dict(), path, metadata)
 
 
 def write_tiny_model(
@@ -188,11 +213,7 @@ def _write_tiny_model(out: Path, variant: str, seed: int, params: FluxParams | N
         out / f"flux1-{variant}.safetensors",
         {PARAMS_METADATA_KEY: json.dumps(params.to_dict()), "format": "pt"},
     )
-    ae_params = AE_PRESETS["tiny"]
-    ae = random_autoencoder(ae_params, seed)
-    save_safetensors_atomic(
-        ae.state_dict(), out / "ae.safetensors", {PARAMS_METADATA_KEY: json.dumps(ae_params.to_dict()), "format": "pt"}
-    )
+    write_autoencoder(out / "ae.safetensors", AE_PRESETS["tiny"], seed)
     build_text_encoders(out, params, seed)
     (out / "README.md").write_text(
         f"Tiny FLUX.1-{variant}-shaped model with random weights (seed {seed}), written by flux_lora.weights.tiny.\n"
