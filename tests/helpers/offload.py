@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from flux_lora.inference.offload import Transfer
+from flux_lora.inference.offload import StreamName, Transfer
 
 
 def realign(module: nn.Module) -> nn.Module:
@@ -33,6 +33,9 @@ class FakeAccelerator(Transfer):
         super().__init__("cpu", pin_memory=False)
         self._copies: list[torch.Tensor] = []
         self._addresses: set[int] = set()
+        self.log: list[tuple] = []
+        self.buffers: list[int] = []  # storage addresses of the slot buffers, in allocation order
+        self.events = 0
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         copy = t.clone()
@@ -42,6 +45,30 @@ class FakeAccelerator(Transfer):
 
     def is_on_device(self, t: torch.Tensor) -> bool:
         return t.untyped_storage().data_ptr() in self._addresses
+
+    # the stream and event side, recorded in ``log`` in call order (there is one stream on the CPU):
+    # ("alloc", slot buffer number, bytes), ("copy", slot buffer number), ("record" | "wait", stream, event number)
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self._copies.append(buffer)
+        self._addresses.add(buffer.untyped_storage().data_ptr())
+        self.buffers.append(buffer.untyped_storage().data_ptr())
+        self.log.append(("alloc", len(self.buffers) - 1, nbytes))
+        return buffer
+
+    def copy_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.log.append(("copy", self.buffers.index(dst.untyped_storage().data_ptr())))
+        super().copy_(dst, src)
+
+    def record(self, stream: StreamName) -> int:
+        self.events += 1
+        self.log.append(("record", stream, self.events))
+        return self.events
+
+    def wait(self, stream: StreamName, event: object) -> None:
+        if event is not None:
+            self.log.append(("wait", stream, event))
 
 
 def while_each_block_runs(model: nn.Module, record: Callable[[int], None]) -> list[RemovableHandle]:
