@@ -141,6 +141,12 @@ def _slots(module: nn.Module, skip: AbstractSet[int] = frozenset()) -> Iterator[
                 yield owner, name, False
 
 
+def _unique_tensors(module: nn.Module) -> list[Tensor]:
+    """The tensors of ``module``, each storage view once (tied ones share)."""
+    unique = {id(t): t for t in (_current(*slot) for slot in _slots(module))}
+    return list(unique.values())
+
+
 def _subtree_ids(modules: list[nn.Module]) -> set[int]:
     return {id(m) for top in modules for m in top.modules()}
 
@@ -294,6 +300,12 @@ class DeviceSlots:
 
         return SlotLoaded(self, slot, Loaded(module, self.transfer, skip, place=place), ready[0])
 
+    def reserve(self, nbytes: int) -> None:
+        """Size both slots for a block of ``nbytes`` (packed) now, so no slot grows during a loop."""
+        for slot in (0, 1):
+            if self.users[slot] is None:
+                self._buffer(slot, nbytes)
+
     def _buffer(self, slot: int, nbytes: int) -> Tensor:
         buffer = self.buffers[slot]
         if buffer is None or buffer.numel() < nbytes:
@@ -385,6 +397,15 @@ class BlockOffload:
             self._hooks.append(block.register_forward_pre_hook(self._pre_hook(i)))
             self._hooks.append(block.register_forward_hook(self._post_hook(i)))
 
+    def largest(self) -> int:
+        """Bytes of the largest block as packed into a slot (its tensors now: LoRAs applied since count)."""
+        return max((self.largest_of(block) for _, block in self.blocks), default=0)
+
+    @staticmethod
+    def largest_of(block: nn.Module) -> int:
+        """Bytes of ``block`` packed into a slot."""
+        return packed_size(_unique_tensors(block))
+
     def _fetch(self, i: int) -> None:
         name, block = self.blocks[i]
         self._pending[i] = self.slots.load(i, name, block)
@@ -392,6 +413,7 @@ class BlockOffload:
 
     def _start(self, module: nn.Module, args) -> None:
         self.release()
+        self.slots.reserve(self.largest())
         if self.prefetch and self.blocks:
             self._fetch(0)
 
@@ -526,6 +548,7 @@ class Placement:
             yield
             return
         if name in self.streams:
+            self.slots.reserve(max(stream.largest() for stream in self.streams.values()))
             try:
                 yield
             finally:
