@@ -60,6 +60,7 @@ from flux_lora.model.flux import PRESETS
 
 RANK, N_TXT = 16, 512
 PARTS = ("train", "peer", "infer", "trainer")
+TRAINER_MIN_S = 120.0  # the trainer row builds encoders, fills a cache and a DiT, then steps: ~1 min at full size
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -129,20 +130,40 @@ def schedule(parts: set[str], configs: list[BenchConfig]) -> list[tuple[str, lis
     return jobs
 
 
-def planned_rows(jobs: list[tuple[str, list[BenchConfig]]]) -> list[str]:
+def planned_rows(jobs: list[tuple[str, list[BenchConfig]]], peer_fp8_always: bool = False) -> list[str]:
     """One line per row a run of ``jobs`` measures, in order (``--list``)."""
     rows = []
     for part, group in jobs:
         if part == "infer":
             rows += [f"infer: {name}" for name, _, _ in MODES]
-        else:
-            rows += [f"{part}: {c.name}" + " (skipped: no peer equivalent)" * no_peer(part, c) for c in group]
+            continue
+        for c in group:
+            skip = peer_skip(part, c)
+            bf16 = part == "peer" and not skip and peer_bf16_storage(c, peer_fp8_always)
+            rows.append(
+                f"{part}: {c.name}" + (f" (skipped: {skip})" if skip else "") + (" (bf16 storage)" if bf16 else "")
+            )
     return rows
 
 
-def no_peer(part: str, config: BenchConfig) -> bool:
-    """diffusers has no fp8 GEMM path nor selective checkpointing: those peer rows are recorded as skipped."""
-    return part == "peer" and (config.fp8_matmul or config.selective)
+PEER_COMPILED_CKPT = (
+    "bf16 storage: diffusers' enable_layerwise_casting (fp8 storage) + compile_repeated_blocks + "
+    "enable_gradient_checkpointing fails in backward with torch.utils.checkpoint's CheckpointError (the recomputed "
+    "block saves the float8_e4m3fn weights where the forward saved their bf16 casts; diffusers 0.42.1, torch 2.13, "
+    "reproduced on the CPU at tiny size; without layerwise casting it runs), so this row stores the weights in bf16: "
+    "its time compares, its memory does not (--peer-fp8-always tries fp8)"
+)
+
+
+def peer_skip(part: str, config: BenchConfig) -> str | None:
+    """Why a peer row is not run, or ``None``: diffusers has no fp8 GEMM path nor selective checkpointing."""
+    return "no peer equivalent" if part == "peer" and (config.fp8_matmul or config.selective) else None
+
+
+def peer_bf16_storage(config: BenchConfig, fp8_always: bool = False) -> bool:
+    """Whether the peer runs ``config`` with bf16 weights: its fp8 storage fails compiled with checkpointing
+    (:data:`PEER_COMPILED_CKPT`)."""
+    return config.compiled and config.checkpointing and not fp8_always
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -214,8 +235,9 @@ def _train_group(
         return
     free(device)
     first = group[0]
-    if no_peer(kind, first):
-        rows += [dict(kind=kind, **vars(c), skipped="no peer equivalent") for c in group]
+    why = peer_skip(kind, first)
+    if why:
+        rows += [dict(kind=kind, **vars(c), skipped=why) for c in group]
         return
     if kind == "ours":
         model = gpu_models.ours(
@@ -228,12 +250,17 @@ def _train_group(
             selective=first.selective,
         )
     else:
-        model = gpu_models.peer(params, device, rank=RANK, checkpointing=first.checkpointing, compiled=first.compiled)
+        bf16 = peer_bf16_storage(first, args.peer_fp8_always)
+        model = gpu_models.peer(
+            params, device, rank=RANK, checkpointing=first.checkpointing, compiled=first.compiled, fp8=not bf16
+        )
     cfg = shipped_train_config()
     opt = optimizer(model, cfg)
     peak = peak_tflops(torch.cuda.get_device_name() if device.startswith("cuda") else "")
     for c in group:
         row = dict(kind=kind, **vars(c))
+        if kind == "peer":
+            row["storage"] = "fp8" if not bf16 else PEER_COMPILED_CKPT
         if budget.left() < args.min_config_s:
             rows.append({**row, "skipped": "time budget"})
             continue
@@ -272,7 +299,7 @@ def _train_group(
 def run_trainer(params, config: BenchConfig, args, budget: Budget, result: dict) -> None:
     """The trainer row of ``config`` (:mod:`benchmarks.gpu_trainer`), beside its bare row when measured."""
     row: dict = dict(kind="trainer", **vars(config))
-    if budget.left() < args.min_config_s:
+    if budget.left() < max(args.min_config_s, TRAINER_MIN_S if args.preset == "flux-dev" else 0):
         result["trainer"].append({**row, "skipped": "time budget"})
         return
     bare = next((r for r in result["train"] if all(r.get(k) == v for k, v in vars(config).items())), None)
@@ -321,7 +348,7 @@ def compare(ours: list[dict], peer: list[dict]) -> list[dict]:
                     compiled=r["compiled"],
                     time_peer_over_ours=r["median_s_per_step"] / m["median_s_per_step"],
                     memory_peer_over_ours=None
-                    if m["peak_allocated_GB"] is None
+                    if m["peak_allocated_GB"] is None or r.get("storage", "fp8") != "fp8"  # bf16 peer: not alike
                     else r["peak_allocated_GB"] / m["peak_allocated_GB"],
                 )
             )
@@ -348,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="flux-dev", help=argparse.SUPPRESS)  # "small": CPU smoke test only
     ap.add_argument("--txt-tokens", type=int, default=N_TXT, help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="1024,512", help=argparse.SUPPRESS)  # training sizes, high then low
+    ap.add_argument(
+        "--peer-fp8-always",
+        action="store_true",
+        help="fp8 storage for the peer compiled with checkpointing too (fails with diffusers 0.42; bf16 by default)",
+    )
     ap.add_argument("--eager-only", action="store_true", help="skip the torch.compile configurations")
     ap.add_argument(
         "--profile",
@@ -366,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown parts {sorted(unknown)}; use {', '.join(PARTS)}")
     configs = train_matrix(args.quick, tuple(int(x) for x in args.sizes.split(",")), not args.eager_only)
     if args.list:
-        print("\n".join(planned_rows(schedule(parts, configs))))
+        print("\n".join(planned_rows(schedule(parts, configs), args.peer_fp8_always)))
         return 0
     if args.out is None:
         ap.error("--out is required (except with --list)")

@@ -12,7 +12,9 @@ def test_the_full_run_lists_the_trainer_row_beside_the_bare_one(capsys):
     assert rows[0] == "train: 1024px ckpt eager"
     assert "trainer: 1024px ckpt eager" in rows
     assert rows.index("trainer: 1024px ckpt eager") < rows.index("train: 1024px ckpt compiled")  # before the rest
-    assert "peer: 1024px ckpt compiled" in rows  # the peer's compiled + checkpointed row is run
+    # diffusers' fp8 storage fails compiled with checkpointing: that peer row stores bf16 (the reason is in the row)
+    assert "peer: 1024px ckpt compiled (bf16 storage)" in rows
+    assert "peer: 1024px no-ckpt compiled" in rows
     assert "peer: 1024px ckpt compiled fp8-gemm (skipped: no peer equivalent)" in rows
     assert len(rows) == len(set(rows))
 
@@ -22,3 +24,8 @@ def test_the_quick_run_and_the_parts_keep_the_trainer_row(capsys):
     assert "trainer: 1024px ckpt eager" in capsys.readouterr().out.splitlines()
     assert G.main(["--list", "--parts", "trainer"]) == 0
     assert capsys.readouterr().out.splitlines() == ["trainer: 1024px ckpt eager"]
+
+
+def test_the_peer_compiled_checkpointed_rows_can_try_fp8(capsys):
+    assert G.main(["--list", "--parts", "peer", "--peer-fp8-always"]) == 0
+    assert "peer: 1024px ckpt compiled" in capsys.readouterr().out.splitlines()

@@ -7,13 +7,16 @@
   weights) stay on the accelerator. ControlNets, whose blocks have the same names, stream the same way. On
   CUDA, host copies are pinned (one exact-size buffer per block or component, see :func:`pack_host`) and the
   next block is copied on a side stream while the current one runs; elsewhere the same code runs with
-  synchronous copies. The text encoders and autoencoder are model-offloaded.
+  synchronous copies. Blocks land in two preallocated device buffers (:class:`DeviceSlots`, shared by the DiT
+  and a call's ControlNets, held while the DiT is in use), ordered by events, so the CPU running ahead of the
+  GPU cannot grow device memory. The text encoders and autoencoder are model-offloaded.
 
 Moving a module swaps each parameter's ``.data`` (and each buffer) between its host tensor, which is kept, and
 a device copy, so "moving back" costs no copy, fp8 stays fp8, Parameter objects (and peft wrappers, LoRA
 adapters, optimizers holding them) are untouched, and weights changed between runs (a fused LoRA) are what the
 next run loads. Do not change weights while a module is on the accelerator: unloading points it back at the
-host tensors. Inference only: tensors saved for backward would keep the device copies alive.
+host tensors. Inference only: tensors saved for backward would keep the device copies alive (training's block
+swap, :mod:`flux_lora.training.block_swap`, relies on checkpointing for that).
 """
 
 from __future__ import annotations
