@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 from flux_lora.inference.control import ControlNetUnit
-from flux_lora.inference.offload import BlockOffload, DeviceSlots, location
+from flux_lora.inference.offload import BlockOffload, DeviceSlots, Transfer, location
 from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.runtime import apply_loras
 from flux_lora.model.flux import PRESETS
 from flux_lora.training.block_swap import BlockSwap
 from flux_lora.training.block_wrappers import enable_gradient_checkpointing
+from flux_lora.weights.loading import load_flow_model
 
 from helpers.dit import dit_inputs, lora_dit
 from helpers.lora import random_lora
@@ -159,3 +160,55 @@ def test_a_controlnet_shares_the_two_slots(dev_pipe, tiny_controlnet_dir):
     assert [e for e in fake.log if e[0] == "alloc"] == [("alloc", 0, largest), ("alloc", 1, largest)]
     assert {e[1] for e in fake.log if e[0] == "load"} >= {"controlnet.0.double_blocks.0", "dit.single_blocks.1"}
     assert_slot_order(fake.log, block_names(cn, "controlnet.0"), block_names(dev_pipe.dit))
+
+
+def test_a_failed_call_frees_the_slots_and_keeps_its_error(dev_pipe, tiny_controlnet_dir):
+    cn = realign(dev_pipe.load_controlnet(tiny_controlnet_dir))
+    image = Image.fromarray(np.random.default_rng(15).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    kw = dict(prompt="a house", controlnets=[ControlNetUnit(cn, image)], **KW)
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    fake = FakeAccelerator()
+    hook = dev_pipe.dit.single_blocks[0].register_forward_pre_hook(boom)
+    try:
+        dev_pipe.enable_offload("block", transfer=fake)
+        with pytest.raises(RuntimeError, match="boom"):  # the DiT's failure, not the cleanup's
+            dev_pipe(**kw)
+        assert dev_pipe.placement.slots.nbytes == 0
+        assert location(dev_pipe.dit, fake) == "mixed"  # its small parts stay; no block is left behind
+        assert all(location(b, fake) == "host" for b in [*dev_pipe.dit.double_blocks, *dev_pipe.dit.single_blocks])
+    finally:
+        hook.remove()
+        dev_pipe.enable_offload(None)
+
+
+def test_memory_is_reported_only_on_cuda(monkeypatch):
+    def no_cuda(*args):
+        raise AssertionError("CUDA asked on a CPU transfer")
+
+    monkeypatch.setattr(torch.cuda, "memory_reserved", no_cuda)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", no_cuda)
+    assert Transfer("cpu").memory() is None
+    assert FakeAccelerator().record("compute") == 1  # the fake's events; a CPU Transfer records none
+    assert Transfer("cpu").record("compute") is None
+
+
+@pytest.mark.gpu
+def test_block_offload_on_cuda_holds_two_slots(tiny_dev_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = load_flow_model(tiny_dev_dir, dtype=torch.bfloat16, quantize="float8_e4m3fn", device="cuda")
+    x = {k: v.cuda() for k, v in dit_inputs(model.params).items()}
+    x["txt"], x["img"], x["y"] = (x[k].bfloat16() for k in ("txt", "img", "y"))
+    with torch.no_grad():
+        expected = model(**x)
+        offload = BlockOffload(model, Transfer("cuda"))
+        outs = [model(**x) for _ in range(3)]
+        torch.cuda.synchronize()
+        assert offload.slots.nbytes == 2 * offload.largest()
+        memory = offload.transfer.memory()
+        assert memory is not None and memory["reserved_GB"] >= memory["allocated_GB"]
+        offload.remove()
+    assert all(torch.equal(out, expected) for out in outs)

@@ -555,7 +555,8 @@ class Placement:
             try:
                 yield
             finally:
-                self.streams[name].release()
+                for stream in self.streams.values():  # any streamed block left by a failure, whose ever it is
+                    stream.release()
                 self.slots.free()  # the slots live while a streamed component is in use, not in between
             return
         loaded = Loaded(module, self.transfer)
