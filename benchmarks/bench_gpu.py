@@ -3,16 +3,20 @@
     python benchmarks/bench_gpu.py --out results.json            # everything, time-boxed to ~9.5 minutes
     python benchmarks/bench_gpu.py --out quick.json --quick      # ~2-minute smoke run of every code path
     python benchmarks/bench_gpu.py --parts infer --out infer.json
+    python benchmarks/bench_gpu.py --out x.json --list             # the rows a run would measure, in order
 
 Parts: ``train`` (ours: fp8 blocks + rank-16 LoRA on the 304 block Linears, batch 1, cached-embedding-shaped
 inputs, 512 and 1024 px, with/without gradient checkpointing, eager/compiled blocks), ``peer`` (the same for
 diffusers' FluxTransformer2DModel + peft LoRA + fp8 layerwise casting), ``infer`` (1024 px, 28 steps: bf16, fp8,
-fp8 + model offload, fp8 + block offload, with real-size random text encoders).
+fp8 + model offload, fp8 + block offload, with real-size random text encoders), ``trainer`` (the first training
+configuration timed through ``L.Trainer``: the shipped ``FluxLoraModule`` and data module on a cache of the bench
+size, beside the bare step row; see ``benchmarks/gpu_trainer.py``).
 A training step is the trainer's: the flow-matching loss of the shipped FLUX.1-dev experiment
 (``flux_lora.training.loss``) under Lightning's bf16-mixed autocast, backward, gradient clipping, its optimizer;
 the peer gets the same draws, inputs and loss.
-Peak memory is ``torch.cuda.max_memory_allocated`` (reset per configuration); step times are medians of CUDA
-events after warm-up; FLOP utilisation divides the analytic step FLOPs (benchmarks/accounting.py) by the time.
+Peak memory is ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` (reset per configuration); step
+times are medians of CUDA events after warm-up; FLOP utilisation divides the analytic step FLOPs
+(benchmarks/accounting.py) by the time.
 Results are written after every configuration, so an interrupted run keeps what it measured.
 """
 
@@ -49,11 +53,14 @@ from benchmarks.common import (
     time_steps,
     train_step,
 )
-from benchmarks.gpu_infer import run_inference
+from benchmarks.gpu_infer import MODES, run_inference
+from benchmarks.gpu_trainer import trainer_row
 from flux_lora.atomic import write_text_atomic
 from flux_lora.model.flux import PRESETS
 
 RANK, N_TXT = 16, 512
+PARTS = ("train", "peer", "infer", "trainer")
+TRAINER_MIN_S = 120.0  # the trainer row builds encoders, fills a cache and a DiT, then steps: ~1 min at full size
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -116,9 +123,47 @@ def schedule(parts: set[str], configs: list[BenchConfig]) -> list[tuple[str, lis
         jobs += [(part, group) for part in ("train", "peer") if part in parts]
         if i == 0 and "infer" in parts:
             jobs.append(("infer", []))
+        if i == 0 and "trainer" in parts:
+            jobs.append(("trainer", group[:1]))  # the goal configuration through Lightning, beside its bare row
     if not groups and "infer" in parts:
         jobs.append(("infer", []))
     return jobs
+
+
+def planned_rows(jobs: list[tuple[str, list[BenchConfig]]], peer_fp8_always: bool = False) -> list[str]:
+    """One line per row a run of ``jobs`` measures, in order (``--list``)."""
+    rows = []
+    for part, group in jobs:
+        if part == "infer":
+            rows += [f"infer: {name}" for name, _, _ in MODES]
+            continue
+        for c in group:
+            skip = peer_skip(part, c)
+            bf16 = part == "peer" and not skip and peer_bf16_storage(c, peer_fp8_always)
+            rows.append(
+                f"{part}: {c.name}" + (f" (skipped: {skip})" if skip else "") + (" (bf16 storage)" if bf16 else "")
+            )
+    return rows
+
+
+PEER_COMPILED_CKPT = (
+    "bf16 storage: diffusers' enable_layerwise_casting (fp8 storage) + compile_repeated_blocks + "
+    "enable_gradient_checkpointing fails in backward with torch.utils.checkpoint's CheckpointError (the recomputed "
+    "block saves the float8_e4m3fn weights where the forward saved their bf16 casts; diffusers 0.42.1, torch 2.13, "
+    "reproduced on the CPU at tiny size; without layerwise casting it runs), so this row stores the weights in bf16: "
+    "its time compares, its memory does not (--peer-fp8-always tries fp8)"
+)
+
+
+def peer_skip(part: str, config: BenchConfig) -> str | None:
+    """Why a peer row is not run, or ``None``: diffusers has no fp8 GEMM path nor selective checkpointing."""
+    return "no peer equivalent" if part == "peer" and (config.fp8_matmul or config.selective) else None
+
+
+def peer_bf16_storage(config: BenchConfig, fp8_always: bool = False) -> bool:
+    """Whether the peer runs ``config`` with bf16 weights: its fp8 storage fails compiled with checkpointing
+    (:data:`PEER_COMPILED_CKPT`)."""
+    return config.compiled and config.checkpointing and not fp8_always
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -190,8 +235,9 @@ def _train_group(
         return
     free(device)
     first = group[0]
-    if kind == "peer" and (first.fp8_matmul or first.selective):
-        rows += [dict(kind=kind, **vars(c), skipped="no peer equivalent") for c in group]
+    why = peer_skip(kind, first)
+    if why:
+        rows += [dict(kind=kind, **vars(c), skipped=why) for c in group]
         return
     if kind == "ours":
         model = gpu_models.ours(
@@ -204,12 +250,17 @@ def _train_group(
             selective=first.selective,
         )
     else:
-        model = gpu_models.peer(params, device, rank=RANK, checkpointing=first.checkpointing, compiled=first.compiled)
+        bf16 = peer_bf16_storage(first, args.peer_fp8_always)
+        model = gpu_models.peer(
+            params, device, rank=RANK, checkpointing=first.checkpointing, compiled=first.compiled, fp8=not bf16
+        )
     cfg = shipped_train_config()
     opt = optimizer(model, cfg)
     peak = peak_tflops(torch.cuda.get_device_name() if device.startswith("cuda") else "")
     for c in group:
         row = dict(kind=kind, **vars(c))
+        if kind == "peer":
+            row["storage"] = "fp8" if not bf16 else PEER_COMPILED_CKPT
         if budget.left() < args.min_config_s:
             rows.append({**row, "skipped": "time budget"})
             continue
@@ -243,6 +294,21 @@ def _train_group(
             row["profile"] = profile_steps(step, device, trace)
         rows.append(row)
         save()
+
+
+def run_trainer(params, config: BenchConfig, args, budget: Budget, result: dict) -> None:
+    """The trainer row of ``config`` (:mod:`benchmarks.gpu_trainer`), beside its bare row when measured."""
+    row: dict = dict(kind="trainer", **vars(config))
+    if budget.left() < max(args.min_config_s, TRAINER_MIN_S if args.preset == "flux-dev" else 0):
+        result["trainer"].append({**row, "skipped": "time budget"})
+        return
+    bare = next((r for r in result["train"] if all(r.get(k) == v for k, v in vars(config).items())), None)
+    free(args.device)
+    try:
+        row = trainer_row(params, args.device, config, args, bare, RANK)
+    except Exception as e:  # out of memory, compile failure: keep going
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    result["trainer"].append(row)
 
 
 def profile_steps(step, device: str, trace: Path, steps: int = 2) -> dict:
@@ -282,7 +348,7 @@ def compare(ours: list[dict], peer: list[dict]) -> list[dict]:
                     compiled=r["compiled"],
                     time_peer_over_ours=r["median_s_per_step"] / m["median_s_per_step"],
                     memory_peer_over_ours=None
-                    if m["peak_allocated_GB"] is None
+                    if m["peak_allocated_GB"] is None or r.get("storage", "fp8") != "fp8"  # bf16 peer: not alike
                     else r["peak_allocated_GB"] / m["peak_allocated_GB"],
                 )
             )
@@ -292,9 +358,10 @@ def compare(ours: list[dict], peer: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     first, _, rest = __doc__.partition("\n")
     ap = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="JSON results (rewritten after every configuration)")
+    ap.add_argument("--out", type=Path, help="JSON results (rewritten after every configuration); required")
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer configurations, steps and images")
-    ap.add_argument("--parts", default="train,peer,infer", help="comma list of train, peer, infer")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma list of " + ", ".join(PARTS))
+    ap.add_argument("--list", action="store_true", help="print the rows a run would measure, in order, and exit")
     ap.add_argument(
         "--budget-s",
         type=float,
@@ -308,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="flux-dev", help=argparse.SUPPRESS)  # "small": CPU smoke test only
     ap.add_argument("--txt-tokens", type=int, default=N_TXT, help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="1024,512", help=argparse.SUPPRESS)  # training sizes, high then low
+    ap.add_argument(
+        "--peer-fp8-always",
+        action="store_true",
+        help="fp8 storage for the peer compiled with checkpointing too (fails with diffusers 0.42; bf16 by default)",
+    )
     ap.add_argument("--eager-only", action="store_true", help="skip the torch.compile configurations")
     ap.add_argument(
         "--profile",
@@ -320,25 +392,32 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     budget = Budget(args.budget_s or (110.0 if args.quick else 570.0))
     params = _params(args.preset)
+    parts = set(args.parts.split(","))
+    unknown = parts - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}; use {', '.join(PARTS)}")
+    configs = train_matrix(args.quick, tuple(int(x) for x in args.sizes.split(",")), not args.eager_only)
+    if args.list:
+        print("\n".join(planned_rows(schedule(parts, configs), args.peer_fp8_always)))
+        return 0
+    if args.out is None:
+        ap.error("--out is required (except with --list)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; run the CPU benchmark (benchmarks/bench_cpu.py) instead", file=sys.stderr)
         return 2
-    result: dict = dict(env=_env(args), train=[], peer=[], infer=[], errors=[])
+    result: dict = dict(env=_env(args), train=[], peer=[], infer=[], trainer=[], errors=[])
     save = lambda: _write(args.out, result)  # noqa: E731
-    parts = set(args.parts.split(","))
-    unknown = parts - {"train", "peer", "infer"}
-    if unknown:
-        ap.error(f"unknown parts {sorted(unknown)}; use train, peer, infer")
     if "peer" in parts and importlib.util.find_spec("diffusers") is None:
         result["errors"].append(
             "peer: diffusers is not installed, so the peer comparison is skipped (pip install diffusers)"
         )
         parts.discard("peer")
-    configs = train_matrix(args.quick, tuple(int(x) for x in args.sizes.split(",")), not args.eager_only)
     for part, group in schedule(parts, configs):
         try:
             if part == "infer":
                 run_inference(params, args, budget, save, result["infer"])
+            elif part == "trainer":
+                run_trainer(params, group[0], args, budget, result)
             else:
                 run_training(
                     "ours" if part == "train" else "peer", params, args.device, group, args, budget, save, result[part]

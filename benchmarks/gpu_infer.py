@@ -53,7 +53,11 @@ def run_inference(params, args, budget, save, rows: list[dict]) -> None:
             start = time.perf_counter()
             pipe(num_inference_steps=steps, **call)
             sync(device)
-            row.update(s_per_image=time.perf_counter() - start, peak_allocated_GB=peak_gb(device))
+            row.update(
+                s_per_image=time.perf_counter() - start,
+                peak_allocated_GB=peak_gb(device),
+                peak_reserved_GB=peak_gb(device, reserved=True),
+            )
         except Exception as e:  # out of memory in one mode: record it, go on
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)

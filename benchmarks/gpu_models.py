@@ -54,16 +54,20 @@ def ours(
     return model.train()
 
 
-def peer(params: FluxParams, device: str, *, rank: int, checkpointing: bool, compiled: bool) -> nn.Module:
+def peer(
+    params: FluxParams, device: str, *, rank: int, checkpointing: bool, compiled: bool, fp8: bool = True
+) -> nn.Module:
     """The nearest peer: diffusers' FluxTransformer2DModel, ``enable_layerwise_casting`` (fp8 storage, bf16
-    compute; diffusers skips norms and modulation), peft LoRA of ``rank`` on every Linear of the blocks (float32
-    adapters, as ours), diffusers' own gradient checkpointing and ``compile_repeated_blocks``."""
+    compute; diffusers skips norms and modulation; bf16 storage without ``fp8``), peft LoRA of ``rank`` on every
+    Linear of the blocks (float32 adapters, as ours), diffusers' own gradient checkpointing and
+    ``compile_repeated_blocks``."""
     import peft
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**flux_to_diffusers_config(params)).to(torch.bfloat16)
-    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    if fp8:
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     materialise_(model, device, chunks=_chunks(model))
     targets = [
         n

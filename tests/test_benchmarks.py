@@ -206,4 +206,7 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     assert [row["res"] for row in r["train"]] == [64, 32] and all("median_s_per_step" in x for x in r["train"])
     assert all("median_s_per_step" in x for x in r["peer"]) and len(r["peer_over_ours"]) == 2
     assert [row["mode"] for row in r["infer"]] == ["bf16", "fp8", "fp8 + model offload", "fp8 + block offload"]
-    assert all("s_per_image" in x for x in r["infer"])
+    assert all("s_per_image" in x and "peak_reserved_GB" in x for x in r["infer"])
+    [trainer] = r["trainer"]  # the first configuration through Lightning, beside its bare row
+    assert (trainer["res"], trainer["checkpointing"], trainer["compiled"]) == (64, True, False)
+    assert trainer["steps_timed"] == 1 and trainer["trainer_over_bare"] > 0, trainer

@@ -44,4 +44,4 @@ def test_inference_1024_fp8_block_offload_fits():
     row = infer_case(InferCase(offload="block"))
     assert row["peak_GB"] <= 12.0, row
     assert row["stage_peak_GB"]["encode"] > 9.5  # T5-XXL in bf16 (9.52 GB) is on the device while it encodes
-    assert row["stage_peak_GB"]["denoise"] < 3.0  # two blocks of the DiT, its small parts, activations
+    assert row["stage_peak_GB"]["denoise"] < 3.0  # the DiT's two block slots, its small parts, activations

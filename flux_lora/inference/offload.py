@@ -7,13 +7,16 @@
   weights) stay on the accelerator. ControlNets, whose blocks have the same names, stream the same way. On
   CUDA, host copies are pinned (one exact-size buffer per block or component, see :func:`pack_host`) and the
   next block is copied on a side stream while the current one runs; elsewhere the same code runs with
-  synchronous copies. The text encoders and autoencoder are model-offloaded.
+  synchronous copies. Blocks land in two preallocated device buffers (:class:`DeviceSlots`, shared by the DiT
+  and a call's ControlNets, held while the DiT is in use), ordered by events, so the CPU running ahead of the
+  GPU cannot grow device memory. The text encoders and autoencoder are model-offloaded.
 
 Moving a module swaps each parameter's ``.data`` (and each buffer) between its host tensor, which is kept, and
 a device copy, so "moving back" costs no copy, fp8 stays fp8, Parameter objects (and peft wrappers, LoRA
 adapters, optimizers holding them) are untouched, and weights changed between runs (a fused LoRA) are what the
 next run loads. Do not change weights while a module is on the accelerator: unloading points it back at the
-host tensors. Inference only: tensors saved for backward would keep the device copies alive.
+host tensors. Inference only: tensors saved for backward would keep the device copies alive (training's block
+swap, :mod:`flux_lora.training.block_swap`, relies on checkpointing for that).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import ExitStack, contextmanager
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -35,6 +38,9 @@ ALIGN = 64
 """Byte alignment of each tensor's slot in a packed host buffer (a cache line; CPU kernels see the alignment a
 fresh allocation has)."""
 OffloadMode = Literal["model", "block"]
+StreamName = Literal["copy", "compute"]
+Event = Any
+"""A ``torch.cuda.Event`` on CUDA; whatever a test double of :class:`Transfer` records."""
 PlacementLog = Callable[[str, str], None]
 """Called with ``("load" | "unload", module name)`` at every move, in order (tests and debugging)."""
 
@@ -75,6 +81,52 @@ class Transfer:
     def is_on_device(self, t: Tensor) -> bool:
         return t.device == self.device
 
+    def empty(self, nbytes: int) -> Tensor:
+        """A flat byte buffer on the device (a :class:`DeviceSlots` slot), allocated on the compute stream."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def copy_(self, dst: Tensor, src: Tensor) -> None:
+        """Copy host tensor ``src`` into device tensor ``dst`` (asynchronous from pinned memory)."""
+        dst.copy_(src, non_blocking=self.pin_memory)
+
+    @contextmanager
+    def copying(self) -> Iterator[None]:
+        """Run the enclosed copies on the copy stream (CUDA); elsewhere on the one stream there is."""
+        stream = self.stream
+        if stream is None:
+            yield
+            return
+        with torch.cuda.stream(stream):
+            yield
+
+    def record(self, stream: StreamName) -> Event | None:
+        """An event recorded now on the ``"copy"`` or ``"compute"`` stream (``None`` without CUDA: one stream,
+        everything in order)."""
+        if self.device.type != "cuda":
+            return None
+        return self._cuda_stream(stream).record_event()
+
+    def wait(self, stream: StreamName, event: Event | None) -> None:
+        """Make later work on ``stream`` wait for ``event`` (no-op for ``None``)."""
+        if event is not None:
+            self._cuda_stream(stream).wait_event(cast(torch.cuda.Event, event))
+
+    def _cuda_stream(self, stream: StreamName) -> torch.cuda.Stream:
+        if stream == "copy":
+            assert self.stream is not None
+            return self.stream
+        return torch.cuda.current_stream(self.device)
+
+    def memory(self) -> dict[str, float] | None:
+        """Device memory now, in GB: allocated by tensors and reserved by the caching allocator (CUDA only;
+        ``None`` elsewhere, and nothing is asked of CUDA then)."""
+        if self.device.type != "cuda":
+            return None
+        return dict(
+            allocated_GB=torch.cuda.memory_allocated(self.device) / 2**30,
+            reserved_GB=torch.cuda.memory_reserved(self.device) / 2**30,
+        )
+
 
 def _slots(module: nn.Module, skip: AbstractSet[int] = frozenset()) -> Iterator[tuple[nn.Module, str, bool]]:
     """``(owner, name, is_parameter)`` for each tensor of ``module`` outside the submodules whose ids are in
@@ -90,6 +142,12 @@ def _slots(module: nn.Module, skip: AbstractSet[int] = frozenset()) -> Iterator[
         for name, b in owner._buffers.items():
             if b is not None:
                 yield owner, name, False
+
+
+def _unique_tensors(module: nn.Module) -> list[Tensor]:
+    """The tensors of ``module``, each storage view once (tied ones share)."""
+    unique = {id(t): t for t in (_current(*slot) for slot in _slots(module))}
+    return list(unique.values())
 
 
 def _subtree_ids(modules: list[nn.Module]) -> set[int]:
@@ -162,19 +220,29 @@ def _register(owner: np.ndarray, ptr: int, nbytes: int) -> None:
 
 
 class Loaded:
-    """A module whose tensors point at device copies; :meth:`unload` points them back at the host tensors."""
+    """A module whose tensors point at device copies; :meth:`unload` points them back at the host tensors.
+    ``place`` makes the device copies of the (deduplicated) host tensors; by default ``transfer.to_device``."""
 
-    def __init__(self, module: nn.Module, transfer: Transfer, skip: AbstractSet[int] = frozenset()):
+    def __init__(
+        self,
+        module: nn.Module,
+        transfer: Transfer,
+        skip: AbstractSet[int] = frozenset(),
+        place: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ):
         self.saved: list[tuple[nn.Module, str, bool, Tensor]] = []
-        copies: dict[int, Tensor] = {}  # id(host tensor) -> device copy: tied buffers share one copy
+        hosts: dict[int, Tensor] = {}  # id(host tensor) -> host tensor: tied buffers share one copy
         for owner, name, is_param in _slots(module, skip):
             host = _current(owner, name, is_param)
             if transfer.pin_memory and host.device.type == "cpu" and not host.is_pinned():
                 host = transfer.host(host)  # re-pin a weight replaced since (e.g. by fusing a LoRA)
-            if id(host) not in copies:
-                copies[id(host)] = transfer.to_device(host)
-            _swap(owner, name, is_param, copies[id(host)])
+            hosts.setdefault(id(host), host)
             self.saved.append((owner, name, is_param, host))
+        tensors = list(hosts.values())
+        copies = place(tensors) if place is not None else [transfer.to_device(t) for t in tensors]
+        on_device = {id(h): c for h, c in zip(tensors, copies, strict=True)}
+        for owner, name, is_param, host in self.saved:
+            _swap(owner, name, is_param, on_device[id(host)])
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         """Tell the CUDA allocator the copies are used on ``stream`` (they were allocated on the copy one)."""
@@ -195,12 +263,107 @@ def location(module: nn.Module, transfer: Transfer) -> str:
     return "host" if flags <= {False} else "mixed"
 
 
+class DeviceSlots:
+    """Two device buffers that offloaded blocks stream through: block ``k`` of a sequence goes into slot ``k % 2``,
+    as views per tensor (64-byte aligned, the layout of :func:`pack_host`) of one flat buffer sized for the
+    largest block loaded so far. Before a slot is overwritten, the copy stream waits on an event recorded on the
+    compute stream after the work that last used the slot was queued; the compute waits on the event recorded
+    after the copy (:meth:`SlotLoaded.wait_ready`). So device memory for streamed blocks is two slots, however far
+    the CPU runs ahead. Several streamed models used one after another (a ControlNet, then the DiT) can share one
+    pair."""
+
+    def __init__(self, transfer: Transfer):
+        self.transfer = transfer
+        self.buffers: list[Tensor | None] = [None, None]
+        self.freed: list[Event | None] = [None, None]  # recorded after the last use of each slot
+        self.users: list[str | None] = [None, None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of device memory the slots hold now."""
+        return sum(b.numel() for b in self.buffers if b is not None)
+
+    def load(self, k: int, name: str, module: nn.Module, skip: AbstractSet[int] = frozenset()) -> SlotLoaded:
+        """Copy ``module`` (but the submodules in ``skip``) into slot ``k % 2``, which must be free."""
+        slot = k % 2
+        if self.users[slot] is not None:
+            raise RuntimeError(f"offload slot {slot} still holds {self.users[slot]}; cannot load {name} into it")
+        self.users[slot] = name
+        ready: list[Event | None] = []
+
+        def place(hosts: list[Tensor]) -> list[Tensor]:
+            buffer = self._buffer(slot, packed_size(hosts))
+            with self.transfer.copying():
+                self.transfer.wait("copy", self.freed[slot])
+                views = _views(buffer, hosts)
+                for view, host in zip(views, hosts, strict=True):
+                    self.transfer.copy_(view, host)
+                ready.append(self.transfer.record("copy"))
+            return views
+
+        return SlotLoaded(self, slot, Loaded(module, self.transfer, skip, place=place), ready[0])
+
+    def reserve(self, nbytes: int) -> None:
+        """Size both slots for a block of ``nbytes`` (packed) now, so no slot grows during a loop."""
+        for slot in (0, 1):
+            if self.users[slot] is None:
+                self._buffer(slot, nbytes)
+
+    def _buffer(self, slot: int, nbytes: int) -> Tensor:
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.numel() < nbytes:
+            self.buffers[slot] = None  # its uses are all queued before the compute stream's next work
+            buffer = self.buffers[slot] = self.transfer.empty(max(nbytes, ALIGN))
+            self.freed[slot] = self.transfer.record("compute")  # memory the compute stream may have just used
+            log.debug("offload slot %d: %.3f GB on %s", slot, buffer.numel() / 2**30, self.transfer.device)
+        return buffer
+
+    def done(self, slot: int) -> None:
+        """The work using ``slot`` is queued: record the event its next copy waits on."""
+        self.freed[slot] = self.transfer.record("compute")
+        self.users[slot] = None
+
+    def free(self) -> None:
+        """Give the buffers back (between uses of the streamed models); the next load allocates again."""
+        if any(u is not None for u in self.users):
+            raise RuntimeError(f"offload slots still hold {[u for u in self.users if u]}")
+        self.buffers, self.freed = [None, None], [None, None]
+
+
+def _views(buffer: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """Views of ``buffer`` (bytes) shaped like ``tensors``, one after another in 64-byte aligned slots."""
+    out, offset = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        out.append(buffer[offset : offset + nbytes].view(t.dtype).view(t.shape))
+        offset += _aligned(nbytes)
+    return out
+
+
+class SlotLoaded:
+    """A block loaded into a :class:`DeviceSlots` slot."""
+
+    def __init__(self, slots: DeviceSlots, slot: int, loaded: Loaded, ready: Event | None):
+        self.slots, self.slot, self.loaded, self.ready = slots, slot, loaded, ready
+
+    def wait_ready(self) -> None:
+        """Make the compute stream wait for the copies (before the block runs)."""
+        self.slots.transfer.wait("compute", self.ready)
+
+    def unload(self) -> None:
+        """Point the block back at its host tensors; the slot is free once the work queued so far is done."""
+        self.wait_ready()  # a prefetch never used: its copies must not outlive the slot's next user
+        self.loaded.unload()
+        self.slots.done(self.slot)
+
+
 class BlockOffload:
     """Stream a DiT's ``double_blocks`` and ``single_blocks`` through the accelerator one block at a time.
 
     Between forwards no block is on the accelerator; during one, the running block and (with ``prefetch``) the
-    next one are. Works on blocks whose Linears are wrapped by peft or carry run-time LoRAs: whatever tensors
-    a block holds when it is called are the ones moved.
+    next one are, in the two buffers of ``slots`` (:class:`DeviceSlots`, shared with other streamed models or
+    made here). Works on blocks whose Linears are wrapped by peft or carry run-time LoRAs: whatever tensors a
+    block holds when it is called are the ones moved.
     """
 
     def __init__(
@@ -211,10 +374,14 @@ class BlockOffload:
         prefetch: bool = True,
         on_move: PlacementLog | None = None,
         name: str = "dit",
+        slots: DeviceSlots | None = None,
     ):
         self.transfer = transfer
         self.prefetch = prefetch
         self.on_move = on_move or (lambda action, module: None)
+        self.slots = slots or DeviceSlots(transfer)
+        self._own_slots = slots is None
+        self.name = name
         self.blocks = [
             (f"{name}.{group}.{i}", block)
             for group in ("double_blocks", "single_blocks")
@@ -225,45 +392,58 @@ class BlockOffload:
             to_host_(block, transfer)
         to_host_(model, transfer, skip=_subtree_ids([b for _, b in self.blocks]))
         self.rest = Loaded(model, transfer, skip=_subtree_ids([b for _, b in self.blocks]))
-        self._pending: dict[int, tuple[Loaded, torch.cuda.Event | None]] = {}
-        self._active: dict[int, Loaded] = {}
+        self._pending: dict[int, SlotLoaded] = {}
+        self._active: dict[int, SlotLoaded] = {}
+        self._reported = False
         self._hooks = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._finish)]
         for i, (_, block) in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(self._pre_hook(i)))
             self._hooks.append(block.register_forward_hook(self._post_hook(i)))
 
+    def largest(self) -> int:
+        """Bytes of the largest block as packed into a slot (its tensors now: LoRAs applied since count)."""
+        return max((self.largest_of(block) for _, block in self.blocks), default=0)
+
+    @staticmethod
+    def largest_of(block: nn.Module) -> int:
+        """Bytes of ``block`` packed into a slot."""
+        return packed_size(_unique_tensors(block))
+
     def _fetch(self, i: int) -> None:
         name, block = self.blocks[i]
-        stream = self.transfer.stream
-        if stream is None:
-            self._pending[i] = (Loaded(block, self.transfer), None)
-        else:
-            with torch.cuda.stream(stream):
-                loaded = Loaded(block, self.transfer)
-                self._pending[i] = (loaded, stream.record_event())
+        self._pending[i] = self.slots.load(i, name, block)
         self.on_move("load", name)
 
     def _start(self, module: nn.Module, args) -> None:
         self.release()
+        self.slots.reserve(self.largest())
         if self.prefetch and self.blocks:
             self._fetch(0)
 
     def _finish(self, module: nn.Module, args, output) -> None:
         self.release()
+        if not self._reported and log.isEnabledFor(logging.INFO):
+            self._reported = True
+            memory = self.transfer.memory()
+            log.info(
+                "block offload of %s: 2 slots, %.3f GB%s",
+                self.name,
+                self.slots.nbytes / 2**30,
+                ""
+                if memory is None
+                else "; device {allocated_GB:.2f} GB allocated, {reserved_GB:.2f} GB reserved".format(**memory),
+            )
 
     def _pre_hook(self, i: int):
         def hook(module: nn.Module, args) -> None:
             if i not in self._pending:
                 self._fetch(i)
-            loaded, event = self._pending.pop(i)
-            if event is not None:
-                current = torch.cuda.current_stream(self.transfer.device)
-                current.wait_event(event)
-                loaded.record_stream(current)
+            loaded = self._pending.pop(i)
+            loaded.wait_ready()
             self._active[i] = loaded
             following = i + 1
-            idle = following not in self._pending and following not in self._active
-            if self.prefetch and following < len(self.blocks) and idle:
+            free = following < len(self.blocks) and self.slots.users[following % 2] is None
+            if self.prefetch and free:
                 self._fetch(following)
 
         return hook
@@ -281,16 +461,17 @@ class BlockOffload:
         """Send back any block still on the accelerator (a prefetch not used, a forward that raised)."""
         for table in (self._active, self._pending):
             for i in list(table):
-                entry = table.pop(i)
-                (entry if isinstance(entry, Loaded) else entry[0]).unload()
+                table.pop(i).unload()
                 self.on_move("unload", self.blocks[i][0])
 
     def remove(self) -> None:
-        """Remove the hooks; every tensor of the model ends in host memory."""
+        """Remove the hooks; every tensor of the model ends in host memory (and slots made here are freed)."""
         self.release()
         for h in self._hooks:
             h.remove()
         self.rest.unload()
+        if self._own_slots:
+            self.slots.free()
 
 
 class Placement:
@@ -316,6 +497,7 @@ class Placement:
         self.components, self.transfer, self.mode = dict(components), transfer, mode
         self.on_move = on_move or (lambda action, module: None)
         self.streams: dict[str, BlockOffload] = {}  # components whose blocks stream ("block" mode)
+        self.slots = DeviceSlots(transfer)  # the two device buffers every streamed component's blocks go through
         for name, module in components.items():
             self._place(name, module, stream=name == dit)
         if mode is not None:
@@ -330,7 +512,7 @@ class Placement:
         if self.mode is None:
             module.to(self.transfer.device)
         elif self.mode == "block" and stream:
-            self.streams[name] = BlockOffload(module, self.transfer, on_move=self.on_move, name=name)
+            self.streams[name] = BlockOffload(module, self.transfer, on_move=self.on_move, name=name, slots=self.slots)
         else:
             to_host_(module, self.transfer)
 
@@ -365,8 +547,17 @@ class Placement:
     @contextmanager
     def _use(self, name: str) -> Iterator[None]:
         module = self.components[name]
-        if self.mode is None or name in self.streams:
+        if self.mode is None:
             yield
+            return
+        if name in self.streams:
+            self.slots.reserve(max(stream.largest() for stream in self.streams.values()))
+            try:
+                yield
+            finally:
+                for stream in self.streams.values():  # any streamed block left by a failure, whose ever it is
+                    stream.release()
+                self.slots.free()  # the slots live while a streamed component is in use, not in between
             return
         loaded = Loaded(module, self.transfer)
         self.on_move("load", name)
@@ -381,3 +572,4 @@ class Placement:
         for stream in self.streams.values():
             stream.remove()
         self.streams = {}
+        self.slots.free()

@@ -4,10 +4,13 @@ just before it runs, in the forward and again when gradient checkpointing recomp
 The hooks sit on the blocks inside the checkpoint wrappers, so they fire for the forward and for the recomputation.
 A recomputation stops as soon as it has what backward needs (non-reentrant checkpointing's early stop), so no hook
 runs after it: the next block's load sends back the one before, and :meth:`BlockSwap.release` sends back the last
-after the step. The weights a block's backward needs are the device copies autograd saved during the recomputation,
-freed when that backward is done; at most one swapped block is on the device at a time. Trainable adapters (peft's
-LoRA layers) never move. With gradient checkpointing off, autograd would keep every device copy until backward and
-nothing would be saved, so block swap requires it.
+after the step. The copies go through a fixed pair of device buffers
+(:class:`~flux_lora.inference.offload.DeviceSlots`): swapped block ``k`` uses slot ``k % 2``, and a copy into a slot
+is ordered after the work that last used it, so the device memory of swapped blocks is two slots however far the CPU
+runs ahead. The weights a block's backward needs are views of its slot, saved by autograd during the recomputation;
+the slot is next overwritten by the recomputation two blocks earlier, which starts after that backward. Trainable
+adapters (peft's LoRA layers) never move. With gradient checkpointing off, autograd would keep every block's weights
+until backward while the slots are reused, so block swap requires it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from flux_lora.inference.offload import Loaded, Transfer, to_host_
+from flux_lora.inference.offload import DeviceSlots, SlotLoaded, Transfer, to_host_
 from flux_lora.model.layers import WRAPPED
 
 Log = Callable[[str, str], None]
@@ -48,20 +51,22 @@ class BlockSwap:
         self.transfer = transfer
         self.on_move: Log = on_move or (lambda action, name: None)
         self.swapped = blocks[-count:]
-        self._loaded: dict[str, Loaded] = {}
+        self.slots = DeviceSlots(transfer)
+        self._loaded: dict[str, SlotLoaded] = {}
         self._hooks: list[RemovableHandle] = []
-        for name, block in self.swapped:
+        for k, (name, block) in enumerate(self.swapped):
             keep = trainable_ids(block)
             to_host_(block, transfer, skip=keep)
-            self._hooks.append(block.register_forward_pre_hook(self._load(name, block, keep)))
+            self._hooks.append(block.register_forward_pre_hook(self._load(k, name, block, keep)))
             self._hooks.append(block.register_forward_hook(self._unload(name)))
 
-    def _load(self, name: str, block: nn.Module, keep: set[int]) -> Callable[..., None]:
+    def _load(self, k: int, name: str, block: nn.Module, keep: set[int]) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             self.release(keep=name)
             if name not in self._loaded:
-                self._loaded[name] = Loaded(block, self.transfer, skip=keep)
+                self._loaded[name] = self.slots.load(k, name, block, skip=keep)
                 self.on_move("load", name)
+            self._loaded[name].wait_ready()
 
         return hook
 
@@ -81,7 +86,8 @@ class BlockSwap:
             self.on_move("unload", name)
 
     def remove(self) -> None:
-        """Remove the hooks (the swapped blocks stay in host memory)."""
+        """Remove the hooks (the swapped blocks stay in host memory) and free the slots."""
         self.release()
         for h in self._hooks:
             h.remove()
+        self.slots.free()
