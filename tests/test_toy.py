@@ -15,6 +15,7 @@ from flux_lora.config import DataConfig
 from flux_lora.data.scan import scan
 from flux_lora.toy.cli import main
 from flux_lora.toy.scenes import (
+    ALL_COLOURS,
     ALL_SHAPES,
     BACKGROUNDS,
     COLOURS,
@@ -88,15 +89,15 @@ def test_bad_dataset_arguments_are_named(tmp_path, count, size):
 
 
 def _held_out_accuracy(count: int, size: int, noise: float, blur: float) -> dict[str, float]:
-    scenes = make_scenes(count, HELD_OUT_SEED, ALL_SHAPES)
+    scenes = make_scenes(count, HELD_OUT_SEED, ALL_SHAPES, tuple(ALL_COLOURS))
     seen = [score_image(degrade(render(s, size), seed=i, noise=noise, blur=blur)).labels for i, s in enumerate(scenes)]
     return accuracy(zip(seen, [s.labels for s in scenes], strict=True))
 
 
 def test_scorer_reads_held_out_degraded_scenes():
-    """400 scenes of all four shapes (the star included) from an unseen seed, blurred (radius 0.8 px) and with
-    Gaussian noise (std 8 of 255). Measured: 100 % on every attribute (the bound leaves room for other CPUs'
-    rounding)."""
+    """400 scenes of all four shapes and seven colours (the star and pink included) from an unseen seed,
+    blurred (radius 0.8 px) and with Gaussian noise (std 8 of 255). Measured: 100 % on every attribute (the bound
+    leaves room for other CPUs' rounding)."""
     result = _held_out_accuracy(400, 64, noise=8.0, blur=0.8)
     logging.getLogger(__name__).info("held-out scorer accuracy: %s", result)
     assert set(result) == {"shape", "colour", "position", "size"}
@@ -130,14 +131,14 @@ def test_cli_writes_data_and_scores_it(tmp_path, caplog):
     assert {make_scene(2, i, ["star", "circle"]).shape for i in range(6)} <= {"star", "circle"}
     caplog.clear()
     assert main(["score", str(tmp_path / "d")]) == 0
-    assert "6 images, 6 with captions; accuracy: shape 100.0 %, colour 100.0 %" in caplog.text
+    assert "6 images, 6 with prompts; accuracy: shape 100 %, colour 100 %" in caplog.text
     # a wrong caption is reported as a miss
     (tmp_path / "d" / "scene_00000.txt").write_text("a blue hexagon on the left")
     seen = score_image(Image.open(tmp_path / "d" / "scene_00000.png")).labels
     caplog.clear()
     assert main(["score", str(tmp_path / "d" / "scene_00000.png")]) == 0
     assert ("caption says colour blue" in caplog.text) == (seen.colour != "blue")
-    assert "1 images, 1 with captions" in caplog.text
+    assert "1 images, 1 with prompts" in caplog.text
 
 
 def test_cli_names_what_it_cannot_read(tmp_path, caplog):
@@ -148,3 +149,11 @@ def test_cli_names_what_it_cannot_read(tmp_path, caplog):
     assert "note.png: not a readable image" in caplog.text
     with pytest.raises(SystemExit):
         main(["data", str(tmp_path / "x"), "--shapes", "hexagon"])
+
+
+def test_the_unseen_colour_is_kept_out_unless_asked_for(tmp_path):
+    assert all(s.colour != "pink" for s in make_scenes(200, 0))
+    assert {s.colour for s in make_scenes(10, 0, colours=["pink"])} == {"pink"}
+    assert parse_caption("a pink star on the left").colour == "pink"
+    with pytest.raises(ValueError, match="teal"):
+        make_scene(0, 0, colours=["teal"])

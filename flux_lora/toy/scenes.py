@@ -36,6 +36,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (135, 45, 175),
     "orange": (240, 125, 25),
 }
+UNSEEN_COLOUR = "pink"  # reserved like the star: the colour a LoRA teaches (the autoencoder sees it, the DiT never)
+ALL_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, UNSEEN_COLOUR: (240, 105, 180)}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (250, 250, 250),
     "grey": (218, 218, 218),
@@ -95,21 +97,23 @@ def parse_caption(caption: str) -> Labels:
     position = first(("left", "centre", "center", "right"))
     return Labels(
         shape=first(ALL_SHAPES),
-        colour=first(tuple(COLOURS)),
+        colour=first(tuple(ALL_COLOURS)),
         position="centre" if position == "center" else position,
         size=first(SIZES),
     )
 
 
-def make_scene(seed: int, index: int, shapes: Sequence[str] = SHAPES) -> Scene:
+def make_scene(seed: int, index: int, shapes: Sequence[str] = SHAPES, colours: Sequence[str] = tuple(COLOURS)) -> Scene:
     """The ``index``-th scene of the set drawn with ``seed`` (independent of how many are drawn)."""
     unknown = [s for s in shapes if s not in ALL_SHAPES]
     if unknown or not shapes:
         raise ValueError(f"shapes {list(shapes)}: each must be one of {', '.join(ALL_SHAPES)}")
+    if not colours or any(c not in ALL_COLOURS for c in colours):
+        raise ValueError(f"colours {list(colours)}: each must be one of {', '.join(ALL_COLOURS)}")
     rng = random.Random(f"flux-lora-toy:{seed}:{index}")
     return Scene(
         shape=rng.choice(list(shapes)),
-        colour=rng.choice(list(COLOURS)),
+        colour=rng.choice(list(colours)),
         position=rng.choice(POSITIONS),
         size=rng.choice(SIZES),
         background=rng.choice(list(BACKGROUNDS)),
@@ -119,8 +123,10 @@ def make_scene(seed: int, index: int, shapes: Sequence[str] = SHAPES) -> Scene:
     )
 
 
-def make_scenes(count: int, seed: int, shapes: Sequence[str] = SHAPES) -> list[Scene]:
-    return [make_scene(seed, i, shapes) for i in range(count)]
+def make_scenes(
+    count: int, seed: int, shapes: Sequence[str] = SHAPES, colours: Sequence[str] = tuple(COLOURS)
+) -> list[Scene]:
+    return [make_scene(seed, i, shapes, colours) for i in range(count)]
 
 
 def shape_points(shape: str, cx: float, cy: float, span: float) -> list[tuple[float, float]]:
@@ -147,7 +153,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     cx = (POSITION_X[scene.position] + scene.dx) * big
     cy = (0.5 + scene.dy) * big
     points = shape_points(scene.shape, cx, cy, span)
-    fill = COLOURS[scene.colour]
+    fill = ALL_COLOURS[scene.colour]
     if scene.shape == "circle":
         draw.ellipse(points, fill=fill)
     elif scene.shape == "square":
@@ -172,7 +178,14 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_dataset(out: str | Path, count: int, seed: int, size: int = 64, shapes: Sequence[str] = SHAPES) -> list[Path]:
+def write_dataset(
+    out: str | Path,
+    count: int,
+    seed: int,
+    size: int = 64,
+    shapes: Sequence[str] = SHAPES,
+    colours: Sequence[str] = tuple(COLOURS),
+) -> list[Path]:
     """``count`` scenes as ``scene_NNNNN.png`` with ``scene_NNNNN.txt`` captions in ``out``; the image paths."""
     if count < 1:
         raise ValueError(f"count {count}: must be at least 1")
@@ -180,7 +193,7 @@ def write_dataset(out: str | Path, count: int, seed: int, size: int = 64, shapes
         raise ValueError(f"size {size}: must be a multiple of {SIDE_MULTIPLE} px")
     out = Path(out)
     paths = []
-    for index, scene in enumerate(make_scenes(count, seed, shapes)):
+    for index, scene in enumerate(make_scenes(count, seed, shapes, colours)):
         stem = out / f"scene_{index:05d}"
         paths.append(write_bytes_atomic(stem.with_suffix(".png"), _png(render(scene, size))))
         write_text_atomic(stem.with_suffix(".txt"), scene.caption + "\n")

@@ -21,13 +21,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 from PIL import Image
 
-from flux_lora.toy.scenes import COLOURS, POSITION_X, POSITIONS, SIZE_SPAN, Labels
+from flux_lora.toy.scenes import ALL_COLOURS, POSITION_X, POSITIONS, SIZE_SPAN, Labels
 
 UPSAMPLE = 4  # shape measured on a grid this much finer than the image
 MIN_CONTRAST = 40.0  # RGB distance (0-255 scale) below which nothing is drawn
 CONVEX_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding box of the convex shapes
 STAR_SOLIDITY = 0.85  # below: a star (convex shapes measure >= 0.93 here, small blurred stars <= 0.75)
-_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+_PALETTE = np.array(list(ALL_COLOURS.values()), dtype=np.float32)
 _X_CUTS = [(POSITION_X[a] + POSITION_X[b]) / 2 for a, b in zip(POSITIONS, POSITIONS[1:], strict=False)]
 _SIZE_CUT = sum(SIZE_SPAN.values()) / len(SIZE_SPAN)
 
@@ -53,7 +53,7 @@ def score_image(image: Image.Image | np.ndarray) -> Verdict:
     mask = _largest_region(contrast > peak / 2)
     core = mask & (contrast >= 0.75 * peak)
     mean = pixels[core if core.any() else mask].mean(axis=0)
-    colour = list(COLOURS)[int(np.argmin(np.linalg.norm(_PALETTE - mean, axis=-1)))]
+    colour = list(ALL_COLOURS)[int(np.argmin(np.linalg.norm(_PALETTE - mean, axis=-1)))]
     ys, xs = np.nonzero(mask)
     centroid_x = (float(xs.mean()) + 0.5) / mask.shape[1]
     fine = _fine_mask(np.where(_dilate(mask), contrast, 0.0), peak / 2)
