@@ -1,25 +1,34 @@
 """Toy scenes from the command line.
 
-    python -m flux_lora.toy data OUT --count N --seed S [--size 64] [--shapes circle,square,triangle]
+    python -m flux_lora.toy data OUT --count N --seed S [--size 64] [--shapes circle,...] [--colours red,...]
     python -m flux_lora.toy score FOLDER_OR_IMAGES...
+    python -m flux_lora.toy train OUT [--seed 0]
 
 ``data`` writes ``scene_NNNNN.png`` with a ``.txt`` caption beside each (the trainer's image-folder layout).
-``score`` prints the scorer's verdict per image and, for images with a caption file beside them, whether it
-agrees, then the accuracy per attribute the captions name.
+``score`` prints the scorer's verdict per image and whether it agrees with what the image was meant to show (the
+caption file beside it, or the prompt a generated PNG records), then the accuracy per attribute the prompts name;
+the trainer's preview images are summed up per training step, so a LoRA's samples read as before and after.
+``train`` trains the toy model from scratch (about 10 minutes on two CPU cores) and writes its model folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from flux_lora.data.scan import IMAGE_EXTENSIONS
-from flux_lora.toy.scenes import ALL_SHAPES, SHAPES, Labels, parse_caption, write_dataset
+from flux_lora.inference.outputs import SETTINGS_CHUNK
+from flux_lora.toy.recipe import Recipe
+from flux_lora.toy.scenes import ALL_COLOURS, ALL_SHAPES, COLOURS, SHAPES, Labels, parse_caption, write_dataset
 from flux_lora.toy.scorer import ATTRIBUTES, Verdict, accuracy, score_image
+from flux_lora.toy.train import train_toy
+from flux_lora.training.console import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +37,8 @@ log = logging.getLogger(__name__)
 class Scored:
     path: Path
     verdict: Verdict
-    expected: Labels | None  # from the caption file beside the image, if there is one
+    expected: Labels | None  # from the caption file beside the image or the prompt the PNG records
+    step: int | None = None  # the training step of a trainer's preview image
 
 
 def image_files(sources: list[Path]) -> list[Path]:
@@ -52,18 +62,47 @@ def image_files(sources: list[Path]) -> list[Path]:
     return found
 
 
+def _recorded(image: Image.Image) -> dict:
+    """The settings a generated PNG records (our ``flux_lora`` text chunk), or ``{}``."""
+    try:
+        settings = json.loads(image.info.get(SETTINGS_CHUNK, "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
 def score_files(paths: list[Path]) -> list[Scored]:
     scored = []
     for path in paths:
         try:
             with Image.open(path) as image:
                 verdict = score_image(image.convert("RGB"))
+                settings = _recorded(image)
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{path}: not a readable image ({e})") from None
         caption = path.with_suffix(".txt")
-        expected = parse_caption(caption.read_text(encoding="utf-8")) if caption.is_file() else None
-        scored.append(Scored(path, verdict, expected))
+        prompt = caption.read_text(encoding="utf-8") if caption.is_file() else settings.get("prompt")
+        expected = parse_caption(prompt) if isinstance(prompt, str) else None
+        step = settings.get("step")
+        scored.append(Scored(path, verdict, expected, step if isinstance(step, int) else None))
     return scored
+
+
+def summary(scored: list[Scored]) -> list[str]:
+    """One line per training step (previews) or one for all: images, and accuracy per attribute named."""
+    groups: dict[int | None, list[Scored]] = defaultdict(list)
+    for item in scored:
+        groups[item.step].append(item)
+    lines = []
+    for step in sorted(groups, key=lambda s: -1 if s is None else s):
+        items = groups[step]
+        pairs = [(s.verdict.labels, s.expected) for s in items if s.expected is not None]
+        where = "" if step is None else f"step {step}: "
+        scores = ", ".join(f"{a} {100 * v:.0f} %" for a, v in accuracy(pairs).items())
+        lines.append(
+            f"{where}{len(items)} images, {len(pairs)} with prompts" + (f"; accuracy: {scores}" if pairs else "")
+        )
+    return lines
 
 
 def _line(item: Scored) -> str:
@@ -79,11 +118,19 @@ def _line(item: Scored) -> str:
     return f"{item.path}: {words}" + (f"  (caption says {', '.join(wrong)})" if wrong else "  ok")
 
 
+def _choices(text: str, allowed: tuple[str, ...]) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    if not chosen or any(s not in allowed for s in chosen):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(allowed)}")
+    return chosen
+
+
 def _shapes(text: str) -> list[str]:
-    shapes = [s.strip() for s in text.split(",") if s.strip()]
-    if not shapes or any(s not in ALL_SHAPES for s in shapes):
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(ALL_SHAPES)}")
-    return shapes
+    return _choices(text, ALL_SHAPES)
+
+
+def _colours(text: str) -> list[str]:
+    return _choices(text, tuple(ALL_COLOURS))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,17 +147,25 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--size", type=int, default=64, help="image side in px (a multiple of 16)")
     data.add_argument("--shapes", type=_shapes, default=list(SHAPES), help="comma-separated (star: the unseen one)")
+    data.add_argument("--colours", type=_colours, default=list(COLOURS), help="comma-separated (pink: the unseen one)")
     score = commands.add_parser("score", help="print the scorer's verdicts and the accuracy against captions")
     score.add_argument("sources", type=Path, nargs="+", metavar="FOLDER_OR_IMAGE")
+    train = commands.add_parser("train", help="train the toy model from scratch and write its model folder")
+    train.add_argument("out", type=Path)
+    train.add_argument("--seed", type=int, default=Recipe.seed)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_third_party()
     try:
         if args.command == "data":
-            write_dataset(args.out, args.count, args.seed, args.size, args.shapes)
+            write_dataset(args.out, args.count, args.seed, args.size, args.shapes, args.colours)
+            return 0
+        if args.command == "train":
+            train_toy(args.out, Recipe(seed=args.seed))
             return 0
         scored = score_files(image_files(args.sources))
     except (ValueError, OSError) as e:
@@ -118,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for item in scored:
         log.info("%s", _line(item))
-    pairs = [(s.verdict.labels, s.expected) for s in scored if s.expected is not None]
-    summary = ", ".join(f"{a} {100 * v:.1f} %" for a, v in accuracy(pairs).items())
-    log.info("%d images, %d with captions%s", len(scored), len(pairs), f"; accuracy: {summary}" if pairs else "")
+    for line in summary(scored):
+        log.info("%s", line)
     return 0
