@@ -41,8 +41,12 @@ def test_a_short_run_of_the_recipe_reproduces_the_manifests_fingerprint(tmp_path
     check = _manifest()["check"]
     out = train_toy(tmp_path / "toy", limit=check["limit"])
     got = _manifest(out)["fingerprints"]
-    for part, expected in check["fingerprints"].items():
-        assert got[part] == pytest.approx(expected, rel=1e-5), part
+    # The autoencoder phase is deterministic (three runs here gave equal sums; 1e-6 leaves room for other
+    # CPUs). The DiT's CPU training is not (its sums moved by up to 0.034 between runs, float rounding), so it gets
+    # 4x that; three warm-up steps move the DiT little, so its check mostly guards the seed, the architecture and
+    # the data path.
+    assert got["autoencoder"] == pytest.approx(check["fingerprints"]["autoencoder"], rel=1e-6)
+    assert got["dit"] == pytest.approx(check["fingerprints"]["dit"], abs=0.15)
 
 
 @pytest.fixture(scope="module")

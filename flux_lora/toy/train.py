@@ -79,7 +79,7 @@ def crop_corners(scenes: list[Scene], side: int, crop: int, gen: torch.Generator
 
 
 def fingerprint(module: torch.nn.Module) -> list[float]:
-    """Two sums over all parameters (plain and position-weighted), in float64: equal weights, equal numbers."""
+    """Three sums over all parameters (plain, position-weighted, absolute), in float64: equal weights, equal numbers."""
     flat = torch.cat([p.detach().double().flatten() for p in module.parameters()])
     ramp = torch.linspace(-1, 1, flat.numel(), dtype=torch.float64)
     return [float(flat.sum()), float((flat * ramp).sum()), float(flat.abs().sum())]
@@ -105,7 +105,7 @@ def _loop(
     """``steps`` AdamW steps (at most ``limit``) of ``loss_of(step)``, logged every :data:`LOG_EVERY`."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
-    start, total = time.monotonic(), 0.0
+    start, total, counted = time.monotonic(), 0.0, 0
     for step in range(steps if limit is None else min(limit, steps)):
         loss = loss_of(step)
         opt.zero_grad(set_to_none=True)
@@ -113,11 +113,11 @@ def _loop(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        total += loss.item()
+        total, counted = total + loss.item(), counted + 1
         if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
             seconds = time.monotonic() - start
-            log.info("%s step %d/%d: loss %.4f (%.0f s)", name, step + 1, steps, total / LOG_EVERY, seconds)
-            total = 0.0
+            log.info("%s step %d/%d: loss %.4f (%.0f s)", name, step + 1, steps, total / counted, seconds)
+            total, counted = 0.0, 0
 
 
 def train_autoencoder(images: Tensor, scenes: list[Scene], recipe: Recipe, limit: int | None = None) -> AutoEncoder:
