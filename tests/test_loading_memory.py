@@ -64,7 +64,9 @@ def test_loading_holds_the_model_not_the_file(checkpoint: Path, dtype: str) -> N
     largest = max(2 * int(__import__("math").prod(s)) for s in read_shapes(checkpoint).values())  # bf16 bytes
     r = _load_in_child(checkpoint, dtype)
     growth = r["end"]["VmHWM"] - r["base"]["VmRSS"]
-    bound = r["held"] + 2 * largest + 64 * MB  # the model, two tensors in flight, allocator slack and code pages
+    # the model, two tensors in flight, allocator slack and code pages: 64 MB of slack failed once in CI (246 MB
+    # against a 245 MB bound, bf16), so 128 MB; the mapped-file loading this guards against grew 418-468 MB
+    bound = r["held"] + 2 * largest + 128 * MB
     print(
         f"{dtype}: file {size / MB:.0f} MB, model {r['held'] / MB:.0f} MB, largest tensor {largest / MB:.1f} MB, "
         f"peak RSS growth {growth / MB:.0f} MB (bound {bound / MB:.0f}), peak RssFile growth "
