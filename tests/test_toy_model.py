@@ -14,11 +14,12 @@ import torch
 from benchmarks.toy_quality import BASES, generate, load_pipeline, prompt_accuracy
 from flux_lora.cli.train import main as train_main
 from flux_lora.inference.pipeline import FluxPipeline
+from flux_lora.model.autoencoder import Encoder
 from flux_lora.toy.cli import score_files, summary
 from flux_lora.toy.recipe import TOY_DIT, Recipe
-from flux_lora.toy.scenes import make_scenes, parse_caption
+from flux_lora.toy.scenes import ALL_SHAPES, make_scenes, parse_caption
 from flux_lora.toy.scorer import accuracy, score_image
-from flux_lora.toy.train import MANIFEST, train_toy
+from flux_lora.toy.train import MANIFEST, render_images, train_autoencoder, train_toy
 
 ROOT = Path(__file__).parents[1]
 TOY = ROOT / "models" / "flux-toy"
@@ -49,6 +50,27 @@ def test_a_short_run_of_the_recipe_reproduces_the_manifests_fingerprint(tmp_path
     assert got["dit"] == pytest.approx(check["fingerprints"]["dit"], abs=0.15)
 
 
+def test_the_autoencoder_ends_on_whole_images():
+    """Crops train it cheaply, but GroupNorm and the attention then learn a crop's statistics: trained on crops
+    only, the committed autoencoder drew squares with fill 0.96 on crops and 0.90 (read as circles, 58 %) on whole
+    images. Its last ``ae_full_steps`` steps therefore see whole images, as many pixels per batch as the crops.
+    (The short check run above stops before that phase; this covers it.)"""
+    recipe = Recipe(scenes=8, ae_steps=4, ae_full_steps=2, ae_batch=8)
+    images, scenes = render_images(recipe.scenes, 0, recipe.image_size, ALL_SHAPES, ("red", "pink"))
+    shapes: list[tuple[int, ...]] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, Encoder):
+            shapes.append(tuple(args[0].shape))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        train_autoencoder(images, scenes, recipe)
+    finally:
+        handle.remove()
+    assert shapes[:4] == [(8, 3, 32, 32)] * 2 + [(2, 3, 64, 64)] * 2
+
+
 @pytest.fixture(scope="module")
 def toy_pipe() -> FluxPipeline:
     return FluxPipeline.from_pretrained(TOY, dtype=torch.float32, device="cpu")
@@ -60,15 +82,15 @@ def test_the_toy_model_loads_as_flux_dev(toy_pipe):
 
 def test_the_base_model_draws_its_own_prompts(toy_pipe):
     """96 held-out captions, one image each, judged by the scorer. Measured (models/flux-toy as committed):
-    colour 96 %, position 100 %, size 98 %, shape 70 % (squares come out with round corners and read as
-    circles), every attribute right in 68 %. The bounds sit a few images under those figures."""
+    colour 100 %, position 100 %, size 99 %, shape 92 % (the misses: squares drawn round), every attribute
+    right in 92 %. The bounds sit a few images under those figures, and above the 80 % the toy model promises."""
     prompts = [s.caption for s in make_scenes(96, HELD_OUT_SEED)]
     images = toy_pipe(prompts, height=64, width=64, seed=0, progress=False)
     pairs = [(score_image(img).labels, parse_caption(p)) for img, p in zip(images, prompts, strict=True)]
     result = accuracy(pairs)
     every = sum(seen == wanted for seen, wanted in pairs) / len(pairs)
-    assert result["colour"] >= 0.9 and result["position"] >= 0.95 and result["size"] >= 0.95, result
-    assert result["shape"] >= 0.62 and every >= 0.6, (every, result)
+    assert result["colour"] >= 0.95 and result["position"] >= 0.95 and result["size"] >= 0.95, result
+    assert result["shape"] >= 0.85 and every >= 0.85, (every, result)
 
 
 def test_the_quick_start_teaches_pink(tmp_path):
@@ -86,12 +108,12 @@ def test_the_quick_start_teaches_pink(tmp_path):
 
 def test_fp8_draws_as_bf16_does():
     """The seed's claim at toy scale (benchmarks/toy_quality.py has the full table): on the same seeds, the fp8
-    base's images differ from the bf16 base's by under 1.5 of 255 per pixel on average (measured 0.64 on 48
+    base's images differ from the bf16 base's by under 1 of 255 per pixel on average (measured 0.30 on 48
     prompts) and the scorer finds at most one image more or less right."""
     prompts = [s.caption for s in make_scenes(16, HELD_OUT_SEED)]
     bases = {b.name: b for b in BASES}
     images = {n: generate(load_pipeline(TOY, bases[n]), prompts) for n in ("bf16", "fp8 scaled (default)")}
     error = abs(images["bf16"].astype(float) - images["fp8 scaled (default)"]).mean()
     right = {n: prompt_accuracy(im, prompts)["all"] * len(prompts) for n, im in images.items()}
-    assert error < 1.5, error
+    assert error < 1.0, error
     assert abs(right["bf16"] - right["fp8 scaled (default)"]) <= 1, right

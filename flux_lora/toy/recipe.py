@@ -38,7 +38,9 @@ class Recipe:
     ae_channels: int = 64  # GroupNorm's 32 groups need >1 channel each, or flat colours are normalised away
     ae_steps: int = 1500
     ae_batch: int = 32
-    ae_crop: int = 32  # the autoencoder trains on random crops this size (it is convolutional): 4x cheaper
+    ae_crop: int = 32  # the autoencoder trains on random crops this size (it is convolutional): 4x cheaper ...
+    ae_full_steps: int = 300  # ... but for its last steps, on whole images (the same pixels per batch): GroupNorm
+    # and the attention see a whole scene's statistics, not a crop's (crop-only training rounds squares at 64 px)
     ae_lr: float = 4e-3
     ae_shape_weight: float = 2.0  # extra loss weight where a pixel differs from the background: edges, colours
     ae_latent_noise: float = 0.1  # added to the latents while training it: a decoder that forgives the DiT

@@ -1,7 +1,8 @@
 """Train the toy FLUX model from scratch on procedural scenes, deterministic by its :class:`Recipe`.
 
 Three phases, each logged with its time: the autoencoder learns to compress 64 px scenes (every shape and colour,
-the star and pink included, as a real autoencoder sees every kind of image), its latents are measured for their
+the star and pink included, as a real autoencoder sees every kind of image; on crops around the shape, then on whole
+scenes so its normalisation learns their statistics), its latents are measured for their
 shift and scale factors, then the DiT learns flow matching on the latents of captioned circles, squares and
 triangles in six colours (never a star, never pink), through the trainer's own loss function. The text encoders
 are the project's tiny random CLIP and T5 (built by seed, frozen): like the real ones, the DiT learns to read them.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -44,6 +44,7 @@ from flux_lora.toy.scenes import (
     render,
 )
 from flux_lora.training.loss import flow_matching_loss
+from flux_lora.training.schedules import build_scheduler
 from flux_lora.weights.loading import PARAMS_METADATA_KEY
 from flux_lora.weights.tiny import build_text_encoders
 
@@ -85,14 +86,6 @@ def fingerprint(module: torch.nn.Module) -> list[float]:
     return [float(flat.sum()), float((flat * ramp).sum()), float(flat.abs().sum())]
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine down to a tenth."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _loop(
     name: str,
     steps: int,
@@ -102,9 +95,13 @@ def _loop(
     warmup: int,
     loss_of: Callable[[int], Tensor],
 ) -> None:
-    """``steps`` AdamW steps (at most ``limit``) of ``loss_of(step)``, logged every :data:`LOG_EVERY`."""
+    """``steps`` AdamW steps (at most ``limit``) of ``loss_of(step)``, logged every :data:`LOG_EVERY`; the
+    learning rate warms up linearly, then follows a cosine down to a tenth (the trainer's own scheduler)."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
+    schedule = TrainConfig(
+        max_steps=steps, learning_rate=lr, lr_scheduler="cosine", warmup_steps=warmup, min_lr_ratio=0.1
+    )
+    sched = build_scheduler(schedule, opt)
     start, total, counted = time.monotonic(), 0.0, 0
     for step in range(steps if limit is None else min(limit, steps)):
         loss = loss_of(step)
@@ -128,11 +125,16 @@ def train_autoencoder(images: Tensor, scenes: list[Scene], recipe: Recipe, limit
     gen = torch.Generator().manual_seed(recipe.seed + 2)
     crop, side = recipe.ae_crop, images.shape[-1]
     backgrounds = torch.tensor([BACKGROUNDS[s.background] for s in scenes]).float().div(127.5).sub(1)
+    full_batch = max(1, recipe.ae_batch * crop * crop // (side * side))
 
     def loss_of(step: int) -> Tensor:
-        idx = torch.randint(0, len(images), (recipe.ae_batch,), generator=gen).tolist()
-        corners = crop_corners([scenes[i] for i in idx], side, crop, gen).tolist()
-        x = torch.stack([images[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx, corners, strict=True)])
+        if step >= recipe.ae_steps - recipe.ae_full_steps:
+            idx = torch.randint(0, len(images), (full_batch,), generator=gen).tolist()
+            x = images[idx]
+        else:
+            idx = torch.randint(0, len(images), (recipe.ae_batch,), generator=gen).tolist()
+            corners = crop_corners([scenes[i] for i in idx], side, crop, gen).tolist()
+            x = torch.stack([images[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx, corners, strict=True)])
         mean = ae.encoder(x).chunk(2, dim=1)[0]
         rec = ae.decoder(mean + recipe.ae_latent_noise * torch.randn(mean.shape, generator=gen))
         err = (rec - x).abs() + (rec - x).pow(2)
