@@ -4,7 +4,7 @@
 
 The folder holds ``flux1-<variant>.safetensors`` (tiny DiT, BFL keys), ``ae.safetensors`` (tiny autoencoder),
 ``text_encoder/`` + ``tokenizer/`` (tiny CLIP) and ``text_encoder_2/`` + ``tokenizer_2/`` (tiny T5), saved with
-transformers; the tokenizers are trained offline on a built-in word list. Every loader runs on it unchanged.
+transformers; the tokenizers are made offline from a built-in word list. Every loader runs on it unchanged.
 The command also writes two tiny ControlNets in the diffusers layout: ``controlnet/``, ``controlnet-union/``.
 """
 
@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +44,7 @@ sks ohwx token trigger concept subject background foreground center left right t
 realistic anime cartoon sketch watercolor oil pixel art studio lighting""".split()
 
 DEFAULT_SEED = 0
+PIECE_COST = 20.0  # per Unigram piece, more than any log-frequency of the corpus: fewest pieces first
 TINY_UNION_MODES = 10  # as InstantX/FLUX.1-dev-Controlnet-Union-alpha
 
 
@@ -75,19 +78,42 @@ def build_clip_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
+def unigram_vocab(corpus: list[str], size: int, longest: int = 8) -> list[tuple[str, float]]:
+    """At most ``size`` pieces with their scores for a Unigram model, the same on every run: every character of
+    the corpus's words (``▁``-prefixed, as Metaspace splits them), every whole word, then the most frequent
+    substrings of up to ``longest`` characters. A piece scores its log-frequency less a fixed cost, so a word is
+    cut into as few pieces as the vocabulary allows, the more frequent ones among equals. (tokenizers'
+    ``UnigramTrainer`` is not deterministic: its ids and scores change from run to run, and with them every T5
+    embedding of a model trained on its ids.)"""
+    counts: Counter[str] = Counter()
+    words: Counter[str] = Counter()
+    for line in corpus:
+        for word in line.split():
+            piece = "\u2581" + word
+            words[piece] += 1
+            for i in range(len(piece)):
+                for j in range(i + 1, min(len(piece), i + longest) + 1):
+                    counts[piece[i:j]] += 1
+    counts.update({w: n for w, n in words.items() if len(w) > longest})  # whole words longer than that
+    by_count = sorted(counts, key=lambda p: (-counts[p], p))
+    ranked = sorted(p for p in counts if len(p) == 1) + sorted(words, key=lambda p: (-words[p], p)) + by_count
+    pieces = list(dict.fromkeys(ranked))[:size]
+    total = sum(counts[p] for p in pieces)
+    return [(p, math.log(counts[p] / total) - PIECE_COST) for p in pieces]
+
+
 def build_t5_tokenizer(out: Path, max_length: int) -> None:
-    """A Unigram with a Metaspace pre-tokenizer and ``</s>`` appended, like T5's SentencePiece tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A Unigram with a Metaspace pre-tokenizer and ``</s>`` appended, like T5's SentencePiece tokenizer; its
+    vocabulary from :func:`unigram_vocab`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     pad, eos, unk = "<pad>", "</s>", "<unk>"
-    tok = Tokenizer(models.Unigram())
+    specials = [(pad, 0.0), (eos, 0.0), (unk, 0.0)]
+    tok = Tokenizer(models.Unigram(specials + unigram_vocab(_corpus(), 600 - len(specials)), unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=400, special_tokens=[pad, eos, unk], unk_token=unk, show_progress=False
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.add_special_tokens([pad, eos, unk])
     tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk, model_max_length=max_length
