@@ -51,8 +51,8 @@ def test_a_short_run_of_the_recipe_reproduces_the_manifests_fingerprint(tmp_path
 
 def test_the_autoencoder_ends_on_whole_images():
     """Crops train it cheaply, but GroupNorm and the attention then learn a crop's statistics: trained on crops
-    only, the committed autoencoder drew squares with fill 0.96 on crops and 0.90 (read as circles, 58 %) on whole
-    images. Its last ``ae_full_steps`` steps therefore see whole images, as many pixels per batch as the crops.
+    only, the autoencoder committed before drew squares with fill 0.96 on crops and 0.90 (read as circles, 58 %)
+    on whole images. Its last ``ae_full_steps`` steps therefore see whole images, as many pixels per batch as the crops.
     (The short check run above stops before that phase; this covers it.)"""
     recipe = Recipe(scenes=8, ae_steps=4, ae_full_steps=2, ae_batch=8)
     images, scenes = render_images(recipe.scenes, 0, recipe.image_size, ALL_SHAPES, ("red", "pink"))
