@@ -47,7 +47,7 @@ def optimizer_path(name: str) -> str:
     return OPTIMIZERS[name.lower()][0] if name.lower() in OPTIMIZERS else name
 
 
-def check_optimizer(name: str, args: dict, lr: float) -> None:
+def check_optimizer(name: str, args: dict[str, Any], lr: float) -> None:
     """At config time: a known name whose package is installed (else the extra to install) or an import path,
     and the class built once on a one-element parameter, so an unknown class or bad ``optimizer_args`` stop the
     run when the config loads, not after caching and model loading."""
@@ -274,7 +274,7 @@ class TrainConfig:
     optimizer: str = _doc(
         "adamw, adamw8bit, prodigy, adafactor, lion, schedulefree_adamw, or a class by import path", "adamw"
     )
-    optimizer_args: dict = _doc("keyword arguments of the optimizer", factory=lambda: {"weight_decay": 0.01})
+    optimizer_args: dict[str, Any] = _doc("keyword arguments of the optimizer", factory=lambda: {"weight_decay": 0.01})
     lr_scheduler: LrSchedule = _doc(
         "transformers.get_scheduler schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
         "polynomial",

@@ -12,13 +12,16 @@ import dataclasses
 import difflib
 import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from flux_lora.atomic import write_text_atomic
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
@@ -178,7 +181,7 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
         node = data.setdefault(p, {})
@@ -325,7 +328,7 @@ def help_text(cls: type) -> str:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, YAML-safe mapping of a dataclass tree (Paths as strings)."""
 
-    def plain(v):
+    def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (list, tuple)):

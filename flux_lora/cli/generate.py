@@ -44,7 +44,7 @@ import secrets
 import sys
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -87,7 +87,13 @@ def lora_spec(spec: str) -> tuple[Path, float]:
 class ControlNetOption(argparse.Action):
     """``--controlnet`` starts a ControlNet; the ``--control-*`` and ``--mask`` options after it belong to it."""
 
-    def __call__(self, parser, namespace, value, option_string=None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        value: Any,
+        option_string: str | None = None,
+    ) -> None:
         units = [dict(u) for u in namespace.controlnets]  # copies: the default list is shared between parses
         if self.dest == "controlnet":
             source, scale = split_scale(value)
@@ -201,7 +207,7 @@ def seed_list(seeds: list[int] | None, num_images: int | None) -> list[int]:
 
 
 def load_controlnets(
-    pipe: FluxPipeline, specs: list[dict], images: dict[Path, Image.Image], quantize: Quantize | None
+    pipe: FluxPipeline, specs: list[dict[str, Any]], images: dict[Path, Image.Image], quantize: Quantize | None
 ) -> list[ControlNetUnit]:
     """The ControlNets of the command line (each loaded once, however often it is named) with their inputs."""
     models, units = {}, []
@@ -223,7 +229,7 @@ def load_controlnets(
     return units
 
 
-def controlnet_settings(specs: list[dict]) -> list[dict]:
+def controlnet_settings(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ControlNet options as written into the PNG (paths as given)."""
     return [
         {
@@ -290,7 +296,7 @@ def open_image(path: Path, what: str) -> Image.Image:
         raise ValueError(f"{what} {path}: not a readable image ({e})") from None
 
 
-def check_controlnets(specs: list[dict], params: FluxParams) -> None:
+def check_controlnets(specs: list[dict[str, Any]], params: FluxParams) -> None:
     """Each ControlNet's config.json against the DiT's headers (the weights load later)."""
     for source in dict.fromkeys(s["controlnet"] for s in specs):
         cn = read_controlnet_params(find_controlnet_folder(resolve_controlnet(source)))

@@ -16,6 +16,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -89,7 +90,7 @@ class Crop:
         """The crop as PIL's ``(left, upper, right, lower)`` in the resized image."""
         return self.left, self.top, self.left + self.bucket[0], self.top + self.bucket[1]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "bucket": list(self.bucket),
             "resized": list(self.resized),
@@ -192,7 +193,7 @@ class BucketBatchSampler:
         # copies interleaved ([a, b, a, b]): unshuffled batches do not pair an image with itself
         groups: dict[Size, list[int]] = {}
         for i, b in enumerate(self.buckets):
-            groups.setdefault(tuple(b), []).append(i)
+            groups.setdefault((b[0], b[1]), []).append(i)
         # per-sample repeats (kohya folders): round r holds the samples repeated more than r times
         reps = self.sample_repeats
         return {

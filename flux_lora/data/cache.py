@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ LATENT_SETTINGS = {"resample": "lanczos", "latent": "mean", "pixels": "[-1, 1]"}
 TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
-def _sha(payload: dict) -> str:
+def _sha(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -146,7 +147,7 @@ class AutoEncoderSpec:
 
 CHECKSUM_KEY = "flux_lora.sha256"
 # entry -> (inode, size, mtime) of the version that verified, or (inode, size, mtime, False) of one that failed
-_VERIFIED: dict[Path, tuple] = {}
+_VERIFIED: dict[Path, tuple[int, ...]] = {}
 
 
 class CacheEntryError(RuntimeError):
@@ -447,7 +448,7 @@ def _check_dtype(module: nn.Module, expected: str, what: str) -> None:
         )
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -549,8 +550,11 @@ def fill_cache(
     return FillStats(texts, latents)
 
 
+Encoder = TypeVar("Encoder", bound=nn.Module)
+
+
 def _with_encoder(
-    load: Callable[[], nn.Module], device: torch.device, dtype: str, what: str, work: Callable[[nn.Module], int]
+    load: Callable[[], Encoder], device: torch.device, dtype: str, what: str, work: Callable[[Encoder], int]
 ) -> int:
     """Load, check the dtype, run ``work``, and release the encoder whatever happens."""
     module = load().to(device)

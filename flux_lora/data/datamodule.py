@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
@@ -38,10 +39,10 @@ from flux_lora.weights.loading import load_autoencoder
 
 log = logging.getLogger(__name__)
 
-Sample = dict[str, Tensor | str]
+Sample = dict[str, Any]  # tensors, and str under "caption" and "image"
 
 
-class CachedDataset(Dataset):
+class CachedDataset(Dataset[Sample]):
     """Cached training samples. ``dataset[(i, v)]`` is record ``i`` in its variant ``v`` (crop / flip), as a
     dict: ``latents [z, h, w]``, ``txt [L, d_t5]``, ``y [d_clip]`` (tensors in the cached dtype),
     ``caption`` (str) and ``image`` (the image's file name, for error messages).
@@ -100,18 +101,20 @@ def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
     return out
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(DataLoader[Sample]):
     """A DataLoader over a :class:`BucketBatchSampler` that knows how many batches of the current epoch it has
     handed out. Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict`` on resume, so a run
     resumed mid-epoch continues with the next batch instead of restarting the epoch (a resume at an epoch's end
     starts the next epoch whole)."""
 
-    def __init__(self, *args, **kwargs):
+    batch_sampler: BucketBatchSampler
+
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._served = 0
         self._resume_at: tuple[int, int] | None = None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # torch types it as its own iterator class
         sampler = self.batch_sampler
         if self._resume_at is not None:
             epoch, served = self._resume_at
@@ -129,7 +132,7 @@ class ResumableDataLoader(DataLoader):
         self._resume_at = (state["epoch"], state["served"])
 
 
-def make_dataloader(plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader:
+def make_dataloader(plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader[Sample]:
     """The training DataLoader over a complete cache: this rank's bucketed batches (BucketBatchSampler)."""
     sampler = BucketBatchSampler(
         plan.buckets,
@@ -248,7 +251,7 @@ class FluxDataModule(L.LightningDataModule):
             )
         self.plan = plan
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[Sample]:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return make_dataloader(self._require_plan(), self.cfg, rank, world)
@@ -268,7 +271,7 @@ class FluxDataModule(L.LightningDataModule):
         return load_text_embeddings(self._require_plan(), self.sample_prompts if prompts is None else prompts)
 
 
-def _never():
+def _never() -> NoReturn:
     raise AssertionError("replaced in FluxDataModule.from_model_folder")
 
 

@@ -132,7 +132,7 @@ def _probe(data: bytes, digest: str, probe_dir: Path | None, name: str = "") -> 
                 result: tuple[int, int] | str = image.size
         for w in caught:
             log.warning("%s: %s", name, re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image", str(w.message)))
-        if min(result) < SIDE_MULTIPLE:
+        if not isinstance(result, str) and min(result) < SIDE_MULTIPLE:
             result = f"smaller than {SIDE_MULTIPLE} px ({result[0]}x{result[1]})"
     except Exception as e:  # PIL raises many types for corrupt data
         result = f"{type(e).__name__}: {e}"
@@ -276,7 +276,7 @@ def _warn_unlisted(folder: Path, listed: list[str | None], exclude: Sequence[Pat
         )
 
 
-def _load_datasets_source(cfg: DataConfig):
+def _load_datasets_source(cfg: DataConfig) -> Any:
     import datasets
 
     source = Path(cfg.source)
@@ -297,7 +297,7 @@ def _load_datasets_source(cfg: DataConfig):
     return ds
 
 
-def _dataset_items(ds, cfg: DataConfig) -> tuple[Any, list[tuple[str, str | None, Any, int, str | None]]]:
+def _dataset_items(ds: Any, cfg: DataConfig) -> tuple[Any, list[tuple[str, str | None, Any, int, str | None]]]:
     import datasets
 
     for role, column in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)):
@@ -308,7 +308,7 @@ def _dataset_items(ds, cfg: DataConfig) -> tuple[Any, list[tuple[str, str | None
     ds = ds.select_columns([cfg.image_column, cfg.caption_column])
     if isinstance(ds.features[cfg.image_column], datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
-    items = []
+    items: list[tuple[str, str | None, Any, int, str | None]] = []
     for row, example in enumerate(ds):
         cell = example[cfg.image_column]
         path = cell if isinstance(cell, str) else (cell or {}).get("path")
@@ -347,7 +347,10 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
         if kind == "imagefolder":
             _warn_unlisted(Path(cfg.source), [_cell_path(ref) for _, _, ref, _, _ in items], exclude)
     probe_dir = Path(cfg.cache_dir) / "probe"
-    records, skipped, missing = [], [], []
+    records: list[ImageRecord] = []
+    skipped: list[tuple[str, str]] = []
+    missing: list[str] = []
+    probed: tuple[int, int] | str
     for row, (name, caption, ref, kohya_repeats, class_caption) in enumerate(items):
         try:
             data = Path(ref).read_bytes() if kind == "folder" else _row_bytes(ref, name)
@@ -403,7 +406,9 @@ def _cell_path(cell: Any) -> str | None:
     return cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") else None
 
 
-def _check_scan(cfg: DataConfig, records: list, skipped: list, missing: list[str], total: int) -> None:
+def _check_scan(
+    cfg: DataConfig, records: list[ImageRecord], skipped: list[tuple[str, str]], missing: list[str], total: int
+) -> None:
     if missing:
         where = (
             f"a {cfg.caption_extension} file beside each image"

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from flux_lora.dtypes import float_dtype
 from flux_lora.inference.denoise import DiTInputs
+from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.controlnet import (
     NEEDS_MASK,
     TAKES_NO_MASK,
@@ -79,7 +80,7 @@ def keep(step: int, num_steps: int, start: float, end: float) -> bool:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def _check_image(value, what: str, channels: int) -> None:
+def _check_image(value: object, what: str, channels: int) -> None:
     if isinstance(value, Image.Image):
         if min(value.size) < 1:
             raise ValueError(f"{what} is an empty image ({value.size[0]}x{value.size[1]})")
@@ -232,7 +233,7 @@ class EncodedUnit:
 
     controlnet: FluxControlNet
     control: Tensor
-    mode: int | None
+    mode: int | str | None
     scale: float
     start: float
     end: float
@@ -242,7 +243,7 @@ class EncodedUnit:
 def encode_units(
     units: Sequence[ControlNetUnit],
     images: list[tuple[Tensor, Tensor | None]],
-    ae: torch.nn.Module,
+    ae: AutoEncoder,
     batch: int,
     device: torch.device,
     dtype: torch.dtype,

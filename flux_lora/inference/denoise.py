@@ -89,7 +89,7 @@ def denoise(
         t_vec = torch.full((batch,), t_cur, device=img.device, dtype=dtype)
         x = img.to(dtype) if img_cond is None else torch.cat([img.to(dtype), img_cond.to(dtype)], dim=-1)
         v = _velocity(model, DiTInputs(i, x, img_ids, txt, txt_ids, t_vec, y, g), controls)
-        if use_cfg:
+        if use_cfg and neg is not None:
             neg_inputs = DiTInputs(i, x, img_ids, neg.txt, txt_ids, t_vec, neg.y, g, negative=True)
             v_neg = _velocity(model, neg_inputs, controls)
             v = v_neg + true_cfg * (v - v_neg)

@@ -9,9 +9,10 @@ runs no step and returns the input image's latents (its autoencoder round trip o
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flux_lora.inference.control import ImageInput, control_pixels
+from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.sampling import add_noise
 
 
@@ -24,7 +25,15 @@ def cut_schedule(schedule: list[float], strength: float) -> list[float]:
     return schedule[start:]
 
 
-def image_latents(image: ImageInput, ae: nn.Module, height: int, width: int, num_prompts: int, device, dtype) -> Tensor:
+def image_latents(
+    image: ImageInput,
+    ae: AutoEncoder,
+    height: int,
+    width: int,
+    num_prompts: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> Tensor:
     """``[b, C, h, w]`` float32 latents (posterior mean) of one image or one per prompt, at the output size."""
     pixels = control_pixels(image, height, width)
     if pixels.shape[0] not in (1, num_prompts):

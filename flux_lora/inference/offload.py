@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, cast
@@ -56,7 +56,7 @@ class Transfer:
         self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
         # host copies of a module go into one exact-size buffer (pack_host), pinned when pin_memory
         self.pack = self.pin_memory if pack is None else pack
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None
 
     @property
     def stream(self) -> torch.cuda.Stream | None:
@@ -156,13 +156,13 @@ def _subtree_ids(modules: list[nn.Module]) -> set[int]:
 
 def _swap(owner: nn.Module, name: str, is_param: bool, t: Tensor) -> None:
     if is_param:
-        owner._parameters[name].data = t
+        cast(nn.Parameter, owner._parameters[name]).data = t
     else:
         owner._buffers[name] = t
 
 
 def _current(owner: nn.Module, name: str, is_param: bool) -> Tensor:
-    return owner._parameters[name].data if is_param else owner._buffers[name]
+    return cast(nn.Parameter, owner._parameters[name]).data if is_param else cast(Tensor, owner._buffers[name])
 
 
 def to_host_(module: nn.Module, transfer: Transfer, skip: AbstractSet[int] = frozenset()) -> None:
@@ -414,13 +414,13 @@ class BlockOffload:
         self._pending[i] = self.slots.load(i, name, block)
         self.on_move("load", name)
 
-    def _start(self, module: nn.Module, args) -> None:
+    def _start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.release()
         self.slots.reserve(self.largest())
         if self.prefetch and self.blocks:
             self._fetch(0)
 
-    def _finish(self, module: nn.Module, args, output) -> None:
+    def _finish(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self.release()
         if not self._reported and log.isEnabledFor(logging.INFO):
             self._reported = True
@@ -434,8 +434,8 @@ class BlockOffload:
                 else "; device {allocated_GB:.2f} GB allocated, {reserved_GB:.2f} GB reserved".format(**memory),
             )
 
-    def _pre_hook(self, i: int):
-        def hook(module: nn.Module, args) -> None:
+    def _pre_hook(self, i: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if i not in self._pending:
                 self._fetch(i)
             loaded = self._pending.pop(i)
@@ -448,8 +448,8 @@ class BlockOffload:
 
         return hook
 
-    def _post_hook(self, i: int):
-        def hook(module: nn.Module, args, output) -> None:
+    def _post_hook(self, i: int) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             loaded = self._active.pop(i, None)
             if loaded is not None:
                 loaded.unload()
@@ -517,7 +517,7 @@ class Placement:
             to_host_(module, self.transfer)
 
     @contextmanager
-    def joined(self, extra: dict[str, nn.Module]) -> Iterator[None]:
+    def joined(self, extra: Mapping[str, nn.Module]) -> Iterator[None]:
         """Components that take part inside the ``with`` block only (a call's ControlNets), placed as the
         mode says; in ``"block"`` mode their ``double_blocks`` and ``single_blocks`` stream like the DiT's.
         Afterwards they are no longer components (in host memory, unless ``mode`` is ``None``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
@@ -34,7 +35,7 @@ def _quoted(value: str) -> str:
     return json.dumps(value) if any(c in value for c in ',:\n"') else value
 
 
-def a1111_parameters(settings: dict) -> str:
+def a1111_parameters(settings: dict[str, Any]) -> str:
     """The A1111 infotext of ``settings`` (keys as :func:`png_info` documents)."""
     lines = [settings["prompt"]]
     if settings.get("negative_prompt"):
@@ -58,7 +59,7 @@ def a1111_parameters(settings: dict) -> str:
     return "\n".join(lines)
 
 
-def png_info(settings: dict) -> PngImagePlugin.PngInfo:
+def png_info(settings: dict[str, Any]) -> PngImagePlugin.PngInfo:
     """``parameters`` (A1111 infotext) and ``flux_lora`` (``settings`` as JSON) text chunks.
 
     ``settings`` holds at least ``prompt``, ``seed``, ``steps``, ``width``, ``height``, ``model``; optionally
@@ -70,7 +71,7 @@ def png_info(settings: dict) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: Path, settings: dict, *, overwrite: bool = False) -> Path:
+def save_png(image: Image.Image, path: Path, settings: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Write atomically with the user's umask. Raises ``FileExistsError`` when ``path`` exists and ``overwrite``
     is false (also when another process creates it meanwhile)."""
     try:

@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from PIL import Image
@@ -41,6 +41,9 @@ from flux_lora.sampling import get_schedule, image_seq_len, img_ids, latent_size
 from flux_lora.weights.controlnet_loading import load_controlnet
 from flux_lora.weights.hub import resolve_model
 from flux_lora.weights.loading import flux_params, load_autoencoder, load_flow_model
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class FluxPipeline:
         self.dit, self.ae, self.text_encoders = dit, ae, text_encoders
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or float_dtype(dit)
-        self.placement: Placement | None = None
+        self.placement: Placement  # set by enable_offload
         self.enable_offload(offload)
 
     @classmethod
@@ -141,7 +144,7 @@ class FluxPipeline:
         self, mode: OffloadMode | None, *, transfer: Transfer | None = None, on_move: PlacementLog | None = None
     ) -> None:
         """Switch memory mode (``None``, ``"model"``, ``"block"``); ``on_move`` records every move."""
-        if self.placement is not None:
+        if hasattr(self, "placement"):
             self.placement.remove()
         parts = {"text_encoders": self.text_encoders, "dit": self.dit, "ae": self.ae}
         self.placement = Placement(
@@ -341,15 +344,15 @@ class FluxPipeline:
 
     def _conditioning(
         self,
-        prompt,
+        prompt: str | list[str] | None,
         given: TextEmbeddings | None,
-        negative_prompt,
+        negative_prompt: str | list[str] | None,
         negative_given: TextEmbeddings | None,
         true_cfg: float,
     ) -> tuple[TextEmbeddings, TextEmbeddings | None]:
         """``(prompt embeddings, negative embeddings or None)``; prompts and negatives encoded in one pass."""
         prompts = _prompt_list(prompt, given, "prompt")
-        count = len(given) if given is not None else len(prompts)
+        count = len(given) if given is not None else len(prompts or [])
         negatives = None
         if true_cfg == 1.0:
             if negative_prompt is not None or negative_given is not None:
@@ -363,9 +366,14 @@ class FluxPipeline:
         elif negative_prompt is not None:
             raise ValueError("pass either negative_prompt or its text embeddings, not both")
         encoded = self.encode((prompts or []) + (negatives or [])) if prompts or negatives else None
-        cond = given.to(self.device, self.dtype) if given is not None else encoded[: len(prompts)]
+        if given is not None:
+            cond = given.to(self.device, self.dtype)
+        else:
+            assert encoded is not None and prompts is not None  # _prompt_list gives prompts when no embeddings
+            cond = encoded[: len(prompts)]
         neg = negative_given.to(self.device, self.dtype) if negative_given is not None else None
         if negatives is not None:
+            assert encoded is not None
             neg = encoded[len(encoded) - len(negatives) :]
         if neg is not None and len(neg) != len(cond):
             raise ValueError(f"{len(neg)} negative prompts for {len(cond)} prompts")
@@ -417,7 +425,7 @@ def _prompt_list(prompts: str | list[str] | None, given: TextEmbeddings | None, 
     return prompts
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool) -> tqdm:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="denoising", unit="step", disable=not enabled)

@@ -6,10 +6,11 @@ call, as diffusers' ``FluxControlPipeline`` does."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flux_lora.inference.control import ImageInput
 from flux_lora.inference.img2img import image_latents
+from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.flux import Flux
 from flux_lora.sampling import pack
 
@@ -35,7 +36,14 @@ def check_structure(dit: Flux, given: bool) -> None:
 
 
 def structure_latents(
-    image: ImageInput, ae: nn.Module, height: int, width: int, num_prompts: int, batch: int, device, dtype
+    image: ImageInput,
+    ae: AutoEncoder,
+    height: int,
+    width: int,
+    num_prompts: int,
+    batch: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
 ) -> Tensor:
     """Packed ``[batch, N, C]`` float32 latents of one control image or one per prompt (repeated prompt-major)."""
     x = image_latents(image, ae, height, width, num_prompts, device, dtype)

@@ -102,7 +102,9 @@ def from_state_dict(
     return out
 
 
-def _change(roles: dict, layer: nn.Linear, source: str) -> tuple[ModuleChange | None, str | None]:
+def _change(
+    roles: dict[str, tuple[str, Tensor]], layer: nn.Linear, source: str
+) -> tuple[ModuleChange | None, str | None]:
     alpha = alpha_value(*roles["alpha"], source) if "alpha" in roles else None
     if set(roles) <= PLAIN_ROLES and not ("down" in roles and "up" in roles):
         return None, None  # a stray alpha or half a pair: unmatched

@@ -26,6 +26,7 @@ from flux_lora.lora.encoders import is_text_encoder_key
 from flux_lora.lora.keys import (
     PLAIN_ROLES,
     LoraFormatError,
+    Roles,
     Target,
     alpha_value,
     base_name_table,
@@ -156,7 +157,7 @@ def _align_suffix_alphas(parts: dict[str, LoraWeight]) -> None:
 # ------------------------------------------------------------------------------------- reading state dicts
 
 
-def _group_keys(sd: dict[str, Tensor], table: dict[str, Target], source: str) -> tuple[dict[str, dict], list[str]]:
+def _group_keys(sd: dict[str, Tensor], table: dict[str, Target], source: str) -> tuple[dict[str, Roles], list[str]]:
     groups: dict[str, dict[str, tuple[str, Tensor]]] = defaultdict(dict)
     unmatched = []
     for key, tensor in sd.items():
@@ -176,7 +177,7 @@ Block = tuple[int, int, "LoraWeight | Patch", str]
 
 
 def _collect_blocks(
-    sd: dict[str, Tensor], params: FluxParams, metadata: dict | None, source: str
+    sd: dict[str, Tensor], params: FluxParams, metadata: dict[str, str] | None, source: str
 ) -> tuple[dict[str, list[Block]], list[str]]:
     """``bfl -> blocks`` for every complete LoRA pair or patch; keys matching nothing."""
     table = base_name_table(params)
@@ -184,6 +185,7 @@ def _collect_blocks(
     groups, unmatched = _group_keys(sd, table, source)
     blocks: dict[str, list[Block]] = defaultdict(list)
     errors = []
+    item: LoraWeight | Patch
     for base, roles in groups.items():
         t = table[base]
         alpha = alpha_value(*roles["alpha"], source) if "alpha" in roles else None
@@ -209,7 +211,9 @@ def _collect_blocks(
     return blocks, unmatched
 
 
-def _plain(t: Target, roles: dict, alpha: float | None, in_f: int, params: FluxParams) -> tuple[LoraWeight, str | None]:
+def _plain(
+    t: Target, roles: Roles, alpha: float | None, in_f: int, params: FluxParams
+) -> tuple[LoraWeight, str | None]:
     (_, down), (_, up) = roles["down"], roles["up"]
     if (err := pair_error(t, down, up, in_f)) is not None:
         return None, err  # type: ignore[return-value]
@@ -222,7 +226,7 @@ def _swap(t: Target, rows: Tensor, params: FluxParams) -> Tensor:
     return {m.bfl: m for m in flux_linear_maps(params)}[t.bfl].to_bfl_rows([rows])
 
 
-def _patch(t: Target, roles: dict, alpha: float | None, in_f: int, params: FluxParams) -> tuple[Patch, str | None]:
+def _patch(t: Target, roles: Roles, alpha: float | None, in_f: int, params: FluxParams) -> tuple[Patch, str | None]:
     """A LoHa / LoKr / diff / bias / DoRA patch (any LoRA pair among the keys included)."""
     try:
         weight = weight_change(roles, alpha, alpha)
@@ -287,7 +291,7 @@ def from_state_dict(
     sd: dict[str, Tensor],
     params: FluxParams,
     *,
-    metadata: dict | None = None,
+    metadata: dict[str, str] | None = None,
     source: str = "LoRA state dict",
     allow_partial: bool = False,
     skip_text_encoders: bool = False,
@@ -341,7 +345,7 @@ def from_state_dict(
 
 
 def _from_layout(
-    sd: dict[str, Tensor], params: FluxParams, layouts: tuple[str, ...], metadata: dict | None
+    sd: dict[str, Tensor], params: FluxParams, layouts: tuple[str, ...], metadata: dict[str, str] | None
 ) -> LoraStateDict:  # our own layouts: every key must apply
     found = detect_layout(sd)
     if found not in layouts:
@@ -356,7 +360,9 @@ def from_kohya_state_dict(sd: dict[str, Tensor], params: FluxParams) -> LoraStat
     return _from_layout(sd, params, ("kohya",), None)
 
 
-def from_diffusers_state_dict(sd: dict[str, Tensor], params: FluxParams, metadata: dict | None = None) -> LoraStateDict:
+def from_diffusers_state_dict(
+    sd: dict[str, Tensor], params: FluxParams, metadata: dict[str, str] | None = None
+) -> LoraStateDict:
     """Inverse of :func:`to_diffusers_state_dict` (``transformer.*`` keys; split parts fused back exactly)."""
     return _from_layout(sd, params, ("diffusers",), metadata)
 
@@ -368,7 +374,7 @@ def read_lora(
     source: str | Path | dict[str, Tensor],
     params: FluxParams,
     *,
-    metadata: dict | None = None,
+    metadata: dict[str, str] | None = None,
     allow_partial: bool = False,
     plain: bool = False,
     skip_text_encoders: bool = False,

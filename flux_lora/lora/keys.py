@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -195,7 +195,7 @@ def base_name_table(params: FluxParams) -> dict[str, Target]:
     return table
 
 
-def _add_xlabs(params: FluxParams, shapes: dict[str, tuple[int, int]], add) -> None:
+def _add_xlabs(params: FluxParams, shapes: dict[str, tuple[int, int]], add: Callable[[str, Target], None]) -> None:
     qkv_rows = 3 * params.hidden_size  # q, k, v rows at the top of linear1
     for i in range(params.depth):
         b = f"double_blocks.{i}"
@@ -220,6 +220,10 @@ def _add_xlabs(params: FluxParams, shapes: dict[str, tuple[int, int]], add) -> N
                 Target(f"{b}.linear2", 0, shapes[f"{b}.linear2"][0], "xlabs", f"{b}.linear2"),
             )
         add(f"diffusion_model.{b}.linear1_qkv", Target(f"{b}.linear1", 0, qkv_rows, "comfyui", f"{b}.linear1"))
+
+
+Roles = dict[str, tuple[str, Tensor]]
+"""One module's tensors of a file: ``role -> (key, tensor)``, roles as :func:`split_suffix` names them."""
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -49,7 +50,7 @@ def architecture(params: FluxParams) -> str:
     return "flux-1-dev/lora" if params.guidance_embed else "flux-1-schnell/lora"
 
 
-def _uniform(values: set, fmt) -> str:
+def _uniform(values: set[Any], fmt: Callable[[Any], str]) -> str:
     return fmt(next(iter(values))) if len(values) == 1 else "Dynamic"  # kohya's word for per-module values
 
 
@@ -146,7 +147,7 @@ def warn_kohya_non_block(lora: LoraStateDict, path: Path) -> None:
         )
 
 
-def peft_alpha_rule(metadata: dict | None, source: str) -> Callable[[str, int], float] | None:
+def peft_alpha_rule(metadata: dict[str, str] | None, source: str) -> Callable[[str, int], float] | None:
     """``(module, rank) -> alpha`` from a peft LoraConfig in ``lora_adapter_metadata`` (diffusers' way)."""
     raw = (metadata or {}).get("lora_adapter_metadata")
     if raw is None:

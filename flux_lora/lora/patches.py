@@ -182,7 +182,7 @@ def _get(roles: dict[str, tuple[str, Tensor]], role: str) -> Tensor | None:
     return roles[role][1] if role in roles else None
 
 
-def _lokr_factor(roles: dict, n: int) -> Tensor | tuple[Tensor, Tensor] | None:
+def _lokr_factor(roles: dict[str, tuple[str, Tensor]], n: int) -> Tensor | tuple[Tensor, Tensor] | None:
     full, a, b = _get(roles, f"lokr_w{n}"), _get(roles, f"lokr_w{n}_a"), _get(roles, f"lokr_w{n}_b")
     if full is not None:
         return full
@@ -196,7 +196,7 @@ def weight_change(
 
     ``lora_alpha``: the alpha a plain down/up pair gets (its own, a peft config's, or its rank).
     """
-    kinds = []
+    kinds: list[WeightChange] = []
     if "down" in roles or "up" in roles:
         if "down" not in roles or "up" not in roles:
             raise ValueError("a LoRA down without its up, or the reverse")
@@ -204,9 +204,10 @@ def weight_change(
         kinds.append(LoraWeight(down, up, float(down.shape[0]) if lora_alpha is None else lora_alpha))
     hada = [_get(roles, f"hada_w{i}") for i in ("1_a", "1_b", "2_a", "2_b")]
     if any(h is not None for h in hada):
-        if any(h is None for h in hada):
+        w1a, w1b, w2a, w2b = hada
+        if w1a is None or w1b is None or w2a is None or w2b is None:
             raise ValueError("LoHa needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b")
-        kinds.append(LoHa(*hada, alpha))  # type: ignore[arg-type]
+        kinds.append(LoHa(w1a, w1b, w2a, w2b, alpha))
     if any(r.startswith("lokr_") for r in roles):
         w1, w2 = _lokr_factor(roles, 1), _lokr_factor(roles, 2)
         if w1 is None or w2 is None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from flux_lora.config import LoraConfig
 from flux_lora.lora.weight import LoraStateDict, LoraWeight, clean_name
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +81,34 @@ def set_input_casting(model: nn.Module, enabled: bool) -> None:
 
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = enabled
+            module.cast_input_dtype_enabled = enabled  # type: ignore[assignment]  # torch stubs: any value is allowed
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """BFL module name -> peft LoRA layer."""
     from peft.tuners.lora import LoraLayer
 
     return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
 
+def _adapter_weights(layer: LoraLayer) -> tuple[Tensor, Tensor]:
+    """The trained adapter's ``(lora_A weight [r, in], lora_B weight [out, r])``."""
+    return cast(nn.Linear, layer.lora_A[ADAPTER]).weight, cast(nn.Linear, layer.lora_B[ADAPTER]).weight
+
+
 def lora_state_dict(model: nn.Module) -> LoraStateDict:
     """The trained adapters in the canonical form (``alpha`` = scale * rank, so rsLoRA keeps its scale)."""
     out: LoraStateDict = {}
     for name, layer in lora_layers(model).items():
-        down = layer.lora_A[ADAPTER].weight.detach()
+        a, b = _adapter_weights(layer)
+        down = a.detach()
         out[name] = LoraWeight(
             down=down.clone(),
-            up=layer.lora_B[ADAPTER].weight.detach().clone(),
+            up=b.detach().clone(),
             alpha=float(layer.scaling[ADAPTER]) * down.shape[0],
         )
     return out
@@ -113,7 +123,7 @@ def load_lora_weights(model: nn.Module, lora: LoraStateDict) -> None:
         raise ValueError(f"LoRA modules do not match the model's adapters: missing {missing[:3]}, extra {extra[:3]}")
     for name, w in lora.items():
         layer = layers[name]
-        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        a, b = _adapter_weights(layer)
         if a.shape != w.down.shape or b.shape != w.up.shape:
             raise ValueError(
                 f"LoRA module {name!r}: shapes {tuple(w.down.shape)}/{tuple(w.up.shape)} do not fit "

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -91,21 +91,22 @@ class RuntimeLoras(nn.Module):
 
     def _delta(self, name: str, x: Tensor) -> Tensor:
         if f"{name}__delta" in self._buffers:
-            delta = self._buffers[f"{name}__delta"]
+            delta = cast(Tensor, self._buffers[f"{name}__delta"])
             return F.linear(x.to(delta.dtype), delta, self._buffers[f"{name}__bias"])
-        down, up = self._buffers[f"{name}__down"], self._buffers[f"{name}__up"]
+        down, up = cast(Tensor, self._buffers[f"{name}__down"]), cast(Tensor, self._buffers[f"{name}__up"])
         return F.linear(F.linear(x.to(down.dtype), down), up)
 
     def forward(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         """``x [..., in]`` -> ``[..., out]`` in ``out_dtype``, computed in the adapters' dtype."""
-        total = None
+        total: Tensor | None = None
         for name, scale in self.scales.items():
             delta = self._delta(name, x) * (scale * self.alpha_over_rank[name])
             total = delta if total is None else total + delta
+        assert total is not None, "called with no LoRAs (the hook skips that)"
         return total.to(out_dtype)
 
 
-def _lora_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+def _lora_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
     runtime = getattr(module, RUNTIME_ATTR, None)
     if runtime is None or not runtime.scales:
         return output
@@ -150,7 +151,8 @@ def _state(model: nn.Module) -> _State:
 
 def _base_linear(module: nn.Module) -> nn.Linear:
     """The Linear holding the weight: the module itself, or the base layer of a peft wrapper."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    get_base_layer = getattr(module, "get_base_layer", None)
+    base = module if get_base_layer is None else get_base_layer()
     if not isinstance(base, nn.Linear):
         raise TypeError(f"{type(base).__name__} is not a Linear layer")
     return base
@@ -235,7 +237,7 @@ def apply_loras(
         raise ValueError(f"adapter dtype must be float32, bfloat16 or float16, got {dtype}")
     state = _state(model)
     taken = set(state.scales)
-    resolved = []
+    resolved: list[_Resolved] = []
     for weights, scale, name in loras:
         if not name or "." in name or name in taken:
             raise ValueError(f"LoRA name {name!r} is empty, contains '.', or is already applied ({sorted(taken)})")
@@ -261,6 +263,10 @@ def apply_loras(
 
 _Norm = tuple[str, nn.Module, str, Tensor]
 """``(parameter path, module holding it, attribute name, new value)``."""
+_Target = tuple[str, ModuleChange, nn.Module, nn.Linear]
+"""``(path, change, module at the path, its base Linear)``."""
+_Resolved = tuple[str, float, list[_Target], list[_Norm]]
+"""``(LoRA name, scale, its Linears, its norm overrides)``."""
 
 
 def _resolve_norm(model: nn.Module, lora_name: str, path: str, change: NormOverride) -> _Norm:
@@ -277,7 +283,7 @@ def _resolve_norm(model: nn.Module, lora_name: str, path: str, change: NormOverr
     return path, module, attr, change.scale
 
 
-def _check_replacements(state: _State, resolved: list) -> None:
+def _check_replacements(state: _State, resolved: list[_Resolved]) -> None:
     """One LoRA at a time may replace a norm scale or widen a layer, and a layer is widened only bare."""
     held = {(id(r.module), r.attr): n for n, rs in state.replaced.items() for r in rs}
     fused_layers = {id(saved[0]) for group in state.fused for saved in group.saved}
@@ -296,7 +302,7 @@ def _check_replacements(state: _State, resolved: list) -> None:
             held[(key, attr)] = name
 
 
-def _replace(targets: list, norms: list[_Norm]) -> list[Replaced]:
+def _replace(targets: list[_Target], norms: list[_Norm]) -> list[Replaced]:
     """Widen the layers that need it and override the norm scales; what restores them."""
     saved = [override(module, attr, value) for _, module, attr, value in norms]
     for path, lw, _, base in targets:
@@ -306,7 +312,7 @@ def _replace(targets: list, norms: list[_Norm]) -> list[Replaced]:
     return saved
 
 
-def _add_unfused(state: _State, name: str, scale: float, targets: list, dtype: torch.dtype) -> None:
+def _add_unfused(state: _State, name: str, scale: float, targets: list[_Target], dtype: torch.dtype) -> None:
     for _, lw, module, base in targets:
         runtime = getattr(module, RUNTIME_ATTR, None)
         if runtime is None:
@@ -320,7 +326,7 @@ def _add_unfused(state: _State, name: str, scale: float, targets: list, dtype: t
     state.unfused[name] = [path for path, *_ in targets]
 
 
-def _fuse_all(resolved: list) -> list[_Saved]:
+def _fuse_all(resolved: list[_Resolved]) -> list[_Saved]:
     """Add every LoRA's ``scale * delta`` into its layers, each layer updated (and re-quantized) once."""
     deltas: dict[int, tuple[nn.Linear, Tensor, Tensor | None]] = {}
     for _, scale, targets, _ in resolved:
@@ -350,7 +356,12 @@ def _fuse(layer: nn.Linear, delta: Tensor, bias: Tensor | None) -> _Saved:
     if bias is not None:
         layer.bias.data = (layer.bias.data.float() + bias.to(layer.bias.device)).to(layer.bias.dtype)
     if isinstance(layer, FP8Linear):
-        saved = (layer, layer.weight.data.to("cpu"), layer.weight_scale.detach().to("cpu", copy=True), saved_bias)
+        saved: _Saved = (
+            layer,
+            layer.weight.data.to("cpu"),
+            layer.weight_scale.detach().to("cpu", copy=True),
+            saved_bias,
+        )
         layer.set_weight(layer.dequantized_weight(torch.float32) + delta)
         return saved
     saved = (layer, layer.weight.data.to("cpu"), None, saved_bias)
@@ -362,7 +373,7 @@ def _unfuse(fused: _Fused) -> None:
     for layer, weight, scale, bias in reversed(fused.saved):
         layer.weight.data = weight.to(layer.weight.device)
         if scale is not None:
-            layer.weight_scale.copy_(scale)
+            cast(FP8Linear, layer).weight_scale.copy_(scale)
         if bias is not None:
             layer.bias.data = bias.to(layer.bias.device)
 
@@ -378,7 +389,7 @@ def remove_loras(model: nn.Module, names: Iterable[str] | None = None) -> None:
     if unknown:
         raise ValueError(f"no LoRA named {unknown} is applied; applied: {sorted(state.scales)}")
     wanted = {n for group in state.fused for n in group.names if n in names}
-    groups, covered = 0, set()
+    groups, covered = 0, set[str]()
     while covered != wanted and covered <= wanted:
         covered |= set(state.fused[-1 - groups].names)
         groups += 1

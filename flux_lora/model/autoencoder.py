@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +34,13 @@ class AutoEncoderParams:
     def downscale_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ch_mult"] = list(self.ch_mult)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> AutoEncoderParams:
+    def from_dict(cls, d: dict[str, Any]) -> AutoEncoderParams:
         known = set(cls.__dataclass_fields__)
         if set(d) - known:
             raise ValueError(f"unknown AutoEncoderParams keys {sorted(set(d) - known)}; valid: {sorted(known)}")
@@ -110,12 +111,12 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
-    return mid
+class _Mid(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
 
 
 class Encoder(nn.Module):
@@ -137,7 +138,7 @@ class Encoder(nn.Module):
             if level != len(p.ch_mult) - 1:
                 level_module.downsample = Downsample(block_in)
             self.down.append(level_module)
-        self.mid = _mid(block_in)
+        self.mid = _Mid(block_in)
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * p.z_channels, kernel_size=3, stride=1, padding=1)
 
@@ -145,10 +146,10 @@ class Encoder(nn.Module):
         """``[B, 3, H, W]`` -> ``[B, 2*z, H/8, W/8]`` (mean and log-variance)."""
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
+            for block in cast(nn.ModuleList, level.block):
                 h = block(h)
             if hasattr(level, "downsample"):
-                h = level.downsample(h)
+                h = cast(nn.Module, level.downsample)(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -158,7 +159,7 @@ class Decoder(nn.Module):
         super().__init__()
         block_in = p.ch * p.ch_mult[-1]
         self.conv_in = nn.Conv2d(p.z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _mid(block_in)
+        self.mid = _Mid(block_in)
         levels: list[nn.Module] = []
         for level in reversed(range(len(p.ch_mult))):
             level_module = nn.Module()
@@ -178,10 +179,10 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for block in level.block:
+            for block in cast(nn.ModuleList, level.block):
                 h = block(h)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
+                h = cast(nn.Module, level.upsample)(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.flux import ControlResiduals, FluxParams
 from flux_lora.model.layers import DoubleStreamBlock, EmbedND, MLPEmbedder, SingleStreamBlock, timestep_embedding
 from flux_lora.sampling import pack
@@ -115,7 +116,7 @@ class FluxControlNet(nn.Module):
         self.vector_in = MLPEmbedder(t.vec_in_dim, d)
         self.guidance_in = MLPEmbedder(256, d) if t.guidance_embed else nn.Identity()
         self.txt_in = nn.Linear(t.context_in_dim, d)
-        self.mode_embedder = nn.Embedding(params.num_modes, d) if params.is_union else None
+        self.mode_embedder = nn.Embedding(params.num_modes, d) if params.num_modes is not None else None
         blocks = (DoubleStreamBlock(d, t.num_heads, t.mlp_ratio, t.qkv_bias) for _ in range(t.depth))
         self.double_blocks = nn.ModuleList(blocks)
         self.single_blocks = nn.ModuleList(
@@ -142,7 +143,8 @@ class FluxControlNet(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
         return vec
 
-    def _mode_token(self, mode: int | str | Tensor | None, batch: int, device) -> Tensor:
+    def _mode_token(self, mode: int | str | Tensor | None, batch: int, device: torch.device) -> Tensor:
+        assert self.params.num_modes is not None and self.mode_embedder is not None  # a union ControlNet's
         if mode is None:
             raise ValueError(
                 f"this is a union ControlNet ({self.params.num_modes} modes): pass a control mode, "
@@ -321,7 +323,7 @@ def control_condition(latents: Tensor, params: ControlNetParams, packed_mask: Te
 
 
 def encode_control(
-    ae: nn.Module,
+    ae: AutoEncoder,
     image: Tensor,
     params: ControlNetParams,
     mask: Tensor | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ class _FP8Matmul(torch.autograd.Function):
     subnormals); an arbitrary scale from elsewhere differs by one rounding."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
         dtype = _compute_dtype(x)
         ctx.save_for_backward(weight, scale)
         ctx.x_dtype = x.dtype
@@ -102,7 +102,7 @@ class _FP8Matmul(torch.autograd.Function):
             return F.linear(x.to(dtype), weight.to(dtype), None if b is None else b / s).mul_(s)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
         weight, scale = ctx.saved_tensors
         dtype = ctx.compute_dtype
         with torch.autocast(grad_out.device.type, enabled=False):
@@ -117,12 +117,14 @@ class FP8Linear(nn.Linear):
     """A frozen Linear stored in float8_e4m3fn (+ float32 per-output-channel ``weight_scale``), computed in the
     input's dtype (or the autocast dtype). Its weight and bias never receive gradients."""
 
+    weight_scale: Tensor
+
     def __init__(
         self,
         in_features: int,
         out_features: int,
         bias: bool = True,
-        device=None,
+        device: torch.device | str | None = None,
         bias_dtype: torch.dtype = torch.bfloat16,
     ):
         nn.Module.__init__(self)
@@ -188,7 +190,7 @@ class FP8Linear(nn.Linear):
         self.weight.data = q.to(self.weight.device)
         self.weight_scale.copy_(scale)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FP8Linear:
         # Keep the fp8 storage through module.to(dtype)/half()/bfloat16(): only device moves apply to it.
         # (Lightning's "bf16-true" and plain .to(bfloat16) would otherwise upcast the weight silently.)
         weight, scale = self.weight.data, self.weight_scale.data  # conversions may replace .data in place

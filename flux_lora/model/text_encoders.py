@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,13 +26,13 @@ class TextEmbeddings:
     txt: Tensor
     y: Tensor
 
-    def to(self, *args, **kwargs) -> TextEmbeddings:
+    def to(self, *args: Any, **kwargs: Any) -> TextEmbeddings:
         return TextEmbeddings(self.txt.to(*args, **kwargs), self.y.to(*args, **kwargs))
 
     def __len__(self) -> int:
         return self.txt.shape[0]
 
-    def __getitem__(self, idx) -> TextEmbeddings:
+    def __getitem__(self, idx: int | slice | list[int] | Tensor) -> TextEmbeddings:
         idx = [idx] if isinstance(idx, int) else idx
         return TextEmbeddings(self.txt[idx], self.y[idx])
 
@@ -46,7 +47,7 @@ class TextEmbeddings:
 class TextEncoders(nn.Module):
     """CLIP-L + T5 with their tokenizers; ``encode(prompts)`` gives :class:`TextEmbeddings`."""
 
-    def __init__(self, clip: nn.Module, clip_tokenizer, t5: nn.Module, t5_tokenizer, max_length: int):
+    def __init__(self, clip: nn.Module, clip_tokenizer: Any, t5: nn.Module, t5_tokenizer: Any, max_length: int):
         super().__init__()
         self.clip = clip.eval().requires_grad_(False)
         self.t5 = t5.eval().requires_grad_(False)
@@ -68,9 +69,11 @@ class TextEncoders(nn.Module):
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         folder = _check_folder(folder, ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
-        kw = dict(dtype=dtype, use_safetensors=True)
-        clip = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).to(device)
-        t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **kw).to(device)
+        kw: dict[str, Any] = dict(dtype=dtype, use_safetensors=True)
+        # as nn.Modules: transformers' @wraps(nn.Module.to) on ``to`` hides from mypy that it is a bound method
+        clip: nn.Module = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)
+        t5: nn.Module = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **kw)
+        clip, t5 = clip.to(device), t5.to(device)
         clip_tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
         t5_tok = AutoTokenizer.from_pretrained(folder / "tokenizer_2")
         return cls(clip, clip_tok, t5, t5_tok, max_length)

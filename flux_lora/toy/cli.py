@@ -19,6 +19,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -62,7 +63,7 @@ def image_files(sources: list[Path]) -> list[Path]:
     return found
 
 
-def _recorded(image: Image.Image) -> dict:
+def _recorded(image: Image.Image) -> dict[str, Any]:
     """The settings a generated PNG records (our ``flux_lora`` text chunk), or ``{}``."""
     try:
         settings = json.loads(image.info.get(SETTINGS_CHUNK, "{}"))

@@ -9,8 +9,9 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -32,6 +33,9 @@ from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.guards import check_finite
 from flux_lora.training.optimizers import eval_weights
 
+if TYPE_CHECKING:
+    from flux_lora.config import ExperimentConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     adapters, never with a non-finite adapter value; read back with ``torch.load(weights_only=True)``: they only
     ever hold tensors and plain Python values."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         state = checkpoint["state_dict"]
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
@@ -51,11 +55,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         checkpoint[ADAPTERS_SHA_KEY] = tensors_sha256(state)
         save_torch_atomic(checkpoint, path)
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
-def training_metadata(cfg, step: int) -> dict[str, str]:
+def training_metadata(cfg: ExperimentConfig, step: int) -> dict[str, str]:
     """Training details for the kohya ``ss_*`` keys Forge and the A1111 family display."""
     t = cfg.train
     res = max(cfg.data.all_resolutions)
@@ -148,13 +154,13 @@ class SaveLora(L.Callback):
     """Writes the adapters as a kohya-layout LoRA every ``every_n_steps`` and at the end (rank 0, atomically):
     ``<output_dir>/lora/<name>-step<N>.safetensors`` and ``<output_dir>/<name>.safetensors``."""
 
-    def __init__(self, cfg, every_n_steps: int, extra_metadata: dict[str, str] | None = None):
+    def __init__(self, cfg: ExperimentConfig, every_n_steps: int, extra_metadata: dict[str, str] | None = None):
         self.cfg = cfg
         self.every_n_steps = every_n_steps
         self.extra_metadata = dict(extra_metadata or {})
         self.written: list[Path] = []
 
-    def write(self, trainer: L.Trainer, module, path: Path, as_trained: bool = True) -> None:
+    def write(self, trainer: L.Trainer, module: Any, path: Path, as_trained: bool = True) -> None:
         """Write the module's adapters to ``path``: with ``as_trained`` a schedule-free optimizer's evaluation
         weights; otherwise the weights as they are (an EMA put in place)."""
         if not trainer.is_global_zero:
@@ -183,14 +189,14 @@ class SaveLora(L.Callback):
                 old.unlink()
                 log.info("removed %s (save.keep_last %d)", old, keep)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if _due(trainer, self.every_n_steps, self):
             step = trainer.global_step
             self.write(trainer, module, self.cfg.output_path / "lora" / f"{self.cfg.name}-step{step:06d}.safetensors")
             if trainer.is_global_zero:
                 self._prune()
 
-    def on_train_end(self, trainer, module) -> None:
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         step = trainer.global_step
         if step >= trainer.max_steps:
             self.write(trainer, module, self.cfg.output_path / f"{self.cfg.name}.safetensors")
@@ -209,7 +215,7 @@ class SampleImages(L.Callback):
         load_autoencoder: Callable[[torch.device], AutoEncoder],
         cfg: SampleConfig,
         out_dir: Path,
-        weights: Callable[[Any], AbstractContextManager] | None = None,
+        weights: Callable[[Any], AbstractContextManager[Any]] | None = None,
         previews: list[SamplePrompt] | None = None,
         lora_name: str = "",
         model: str = "",
@@ -224,7 +230,7 @@ class SampleImages(L.Callback):
         self.written: list[Path] = []
 
     @torch.no_grad()
-    def sample(self, trainer: L.Trainer, module) -> None:
+    def sample(self, trainer: L.Trainer, module: Any) -> None:
         check_finite(trainer)
         if not trainer.is_global_zero or not self.previews:
             return
@@ -254,11 +260,11 @@ class SampleImages(L.Callback):
             del ae
             module.dit.train(was_training)
         step = trainer.global_step
-        experiment = getattr(trainer.logger, "experiment", None)
+        experiment: Any = getattr(trainer.logger, "experiment", None)
         for i, (image, p) in enumerate(zip(images, self.previews, strict=True)):
             path = self.out_dir / f"step{step:06d}-{i}.png"
             settings = self._settings(p, step, module)
-            write_atomic(path, lambda tmp, image=image, s=settings: image.save(tmp, format="PNG", pnginfo=png_info(s)))
+            write_atomic(path, partial(image.save, format="PNG", pnginfo=png_info(settings)))
             self.written.append(path)
             if hasattr(experiment, "add_image"):
                 tag = f"samples/{i}: {p.prompt[:60]}"  # named after the prompt, kept apart by index
@@ -274,13 +280,13 @@ class SampleImages(L.Callback):
             "model": self.model,
         }
 
-    def on_train_start(self, trainer, module) -> None:
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
         if self.cfg.at_start and trainer.global_step == 0:
             self.sample(trainer, module)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if _due(trainer, self.cfg.every_n_steps, self):
             self.sample(trainer, module)
 
-    def on_train_end(self, trainer, module) -> None:
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self.sample(trainer, module)

@@ -9,12 +9,15 @@ import sys
 import time
 import warnings
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from flux_lora.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,9 @@ class StepProgress(ProgressBar):
         if self._smoothed is not None:
             self.smoothed = float(self._smoothed)
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch, idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._smooth(loss)
@@ -153,7 +158,7 @@ class StepProgress(ProgressBar):
         self.on_train_end(trainer, module)
 
 
-def start_summary(cfg, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> str:
+def start_summary(cfg: ExperimentConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> str:
     """One paragraph: model and source, quantization, trainable parameters, images and buckets, steps, output."""
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     plan = getattr(datamodule, "plan", None)
@@ -184,7 +189,7 @@ def _speed(module: L.LightningModule) -> str:
 class Summaries(L.Callback):
     """Logs :func:`start_summary` when training starts (rank 0)."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -52,7 +52,9 @@ class AdapterEma(L.Callback):
         self._last_step = trainer.global_step
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self._last_step:  # no optimizer step in this batch (gradient accumulation)
             return

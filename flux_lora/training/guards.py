@@ -36,7 +36,7 @@ class StoppedBySignal(Exception):
         return 128 + self.signum
 
 
-def _describe(batch: dict | None) -> str:
+def _describe(batch: dict[str, Any] | None) -> str:
     if not batch:
         return "batch unknown"
     images = ", ".join(map(str, batch.get("image", []))) or "?"
@@ -56,8 +56,8 @@ class FiniteGuard(L.Callback):
 
     def __init__(self, every_n_steps: int = 10) -> None:
         self.every_n_steps = max(every_n_steps, 1)
-        self._batch: dict | None = None
-        self._pending: list[tuple[int, str, dict | None]] = []  # (step, what, batch) per recorded flag
+        self._batch: dict[str, Any] | None = None
+        self._pending: list[tuple[int, str, dict[str, Any] | None]] = []  # (step, what, batch) per recorded flag
         self._first_bad: torch.Tensor | None = None  # 1 + index into _pending of the first bad flag, else 0
         self._step_bad: torch.Tensor | None = None  # this optimizer step's loss or gradient was not finite
         self._checked_at = self._last_step = -1
@@ -88,7 +88,9 @@ class FiniteGuard(L.Callback):
                 g.masked_fill_(bad, 0.0)
         self._step_bad = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self._last_step:  # mid gradient accumulation: no optimizer step in this batch
             return
@@ -150,7 +152,9 @@ class StopOnSignal(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_start = trainer.global_step
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self._step_at_start:  # mid gradient accumulation: finish the step first
             return
         if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 
 from flux_lora.config import TrainConfig
@@ -37,6 +38,9 @@ from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_ch
 from flux_lora.training.loss import flow_matching_loss
 from flux_lora.training.optimizers import build_optimizer
 from flux_lora.training.schedules import build_scheduler
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,7 @@ class FluxLoraModule(L.LightningModule):
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         """The flow-matching loss of ``batch`` (see :func:`flux_lora.training.loss.flow_matching_loss`)."""
         empty = self._empty_embedding_on(batch["latents"].device)
+        assert self.dit is not None, "configure_model() builds the DiT first"
         return flow_matching_loss(self.dit, batch, self.train_cfg, generator, empty)
 
     def _empty_embedding_on(self, device: torch.device) -> TextEmbeddings | None:
@@ -140,31 +145,33 @@ class FluxLoraModule(L.LightningModule):
         self.log(
             "train/loss", loss, batch_size=len(batch["latents"])
         )  # no prog_bar: Lightning would read it every step
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        self.log("train/lr", cast(LightningOptimizer, self.optimizers()).param_groups[0]["lr"], prog_bar=False)
         if torch.cuda.is_available() and self.device.type == "cuda":
             self.log("train/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)
         return loss
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         cfg = self.train_cfg
+        assert self.dit is not None, "configure_model() builds the DiT first"
         params = trainable_parameters(self.dit)
         optimizer = build_optimizer(cfg, params)
         scheduler = build_scheduler(cfg, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lora_weights(self) -> LoraStateDict:
+        assert self.dit is not None, "configure_model() builds the DiT first"
         return lora_state_dict(self.dit)
 
     def _trainable_keys(self) -> set[str]:
         # state-dict names: the checkpoint wrappers' prefix is not part of them
         return {clean_name(n) for n, p in self.named_parameters() if p.requires_grad}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = {"per_rank": _gather_rng_states()}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self._trainable_keys()
         missing = trainable - set(checkpoint["state_dict"])
         if missing:
@@ -178,7 +185,7 @@ class FluxLoraModule(L.LightningModule):
             _set_rng_state(per_rank[self.global_rank] if self.global_rank < len(per_rank) else per_rank[0])
 
 
-def _rng_state() -> dict:
+def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -186,17 +193,17 @@ def _rng_state() -> dict:
     }
 
 
-def _gather_rng_states() -> list[dict]:
+def _gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG state, by rank (LoRA dropout draws differ per rank, so each must get its own back)."""
     state = _rng_state()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [state]
-    states: list = [None] * dist.get_world_size()
+    states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if state["cuda"] and torch.cuda.is_available():

@@ -26,6 +26,7 @@ from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
+from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import (
     AtomicCheckpointIO,
@@ -197,7 +198,7 @@ def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, 
     )
 
 
-def _load_ae(folder: Path, dtype: torch.dtype, device: torch.device):
+def _load_ae(folder: Path, dtype: torch.dtype, device: torch.device) -> AutoEncoder:
     return load_autoencoder(folder, dtype=dtype, device=device)
 
 

@@ -94,7 +94,7 @@ class ValidationLoss(L.Callback):
             trainer.logger.log_metrics({"val/loss": loss}, step=trainer.global_step)
         log.info("step %d: validation loss %.6f", trainer.global_step, loss)
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if _due(trainer, self.cfg.every_n_steps, self):
             self._run(trainer, module)
 

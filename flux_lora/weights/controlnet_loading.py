@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ Resolver = Callable[[str], Path]
 # ------------------------------------------------------------------------------------------ config
 
 
-def _check_config_kind(cfg: dict, source: str) -> None:
+def _check_config_kind(cfg: dict[str, Any], source: str) -> None:
     cls = cfg.get("_class_name", CONTROLNET_CLASS)
     if cls != CONTROLNET_CLASS:
         hint = " (that is a FLUX DiT, not a ControlNet)" if cls == "FluxTransformer2DModel" else ""
@@ -84,7 +85,7 @@ def _check_config_kind(cfg: dict, source: str) -> None:
         )
 
 
-def controlnet_params_from_config(cfg: dict, source: str = "config.json") -> ControlNetParams:
+def controlnet_params_from_config(cfg: dict[str, Any], source: str = "config.json") -> ControlNetParams:
     """A diffusers ControlNet ``config.json`` -> :class:`ControlNetParams` (absent keys: the defaults)."""
     _check_config_kind(cfg, source)
     try:
@@ -97,7 +98,7 @@ def controlnet_params_from_config(cfg: dict, source: str = "config.json") -> Con
         raise CheckpointError(f"{source}: not a usable FLUX ControlNet config: {e}") from None
 
 
-def controlnet_config(p: ControlNetParams) -> dict:
+def controlnet_config(p: ControlNetParams) -> dict[str, Any]:
     """:class:`ControlNetParams` -> the diffusers ``config.json`` content.
 
     ``extra_condition_channels`` is written only when non-zero, as in the alimama configs; diffusers' own

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,13 @@ def parse_source(source: str | Path, hub: HubName = DEFAULT_HUB) -> Source:
     return Source(hub, text)
 
 
-def _huggingface_download(repo_id: str, **kwargs) -> str:
+def _huggingface_download(repo_id: str, **kwargs: Any) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id, **kwargs)
 
 
-def _modelscope_download(model_id: str, **kwargs) -> str:
+def _modelscope_download(model_id: str, **kwargs: Any) -> str:
     try:
         from modelscope import snapshot_download
     except ImportError as e:  # pragma: no cover - modelscope is a dependency
@@ -158,7 +158,7 @@ def resolve_model(
     if src.hub == "local":
         return Path(src.name)
     fetch = download or default_download(src.hub)
-    options: dict = {"revision": revision, **({"local_files_only": True} if local_files_only else {})}
+    options: dict[str, Any] = {"revision": revision, **({"local_files_only": True} if local_files_only else {})}
     if cache_dir:
         options["cache_dir"] = str(cache_dir)
     folder = None

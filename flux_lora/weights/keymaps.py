@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,8 +144,8 @@ def maps_to_diffusers(
             if key in rest:
                 for name, part in zip(m.diffusers, m.to_diffusers_rows(rest.pop(key)), strict=True):
                     out[f"{name}.{suffix}"] = part.contiguous()
-    for m in tensor_maps:
-        out[m.diffusers] = rest.pop(m.bfl)
+    for t in tensor_maps:
+        out[t.diffusers] = rest.pop(t.bfl)
     if rest:
         raise KeyError(f"keys with no diffusers counterpart: {sorted(rest)[:5]}")
     return out
@@ -165,11 +166,16 @@ class DiffusersToFlux:
     ):
         """Maps of the DiT with params ``p``, or the given ``linear_maps`` / ``tensor_maps`` (e.g. a ControlNet's)."""
         self._targets: dict[str, tuple[str, LinearMap | TensorMap, int]] = {}
-        for m in flux_linear_maps(p) if linear_maps is None else linear_maps:
+        if p is not None:
+            linear_maps = flux_linear_maps(p) if linear_maps is None else linear_maps
+            tensor_maps = flux_tensor_maps(p) if tensor_maps is None else tensor_maps
+        if linear_maps is None or tensor_maps is None:
+            raise ValueError("DiffusersToFlux needs the DiT's params or both maps")
+        for m in linear_maps:
             for suffix in ("weight", "bias"):
                 for idx, name in enumerate(m.diffusers):
                     self._targets[f"{name}.{suffix}"] = (suffix, m, idx)
-        for t in flux_tensor_maps(p) if tensor_maps is None else tensor_maps:
+        for t in tensor_maps:
             self._targets[t.diffusers] = ("", t, 0)
         self._pending: dict[str, dict[int, Tensor]] = {}
 
@@ -191,7 +197,7 @@ class DiffusersToFlux:
         return sorted(self._pending)
 
 
-def params_from_diffusers_config(cfg: dict) -> FluxParams:
+def params_from_diffusers_config(cfg: dict[str, Any]) -> FluxParams:
     """A diffusers ``transformer/config.json`` -> :class:`FluxParams`."""
     heads, head_dim = cfg.get("num_attention_heads", 24), cfg.get("attention_head_dim", 128)
     if cfg.get("patch_size", 1) != 1:
@@ -215,7 +221,7 @@ def params_from_diffusers_config(cfg: dict) -> FluxParams:
     )
 
 
-def flux_to_diffusers_config(p: FluxParams) -> dict:
+def flux_to_diffusers_config(p: FluxParams) -> dict[str, Any]:
     """:class:`FluxParams` -> keyword arguments of diffusers' ``FluxTransformer2DModel``."""
     if p.mlp_ratio != 4.0:
         raise ValueError("diffusers' FluxTransformer2DModel fixes mlp_ratio at 4")
@@ -307,7 +313,7 @@ def ae_to_diffusers(sd: dict[str, Tensor], p: AutoEncoderParams) -> dict[str, Te
     return out
 
 
-def ae_params_from_diffusers_config(cfg: dict) -> AutoEncoderParams:
+def ae_params_from_diffusers_config(cfg: dict[str, Any]) -> AutoEncoderParams:
     """A diffusers ``vae/config.json`` -> :class:`AutoEncoderParams`."""
     chans = list(cfg.get("block_out_channels", [128, 256, 512, 512]))
     if cfg.get("use_quant_conv", False) or cfg.get("use_post_quant_conv", False):
@@ -326,7 +332,7 @@ def ae_params_from_diffusers_config(cfg: dict) -> AutoEncoderParams:
     )
 
 
-def ae_to_diffusers_config(p: AutoEncoderParams) -> dict:
+def ae_to_diffusers_config(p: AutoEncoderParams) -> dict[str, Any]:
     """:class:`AutoEncoderParams` -> keyword arguments of diffusers' ``AutoencoderKL``."""
     n = len(p.ch_mult)
     return dict(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -94,7 +94,7 @@ def find_ae_file(source: Path) -> Path:
 # ------------------------------------------------------------------------------------------ params
 
 
-def _count(keys, pattern: str) -> int:
+def _count(keys: Iterable[str], pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in keys if (m := rx.match(k))})
 
@@ -285,7 +285,13 @@ def load_flow_model(
 
 
 def _assign_tensor(
-    model: nn.Module, key: str, tensor: Tensor, scales: dict[str, Tensor], dtype: torch.dtype, device, per_channel: bool
+    model: nn.Module,
+    key: str,
+    tensor: Tensor,
+    scales: dict[str, Tensor],
+    dtype: torch.dtype,
+    device: str | torch.device,
+    per_channel: bool,
 ) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
@@ -352,7 +358,9 @@ def load_autoencoder(
         file_params = ae_params_from_diffusers_config(json.loads((path / "config.json").read_text()))
         table = {d: b for b, d in ae_module_pairs(file_params)}
         files = sharded_files(path)
-        stream = (ae_diffusers_to_bfl_key(k, t, table) for f in files for k, t in iter_tensors(f))
+        stream: Iterator[tuple[str, Tensor]] = (
+            ae_diffusers_to_bfl_key(k, t, table) for f in files for k, t in iter_tensors(f)
+        )
     else:
         shapes = read_shapes(path)
         prefix = detect_prefix(list(shapes), AE_MARKER)
@@ -374,7 +382,7 @@ def stream_into(
     stream: Iterator[tuple[str, Tensor]],
     desc: str,
     dtype: torch.dtype,
-    device,
+    device: str | torch.device,
     per_channel: bool = True,
     scales: dict[str, Tensor] | None = None,
 ) -> None:

@@ -18,6 +18,7 @@ import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,14 +127,14 @@ CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_att
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, relative_attention_num_buckets=32)
 
 
-def _clip_shapes(params: FluxParams, vocab: int, full_width: bool) -> dict:
+def _clip_shapes(params: FluxParams, vocab: int, full_width: bool) -> dict[str, Any]:
     if full_width:
         return CLIP_L
     d = params.vec_in_dim
     return dict(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_attention_heads=2, projection_dim=d)
 
 
-def _t5_shapes(params: FluxParams, vocab: int, full_width: bool) -> dict:
+def _t5_shapes(params: FluxParams, vocab: int, full_width: bool) -> dict[str, Any]:
     if full_width:
         return T5_XXL
     d = params.context_in_dim
@@ -174,7 +175,7 @@ def build_text_encoders(out: Path, params: FluxParams, seed: int, full_width: bo
             use_cache=False,
             pad_token_id=t5_tok.pad_token_id,
             eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,  # type: ignore[call-arg]  # T5Config keeps it; its signature omits it
         )
         T5EncoderModel(t5_cfg).eval().save_pretrained(out / "text_encoder_2", safe_serialization=True)
     finally:
