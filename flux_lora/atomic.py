@@ -16,9 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 TMP_SUFFIX = ".tmp"
 
 
@@ -81,12 +78,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def save_safetensors_atomic(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file (tensors made contiguous) with ``metadata`` in its header."""
+    from safetensors.torch import save_file  # here, not at the top: configs use this module without torch
+
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     return write_atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
 def save_torch_atomic(obj: Any, path: str | Path) -> Path:
     """A ``torch.save`` file (our own checkpoints: tensors and plain values, read back with ``weights_only=True``)."""
+    import torch  # here, not at the top: configs use this module without torch
+
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
