@@ -329,7 +329,7 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
 def preflight(args: argparse.Namespace) -> Checked:
     """Everything that can be checked from headers and small files, before any large weights load."""
     outputs = output_paths(args)
-    folder = model_folder(args.model)
+    folder = model_folder(args.model, option="--model")
     params = flux_params(folder)  # the DiT's headers only
     loras, te_loras = read_loras(args.lora, folder, params, args.allow_partial)
     hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
