@@ -23,7 +23,8 @@ makes ``N`` images with seeds ``S, S+1, ...``. Each image's noise comes from its
 --strength S`` starts from a picture (image to image; strength 0 keeps it, 1 ignores it; default 0.6); without
 ``--height``/``--width`` the picture's size is used, rounded down to multiples of 16. Without ``--output`` the
 images are numbered ``output_00001.png``, ... after the highest number in the current folder; with
-``--output OUT`` they are ``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``. The
+``--output OUT`` they are ``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``.
+``--prompt-file FILE`` (one prompt a line) instead of ``--prompt`` makes those images for each prompt in turn. The
 PNG holds an A1111-style ``parameters`` text (prompt, steps, sampler, guidance, seed, size, model, ``Lora
 hashes``) and every setting as JSON in a ``flux_lora`` chunk, so the same settings give the same file byte for
 byte.
