@@ -21,6 +21,7 @@ from typing import TypeVar
 import lightning as L
 import torch
 
+from flux_lora import config_io
 from flux_lora.config import ExperimentConfig, SamplePrompt, save_config
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
@@ -167,7 +168,7 @@ def build(
         log_every_n_steps=cfg.train.log_every_n_steps,
         default_root_dir=out,
         callbacks=callbacks,
-        logger=make_logger(cfg.train.logger, out, cfg.name),
+        logger=make_logger(cfg.train.logger, out, cfg.name, config_io.to_dict(cfg)),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
