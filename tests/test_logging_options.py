@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from flux_lora import config_io
-
 from flux_lora.config import TrainConfig
 from flux_lora.training.metrics import grad_norm
 
