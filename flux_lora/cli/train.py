@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg: ExperimentConfig, log: logging.Logger) -> int:
     # Imported here, not at the top: torch and Lightning take seconds to import, which --help does not need.
+    from flux_lora.data.cache import CacheEntryError
     from flux_lora.training.console import quiet_third_party
-    from flux_lora.training.guards import NonFiniteLossError, StoppedBySignal
+    from flux_lora.training.guards import NonFiniteLossError, StoppedBySignal, stop_outside_steps
     from flux_lora.training.run import run
 
     # Lightning adds its own console handlers on import: with ours, every Lightning line printed twice
@@ -61,7 +62,8 @@ def _train(cfg: ExperimentConfig, log: logging.Logger) -> int:
         logging.getLogger(name).propagate = True
     quiet_third_party()
     try:
-        lora = run(cfg)
+        with stop_outside_steps():
+            lora = run(cfg)
     except StoppedBySignal as e:
         log.warning("%s", e)
         return e.exit_code
@@ -71,9 +73,21 @@ def _train(cfg: ExperimentConfig, log: logging.Logger) -> int:
     except (ConfigError, DataError, ModelNotFoundError) as e:
         log.error("%s", e)
         return 2
+    except CacheEntryError as e:
+        log.error("%s; rerun the same command: it resumes and encodes the entry again", _last_line(e))
+        return 2
+    except OSError as e:  # disk full, or a folder that cannot be written: the message names the file
+        log.error("%s", _last_line(e))
+        return 3
     if lora is not None:
         log.info("LoRA written to %s", lora)
     return 0
+
+
+def _last_line(e: BaseException) -> str:
+    """The error's own line (a DataLoader worker's error carries its traceback in the message)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1].split(": ", 1)[-1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
 
 
 if __name__ == "__main__":

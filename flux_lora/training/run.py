@@ -22,7 +22,9 @@ import lightning as L
 import torch
 
 from flux_lora import config_io
-from flux_lora.config import ExperimentConfig, SamplePrompt, save_config
+from flux_lora.atomic import temp_path
+from flux_lora.config import DataError, ExperimentConfig, SamplePrompt, save_config
+from flux_lora.config_io import ConfigError
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
@@ -108,6 +110,11 @@ def build(
     datamodule = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
+    if cfg.train.init_lora:  # read once now, so a bad file stops the run before the cache fill and the model load
+        try:
+            read_lora(cfg.train.init_lora, params, plain=True)
+        except ValueError as e:
+            raise DataError(f"train.init_lora: {' '.join(str(e).split())}") from None
     initial = partial(read_lora, cfg.train.init_lora, plain=True) if cfg.train.init_lora else None
     module = FluxLoraModule(
         partial(_load_for_training, cfg, folder, dtype),
@@ -216,6 +223,18 @@ def last_checkpoint(cfg: ExperimentConfig) -> Path | None:
     return found.path if found else None
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and a file in it (removed again), or raise :class:`ConfigError` naming it: a read-only
+    ``output_dir`` stops the run before anything is scanned or loaded."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(folder / ".write-test")  # unique per process and call
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {folder} cannot be written ({e.strerror or e})") from None
+
+
 def _first_process() -> bool:
     """True in the process that starts a run (DDP's launcher re-runs the script with LOCAL_RANK set)."""
     return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
@@ -239,6 +258,7 @@ def run(cfg: ExperimentConfig) -> Path | None:
 
     Raises :class:`~flux_lora.training.guards.StoppedBySignal` after a clean stop on SIGTERM/SIGINT,
     :class:`~flux_lora.training.resume.RunMismatchError` when the output folder holds another run."""
+    check_writable(cfg.output_path)
     scanned = scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
     lock = output_lock(cfg.output_path) if _first_process() else contextlib.nullcontext()
     with lock:
