@@ -169,3 +169,14 @@ def test_sigterm_during_the_cache_fill_exits_143_with_the_message(tmp_path, tiny
     )
     assert done.returncode == 143, done.stderr[-2000:]
     assert "rerun the same command" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_only_the_process_that_writes_the_lora_says_so(tmp_path, tiny_dev_dir, monkeypatch, caplog):
+    """Under DDP every rank returns from fit; only rank 0 writes the LoRA, so only it may log "LoRA written"
+    (rank 1 said so before rank 0 had written it). Here the one process plays rank 1."""
+    import lightning as L
+
+    monkeypatch.setattr(L.Trainer, "is_global_zero", property(lambda self: False))
+    assert train.main(_argv(tmp_path, tiny_dev_dir, "--train.checkpoint_every_n_steps=0")) == 0
+    assert not [r for r in caplog.records if "LoRA written" in r.getMessage()]
+    assert not (tmp_path / "run" / "tiny.safetensors").exists()

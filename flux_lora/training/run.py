@@ -254,7 +254,8 @@ def _prepare_output(cfg: ExperimentConfig, scanned: ScannedData) -> tuple[Path |
 
 
 def run(cfg: ExperimentConfig) -> Path | None:
-    """Train, and return the path of the final LoRA file (None when the run had already finished).
+    """Train, and return the path of the final LoRA file (None when the run had already finished, and in DDP
+    processes other than rank 0, which writes it).
 
     Raises :class:`~flux_lora.training.guards.StoppedBySignal` after a clean stop on SIGTERM/SIGINT,
     :class:`~flux_lora.training.resume.RunMismatchError` when the output folder holds another run."""
@@ -280,6 +281,8 @@ def run(cfg: ExperimentConfig) -> Path | None:
         stop = _callback(trainer, StopOnSignal)
         if stop.signum is not None and trainer.global_step < cfg.train.max_steps:
             raise StoppedBySignal(stop.signum, trainer.global_step)
+        if not trainer.is_global_zero:
+            return None  # rank 0 writes the LoRA, and says so once it is written
     return cfg.output_path / f"{cfg.name}.safetensors"
 
 
