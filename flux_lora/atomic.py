@@ -16,9 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 TMP_SUFFIX = ".tmp"
 
 
@@ -65,9 +62,17 @@ def _link_new(tmp: Path, path: Path) -> None:
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], Any], *, overwrite: bool = True) -> Path:
-    """Call ``write(tmp)`` to produce the file, then move it to ``path`` atomically."""
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        write(tmp)
+    """Call ``write(tmp)`` to produce the file, then move it to ``path`` atomically. An ``OSError`` (disk full,
+    permission) names ``path``, not the temporary name: ``[Errno 28] No space left on device: 'path'``."""
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            write(tmp)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno is None or (e.filename is not None and not str(e.filename).endswith(TMP_SUFFIX)):
+            raise
+        raise type(e)(e.errno, e.strerror or os.strerror(e.errno), str(path)) from None
     return Path(path)
 
 
@@ -81,13 +86,25 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def save_safetensors_atomic(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file (tensors made contiguous) with ``metadata`` in its header."""
+    from safetensors.torch import save  # here, not at the top: configs use this module without torch
+
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    return write_atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+    # serialized here and written by Python: a full disk is an OSError naming the file (safetensors' own writer
+    # raises its own error type)
+    data = save(contiguous, metadata=metadata)
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_torch_atomic(obj: Any, path: str | Path) -> Path:
     """A ``torch.save`` file (our own checkpoints: tensors and plain values, read back with ``weights_only=True``)."""
-    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    import torch  # here, not at the top: configs use this module without torch
+
+    def write(tmp: Path) -> None:
+        # through a Python file: a full disk is an OSError (torch.save to a path raises "basic_ios::clear")
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return write_atomic(path, write)
 
 
 def move_folder_into_place(tmp: Path, out: Path) -> None:

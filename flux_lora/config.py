@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flux_lora import config_io
-from flux_lora.dtypes import Quantize
-from flux_lora.sampling import SIDE_MULTIPLE, TimestepSampling
+from flux_lora.names import SIDE_MULTIPLE, Quantize, TimestepSampling
 
 DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -175,7 +176,9 @@ def parse_overrides(cls: type, args: list[str]) -> dict[str, list[str]]:
             elif len(matches) > 1:
                 raise ConfigError(f"override {key!r} is ambiguous: use one of {matches}")
             else:
-                raise ConfigError(f"unknown key {key!r}{_suggest(key, paths + list(by_name))}", key=key, unknown=True)
+                near = difflib.get_close_matches(key, paths + list(by_name), n=1, cutoff=0.5)
+                suggestion = f"; did you mean {near[0]!r}?" if near else "; --help lists every key"
+                raise ConfigError(f"unknown key {key!r}{suggestion}", key=key, unknown=True)
         out.setdefault(key, []).append(value)
         i += 1
     return out
@@ -229,6 +232,8 @@ def _override_value(raws: list[str], tp: Any) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file: pass the file, as configs/toy.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -238,6 +243,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
+
+
+def _with_hint(e: ConfigError, hint: str) -> str:
+    """The error with the pointer from another trainer's name put first, right after the unknown key."""
+    head = f"unknown key {e.key!r}"
+    text = str(e)
+    return head + hint + text[len(head) :] if hint and text.startswith(head) else text + hint
+
+
+def _from_command_line(e: ConfigError, parsed: dict[str, list[str]]) -> bool:
+    """Whether an error of ``build`` is about an overridden value. An unknown key never is (the command line's
+    are refused earlier); otherwise the error's key, or an overridden path named as a whole word in it."""
+    if e.unknown:
+        return False
+    return e.key in parsed or any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", str(e)) for k in parsed)
 
 
 def _hint(e: ConfigError, foreign_keys: dict[str, str], foreign_values: dict[tuple[str, str], str]) -> str:
@@ -274,13 +294,14 @@ def load(
             coerce(value, types_by_path[key], key)  # a bad value is reported as the command line's
             _set_dotted(data, key, value)
     except ConfigError as e:
-        raise ConfigError(f"command line: {e}{_hint(e, foreign_keys, foreign_values)}", key=e.key) from None
+        hint = _hint(e, foreign_keys, foreign_values)
+        raise ConfigError(f"command line: {_with_hint(e, hint)}", key=e.key, unknown=e.unknown) from None
     try:
         return build(cls, data)
     except ConfigError as e:
-        from_cli = e.key in parsed or any(k in str(e) for k in parsed)
-        where = "command line" if from_cli or path is None else str(path)
-        raise ConfigError(f"{where}: {e}{_hint(e, foreign_keys, foreign_values)}", key=e.key) from None
+        where = "command line" if _from_command_line(e, parsed) or path is None else str(path)
+        hint = _hint(e, foreign_keys, foreign_values)
+        raise ConfigError(f"{where}: {_with_hint(e, hint)}", key=e.key, unknown=e.unknown) from None
 
 
 def type_name(tp: Any) -> str:

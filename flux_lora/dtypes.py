@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 from torch import nn
 
+from flux_lora.names import QUANTIZE_VALUES as QUANTIZE_VALUES  # re-exported: configs read them without torch
+from flux_lora.names import Quantize as Quantize
+
 FP8 = torch.float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-Quantize = Literal["float8_e4m3fn"]
-"""How the DiT's selected Linears are stored: ``float8_e4m3fn`` (or ``None`` for the checkpoint's float dtype)."""
-QUANTIZE_VALUES: tuple[str, ...] = get_args(Quantize)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Compute dtypes by the names configs and command lines use."""

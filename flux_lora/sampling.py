@@ -7,15 +7,12 @@ predicts the velocity ``noise - x0``; Euler steps go from ``t_cur`` to ``t_prev 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-TimestepSampling = Literal["uniform", "logit_normal", "sigmoid"]
-
-SIDE_MULTIPLE = 16
-"""Image sides are multiples of this: the autoencoder's 8x downscale times the DiT's 2x2 patches."""
+from flux_lora.names import SIDE_MULTIPLE as SIDE_MULTIPLE  # re-exported: configs read them without torch
+from flux_lora.names import TimestepSampling as TimestepSampling
 
 
 def pack(latents: Tensor) -> Tensor:

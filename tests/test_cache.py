@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import multiprocessing as mp
 import weakref
 from pathlib import Path
@@ -285,3 +286,17 @@ def test_release_frees_weights_even_if_a_reference_survives(tmp_path, data_dir, 
     _, data, plan = setup_run(data_dir, tiny_dev_dir, tmp_path / "cache")
     fill_cache(plan, data, load_text, Loaders(tiny_dev_dir).ae, progress=False)
     assert {p.device.type for p in kept[0].parameters()} == {"meta"}
+
+
+def test_captions_longer_than_t5s_limit_are_named_once(tmp_path, data_dir, tiny_dev_dir, caplog):
+    """A caption cut at T5's max_length is one warning naming its files (not one per caption, not silent)."""
+    long = " ".join(["a very long caption about a red circle"] * 12)
+    (data_dir / "img0.txt").write_text(long)
+    (data_dir / "img2.txt").write_text(long + " again")
+    _, data, plan = setup_run(data_dir, tiny_dev_dir, tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="flux_lora"):
+        fill_cache(plan, data, Loaders(tiny_dev_dir).text, Loaders(tiny_dev_dir).ae, progress=False)
+    cut = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
+    assert len(cut) == 1, cut
+    assert f"2 captions are longer than T5's {MAX_LENGTH} tokens" in cut[0]
+    assert "img0.png" in cut[0] and "img2.png" in cut[0] and "img1.png" not in cut[0], cut[0]

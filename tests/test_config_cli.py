@@ -124,3 +124,60 @@ def test_readme_help_excerpt_is_real(capsys):
         train.main(["--help"])
     lines = set(capsys.readouterr().out.splitlines())
     assert [line for line in excerpt.strip().splitlines() if line not in lines] == []
+
+
+@pytest.mark.parametrize("override", [["--output_dir", "x"], ["--name", "y"], ["--lora.rank", "8"]])
+def test_an_unknown_yaml_key_is_the_files_whatever_the_command_line(tmp_path, override):
+    path = tmp_path / "c.yaml"
+    path.write_text("foo: 1\nlora:\n  rank: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'foo'"):
+        load_config(path, override)
+
+
+def test_a_config_folder_is_called_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path} is a directory, not a YAML file"):
+        load_config(tmp_path)
+
+
+def test_another_trainers_name_gives_the_hint_first_and_a_pointer_to_help(caplog):
+    assert train.main(["--network_dim", "8"]) == 2
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith(
+        "command line: unknown key 'network_dim' ('network_dim' is another trainer's name: use lora.rank)"
+    )
+    assert "--help" in line and len(line) < 200, line
+
+
+def _run_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--network_dim", "8"], ["--lora.rnak", "4"], ["--config", "configs/nothing.yaml"]]
+)
+def test_help_and_usage_errors_import_no_torch(argv):
+    """The first minute: --help, unknown keys and a missing file answer without importing torch or Lightning."""
+    out = _run_python(
+        "import runpy, sys\n"
+        f"sys.argv = ['train.py', *{argv!r}]\n"
+        "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'safetensors', 'transformers') if m in sys.modules)\n"
+        "print('CODE', code, 'HEAVY', heavy)\n"
+    )
+    last = out.strip().splitlines()[-1]
+    code = 0 if argv == ["--help"] else 2
+    assert last == f"CODE {code} HEAVY []", out[-2000:]
+
+
+def test_usage_line_shows_the_config_fields_form(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert "[--section.field VALUE ...]" in out.split("\n\n", 1)[0]

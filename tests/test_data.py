@@ -129,6 +129,24 @@ def test_corrupt_images_skipped_with_warning_naming_them_and_a_count(tmp_path, c
         assert "skipped 2 of 4 images" in text
 
 
+def test_an_empty_or_unidentifiable_image_is_named_not_its_buffer(tmp_path, caplog):
+    root = image_folder(tmp_path / "data", n=1)
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "zero.txt").write_text("x")
+    (root / "junk.jpg").write_bytes(b"JFIF? no")
+    (root / "junk.txt").write_text("x")
+    for attempt in range(2):  # fresh, then from the probe memo
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flux_lora"):
+            scan(cfg_for(root, tmp_path))
+        text = caplog.text
+        assert "BytesIO" not in text, text
+        assert "zero.jpg: the image cannot be read (the file is empty, 0 bytes)" in text, attempt
+        assert (
+            "junk.jpg: the image cannot be read (UnidentifiedImageError: cannot identify image file junk.jpg)" in text
+        )
+
+
 @pytest.mark.parametrize("setup", ["empty", "only_corrupt", "no_source"])
 def test_empty_dataset_is_an_error(tmp_path, setup):
     root = tmp_path / "data"

@@ -203,3 +203,53 @@ def test_train_reports_a_missing_model_in_one_line(tmp_path, caplog, monkeypatch
     assert errors == [
         f"{tmp_path}/models/x: no such folder or file (a hub repository is owner/name, hf:owner/name or ms:owner/name)"
     ]
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """modelscope.cn unreachable, as offline; any connection attempt fails the test, and the cache is empty."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(hub, "_reachable", lambda host: False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms-cache"))
+
+
+def test_modelscope_offline_is_one_short_line_without_retries(no_network, caplog):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(hub.ModelNotFoundError) as e:
+        hub.resolve_model("AI-ModelScope/FLUX.1-dev")
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 300, msg
+    assert "offline and not in the download cache" in msg and "--model.source /path" in msg
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]
+    assert time.perf_counter() - start < 20
+
+
+def test_generate_names_its_own_flag_when_the_model_is_offline(no_network, caplog):
+    from flux_lora.cli import generate
+
+    assert generate.cli(["--model", "AI-ModelScope/FLUX.1-dev", "--prompt", "x", "--output", "x.png"]) == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "--model /path" in line and "--model.source" not in line, line
+
+
+def test_hugging_face_offline_does_not_quote_the_inner_error():
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError(
+            "An error happened while trying to locate the files on the Hub, and we cannot find the appropriate "
+            "snapshot folder for the specified revision on ):"
+        )
+
+    with pytest.raises(hub.ModelNotFoundError) as e:
+        hub.resolve_model("hf:black-forest-labs/FLUX.1-dev", download=offline)
+    msg = str(e.value)
+    assert "offline and not in the download cache" in msg and "specified revision" not in msg and len(msg) < 300

@@ -7,7 +7,9 @@ import importlib.util
 
 import lightning as L
 import pytest
+import yaml
 
+from flux_lora import config_io
 from flux_lora.config import TrainConfig
 from flux_lora.training.metrics import grad_norm
 
@@ -46,6 +48,8 @@ def test_csv_logger_gets_grad_norm_and_throughput(tmp_path, tiny_dev_dir):
     assert len(images) == 3 and all(i > 0 for i in images)
     ratios = [t / i for t, i in zip(tokens, images, strict=True)]
     assert ratios == pytest.approx(probe.tokens_per_image, rel=1e-5)
+    # hparams.yaml holds the resolved configuration (it was {})
+    assert yaml.safe_load((cfg.output_path / "logs" / "hparams.yaml").read_text()) == config_io.to_dict(cfg)
 
 
 def test_tensorboard_logger_writes_events(tmp_path, tiny_dev_dir):
@@ -53,6 +57,9 @@ def test_tensorboard_logger_writes_events(tmp_path, tiny_dev_dir):
     cfg = tiny_config(tmp_path, tiny_dev_dir, "--max_steps=1", "--train.logger=tensorboard")
     fit(cfg)
     assert list((cfg.output_path / "logs").glob("events.out.tfevents.*"))
+    # hparams.yaml holds the resolved configuration (it was {})
+    hparams = yaml.safe_load((cfg.output_path / "logs" / "hparams.yaml").read_text())
+    assert hparams == config_io.to_dict(cfg)
 
 
 def test_wandb_offline_writes_its_run_folder(tmp_path, tiny_dev_dir, monkeypatch):

@@ -567,3 +567,19 @@ def test_convert_cli_both_ways(tmp_path, tiny_dev_dir, caplog):
     caplog.clear()
     missing = [str(tmp_path / "missing.safetensors"), str(tmp_path / "y.safetensors"), "--to", "kohya"]
     assert convert_main(missing) == 1 and "missing.safetensors" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("argv0", "usage"),
+    [
+        ("/venv/bin/flux-lora-convert", "usage: flux-lora-convert "),
+        ("/src/flux_lora/lora/convert.py", "usage: python -m flux_lora.lora.convert "),
+    ],
+)
+def test_convert_help_names_the_command_that_ran(argv0, usage, monkeypatch, capsys):
+    from flux_lora.lora import convert
+
+    monkeypatch.setattr("sys.argv", [argv0, "--help"])
+    with pytest.raises(SystemExit):
+        convert.main(["--help"])
+    assert capsys.readouterr().out.startswith(usage)

@@ -116,3 +116,31 @@ def test_fp8_draws_as_bf16_does():
     right = {n: prompt_accuracy(im, prompts)["all"] * len(prompts) for n, im in images.items()}
     assert error < 1.0, error
     assert abs(right["bf16"] - right["fp8 scaled (default)"]) <= 1, right
+
+
+def _round_trip_disc(ae, rgb: tuple[int, int, int]) -> tuple[int, ...]:
+    """A flat 28 px disc of ``rgb`` on white through the autoencoder: the mean colour inside it."""
+    from PIL import Image, ImageDraw
+
+    from flux_lora.data.cache import image_to_tensor
+
+    image = Image.new("RGB", (64, 64), (250, 250, 250))
+    ImageDraw.Draw(image).ellipse((18, 18, 46, 46), fill=rgb)
+    with torch.no_grad():
+        out = ae.decode(ae.encode(image_to_tensor(image)[None]))[0].clamp(-1, 1)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    inside = (yy - 32) ** 2 + (xx - 32) ** 2 <= 100
+    return tuple(round(float(v)) for v in ((out[:, inside].mean(1) + 1) * 127.5))
+
+
+def test_the_autoencoder_keeps_its_palette_and_turns_black_green(toy_pipe):
+    """What models/flux-toy/README.md says the toy can and cannot draw: the seven colours it was trained on come
+    back within 10 of 255 per channel (12 allowed for float differences between machines); black and dark colours
+    come back green."""
+    from flux_lora.toy.scenes import ALL_COLOURS
+
+    for name, rgb in ALL_COLOURS.items():
+        got = _round_trip_disc(toy_pipe.ae, rgb)
+        assert max(abs(a - b) for a, b in zip(got, rgb, strict=True)) <= 12, (name, rgb, got)
+    r, g, b = _round_trip_disc(toy_pipe.ae, (0, 0, 0))
+    assert g > 120 and r < 70 and b < 90, (r, g, b)

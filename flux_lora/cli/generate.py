@@ -23,7 +23,8 @@ makes ``N`` images with seeds ``S, S+1, ...``. Each image's noise comes from its
 --strength S`` starts from a picture (image to image; strength 0 keeps it, 1 ignores it; default 0.6); without
 ``--height``/``--width`` the picture's size is used, rounded down to multiples of 16. Without ``--output`` the
 images are numbered ``output_00001.png``, ... after the highest number in the current folder; with
-``--output OUT`` they are ``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``. The
+``--output OUT`` they are ``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``.
+``--prompt-file FILE`` (one prompt a line) instead of ``--prompt`` makes those images for each prompt in turn. The
 PNG holds an A1111-style ``parameters`` text (prompt, steps, sampler, guidance, seed, size, model, ``Lora
 hashes``) and every setting as JSON in a ``flux_lora`` chunk, so the same settings give the same file byte for
 byte.
@@ -48,6 +49,7 @@ from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
+from transformers.utils import logging as hf_logging
 
 from flux_lora.dtypes import DTYPES, QUANTIZE_VALUES, Quantize
 from flux_lora.inference.control import ControlNetUnit
@@ -60,6 +62,7 @@ from flux_lora.lora.runtime import LoraSpec, apply_loras
 from flux_lora.model.controlnet import check_compatible
 from flux_lora.model.flux import FluxParams
 from flux_lora.model.text_encoders import TextEncoders
+from flux_lora.names import SIDE_MULTIPLE
 from flux_lora.weights.controlnet_loading import find_controlnet_folder, read_controlnet_params, resolve_controlnet
 from flux_lora.weights.loading import flux_params
 from flux_lora.weights.safetensors_io import read_keys
@@ -111,15 +114,20 @@ class ControlNetOption(argparse.Action):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    first, _, rest = __doc__.partition("\n\n")
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+        description=first, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest.strip()
     )
     p.add_argument(
         "--model",
         required=True,
         help="model folder (FLUX.1 layout) or hub id: hf:owner/name, ms:owner/name, owner/name (ModelScope)",
     )
-    p.add_argument("--prompt", required=True)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt")
+    prompt.add_argument(
+        "--prompt-file", type=Path, default=None, help="a text file of prompts, one per line (blank lines skipped)"
+    )
     p.add_argument("--negative-prompt", default=None, help="used with --true-cfg != 1 (default: empty)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="true classifier-free guidance scale")
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]")
@@ -163,6 +171,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = p.parse_args(argv)
+    for side in ("height", "width"):
+        value = getattr(args, side)
+        if value is not None and value < SIDE_MULTIPLE:
+            p.error(f"--{side} must be at least {SIDE_MULTIPLE}, got {value}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    try:
+        args.prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
+    except ValueError as e:
+        p.error(str(e))
     for path, _ in args.lora:
         if not path.is_file():
             p.error(f"--lora {path}: no such file")
@@ -170,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds = seed_list(args.seed, args.num_images)
     except ValueError as e:
         p.error(str(e))
-    args.num_images = len(args.seeds)
+    args.num_images = len(args.seeds) * len(args.prompts)
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.image is None and args.strength is not None:
@@ -192,6 +210,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if key in unit and not unit[key].is_file():
                 p.error(f"--{'control-image' if key == 'image' else key} {unit[key]}: no such file")
     return args
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a ``--prompt-file``: one per line, stripped, blank lines skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompt-file {path}: cannot be read ({e})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {path} holds no prompt")
+    return prompts
+
+
+def guidance_used(dit: torch.nn.Module) -> bool:
+    """Whether the DiT's guidance input changes anything: it has one, and its output layer is not all zero (the
+    toy model's is held at zero: any guidance value gives the same image)."""
+    layer = getattr(getattr(dit, "guidance_in", None), "out_layer", None)
+    if layer is None:
+        return False
+    return any(bool(t.detach().float().count_nonzero()) for t in (layer.weight, layer.bias) if t is not None)
 
 
 def seed_list(seeds: list[int] | None, num_images: int | None) -> list[int]:
@@ -335,7 +374,7 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
 def preflight(args: argparse.Namespace) -> Checked:
     """Everything that can be checked from headers and small files, before any large weights load."""
     outputs = output_paths(args)
-    folder = model_folder(args.model)
+    folder = model_folder(args.model, option="--model")
     params = flux_params(folder)  # the DiT's headers only
     loras, te_loras = read_loras(args.lora, folder, params, args.allow_partial)
     hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
@@ -356,6 +395,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
     if args.quiet:
         quiet_libraries()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars: our own bar says how far it got
     checked = preflight(args)
     offload = None if args.offload == "none" else args.offload
     pipe = FluxPipeline.from_pretrained(
@@ -368,16 +408,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
     steps = pipe.dit.params.default_steps if args.steps is None else args.steps
     dev = pipe.dit.params.guidance_embed
     guidance = (DEFAULT_GUIDANCE if args.guidance is None else args.guidance) if dev else None
+    recorded_guidance = guidance if dev and guidance_used(pipe.dit) else None  # what the PNG says was used
     negative = args.negative_prompt if args.true_cfg != 1.0 else None
     strength = 1.0 if init is None else (0.6 if args.strength is None else args.strength)
     ds = pipe.ae.params.downscale_factor
     written = []
-    for first in range(0, len(args.seeds), args.batch_size):
+    batches = range(0, len(args.seeds), args.batch_size)
+    for number, prompt, first in [(i, p, b) for i, p in enumerate(args.prompts) for b in batches]:
         seeds = args.seeds[first : first + args.batch_size]
         noise = torch.cat([pipe.noise(1, height // ds, width // ds, torch.Generator().manual_seed(s)) for s in seeds])
         # schnell gets the user's --guidance only so that the pipeline can warn that it is ignored
         images = pipe(
-            args.prompt,
+            prompt,
             height=height,
             width=width,
             num_inference_steps=steps,
@@ -392,12 +434,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
             control_image=checked.images.get(args.structure_image) if args.structure_image else None,
             progress=not args.quiet,
         )
-        for seed, image, path in zip(seeds, images, checked.outputs[first:], strict=False):
+        start = number * len(args.seeds) + first
+        for seed, image, path in zip(seeds, images, checked.outputs[start:], strict=False):
             settings = {
-                "prompt": args.prompt,
+                "prompt": prompt,
                 "seed": seed,
                 "steps": steps,
-                "guidance": guidance,
+                "guidance": recorded_guidance,
                 "width": width,
                 "height": height,
                 "model": str(args.model),

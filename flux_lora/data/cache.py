@@ -453,17 +453,40 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-def _encode_texts(encoders: TextEncoders, plan: CachePlan, batch_size: int, progress: bool) -> int:
+def _encode_texts(
+    encoders: TextEncoders, plan: CachePlan, batch_size: int, progress: bool, cut: list[str] | None = None
+) -> int:
+    """Encode the plan's missing captions; those longer than T5's ``max_length`` (cut) are added to ``cut``."""
     store = plan.store
     with tqdm(
         total=len(plan.missing_text), desc="caching text embeddings", unit="caption", disable=None if progress else True
     ) as bar:
         for batch in _batches(sorted(plan.missing_text), batch_size):
+            if cut is not None and encoders.t5_tokenizer is not None:
+                cut += [c for c, n in zip(batch, encoders.t5_lengths(batch), strict=True) if n > encoders.max_length]
             emb = encoders.encode(batch).to("cpu")
             for i, caption in enumerate(batch):
                 store.write_text(plan.text_keys[caption], emb.txt[i], emb.y[i], caption)
             bar.update(len(batch))
     return len(plan.missing_text)
+
+
+def _warn_cut(cut: list[str], data: ScannedData, max_length: int) -> None:
+    """One warning naming the files (or sample prompts) whose captions T5 cut at ``max_length`` tokens."""
+    if not cut:
+        return
+    long = set(cut)
+    names = [r.name for r in data.records if r.caption in long]
+    prompts = [c for c in cut if not any(r.caption == c for r in data.records)]
+    shown = names[:10] + [f"sample prompt {p[:40]!r}..." for p in prompts[:3]]
+    more = len(names) + len(prompts) - len(shown)
+    log.warning(
+        "%d captions are longer than T5's %d tokens and were cut there: %s%s",
+        len(cut),
+        max_length,
+        ", ".join(shown),
+        f" and {more} more" if more > 0 else "",
+    )
 
 
 def image_to_tensor(image: Image.Image) -> Tensor:
@@ -523,14 +546,16 @@ def fill_cache(
     with fill_lock(plan.root):
         plan = plan.refresh()
         texts = latents = 0
+        cut: list[str] = []
         if plan.missing_text:
             texts = _with_encoder(
                 load_text_encoders,
                 device,
                 plan.text_spec.dtype,
                 "text encoders",
-                lambda te: _encode_texts(te, plan, batch_size, progress),
+                lambda te: _encode_texts(te, plan, batch_size, progress, cut),
             )
+            _warn_cut(cut, data, plan.text_spec.max_length)
         if plan.missing_latents:
             latents = _with_encoder(
                 load_autoencoder,

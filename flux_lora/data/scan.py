@@ -115,31 +115,42 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # ------------------------------------------------------------------------------------------ probing images
 
 
+_BUFFER = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def _named(text: str, name: str) -> str:
+    """Pillow's messages name the in-memory buffer it read (``<_io.BytesIO object at 0x...>``): name the file."""
+    return _BUFFER.sub(Path(name).name or "the image", text)
+
+
 def _probe(data: bytes, digest: str, probe_dir: Path | None, name: str = "") -> tuple[int, int] | str:
-    """``(width, height)`` after EXIF rotation, or the reason the image cannot be read; remembered by hash.
-    Warnings pillow raises while decoding are logged with the image's ``name`` (pillow names only its buffer)."""
+    """``(width, height)`` after EXIF rotation, or the reason the image cannot be read (naming ``name``);
+    remembered by hash. Warnings pillow raises while decoding are logged with the image's ``name``."""
     memo = probe_dir / digest[:2] / f"{digest}.json" if probe_dir else None
     if memo is not None and memo.is_file():
         try:
             found = json.loads(memo.read_text())
-            return found["error"] if found.get("error") else (found["width"], found["height"])
+            return _named(found["error"], name) if found.get("error") else (found["width"], found["height"])
         except (ValueError, KeyError):
             pass  # a damaged memo: probe again and overwrite it
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with decode(data) as image:
-                result: tuple[int, int] | str = image.size
-        for w in caught:
-            log.warning("%s: %s", name, re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image", str(w.message)))
-        if not isinstance(result, str) and min(result) < SIDE_MULTIPLE:
-            result = f"smaller than {SIDE_MULTIPLE} px ({result[0]}x{result[1]})"
-    except Exception as e:  # PIL raises many types for corrupt data
-        result = f"{type(e).__name__}: {e}"
+    result: tuple[int, int] | str
+    if not data:
+        result = "the file is empty, 0 bytes"
+    else:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with decode(data) as image:
+                    size: tuple[int, int] = image.size
+            for w in caught:
+                log.warning("%s: %s", name, _BUFFER.sub("the image", str(w.message)))
+            result = size if min(size) >= SIDE_MULTIPLE else f"smaller than {SIDE_MULTIPLE} px ({size[0]}x{size[1]})"
+        except Exception as e:  # PIL raises many types for corrupt data
+            result = f"{type(e).__name__}: {e}"
     if memo is not None:
         entry = {"error": result} if isinstance(result, str) else {"width": result[0], "height": result[1]}
         write_text_atomic(memo, json.dumps(entry))
-    return result
+    return _named(result, name) if isinstance(result, str) else result
 
 
 def _row_bytes(value: Any, name: str) -> bytes:

@@ -61,10 +61,11 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def model_folder(source: str | Path) -> Path:
+def model_folder(source: str | Path, option: str = "--model.source") -> Path:
     """A local model folder, or the folder a hub id downloads to (``hf:black-forest-labs/FLUX.1-dev``,
-    ``AI-ModelScope/FLUX.1-dev``; see :func:`flux_lora.weights.hub.parse_source`)."""
-    path = resolve_model(source, ("dit", "ae", "text_encoders"))
+    ``AI-ModelScope/FLUX.1-dev``; see :func:`flux_lora.weights.hub.parse_source`). ``option`` is the command-line
+    option an error's advice names."""
+    path = resolve_model(source, ("dit", "ae", "text_encoders"), option=option)
     if not path.is_dir():
         raise ValueError(f"{source} is a file; pass a model folder (DiT, autoencoder and text encoders)")
     return path

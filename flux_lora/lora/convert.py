@@ -1,6 +1,8 @@
 """Convert a FLUX LoRA file from any readable layout to the kohya or the diffusers layout.
 
-    python -m flux_lora.lora.convert IN.safetensors OUT.safetensors --to kohya [--model flux-dev]
+    flux-lora-convert IN.safetensors OUT.safetensors --to kohya [--model flux-dev]
+
+(from a checkout also ``python -m flux_lora.lora.convert ...``).
 
 ``--model`` is a preset name (``flux-dev``, ``flux-schnell``, ...) or a model folder / DiT file whose
 architecture is read from its headers; the LoRA's shapes are checked against it. Exits non-zero with a
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from flux_lora.lora.files import read_lora, write_lora
 from flux_lora.weights.loading import flux_params
@@ -19,8 +22,14 @@ from flux_lora.weights.loading import flux_params
 log = logging.getLogger("flux_lora.lora.convert")
 
 
+def _prog() -> str:
+    """The command as it was run: the installed ``flux-lora-convert``, else ``python -m flux_lora.lora.convert``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("flux-lora") else "python -m flux_lora.lora.convert"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flux_lora.lora.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=_prog(), description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="LoRA file (.safetensors) in any supported layout")
     parser.add_argument("output", help="file to write")
     parser.add_argument("--to", required=True, choices=("kohya", "diffusers"), help="layout of the output")

@@ -109,6 +109,10 @@ class TextEncoders(nn.Module):
         ).input_ids
         return clip, t5
 
+    def t5_lengths(self, prompts: list[str]) -> list[int]:
+        """Each prompt's T5 token count before truncation (more than ``max_length``: the rest is cut)."""
+        return [len(ids) for ids in self.t5_tokenizer(prompts, truncation=False).input_ids]
+
     @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> TextEmbeddings:
         """Prompts -> ``TextEmbeddings(txt [B, max_length, d_t5], y [B, d_clip])`` on the encoders' device."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -34,6 +36,32 @@ class StoppedBySignal(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class _StoppedOutsideSteps(StoppedBySignal):
+    def __init__(self, signum: int):
+        Exception.__init__(self, "stopped before the first step of this run; rerun the same command to resume")
+        self.signum, self.step = signum, 0
+
+
+@contextmanager
+def stop_outside_steps() -> Iterator[None]:
+    """SIGTERM and SIGINT outside the training steps (scan, cache fill, model load) raise
+    :class:`StoppedBySignal` (exit 143 / 130 with its message) instead of dying silently (SIGTERM) or
+    Lightning's exit 1 (Ctrl-C). During the steps :class:`StopOnSignal` stops after the current one."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _StoppedOutsideSteps(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _describe(batch: dict[str, Any] | None) -> str:

@@ -15,9 +15,17 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 log = logging.getLogger(__name__)
 
 
-def make_logger(kind: str, out: Path, name: str) -> Logger:
+def make_logger(kind: str, out: Path, name: str, hparams: dict[str, Any] | None = None) -> Logger:
     """Lightning's TensorBoard (falling back to CSV, announced, when tensorboard is missing), CSV or W&B logger,
-    writing under ``out``. W&B honours its own settings (``WANDB_MODE=offline``, ``WANDB_PROJECT``)."""
+    writing under ``out``, with ``hparams`` (the resolved config) as its hyperparameters (``hparams.yaml``). W&B
+    honours its own settings (``WANDB_MODE=offline``, ``WANDB_PROJECT``)."""
+    logger = _make_logger(kind, out, name)
+    if hparams:
+        logger.log_hyperparams(hparams)
+    return logger
+
+
+def _make_logger(kind: str, out: Path, name: str) -> Logger:
     if kind == "wandb":
         try:
             import wandb  # noqa: F401

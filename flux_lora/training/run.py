@@ -21,7 +21,10 @@ from typing import TypeVar
 import lightning as L
 import torch
 
-from flux_lora.config import ExperimentConfig, SamplePrompt, save_config
+from flux_lora import config_io
+from flux_lora.atomic import temp_path
+from flux_lora.config import DataError, ExperimentConfig, SamplePrompt, save_config
+from flux_lora.config_io import ConfigError
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
@@ -108,6 +111,11 @@ def build(
     datamodule = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
+    if cfg.train.init_lora:  # read once now, so a bad file stops the run before the cache fill and the model load
+        try:
+            read_lora(cfg.train.init_lora, params, plain=True)
+        except ValueError as e:
+            raise DataError(f"train.init_lora: {' '.join(str(e).split())}") from None
     initial = partial(read_lora, cfg.train.init_lora, plain=True) if cfg.train.init_lora else None
     module = FluxLoraModule(
         partial(_load_for_training, cfg, folder, dtype),
@@ -168,7 +176,7 @@ def build(
         log_every_n_steps=cfg.train.log_every_n_steps,
         default_root_dir=out,
         callbacks=callbacks,
-        logger=make_logger(cfg.train.logger, out, cfg.name),
+        logger=make_logger(cfg.train.logger, out, cfg.name, config_io.to_dict(cfg)),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
@@ -216,6 +224,18 @@ def last_checkpoint(cfg: ExperimentConfig) -> Path | None:
     return found.path if found else None
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and a file in it (removed again), or raise :class:`ConfigError` naming it: a read-only
+    ``output_dir`` stops the run before anything is scanned or loaded."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(folder / ".write-test")  # unique per process and call
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {folder} cannot be written ({e.strerror or e})") from None
+
+
 def _first_process() -> bool:
     """True in the process that starts a run (DDP's launcher re-runs the script with LOCAL_RANK set)."""
     return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
@@ -235,10 +255,12 @@ def _prepare_output(cfg: ExperimentConfig, scanned: ScannedData) -> tuple[Path |
 
 
 def run(cfg: ExperimentConfig) -> Path | None:
-    """Train, and return the path of the final LoRA file (None when the run had already finished).
+    """Train, and return the path of the final LoRA file (None when the run had already finished, and in DDP
+    processes other than rank 0, which writes it).
 
     Raises :class:`~flux_lora.training.guards.StoppedBySignal` after a clean stop on SIGTERM/SIGINT,
     :class:`~flux_lora.training.resume.RunMismatchError` when the output folder holds another run."""
+    check_writable(cfg.output_path)
     scanned = scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
     lock = output_lock(cfg.output_path) if _first_process() else contextlib.nullcontext()
     with lock:
@@ -260,6 +282,8 @@ def run(cfg: ExperimentConfig) -> Path | None:
         stop = _callback(trainer, StopOnSignal)
         if stop.signum is not None and trainer.global_step < cfg.train.max_steps:
             raise StoppedBySignal(stop.signum, trainer.global_step)
+        if not trainer.is_global_zero:
+            return None  # rank 0 writes the LoRA, and says so once it is written
     return cfg.output_path / f"{cfg.name}.safetensors"
 
 

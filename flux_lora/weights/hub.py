@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,23 @@ def _huggingface_download(repo_id: str, **kwargs: Any) -> str:
     return snapshot_download(repo_id, **kwargs)
 
 
+MODELSCOPE_HOST = "modelscope.cn"
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens (one DNS lookup and connect, a few seconds at most)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _modelscope_download(model_id: str, **kwargs: Any) -> str:
+    """ModelScope's ``snapshot_download``; offline, only its download cache is read. (Asked over the network it
+    retries for many seconds and logs each retry in its own format before failing.)"""
+    if not kwargs.get("local_files_only") and not _reachable(MODELSCOPE_HOST):
+        kwargs["local_files_only"] = True
     try:
         from modelscope import snapshot_download
     except ImportError as e:  # pragma: no cover - modelscope is a dependency
@@ -112,6 +129,18 @@ def missing_files(folder: Path, components: Iterable[str]) -> list[str]:
     return missing
 
 
+# Class names of the hub libraries' errors for "not reachable, and not in the download cache".
+OFFLINE_ERRORS = {
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+    "ConnectionError",
+    "TimeoutError",
+    "Timeout",
+    "NetworkError",  # modelscope
+    "CacheNotFound",  # modelscope with local_files_only
+}
+
+
 def _advice(e: Exception, src: Source) -> str:
     """What to do about a failed download, by the kind of error (class names, so no hub library is imported)."""
     kinds = {t.__name__ for t in type(e).__mro__}
@@ -121,7 +150,7 @@ def _advice(e: Exception, src: Source) -> str:
         return f"the repository is gated: accept its licence on https://{where}/{src.name} and run `{login}`"
     if "RepositoryNotFoundError" in kinds:
         return f"no such repository on {where}, or it is private or gated and you are not logged in (`{login}`)"
-    if kinds & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "TimeoutError", "Timeout"}:
+    if kinds & OFFLINE_ERRORS:
         return f"offline and not in the download cache: download it once where {where} is reachable"
     return f"download it once where {where} is reachable (gated models need their licence accepted and `{login}`)"
 
@@ -140,6 +169,7 @@ def resolve_model(
     cache_dir: str | Path | None = None,
     download: Downloader | None = None,
     local_files_only: bool = False,
+    option: str = "--model.source",
 ) -> Path:
     """Return a local folder holding ``components`` of the model named by ``source``.
 
@@ -149,6 +179,7 @@ def resolve_model(
         hub: where a bare ``owner/name`` lives.
         download: the download function (tests substitute it); defaults to the hub's ``snapshot_download``.
         local_files_only: only look in the download cache (e.g. in DDP processes after the first fetched it).
+        option: the command-line option the advice names for a local folder instead.
     """
     components = tuple(components)
     unknown = set(components) - set(COMPONENT_FILES)
@@ -173,9 +204,14 @@ def resolve_model(
             folder = Path(fetch(src.name, allow_patterns=patterns, **options))
         except Exception as e:
             bare = "" if str(source).startswith(tuple(PREFIXES)) else f" (nor is {src.name} a local folder)"
+            offline = bool({t.__name__ for t in type(e).__mro__} & OFFLINE_ERRORS)
+            what = (
+                f"{src.name!r}" if offline else f"{patterns} of {src.name!r}"
+            )  # offline: the inner error says no more
+            inner = "" if offline else f" ({_one_line(e)})"
             raise ModelNotFoundError(
-                f"could not download {patterns} of {src.name!r} from {src.hub}{bare} ({_one_line(e)}): "
-                f"{_advice(e, src)}; or pass a local folder with --model.source /path/to/FLUX.1-dev"
+                f"could not download {what} from {src.hub}{bare}{inner}: "
+                f"{_advice(e, src)}; or pass a local folder with {option} /path/to/FLUX.1-dev"
             ) from e
     assert folder is not None
     missing = missing_files(folder, components)
@@ -185,6 +221,6 @@ def resolve_model(
         raise ModelNotFoundError(
             f"the download of {src.name!r} to {folder} lacks {missing}"
             + (f" (nor has {alternatives})" if alternatives else "")
-            + "; pass a local folder in the official FLUX.1 layout with --model.source"
+            + f"; pass a local folder in the official FLUX.1 layout with {option}"
         )
     return folder
