@@ -209,3 +209,17 @@ def test_incomplete_or_misshapen_patches_are_errors():
     sd[f"{K2}.lokr_w1"] = torch.ones(8, 17)
     with pytest.raises(LoraFormatError, match=r"weight change is \(64, 340\)"):
         read_lora(sd, P)
+
+
+def test_generate_dora_norm_flag_reaches_the_reader(tmp_path):
+    from safetensors.torch import save_file
+
+    from flux_lora.cli.generate import parse_args, read_loras
+
+    sd, _ = case("dora_rows")
+    path = tmp_path / "dora.safetensors"
+    save_file(sd, str(path))
+    args = parse_args(["--model", "m", "--prompt", "p", "--lora", str(path), "--dora-norm", "comfyui"])
+    assert parse_args(["--model", "m", "--prompt", "p"]).dora_norm == "peft"
+    (lora, _, _), *_ = read_loras(args.lora, tmp_path, P, False, args.dora_norm)[0]
+    assert lora[L2][0].dora_norm == "comfyui"
