@@ -171,8 +171,14 @@ def test_backward_keeps_no_float_weight_copies():
             q = FP8Linear.from_linear(m)
             q.__class__ = _NaiveFP8Linear
             setattr(naive.get_submodule(parent), child, q)
+    e5m2 = copy.deepcopy(ours)  # a scaled e5m2 file's layers, kept as stored: the same path
+    for m in e5m2.modules():
+        if isinstance(m, FP8Linear):
+            m.weight.data = m.dequantized_weight(torch.float32).to(torch.float8_e5m2)
+            m.weight_scale.fill_(1.0)
     base, fp8, control = _saved_bytes(bf16, x), _saved_bytes(ours, x), _saved_bytes(naive, x)
     assert fp8 <= base, (fp8, base)
+    assert _saved_bytes(e5m2, x) <= base
     block_weights = sum(m.weight.numel() * 2 for m in ours.modules() if isinstance(m, FP8Linear))
     assert control >= base + block_weights  # the trap the test guards against really shows up in this count
 
