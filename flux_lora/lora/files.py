@@ -48,6 +48,7 @@ from flux_lora.lora.patches import (
     NormOverride,
     Patch,
     WeightChange,
+    bias_change,
     check_dora_norm,
     check_patch,
     weight_change,
@@ -240,11 +241,9 @@ def _patch(
         weight = weight_change(roles, alpha, alpha)
     except ValueError as e:
         return None, str(e)  # type: ignore[return-value]
-    bias = roles.get("diff_b", roles.get("bias", (None, None)))[1]
     if "diff_b" in roles and "bias" in roles:
         return None, "both diff_b and lora_B.bias"  # type: ignore[return-value]
-    if "bias" in roles and isinstance(weight, LoraWeight) and weight.scale != 1.0:
-        bias = bias.float() * weight.scale  # peft adds lora_B's bias times alpha / r, as its weight
+    bias = bias_change(roles, weight)  # peft's lora_B.bias times alpha / r
     p = Patch(t.start, t.rows, weight, bias, roles.get("dora_scale", (None, None))[1], dora_norm)
     if (err := check_patch(p, in_f)) is not None:
         return p, err

@@ -238,6 +238,19 @@ def weight_change(
     return kinds[0] if kinds else None
 
 
+def bias_change(roles: dict[str, tuple[str, Tensor]], weight: WeightChange | None) -> Tensor | None:
+    """The bias change of a module's keys: ``diff_b`` as is, or ``lora_B.bias`` times its pair's ``alpha / r``
+    (peft adds ``bias * scaling``; a file without alpha, such as a BFL control LoRA, has scale 1)."""
+    if "diff_b" in roles:
+        return roles["diff_b"][1]
+    if "bias" not in roles:
+        return None
+    bias = roles["bias"][1]
+    if isinstance(weight, LoraWeight) and weight.scale != 1.0:
+        return bias.float() * weight.scale
+    return bias
+
+
 def check_patch(p: Patch, in_features: int) -> str | None:
     """Why ``p`` does not fit ``rows x in_features``, or None."""
     shape = p.weight_shape()
