@@ -9,9 +9,13 @@ this op sequence. What it does not see: the CUDA caching allocator's rounding an
 allocated), the CUDA context, cuBLAS/cuDNN workspaces, and any op that differs between CPU and CUDA kernels (the
 CPU flash attention here; CPU autocast's op lists). Figures are **estimates, counted on fake tensors**.
 
-The same pass counts FLOPs (torch's FLOP formulas; CPU flash attention priced as the CUDA kernels) and the bytes
-each non-view op reads and writes, and turns them into a roofline estimate per GPU: per op the larger of
-compute time and memory time, summed (an eager lower bound), beside the pure compute limit.
+The same pass counts FLOPs (torch's FLOP formulas; CPU flash attention priced as the CUDA kernels; fp8 GEMMs,
+``torch._scaled_mm``, at the fp8 rate) and the bytes each non-view op reads and writes, and turns them into a
+roofline estimate per GPU: per op the larger of compute time and memory time, summed (an eager lower bound),
+beside the pure compute limit. A compiled estimate prices the same ops as if every chain of non-GEMM ops between
+two GEMMs (attention counts as one) ran as one fused kernel, as inductor fuses elementwise ops and reductions: a
+tensor made and used within such a chain never reaches memory; one a GEMM or a later chain reads is written once.
+peft's LoRA layers run without their input cast, as the trainer sets them under bf16 autocast.
 
 Run: ``python benchmarks/memory_model.py [--out memory.json] [--only train|infer]`` (about 1 min per
 configuration on 2 busy cores).
@@ -57,7 +61,7 @@ from flux_lora.config import LoraConfig
 from flux_lora.inference.denoise import denoise
 from flux_lora.inference.offload import OffloadMode, Transfer
 from flux_lora.inference.pipeline import FluxPipeline
-from flux_lora.lora.peft_adapters import inject_lora, trainable_parameters
+from flux_lora.lora.peft_adapters import inject_lora, set_input_casting, trainable_parameters
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import default_predicate, quantize_, set_fp8_matmul
@@ -70,8 +74,13 @@ log = logging.getLogger(__name__)
 Base = Literal["fp8", "bf16"]
 Checkpointing = Literal["none", "full", "selective"]
 # Dense rates used for the roofline (see /work/shared/reference/performance.md): bf16 GEMMs at the 790 TFLOP/s
-# measured on H100-class cards (spec 989), HBM at the spec bandwidth. An estimate, not a measurement.
-GPUS = {"H100 SXM": dict(flops=790e12, bandwidth=3.35e12), "H200": dict(flops=790e12, bandwidth=4.8e12)}
+# measured on H100-class cards (spec 989), fp8 GEMMs at the same 80 % of their 1,979 TFLOP/s spec, HBM at the
+# spec bandwidth. An estimate, not a measurement.
+GPUS = {
+    "H100 SXM": dict(flops=790e12, fp8_flops=1580e12, bandwidth=3.35e12),
+    "H200": dict(flops=790e12, fp8_flops=1580e12, bandwidth=4.8e12),
+}
+FP8_GEMMS = (torch.ops.aten._scaled_mm,)
 LAUNCH_S = 5e-6  # per kernel of an eager step (CPU dispatch + launch), the low end of 5-8 us
 FLOPS = {**flop_registry, **{k: shape_wrapper(v) for k, v in CPU_ATTENTION_FLOPS.items()}}
 
@@ -88,6 +97,45 @@ def _tensors(tree: Any) -> list[Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
 
 
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class FusedTraffic:
+    """Bytes a step moves when every chain of non-GEMM ops between two GEMMs is one kernel.
+
+    A non-GEMM op's output stays in registers while only ops of its own chain read it; it is written (once) when a
+    GEMM or a later chain reads it, and an in-place output is always written. GEMM operands and outputs move as
+    they do eagerly."""
+
+    def __init__(self) -> None:
+        self.chain = 0
+        self.unwritten: dict[int, tuple[int, int]] = {}  # storage -> (chain that made it, bytes)
+
+    def op(self, ins: list[Tensor], outs: list[Tensor], gemm: bool) -> int:
+        moved = 0
+        read = set()
+        for t in ins:
+            sid = t.untyped_storage()._cdata
+            read.add(sid)
+            made = self.unwritten.get(sid)
+            if made is not None and made[0] == self.chain and not gemm:
+                continue  # fused: produced and consumed in one kernel
+            if made is not None:
+                moved += self.unwritten.pop(sid)[1]  # its producer had to write it after all
+            moved += _nbytes(t)
+        if gemm:
+            self.chain += 1  # ops after a GEMM start a new kernel
+        for t in outs:
+            sid = t.untyped_storage()._cdata
+            if gemm or sid in read:  # a GEMM's output, or written in place
+                self.unwritten.pop(sid, None)
+                moved += _nbytes(t)
+            else:
+                self.unwritten[sid] = (self.chain, _nbytes(t))
+        return moved
+
+
 class LiveBytes(TorchDispatchMode):
     """Below autograd, above ``FakeTensorMode``: the peak of live bytes among storages created while active, and
     the FLOPs, bytes moved and kernels of the ops run."""
@@ -96,8 +144,10 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = self.peak = 0
-        self.flops = self.bytes_moved = self.kernels = 0
+        self.flops = self.fp8_flops = self.bytes_moved = self.fused_bytes = self.kernels = 0
         self.roofline_s = dict.fromkeys(GPUS, 0.0)
+        self.compiled_s = dict.fromkeys(GPUS, 0.0)
+        self.fused = FusedTraffic()
         self.stage_peak = 0
         self.stages: dict[str, int] = {}
 
@@ -133,14 +183,21 @@ class LiveBytes(TorchDispatchMode):
             self.current -= self.live.pop(key)[1]
 
     def _count(self, func, args, kwargs, out) -> None:
-        moved = sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
+        ins, outs = _tensors((args, kwargs)), _tensors(out)
+        moved = sum(_nbytes(t) for t in ins + outs)
         counter = FLOPS.get(func._overloadpacket)
         flops = int(counter(*args, **kwargs, out_val=out)) if counter is not None else 0
+        fp8 = func._overloadpacket in FP8_GEMMS
+        fused = self.fused.op(ins, outs, gemm=flops > 0)
         self.flops += flops
+        self.fp8_flops += flops if fp8 else 0
         self.bytes_moved += moved
+        self.fused_bytes += fused
         self.kernels += 1
         for name, gpu in GPUS.items():
-            self.roofline_s[name] += max(flops / gpu["flops"], moved / gpu["bandwidth"])
+            compute = flops / gpu["fp8_flops" if fp8 else "flops"]
+            self.roofline_s[name] += max(compute, moved / gpu["bandwidth"])
+            self.compiled_s[name] += max(compute, fused / gpu["bandwidth"])
 
     def summary(self, static_bytes: int) -> dict[str, Any]:
         self._sweep()
@@ -150,13 +207,16 @@ class LiveBytes(TorchDispatchMode):
             peak_GB=(static_bytes + self.peak) / GB,
             stage_peak_GB={k: (static_bytes + v) / GB for k, v in self.stages.items()},
             TFLOP=self.flops / 1e12,
+            TFLOP_fp8=self.fp8_flops / 1e12,
             GB_moved=self.bytes_moved / GB,
+            GB_moved_fused=self.fused_bytes / GB,
             kernels=self.kernels,
             roofline_estimate_s={
                 name: dict(
-                    compute_limit=self.flops / gpu["flops"],
+                    compute_limit=(self.flops - self.fp8_flops) / gpu["flops"] + self.fp8_flops / gpu["fp8_flops"],
                     eager_ops=self.roofline_s[name],
                     eager_ops_plus_launch=self.roofline_s[name] + self.kernels * LAUNCH_S,
+                    compiled_fused=self.compiled_s[name],
                 )
                 for name, gpu in GPUS.items()
             },
@@ -209,6 +269,7 @@ def train_case(case: TrainCase, params: FluxParams = PRESETS["flux-dev"]) -> dic
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_dit(params, fake, case.base, case.rank)
     set_fp8_matmul(model, case.fp8_matmul)
+    set_input_casting(model, False)  # as the trainer under bf16-mixed: autocast casts the LoRA matmuls itself
     cfg = shipped_train_config()
     with fake:
         if case.checkpointing != "none":

@@ -2,7 +2,9 @@
 
 ``VmRSS = RssAnon + RssFile + RssShmem``. Anonymous pages are what a process allocated; file-backed pages are
 mapped files (a memory-mapped checkpoint counts here while it is mapped, although the kernel may drop those
-pages again). ``PeakSampler`` polls a tree in a thread and keeps the peak of each figure per phase.
+pages again). :func:`file_rss` counts the resident pages of one file's own mappings (``/proc/PID/smaps``), which
+other mapped files do not change. ``PeakSampler`` polls a tree in a thread and keeps the peak of each figure per
+phase.
 """
 
 from __future__ import annotations
@@ -27,6 +29,25 @@ def status(pid: int | str = "self") -> dict[str, int]:
         if name in (*FIELDS, "VmHWM"):
             out[name] = int(value.split()[0]) * 1024  # kB
     return out
+
+
+def file_rss(path: str | Path, pid: int | str = "self") -> int:
+    """Bytes of ``path``'s pages resident in the mappings of that file in one process (the ``Rss`` of its
+    ``/proc/PID/smaps`` entries); 0 when the file is not mapped."""
+    target = str(Path(path).resolve())
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    total, inside = 0, False
+    for line in text.splitlines():
+        first = line.split(maxsplit=1)[0] if line else ""
+        if "-" in first and not first.endswith(":"):  # a mapping's header: "start-end perms offset dev inode path"
+            parts = line.split(maxsplit=5)
+            inside = len(parts) == 6 and parts[5] == target
+        elif inside and first == "Rss:":
+            total += int(line.split()[1]) * 1024  # kB
+    return total
 
 
 def descendants(pid: int) -> list[int]:
@@ -75,8 +96,8 @@ class PeakSampler:
     def sample(self) -> None:
         values = self.measure()
         peak = self.peaks.setdefault(self.phase, dict.fromkeys(FIELDS, 0))
-        for k in FIELDS:
-            peak[k] = max(peak[k], values.get(k, 0))
+        for k in {*FIELDS, *values}:  # FIELDS, and any other figure ``measure`` gives
+            peak[k] = max(peak.get(k, 0), values.get(k, 0))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -11,6 +11,7 @@ import torch
 
 from flux_lora.lora.files import read_lora, write_lora
 from flux_lora.lora.keys import detect_layout, linear_shapes
+from flux_lora.lora.runtime import apply_loras
 from flux_lora.lora.weight import LoraWeight, fuse_row_blocks
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.weights.keymaps import flux_to_diffusers, flux_to_diffusers_config
@@ -140,3 +141,41 @@ def test_peft_lora_made_on_diffusers_model_reads_into_ours(tmp_path, use_rslora)
     assert lora["single_blocks.0.linear1"].rank == 4 + 2 + 4 + 4  # q, k (rank 2), v, mlp: different A
     _merge(ours, lora)
     assert_same_output(ours(**x).detach(), want, base)
+
+
+def _peft_file(tmp_path, theirs, **config) -> tuple:
+    """peft injects a LoRA with ``config`` into diffusers' model (lora_B and any bias / magnitude random), diffusers
+    saves it; returns (the file, diffusers' output with it)."""
+    from peft import LoraConfig
+
+    targets = [n for n, m in theirs.named_modules() if isinstance(m, torch.nn.Linear)]
+    theirs.add_adapter(LoraConfig(r=4, lora_alpha=10, target_modules=targets, **config))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+    diffusers.FluxPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(theirs),
+        transformer_lora_adapter_metadata=theirs.peft_config["default"].to_dict(),
+    )
+    return tmp_path / "pytorch_lora_weights.safetensors", diffusers_forward(theirs, _inputs(TINY))
+
+
+@pytest.mark.parametrize("kind", ["lora_bias", "dora"])
+def test_peft_bias_and_dora_files_give_pefts_output(tmp_path, kind):
+    """A peft LoRA with ``lora_bias=True`` (peft adds ``bias * alpha / r``) or ``use_dora=True`` (peft's
+    ``lora_magnitude_vector``), alpha 10 != rank 4, on every Linear of diffusers' model, saved by diffusers: our
+    reader and run-time LoRA reproduce peft's own forward."""
+    ours, theirs = _models(TINY)
+    x = _inputs(TINY)
+    base = ours(**x).detach()
+    path, want = _peft_file(tmp_path, theirs, **{"lora_bias" if kind == "lora_bias" else "use_dora": True})
+    marker = ".lora_B.bias" if kind == "lora_bias" else ".lora_magnitude_vector"
+    assert any(k.endswith(marker) for k in read_keys(path))
+    apply_loras(ours, [(read_lora(path, TINY), 1.0, "peft")])
+    with torch.no_grad():
+        assert_same_output(ours(**x), want, base)

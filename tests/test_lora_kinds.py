@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from flux_lora.lora.files import LoraFormatError, read_lora, write_lora
-from flux_lora.lora.patches import Patch
+from flux_lora.lora.patches import Patch, dense_change
 from flux_lora.lora.runtime import apply_loras, remove_loras, set_lora_scale
 from flux_lora.model.flux import PRESETS
 from flux_lora.model.fp8 import FP8Linear, quantize_
@@ -17,6 +17,7 @@ from flux_lora.weights.tiny import random_flux
 P = PRESETS["tiny"]
 L2 = "single_blocks.0.linear2"  # [64, 320]
 K2 = "lora_unet_single_blocks_0_linear2"
+L2D = "single_transformer_blocks.0.proj_out"  # L2 as diffusers names it
 OUT, IN = 64, 320
 
 
@@ -48,6 +49,11 @@ def case(kind: str) -> tuple[dict[str, torch.Tensor], callable]:
         b = _r(OUT, g=g)
         sd = {f"{L2}.lora_A.weight": down, f"{L2}.lora_B.weight": up, f"{L2}.lora_B.bias": b}
         return sd, lambda w: (up @ down, b)
+    if kind == "peft_lora_bias":  # peft with lora_bias=True, alpha 6 != rank 4: peft adds bias * alpha / r
+        b = _r(OUT, g=g)
+        sd = {f"transformer.{L2D}.lora_A.weight": down, f"transformer.{L2D}.lora_B.weight": up}
+        sd |= {f"transformer.{L2D}.lora_B.bias": b, f"transformer.{L2D}.alpha": torch.tensor(6.0)}
+        return sd, lambda w: (1.5 * up @ down, 1.5 * b)
     sd = {f"{K2}.lora_down.weight": down, f"{K2}.lora_up.weight": up, f"{K2}.alpha": torch.tensor(8.0)}
     if kind == "dora_rows":  # peft / LyCORIS wd_on_out: one magnitude per output row
         m = torch.rand(OUT, 1, generator=g) + 0.5
@@ -68,7 +74,7 @@ def case(kind: str) -> tuple[dict[str, torch.Tensor], callable]:
     return sd, dora_columns
 
 
-KINDS = ["loha", "lokr", "diff", "lora_bias", "dora_rows", "dora_columns"]
+KINDS = ["loha", "lokr", "diff", "lora_bias", "peft_lora_bias", "dora_rows", "dora_columns"]
 
 
 def _model(base: str):
@@ -104,6 +110,7 @@ def test_reader_returns_patches_of_the_right_kind(kind):
     change = read_lora(sd, P)[L2]
     assert isinstance(change, tuple) and len(change) == 1 and isinstance(change[0], Patch)
     expected = {"loha": ["LoHa"], "lokr": ["LoKr"], "diff": ["diff", "bias"], "lora_bias": ["LoRA", "bias"]}
+    expected["peft_lora_bias"] = ["LoRA", "bias"]
     assert change[0].kinds == expected.get(kind, ["LoRA", "DoRA"])
 
 
@@ -151,6 +158,27 @@ def test_fused_matches_the_closed_form_and_unfuses_bit_exactly(kind, base):
     assert _same_bytes(_bytes(model), before)
 
 
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_dora_norm_peft_by_default_comfyui_as_an_option(axis):
+    """``[out, 1]`` magnitudes divide by the row norm of ``W + dW`` (peft, LyCORIS) by default and by the row
+    norm of ``W`` with ``dora_norm="comfyui"`` (ComfyUI's weight_decompose); ``[1, in]`` ones by the column norm
+    of ``W + dW`` either way."""
+    sd, _ = case(f"dora_{axis}")
+    w = _weight(_model("bf16").get_submodule(L2))
+    m, eps = sd[f"{K2}.dora_scale"], torch.finfo(torch.float32).eps
+    v = w + 2.0 * sd[f"{K2}.lora_up.weight"] @ sd[f"{K2}.lora_down.weight"]
+    dim = 1 if axis == "rows" else 0
+    norms = {"peft": v.norm(dim=dim, keepdim=True), "comfyui": (w if axis == "rows" else v).norm(dim=dim, keepdim=True)}
+    got = {}
+    for name, norm in norms.items():
+        got[name], _ = dense_change(read_lora(sd, P, dora_norm=name)[L2], w)
+        torch.testing.assert_close(got[name], m * v / (norm + eps) - w, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got["peft"], dense_change(read_lora(sd, P)[L2], w)[0])  # the default
+    assert torch.equal(got["peft"], got["comfyui"]) == (axis == "columns")
+    with pytest.raises(ValueError, match="dora_norm must be one of"):
+        read_lora(sd, P, dora_norm="lycoris")
+
+
 def test_split_lycoris_loha_lands_on_its_rows():
     """SimpleTuner's LyCORIS names are diffusers modules: to_k of a single block is rows 64..128 of linear1."""
     g = _g(3)
@@ -181,3 +209,17 @@ def test_incomplete_or_misshapen_patches_are_errors():
     sd[f"{K2}.lokr_w1"] = torch.ones(8, 17)
     with pytest.raises(LoraFormatError, match=r"weight change is \(64, 340\)"):
         read_lora(sd, P)
+
+
+def test_generate_dora_norm_flag_reaches_the_reader(tmp_path):
+    from safetensors.torch import save_file
+
+    from flux_lora.cli.generate import parse_args, read_loras
+
+    sd, _ = case("dora_rows")
+    path = tmp_path / "dora.safetensors"
+    save_file(sd, str(path))
+    args = parse_args(["--model", "m", "--prompt", "p", "--lora", str(path), "--dora-norm", "comfyui"])
+    assert parse_args(["--model", "m", "--prompt", "p"]).dora_norm == "peft"
+    (lora, _, _), *_ = read_loras(args.lora, tmp_path, P, False, args.dora_norm)[0]
+    assert lora[L2][0].dora_norm == "comfyui"

@@ -86,3 +86,15 @@ def test_unknown_text_encoder_modules_are_listed(encoders):
     with pytest.raises(LoraFormatError, match="layers_9_mlp_fc1"):
         read_text_encoder_lora(sd, encoders)
     assert read_text_encoder_lora(sd, encoders, allow_partial=True) == {}
+
+
+def test_text_encoder_lora_bias_is_scaled_as_peft_adds_it(encoders):
+    """peft's ``lora_B.bias`` counts ``alpha / r`` times, as its weight (alpha 4, rank 2: twice)."""
+    clip = encoders.get_submodule(CLIP_Q)
+    down, up = _pair(clip, 2, 0)
+    b = torch.randn(clip.out_features, generator=torch.Generator().manual_seed(3))
+    c = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    sd = {f"{c}.lora_A.weight": down, f"{c}.lora_B.weight": up, f"{c}.lora_B.bias": b, f"{c}.alpha": torch.tensor(4.0)}
+    (patch,) = read_text_encoder_lora(sd, encoders)[CLIP_Q]
+    torch.testing.assert_close(patch.bias, 2.0 * b)
+    torch.testing.assert_close(patch.delta(clip.weight), 2.0 * up @ down)

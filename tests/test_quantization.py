@@ -58,6 +58,22 @@ def test_fp8_linear_matches_dequantized_linear_forward_and_backward():
         assert rel_err(fp8(x), lin(x)) < 0.05
 
 
+def test_e5m2_layer_keeps_its_bytes_and_dequantizes_also_with_fp8_matmul():
+    """A file's e5m2 weight stays e5m2 (through dtype conversions too) and computes through the dequantize path,
+    also when fp8 GEMMs are switched on (they take e4m3 operands), to float32 rounding of its dequantized weight."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 32)
+    fp8 = FP8Linear.from_linear(lin, bias_dtype=torch.float32)
+    fp8.weight.data = lin.weight.detach().mul(1000).to(torch.float8_e5m2)
+    fp8.weight_scale.fill_(1e-3)
+    fp8.to(torch.bfloat16)
+    assert fp8.weight.dtype == torch.float8_e5m2 and "float8_e5m2" in repr(fp8)
+    ref = fp8.to_linear(torch.float32)
+    x = torch.randn(16, 48)
+    fp8.fp8_matmul = True
+    torch.testing.assert_close(fp8(x), ref(x))  # float32 rounding (the scale is no power of two); fp8 GEMMs: 3 %
+
+
 def test_bf16_compute_and_autocast():
     torch.manual_seed(0)
     fp8 = FP8Linear.from_linear(nn.Linear(32, 16), bias_dtype=torch.bfloat16)
@@ -155,8 +171,14 @@ def test_backward_keeps_no_float_weight_copies():
             q = FP8Linear.from_linear(m)
             q.__class__ = _NaiveFP8Linear
             setattr(naive.get_submodule(parent), child, q)
+    e5m2 = copy.deepcopy(ours)  # a scaled e5m2 file's layers, kept as stored: the same path
+    for m in e5m2.modules():
+        if isinstance(m, FP8Linear):
+            m.weight.data = m.dequantized_weight(torch.float32).to(torch.float8_e5m2)
+            m.weight_scale.fill_(1.0)
     base, fp8, control = _saved_bytes(bf16, x), _saved_bytes(ours, x), _saved_bytes(naive, x)
     assert fp8 <= base, (fp8, base)
+    assert _saved_bytes(e5m2, x) <= base
     block_weights = sum(m.weight.numel() * 2 for m in ours.modules() if isinstance(m, FP8Linear))
     assert control >= base + block_weights  # the trap the test guards against really shows up in this count
 

@@ -99,6 +99,33 @@ def test_comfy_scaled_fp8_applies_the_scale_for_every_fp8_dtype(tiny_dev_dir, tm
     assert torch.isfinite(out).all() and (out - expected).norm() / expected.norm() < 0.15
 
 
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("quantize", [None, "float8_e4m3fn"])
+def test_scaled_fp8_layers_keep_the_files_values_exactly(tiny_dev_dir, tmp_path, fp8, quantize):
+    """A ComfyUI scaled fp8 file's layers keep their own bytes and scale (e5m2 too: no second rounding to e4m3),
+    so the loaded layer's weight is the file's dequantized weight exactly, and the fp8 storage stays 1 byte."""
+    sd = load_file(str(tiny_dev_dir / "flux1-dev.safetensors"))
+    comfy: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=fp8)}
+    for k, v in sd.items():
+        if v.ndim == 2:
+            scale = v.abs().max() / (0.9 * torch.finfo(fp8).max)  # no power of two
+            comfy[k] = (v / scale).to(fp8)
+            comfy[k.removesuffix("weight") + "scale_weight"] = scale.reshape(1)
+        else:
+            comfy[k] = v
+    path = tmp_path / "comfy-scaled.safetensors"
+    save_file(comfy, str(path), metadata={"flux_lora.params": json.dumps(P.to_dict())})
+    model = load_flow_model(path, dtype=torch.bfloat16, quantize=quantize)
+    for name in ("single_blocks.0.linear1", "double_blocks.1.img_mlp.0"):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, FP8Linear) and layer.weight.dtype == fp8
+        file_weight = comfy[f"{name}.weight"].float() * comfy[f"{name}.scale_weight"].float()
+        assert torch.equal(layer.dequantized_weight(torch.float32), file_weight)
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+        want = torch.nn.functional.linear(x, file_weight, layer.bias.float())
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------- keys the reader skips
 
 

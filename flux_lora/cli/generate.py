@@ -57,7 +57,7 @@ from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
 from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
 from flux_lora.lora.encoders import is_text_encoder_key, read_text_encoder_lora
 from flux_lora.lora.files import read_lora
-from flux_lora.lora.patches import NormOverride, input_width
+from flux_lora.lora.patches import DoraNorm, NormOverride, input_width
 from flux_lora.lora.runtime import LoraSpec, apply_loras
 from flux_lora.model.controlnet import check_compatible
 from flux_lora.model.flux import FluxParams
@@ -138,6 +138,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fused: added into the weights (on an fp8 DiT re-quantized, which is not exact)",
     )
     p.add_argument("--allow-partial", action="store_true", help="apply LoRAs even when some keys cannot be applied")
+    p.add_argument(
+        "--dora-norm",
+        choices=["peft", "comfyui"],
+        default="peft",
+        help="DoRA files with one magnitude per output row: divide by the row norm of W + dW (peft, LyCORIS, "
+        "which train them) or of W (ComfyUI's weight_decompose)",
+    )
     p.add_argument("--quantize", choices=QUANTIZE_VALUES, default=None, help="store the DiT and ControlNets in fp8")
     p.set_defaults(controlnets=[])
     cn = p.add_argument_group("ControlNets (options after a --controlnet apply to it)")
@@ -297,7 +304,7 @@ class Checked(NamedTuple):
 
 
 def read_loras(
-    specs: list[tuple[Path, float]], folder: Path, params: FluxParams, allow_partial: bool
+    specs: list[tuple[Path, float]], folder: Path, params: FluxParams, allow_partial: bool, dora_norm: DoraNorm = "peft"
 ) -> tuple[list[LoraSpec], list[LoraSpec]]:
     """Read every LoRA file (layout, shapes, finite values, keys) as ``(weights, scale, unique name)``: its DiT
     parts and its text-encoder parts, the latter checked against encoders built from the model folder's
@@ -310,7 +317,8 @@ def read_loras(
         name = path.stem.replace(".", "_") or f"lora{i}"
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
-        dit.append((read_lora(path, params, allow_partial=allow_partial, skip_text_encoders=True), scale, name))
+        lora = read_lora(path, params, allow_partial=allow_partial, skip_text_encoders=True, dora_norm=dora_norm)
+        dit.append((lora, scale, name))
         if any(is_text_encoder_key(k) for k in read_keys(path)):
             encoders = encoders or TextEncoders.skeleton(folder, params.max_sequence_length)
             te.append((read_text_encoder_lora(path, encoders, allow_partial=allow_partial), scale, name))
@@ -376,7 +384,7 @@ def preflight(args: argparse.Namespace) -> Checked:
     outputs = output_paths(args)
     folder = model_folder(args.model, option="--model")
     params = flux_params(folder)  # the DiT's headers only
-    loras, te_loras = read_loras(args.lora, folder, params, args.allow_partial)
+    loras, te_loras = read_loras(args.lora, folder, params, args.allow_partial, args.dora_norm)
     hashes = {name: file_hash(path) for (path, _), (_, _, name) in zip(args.lora, loras, strict=True)}
     check_controlnets(args.controlnets, params)
     check_structure_image(loras, params, args.structure_image)

@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from flux_lora.lora.keys import PLAIN_ROLES, LoraFormatError, alpha_value, non_finite, split_suffix, unapplied_message
-from flux_lora.lora.patches import ModuleChange, Patch, check_patch, weight_change
+from flux_lora.lora.patches import ModuleChange, Patch, bias_change, check_patch, weight_change
 from flux_lora.lora.weight import LoraWeight
 from flux_lora.weights.safetensors_io import iter_tensors
 
@@ -112,8 +112,7 @@ def _change(
         weight = weight_change(roles, alpha, alpha)
     except ValueError as e:
         return None, str(e)
-    bias = roles.get("diff_b", roles.get("bias", (None, None)))[1]
-    p = Patch(0, layer.out_features, weight, bias, roles.get("dora_scale", (None, None))[1])
+    p = Patch(0, layer.out_features, weight, bias_change(roles, weight), roles.get("dora_scale", (None, None))[1])
     if (err := check_patch(p, layer.in_features)) is not None:
         return None, err
     if p.bias is not None and layer.bias is None:

@@ -42,7 +42,18 @@ from flux_lora.lora.keys import (
     unapplied_message,
 )
 from flux_lora.lora.metadata import diffusers_metadata, kohya_metadata, peft_alpha_rule, warn_kohya_non_block
-from flux_lora.lora.patches import Change, ModuleChange, NormOverride, Patch, check_patch, weight_change
+from flux_lora.lora.patches import (
+    Change,
+    DoraNorm,
+    ModuleChange,
+    NormOverride,
+    Patch,
+    WeightChange,
+    bias_change,
+    check_dora_norm,
+    check_patch,
+    weight_change,
+)
 from flux_lora.lora.weight import LoraStateDict, LoraWeight, fuse_row_blocks, split_row_blocks
 from flux_lora.model.flux import FluxParams
 from flux_lora.weights.keymaps import flux_linear_maps
@@ -177,7 +188,11 @@ Block = tuple[int, int, "LoraWeight | Patch", str]
 
 
 def _collect_blocks(
-    sd: dict[str, Tensor], params: FluxParams, metadata: dict[str, str] | None, source: str
+    sd: dict[str, Tensor],
+    params: FluxParams,
+    metadata: dict[str, str] | None,
+    source: str,
+    dora_norm: DoraNorm = "peft",
 ) -> tuple[dict[str, list[Block]], list[str]]:
     """``bfl -> blocks`` for every complete LoRA pair or patch; keys matching nothing."""
     table = base_name_table(params)
@@ -198,7 +213,7 @@ def _collect_blocks(
                 continue
             item, err = _plain(t, roles, alpha, in_f, params)
         else:
-            item, err = _patch(t, roles, alpha, in_f, params)
+            item, err = _patch(t, roles, alpha, in_f, params, dora_norm)
         if err is not None:
             errors.append(f"{' / '.join(repr(k) for k, _ in roles.values())}: {err}")
             continue
@@ -226,26 +241,35 @@ def _swap(t: Target, rows: Tensor, params: FluxParams) -> Tensor:
     return {m.bfl: m for m in flux_linear_maps(params)}[t.bfl].to_bfl_rows([rows])
 
 
-def _patch(t: Target, roles: Roles, alpha: float | None, in_f: int, params: FluxParams) -> tuple[Patch, str | None]:
+def _patch(
+    t: Target, roles: Roles, alpha: float | None, in_f: int, params: FluxParams, dora_norm: DoraNorm = "peft"
+) -> tuple[Patch, str | None]:
     """A LoHa / LoKr / diff / bias / DoRA patch (any LoRA pair among the keys included)."""
     try:
         weight = weight_change(roles, alpha, alpha)
     except ValueError as e:
         return None, str(e)  # type: ignore[return-value]
-    bias = roles.get("diff_b", roles.get("bias", (None, None)))[1]
     if "diff_b" in roles and "bias" in roles:
         return None, "both diff_b and lora_B.bias"  # type: ignore[return-value]
-    p = Patch(t.start, t.rows, weight, bias, roles.get("dora_scale", (None, None))[1])
+    bias = bias_change(roles, weight)  # peft's lora_B.bias times alpha / r
+    p = Patch(t.start, t.rows, weight, bias, roles.get("dora_scale", (None, None))[1], dora_norm)
     if (err := check_patch(p, in_f)) is not None:
         return p, err
-    if t.swap_halves:
-        if p.dora_scale is not None:
-            return p, "DoRA on the diffusers norm_out.linear (rows swapped) is not supported"
-        w = p.weight
-        dense = None if w is None else (w if isinstance(w, Tensor) else w.delta())
-        p = Patch(t.start, t.rows, None if dense is None else _swap(t, dense, params), bias)
-        p.bias = None if bias is None else _swap(t, bias.reshape(-1), params)
-    return p, None
+    return (_swap_patch(t, p, params), None) if t.swap_halves else (p, None)
+
+
+def _swap_patch(t: Target, p: Patch, params: FluxParams) -> Patch:
+    """``p`` with its rows in BFL order (the diffusers ``norm_out.linear`` holds them swapped): a LoRA's up rows, a
+    dense change, the bias and a per-row DoRA magnitude are swapped; column norms do not depend on row order."""
+    w, m = p.weight, p.dora_scale
+    if isinstance(w, LoraWeight):
+        weight: WeightChange | None = LoraWeight(w.down, _swap(t, w.up, params), w.alpha)
+    else:
+        weight = None if w is None else _swap(t, w if isinstance(w, Tensor) else w.delta(), params)
+    if m is not None and m.numel() == p.rows and not (m.ndim == 2 and m.shape[0] == 1):
+        m = _swap(t, m.reshape(-1), params).reshape(m.shape)
+    bias = None if p.bias is None else _swap(t, p.bias.reshape(-1), params)
+    return Patch(p.start, p.rows, weight, bias, m, p.dora_norm)
 
 
 def _check_overlap(bfl: str, blocks: list[Block], source: str) -> None:
@@ -295,6 +319,7 @@ def from_state_dict(
     source: str = "LoRA state dict",
     allow_partial: bool = False,
     skip_text_encoders: bool = False,
+    dora_norm: DoraNorm = "peft",
 ) -> LoraStateDict:
     """Any supported LoRA layout -> canonical fused LoRA with explicit alpha. Pure (no file access).
 
@@ -309,11 +334,15 @@ def from_state_dict(
         skip_text_encoders: leave text-encoder keys out (read them with
             :func:`flux_lora.lora.encoders.read_text_encoder_lora`) instead of counting them as unappliable; a
             file with only text-encoder keys then gives ``{}``.
+        dora_norm: the norm an ``[out, 1]`` DoRA magnitude divides by: ``"peft"`` (``||W + dW||``, as peft and
+            LyCORIS, which train such files) or ``"comfyui"`` (``||W||``, as ComfyUI's ``weight_decompose``);
+            see :mod:`flux_lora.lora.patches`.
 
     Raises:
         LoraFormatError: nothing matches, a key is not applied (without ``allow_partial``), a tensor holds NaN
             or Inf, a shape does not fit, or two keys cover the same rows.
     """
+    check_dora_norm(dora_norm)
     if (bad := non_finite(sd)) is not None:
         raise LoraFormatError(f"{source}: {bad}; the file is damaged or was saved from a diverged run")
     if skip_text_encoders:
@@ -321,7 +350,7 @@ def from_state_dict(
         if not sd:
             return {}
     overrides, sd = _norm_overrides(sd, params, source)
-    blocks, unmatched = _collect_blocks(sd, params, metadata, source)
+    blocks, unmatched = _collect_blocks(sd, params, metadata, source, dora_norm)
     if not blocks and not overrides:
         raise LoraFormatError(
             f"{source}: no key matches a FLUX LoRA layout for this model (layout guess: "
@@ -378,6 +407,7 @@ def read_lora(
     allow_partial: bool = False,
     plain: bool = False,
     skip_text_encoders: bool = False,
+    dora_norm: DoraNorm = "peft",
 ) -> LoraStateDict:
     """Read a LoRA in any supported layout from a safetensors file (or a state dict) for a ``params`` model.
 
@@ -385,11 +415,16 @@ def read_lora(
     applied when some keys cannot (see :func:`from_state_dict`). Modules with DoRA, LoHa, LoKr, diff or bias
     keys come back as a tuple of :class:`~flux_lora.lora.patches.Patch` (``apply_loras`` applies them);
     ``plain=True`` makes them an error, for uses that need a plain LoRA (training from it, writing it).
-    ``skip_text_encoders``: see :func:`from_state_dict`.
+    ``skip_text_encoders``, ``dora_norm`` (``"peft"`` or ``"comfyui"``): see :func:`from_state_dict`.
     """
     if isinstance(source, dict):
         lora = from_state_dict(
-            source, params, metadata=metadata, allow_partial=allow_partial, skip_text_encoders=skip_text_encoders
+            source,
+            params,
+            metadata=metadata,
+            allow_partial=allow_partial,
+            skip_text_encoders=skip_text_encoders,
+            dora_norm=dora_norm,
         )
         return check_plain(lora, "LoRA state dict") if plain else lora
     path = Path(source)
@@ -408,6 +443,7 @@ def read_lora(
         source=str(path),
         allow_partial=allow_partial,
         skip_text_encoders=skip_text_encoders,
+        dora_norm=dora_norm,
     )
     log.info("%s: %s layout, %d modules", path, detect_layout(sd), len(lora))
     return check_plain(lora, str(path)) if plain else lora

@@ -22,8 +22,8 @@ XLabs' single-block ``qkv_lora`` and ComfyUI's ``single_blocks.N.linear1_qkv`` c
 ``linear1``.
 
 Any base name may also carry, instead of or with a down/up pair, the suffixes of :mod:`flux_lora.lora.patches`:
-``.dora_scale``, LyCORIS ``.hada_w{1,2}_{a,b}`` and ``.lokr_w{1,2}[_a|_b]``, ``.diff``, ``.diff_b``,
-``.lora_B.bias`` / ``.lora_up.bias``.
+``.dora_scale`` (peft / diffusers: ``.lora_magnitude_vector``), LyCORIS ``.hada_w{1,2}_{a,b}`` and
+``.lokr_w{1,2}[_a|_b]``, ``.diff``, ``.diff_b``, ``.lora_B.bias`` / ``.lora_up.bias``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ SUFFIXES: tuple[tuple[str, str], ...] = (
     (".up.weight", "up"),
     (".alpha", "alpha"),
     (".dora_scale", "dora_scale"),
+    (".lora_magnitude_vector", "dora_scale"),
     (".hada_w1_a", "hada_w1_a"),
     (".hada_w1_b", "hada_w1_b"),
     (".hada_w2_a", "hada_w2_a"),
@@ -299,6 +300,7 @@ def non_finite(sd: dict[str, Tensor]) -> str | None:
 # Key fragments of LoRA kinds this reader does not apply -> what they are.
 _UNAPPLIED_KINDS = (
     (".dora_scale", "DoRA (dora_scale)"),
+    (".lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
     (".hada_", "LyCORIS LoHa (hada_*)"),
     (".lokr_", "LyCORIS LoKr (lokr_*)"),
     (".diff", "full weight patches (.diff / .diff_b)"),

@@ -1,6 +1,6 @@
-"""Weight patches beyond a plain LoRA, with ComfyUI's semantics: LyCORIS LoHa and LoKr, full ``.diff`` /
-``.diff_b`` patches, LoRA biases (BFL control LoRAs' ``lora_B.bias``) and DoRA (``dora_scale``); and the
-RMSNorm scale overrides of BFL control LoRAs (:class:`NormOverride`).
+"""Weight patches beyond a plain LoRA: LyCORIS LoHa and LoKr, full ``.diff`` / ``.diff_b`` patches, LoRA biases
+(peft's and BFL control LoRAs' ``lora_B.bias``) and DoRA (``dora_scale`` / peft's ``lora_magnitude_vector``);
+and the RMSNorm scale overrides of BFL control LoRAs (:class:`NormOverride`).
 
 Each :class:`Patch` covers rows ``[start, start + rows)`` of one Linear. At user strength ``s`` it changes the
 layer to ``W + s * D`` and ``b + s * db``, where ``D`` and ``db`` are the dense changes at strength 1:
@@ -8,11 +8,15 @@ layer to ``W + s * D`` and ``b + s * db``, where ``D`` and ``db`` are the dense 
 - LoHa: ``D = (alpha / r) * (w1a @ w1b) * (w2a @ w2b)`` (element-wise product; ``r = w1b.shape[0]``)
 - LoKr: ``D = (alpha / r) * kron(w1, w2)``, ``w1`` / ``w2`` full or ``a @ b``; ``r`` is the inner size of the
   decomposed factor (``w2``'s if both are), and the scale is 1 when neither is decomposed or alpha is missing
-- LoRA: ``D = (alpha / r) * up @ down``; diff: ``D = diff``; ``db`` = ``diff_b`` or ``lora_B.bias`` (as is:
-  ComfyUI turns ``lora_B.bias`` into ``diff_b``; BFL's ``LinearLora`` has scale 1)
-- DoRA (``dora_scale`` = magnitude ``m``): ``D = m * (W + D0) / ||W + D0|| - W`` with ``D0`` the change above and
-  the norm per output row when ``m`` is ``[out, 1]`` (peft, LyCORIS ``wd_on_out``) or per input column when it
-  is ``[1, in]`` (LyCORIS' default), plus float32 eps; strength ``s`` then gives ``W + s * D`` as in ComfyUI.
+- LoRA: ``D = (alpha / r) * up @ down``; diff: ``D = diff``; ``db`` = ``diff_b`` as is, or ``lora_B.bias`` times
+  the pair's ``alpha / r`` as peft adds it (``bias * scaling``). A file without alpha (BFL control LoRAs, whose
+  ``LinearLora`` has scale 1) has alpha = r, so its bias is added as is there too, as ComfyUI does.
+- DoRA (magnitude ``m``): ``D = m * (W + D0) / N - W`` with ``D0`` the change above, plus float32 eps in ``N``.
+  ``m`` ``[out, 1]`` / ``[out]`` (peft, LyCORIS ``wd_on_out``) scales each output row, ``[1, in]`` (LyCORIS'
+  default) each input column. ``N`` by :data:`DoraNorm`: ``"peft"`` (the default) is the norm of ``W + D0`` per
+  row or column, as peft and LyCORIS, which train these files, compute it; ``"comfyui"`` is ComfyUI's
+  ``weight_decompose``, which takes the row norm of the original ``W`` for an ``[out, 1]`` ``m`` (and the column
+  norm of ``W + D0`` for ``[1, in]``, as peft). Strength ``s`` then gives ``W + s * D`` as in ComfyUI.
 
 Everything is computed in float32.
 """
@@ -20,11 +24,24 @@ Everything is computed in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from flux_lora.lora.weight import LoraWeight
+
+DoraNorm = Literal["peft", "comfyui"]
+"""Which norm an ``[out, 1]`` DoRA magnitude divides by: ``"peft"`` ``||W + D0||`` (peft, LyCORIS) or
+``"comfyui"`` ``||W||`` (ComfyUI's ``weight_decompose``); ``[1, in]`` magnitudes use ``||W + D0||`` in both."""
+DORA_NORMS: tuple[str, ...] = get_args(DoraNorm)
+
+
+def check_dora_norm(value: str) -> DoraNorm:
+    """``value`` if it is a :data:`DoraNorm`; otherwise one clear error."""
+    if value not in DORA_NORMS:
+        raise ValueError(f"dora_norm must be one of {list(DORA_NORMS)}, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 @dataclass
@@ -88,6 +105,7 @@ class Patch:
     weight: WeightChange | None = None
     bias: Tensor | None = None  # ``.diff_b`` / ``lora_B.bias``: [rows]
     dora_scale: Tensor | None = None  # [rows, 1] / [rows] (per output row) or [1, in] (per input column)
+    dora_norm: DoraNorm = "peft"  # which norm a per-row magnitude divides by (see DoraNorm)
 
     @property
     def kinds(self) -> list[str]:
@@ -112,7 +130,8 @@ class Patch:
         base = weight.float()
         merged = base if d is None else base + d
         m = self.dora_scale.float().reshape(_dora_axis(self.dora_scale, merged))
-        return merged * (m / _norm(merged, self.dora_scale)) - base
+        normed = base if self.dora_norm == "comfyui" and _per_row(self.dora_scale, merged) else merged
+        return merged * (m / _norm(normed, self.dora_scale)) - base
 
 
 def _dora_axis(m: Tensor, merged: Tensor) -> tuple[int, int]:
@@ -218,6 +237,19 @@ def weight_change(
     if len(kinds) > 1:
         raise ValueError("more than one kind of weight change (LoRA, LoHa, LoKr, diff) for one module")
     return kinds[0] if kinds else None
+
+
+def bias_change(roles: dict[str, tuple[str, Tensor]], weight: WeightChange | None) -> Tensor | None:
+    """The bias change of a module's keys: ``diff_b`` as is, or ``lora_B.bias`` times its pair's ``alpha / r``
+    (peft adds ``bias * scaling``; a file without alpha, such as a BFL control LoRA, has scale 1)."""
+    if "diff_b" in roles:
+        return roles["diff_b"][1]
+    if "bias" not in roles:
+        return None
+    bias = roles["bias"][1]
+    if isinstance(weight, LoraWeight) and weight.scale != 1.0:
+        return bias.float() * weight.scale
+    return bias
 
 
 def check_patch(p: Patch, in_features: int) -> str | None:

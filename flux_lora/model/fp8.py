@@ -1,7 +1,8 @@
 """float8_e4m3fn weight storage with bf16 (or any float) compute.
 
 :class:`FP8Linear` is an ``nn.Linear`` (so peft wraps it like any Linear) whose ``weight`` is stored in
-float8_e4m3fn with a float32 scale per output channel. Its forward and backward go through :class:`_FP8Matmul`,
+float8_e4m3fn with a float32 scale per output channel (or, for a file stored so, float8_e5m2 with the file's own
+scale, kept as it is). Its forward and backward go through :class:`_FP8Matmul`,
 which saves the *fp8* weight for backward and re-casts it there: no bf16 copy of any weight outlives the op that
 needs it (autocast or ``weight.to(bf16)`` inside autograd would keep one per layer alive until backward).
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux_lora.dtypes import FP8
+from flux_lora.dtypes import FP8, FP8_DTYPES
 from flux_lora.model.fp8_matmul import FP8ScaledMatmul
 from flux_lora.model.layers import WRAPPED
 
@@ -115,7 +116,11 @@ class _FP8Matmul(torch.autograd.Function):
 
 class FP8Linear(nn.Linear):
     """A frozen Linear stored in float8_e4m3fn (+ float32 per-output-channel ``weight_scale``), computed in the
-    input's dtype (or the autocast dtype). Its weight and bias never receive gradients."""
+    input's dtype (or the autocast dtype). Its weight and bias never receive gradients.
+
+    The loader may also store a file's float8_e5m2 weight here as it is, with the file's scale: re-encoding it in
+    e4m3 would round it a second time. Such a layer computes through the dequantize path, also with
+    ``fp8_matmul`` (row-wise scaled fp8 GEMMs take e4m3 operands)."""
 
     weight_scale: Tensor
 
@@ -145,13 +150,15 @@ class FP8Linear(nn.Linear):
     ) -> FP8Linear:
         """Quantize a float Linear (or rebuild an empty one when its weight is on the meta device)."""
         w = linear.weight
-        bias_dtype = bias_dtype or (w.dtype if w.dtype.is_floating_point and w.dtype != FP8 else torch.bfloat16)
+        bias_dtype = bias_dtype or (
+            w.dtype if w.dtype.is_floating_point and w.dtype not in FP8_DTYPES else torch.bfloat16
+        )
         out = cls(
             linear.in_features, linear.out_features, linear.bias is not None, device=w.device, bias_dtype=bias_dtype
         )
         if w.device.type == "meta":
             return out
-        if w.dtype == FP8:  # already fp8 (a plain cast): keep the bytes, scale 1
+        if w.dtype in FP8_DTYPES:  # already fp8 (a plain cast): keep the bytes, scale 1
             q, scale = w.detach(), torch.ones(w.shape[0], device=w.device)
         else:
             q, scale = quantize_weight(w.detach(), per_channel)
@@ -165,7 +172,7 @@ class FP8Linear(nn.Linear):
     """Multiply in fp8 (``torch._scaled_mm``) instead of dequantizing; set by :func:`set_fp8_matmul`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fp8_matmul:
+        if self.fp8_matmul and self.weight.dtype == FP8:
             dtype = _compute_dtype(x)
             with torch.autocast(x.device.type, enabled=False):
                 return FP8ScaledMatmul.apply(x, self.weight, self.weight_scale, self.bias, dtype)
@@ -195,7 +202,7 @@ class FP8Linear(nn.Linear):
         # (Lightning's "bf16-true" and plain .to(bfloat16) would otherwise upcast the weight silently.)
         weight, scale = self.weight.data, self.weight_scale.data  # conversions may replace .data in place
         result = super()._apply(fn, recurse)
-        if self.weight.dtype != FP8:
+        if self.weight.dtype not in FP8_DTYPES:
             log.debug("FP8Linear kept its float8 weight through a dtype conversion")
             self.weight.data = weight.to(self.weight.device)
             self.weight_scale = scale.to(self.weight.device)
@@ -204,7 +211,7 @@ class FP8Linear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, storage=float8_e4m3fn"
+            f"bias={self.bias is not None}, storage={str(self.weight.dtype).removeprefix('torch.')}"
         )
 
 

@@ -3,8 +3,8 @@
 Sources accepted for the DiT: a folder in the FLUX.1 layout (``flux1-dev.safetensors`` or
 ``flux1-schnell.safetensors``), a diffusers ``transformer/`` folder (sharded or not), the folder above it, or a
 single safetensors file (keys may carry a prefix such as ``model.diffusion_model.``, weights may already be
-float8_e4m3fn or float8_e5m2, with or without scales: ours ``weight_scale``, ComfyUI's ``scale_weight``; e5m2
-weights are dequantized with their scale and re-encoded per channel in e4m3). Models are built on the meta
+float8_e4m3fn or float8_e5m2, with or without scales: ours ``weight_scale``, ComfyUI's ``scale_weight``; fp8
+weights of either kind are kept as they are, with their scale). Models are built on the meta
 device and filled tensor by tensor.
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from flux_lora.dtypes import FP8_DTYPES, Quantize, check_quantize
 from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
-from flux_lora.model.fp8 import FP8, FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
+from flux_lora.model.fp8 import FP8Linear, QuantPolicy, default_predicate, quantize_, quantize_weight
 from flux_lora.weights.keymaps import (
     DiffusersToFlux,
     ae_diffusers_to_bfl_key,
@@ -297,11 +297,9 @@ def _assign_tensor(
     module = model.get_submodule(module_name)
     if isinstance(module, FP8Linear) and attr == "weight":
         tensor = tensor.to(device)
-        if tensor.dtype == FP8:
+        if tensor.dtype in FP8_DTYPES:  # the file's own bytes and scale (e5m2 too: re-encoding would round twice)
             scale = scales.get(key, torch.ones(()))
             scale = scale.to(device).float().expand(tensor.shape[0]).clone()
-        elif tensor.dtype in FP8_DTYPES:  # e5m2 (range 57344): dequantize, then re-encode per channel in e4m3
-            tensor, scale = quantize_weight(_dequantized(tensor, scales.get(key)), per_channel=True)
         else:
             tensor, scale = quantize_weight(tensor, per_channel)
         assign_tensor(model, key, tensor)
