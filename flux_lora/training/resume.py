@@ -100,6 +100,40 @@ def run_identity(cfg: ExperimentConfig, scanned: ScannedData) -> dict[str, str]:
     return identity
 
 
+def settle_loop_state(checkpoint: dict[str, Any]) -> None:
+    """Put a checkpoint's fit-loop counters in the form of a straight run's checkpoint saved at a batch's end.
+
+    Lightning (2.6) resumed at an epoch's end starts the next epoch without counting it as ready and started,
+    so a checkpoint saved at the end of that next epoch reads as a finished epoch with none in progress, and a
+    run resumed from it replays that epoch's data. A checkpoint saved in ``on_train_end`` (a stop that a later
+    callback requested) has the batch and the epoch closed, and resumed at an epoch's end it also loses its
+    place. The data loader's state (:class:`~flux_lora.data.datamodule.ResumableDataLoader`) holds the epoch
+    the last batch came from, ``e``: at that batch's end a straight run has counted epochs ready = started =
+    ``e + 1`` and processed = completed = ``e``, and the batch not yet completed. Applied when checkpoints are
+    saved and again when they are loaded (files written before this fix)."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(fit_loop, dict) or "epoch_progress" not in fit_loop:
+        return
+    batches = fit_loop.get("epoch_loop.batch_progress", {})
+    total, current = batches.get("total", {}), batches.get("current", {})
+    loaders = fit_loop.get("state_dict", {}).get("combined_loader") or []
+    if not total or len(loaders) != 1 or not isinstance(loaders[0], dict) or "epoch" not in loaders[0]:
+        return
+    if total.get("started") != total.get("processed") or total.get("processed", 0) < 1:
+        return  # not saved after a batch
+    if total.get("completed") == total["processed"]:  # saved in on_train_end: reopen the last batch
+        total["completed"] -= 1
+        current["completed"] = max(current.get("completed", 1) - 1, 0)
+        stepped = fit_loop.get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in stepped:
+            stepped["_batches_that_stepped"] -= 1
+    elif total.get("completed") != total["processed"] - 1:
+        return
+    epoch = int(loaders[0]["epoch"])
+    for part in ("total", "current"):
+        fit_loop["epoch_progress"][part].update(ready=epoch + 1, started=epoch + 1, processed=epoch, completed=epoch)
+
+
 @dataclass(frozen=True)
 class FoundCheckpoint:
     path: Path
