@@ -4,6 +4,7 @@ model loads."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -146,3 +147,25 @@ def test_resume_picks_the_newest_loadable_checkpoint(tmp_path, caplog):
     assert found.step == 2 and found.path.name == "step000002.ckpt"
     for name in ("step000004.ckpt", "step000006.ckpt", "step000008.ckpt"):
         assert str(folder / name) in caplog.text
+
+
+def test_no_lora_of_a_non_finite_step_is_written(tmp_path, tiny_dev_dir):
+    """A LoRA every step and a learning rate that blows up: the step the error names, and every later one, has
+    no LoRA and no checkpoint, so "nothing was written since" is true."""
+    cfg = cfg_for(
+        tmp_path,
+        tiny_dev_dir,
+        "--max_steps=30",
+        "--train.learning_rate=1e6",
+        "--train.lr_scheduler=constant",
+        "--train.warmup_steps=0",
+        "--train.save_every_n_steps=1",
+        "--train.log_every_n_steps=10",
+    )
+    with pytest.raises(NonFiniteLossError) as err:
+        run(cfg)
+    step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    assert "nothing was written since" in str(err.value)
+    steps = [int(re.search(r"step(\d+)", p.name).group(1)) for p in (cfg.output_path / "lora").glob("*.safetensors")]
+    steps += [int(re.search(r"step(\d+)", p.name).group(1)) for p in (cfg.output_path / "checkpoints").glob("*.ckpt")]
+    assert steps and max(steps) < step, (step, sorted(steps))

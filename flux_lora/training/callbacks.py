@@ -156,7 +156,9 @@ class SaveLora(L.Callback):
 
     def write(self, trainer: L.Trainer, module, path: Path, as_trained: bool = True) -> None:
         """Write the module's adapters to ``path``: with ``as_trained`` a schedule-free optimizer's evaluation
-        weights; otherwise the weights as they are (an EMA put in place)."""
+        weights; otherwise the weights as they are (an EMA put in place). The finiteness flags of the steps since
+        the last check are read first (on every rank): nothing of a step flagged non-finite, or later, is written."""
+        check_finite(trainer)
         if not trainer.is_global_zero:
             return
         with eval_weights(_optimizer(trainer) if as_trained else None):
