@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from flux_lora.config import load_config
 from flux_lora.data.cache import CacheStore
 from flux_lora.training import run as run_module
-from flux_lora.training.callbacks import ADAPTERS_SHA_KEY
+from flux_lora.training.callbacks import ADAPTERS_SHA_KEY, AtomicCheckpointIO
 from flux_lora.training.guards import NonFiniteLossError
 from flux_lora.training.resume import RunMismatchError, find_checkpoint
 from flux_lora.training.run import run
@@ -169,3 +169,28 @@ def test_no_lora_of_a_non_finite_step_is_written(tmp_path, tiny_dev_dir):
     steps = [int(re.search(r"step(\d+)", p.name).group(1)) for p in (cfg.output_path / "lora").glob("*.safetensors")]
     steps += [int(re.search(r"step(\d+)", p.name).group(1)) for p in (cfg.output_path / "checkpoints").glob("*.ckpt")]
     assert steps and max(steps) < step, (step, sorted(steps))
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_intact_one(tmp_path, caplog):
+    """4,000 bytes flipped in the middle of the newest checkpoint (the zip's directory intact, the adapters'
+    checksum too): the one before it is chosen, with a one-line warning naming the damaged file."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    adapters = {"lora_A": torch.ones(4, 4)}
+    for step in (2, 4):
+        state = {
+            "global_step": step,
+            "state_dict": adapters,
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(200_000)}}}],
+        }
+        AtomicCheckpointIO().save_checkpoint(state, folder / f"step{step:06d}.ckpt")
+    newest = folder / "step000004.ckpt"
+    raw = bytearray(newest.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 4000] = bytes(b ^ 0xFF for b in raw[middle : middle + 4000])
+    newest.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        found = find_checkpoint(folder)
+    assert found is not None and found.path.name == "step000002.ckpt"
+    warnings = [r.getMessage() for r in caplog.records if str(newest) in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -36,12 +37,42 @@ log = logging.getLogger(__name__)
 
 
 ADAPTERS_SHA_KEY = "flux_lora_adapters_sha256"
+CONTENT_SHA_KEY = "flux_lora_content_sha256"
+
+
+def checkpoint_sha256(checkpoint: dict[str, Any]) -> str:
+    """sha256 of everything a checkpoint holds but this checksum: every tensor's dtype, shape and bytes and every
+    other value's type and ``repr``, in a fixed walk (dict keys sorted). Bytes changed anywhere in the file
+    (optimizer state, loop counters) change it, or make the file fail to load."""
+    h = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            keys = sorted((k for k in value if k != CONTENT_SHA_KEY), key=repr)
+            h.update(f"D{len(keys)};".encode())
+            for key in keys:
+                h.update(f"K{key!r};".encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"{type(value).__name__}{len(value)};".encode())
+            for item in value:
+                walk(item)
+        else:
+            h.update(f"V{type(value).__name__}:{value!r};".encode())
+
+    walk(checkpoint)
+    return h.hexdigest()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written through a unique temporary file and a rename, with a checksum of the
-    adapters, never with a non-finite adapter value; read back with ``torch.load(weights_only=True)``: they only
-    ever hold tensors and plain Python values."""
+    adapters (checked cheaply, memory-mapped) and one of the whole content (checked before a resume), never with
+    a non-finite adapter value; read back with ``torch.load(weights_only=True)``: they only ever hold tensors and
+    plain Python values."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         state = checkpoint["state_dict"]
@@ -49,6 +80,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad:
             raise ValueError(f"refusing to write {path}: adapter weights {bad[:3]} hold non-finite values")
         checkpoint[ADAPTERS_SHA_KEY] = tensors_sha256(state)
+        checkpoint[CONTENT_SHA_KEY] = checkpoint_sha256(checkpoint)
         save_torch_atomic(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:

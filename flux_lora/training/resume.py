@@ -28,7 +28,7 @@ from flux_lora.config import ExperimentConfig
 from flux_lora.config_io import ConfigError
 from flux_lora.data.cache import tensors_sha256
 from flux_lora.data.scan import ScannedData
-from flux_lora.training.callbacks import ADAPTERS_SHA_KEY
+from flux_lora.training.callbacks import ADAPTERS_SHA_KEY, CONTENT_SHA_KEY, checkpoint_sha256
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class FoundCheckpoint:
 
 
 def _inspect(path: Path) -> FoundCheckpoint:
-    """Read a checkpoint's step and identity (memory-mapped) and verify its adapters' checksum."""
+    """Read a checkpoint's step and identity (memory-mapped: cheap) and verify its adapters' checksum."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     expected = ckpt.get(ADAPTERS_SHA_KEY)
     if expected is not None and tensors_sha256(ckpt["state_dict"]) != expected:
@@ -150,16 +150,38 @@ def _inspect(path: Path) -> FoundCheckpoint:
     return FoundCheckpoint(path, int(ckpt["global_step"]), ckpt.get(IDENTITY_KEY))
 
 
+def _load_fully(path: Path) -> None:
+    """Read the whole checkpoint as a resume will and verify its content checksum: damage in the optimizer state
+    or the loop counters, which the adapters' checksum does not cover, fails here and not after the model
+    loaded (checkpoints written before content checksums only have to load)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    expected = ckpt.get(CONTENT_SHA_KEY)
+    if expected is not None and checkpoint_sha256(ckpt) != expected:
+        raise ValueError("its content fails its checksum")
+
+
+def _skip(path: Path, error: Exception) -> None:
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]  # one line
+    log.warning("skipping checkpoint %s: unreadable (%s)", path, reason)
+
+
 def find_checkpoint(folder: Path) -> FoundCheckpoint | None:
-    """The checkpoint with the highest step among those in ``folder`` that load; unreadable ones are skipped
-    with a warning naming them."""
+    """The checkpoint with the highest step among those in ``folder`` that load completely; damaged ones are
+    skipped with a one-line warning naming them."""
     found: list[FoundCheckpoint] = []
     for path in sorted(Path(folder).glob("*.ckpt")):
         try:
             found.append(_inspect(path))
         except Exception as e:  # truncated (PytorchStreamReader), empty (EOFError), checksum, ...
-            log.warning("skipping checkpoint %s: unreadable (%s: %s)", path, type(e).__name__, str(e)[:200])
-    return max(found, key=lambda f: (f.step, f.path.name != "last.ckpt"), default=None)
+            _skip(path, e)
+    for candidate in sorted(found, key=lambda f: (f.step, f.path.name != "last.ckpt"), reverse=True):
+        try:
+            _load_fully(candidate.path)
+        except Exception as e:  # a record whose bytes changed (CRC), ...
+            _skip(candidate.path, e)
+            continue
+        return candidate
+    return None
 
 
 def compare(found: FoundCheckpoint, identity: dict[str, str], cfg: ExperimentConfig) -> None:
