@@ -194,3 +194,14 @@ def test_a_damaged_newest_checkpoint_is_passed_over_for_the_intact_one(tmp_path,
     assert found is not None and found.path.name == "step000002.ckpt"
     warnings = [r.getMessage() for r in caplog.records if str(newest) in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0]
+
+
+def test_keep_checkpoints_holds_across_resumes(tmp_path, tiny_dev_dir):
+    """save.keep_checkpoints 2 over several continued runs, one of them killed between writing a checkpoint and
+    removing the oldest (an extra older file left): 2 checkpoints remain, the newest."""
+    folder = tmp_path / "run" / "checkpoints"
+    for steps in (2, 3, 5):
+        run(cfg_for(tmp_path, tiny_dev_dir, f"--max_steps={steps}", "--train.checkpoint_every_n_steps=1"))
+        assert sorted(p.name for p in folder.iterdir()) == [f"step{steps - 1:06d}.ckpt", f"step{steps:06d}.ckpt"]
+        if steps == 3:  # what a kill -9 after step 3's checkpoint and before step 1's removal leaves
+            shutil.copy(folder / "step000002.ckpt", folder / "step000001.ckpt")

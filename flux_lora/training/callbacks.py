@@ -147,6 +147,17 @@ class StepCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         check_finite(trainer)  # the flags of the steps since the last check, read before anything is written
         super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            self._prune(trainer.global_step)
+
+    def _prune(self, step: int) -> None:
+        """Keep the ``save_top_k`` newest ``step*.ckpt`` files up to ``step`` on disk, whatever this process
+        remembers: earlier parts of a resumed run, or a kill between a write and a removal, leave others."""
+        assert self.dirpath is not None
+        steps = {int(p.stem[4:]): p for p in Path(self.dirpath).glob("step*.ckpt") if p.stem[4:].isdigit()}
+        for old in sorted(s for s in steps if s <= step)[: -self.save_top_k]:
+            steps[old].unlink(missing_ok=True)
+            log.info("removed %s (save.keep_checkpoints %d)", steps[old], self.save_top_k)
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step:
