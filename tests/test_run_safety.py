@@ -205,3 +205,36 @@ def test_keep_checkpoints_holds_across_resumes(tmp_path, tiny_dev_dir):
         assert sorted(p.name for p in folder.iterdir()) == [f"step{steps - 1:06d}.ckpt", f"step{steps:06d}.ckpt"]
         if steps == 3:  # what a kill -9 after step 3's checkpoint and before step 1's removal leaves
             shutil.copy(folder / "step000002.ckpt", folder / "step000001.ckpt")
+
+
+def _steps_of(path: Path) -> str:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["ss_steps"]
+
+
+def test_a_finished_run_without_its_final_loras_writes_them_from_the_final_checkpoint(tmp_path, tiny_dev_dir, caplog):
+    """A kill -9 after the final step's checkpoint and before the final LoRA (and its EMA) were written: the rerun
+    writes them from that checkpoint, the same as an uninterrupted run's, and says so."""
+    cfg = cfg_for(tmp_path, tiny_dev_dir, "--max_steps=2", "--ema.enabled=true")
+    final = run(cfg)
+    out = cfg.output_path
+    expected = {p.name: load_file(p) for p in (out / "tiny.safetensors", out / "tiny_ema.safetensors")}
+    for name in expected:
+        (out / name).unlink()
+    with caplog.at_level(logging.INFO):
+        assert run(cfg) == final
+    assert "nothing trained" not in caplog.text and "final LoRA" in caplog.text
+    for name, tensors in expected.items():
+        again = load_file(out / name)
+        assert again.keys() == tensors.keys() and all(again[k].equal(tensors[k]) for k in tensors), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step000002.ckpt"]  # nothing trained
+
+
+def test_more_steps_keep_the_previous_final_lora_as_a_step_file(tmp_path, tiny_dev_dir):
+    """--max_steps 3 on a finished 2-step run: the 2-step LoRA is kept as lora/tiny-step000002.safetensors."""
+    first = run(cfg_for(tmp_path, tiny_dev_dir, "--max_steps=2"))
+    two_steps = load_file(first)
+    final = run(cfg_for(tmp_path, tiny_dev_dir, "--max_steps=3"))
+    kept = first.parent / "lora" / "tiny-step000002.safetensors"
+    assert _steps_of(kept) == "2" and _steps_of(final) == "3"
+    assert all(load_file(kept)[k].equal(v) for k, v in two_steps.items())
