@@ -105,3 +105,16 @@ def test_writing_the_tiny_model_leaves_the_global_rng_alone(tmp_path, seed):
     before = torch.get_rng_state()
     write_tiny_model(tmp_path / "tiny", variant="dev", seed=1)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_run_that_writes_the_tiny_model_trains_what_later_runs_do(tmp_path):
+    """model.tiny_if_missing: the first run writes the model and fills the cache, a second one does neither; with
+    LoRA dropout (global RNG) and caption dropout both give the same LoRA."""
+    model = tmp_path / "tiny-model"
+    args = ["--max_steps=2", "--lora.dropout=0.1", "--caption_dropout=0.3", "--model.tiny_if_missing=true"]
+    loras = []
+    for name in ("first", "second"):
+        cfg = tiny_config(tmp_path / name, model, *args, f"--data.cache_dir={tmp_path / 'cache'}")
+        fit(cfg)
+        loras.append(cfg.output_path / "tiny.safetensors")
+    _assert_same_lora(*loras)
