@@ -137,7 +137,9 @@ class DataConfig:
     num_workers: int = _doc("DataLoader workers (they read cached tensors only)", 0)
     shuffle: bool = _doc("shuffle every epoch, deterministically from seed", True)
     seed: int = _doc("seeds shuffling and the choice of random crops", 0)
-    cache_dir: str = _doc("folder of the content-keyed latent and embedding cache", ".cache/flux-lora")
+    cache_dir: str | None = _doc(
+        "folder of the content-keyed latent and embedding cache; null: <output_dir>/cache", None
+    )
     encode_batch_size: int = _doc("images or captions per encoder call while filling the cache", 4)
     masks: str | None = _doc(
         "loss masks: alpha (each image's alpha channel) or a folder of greyscale masks named as the images "
@@ -168,8 +170,8 @@ class DataConfig:
             raise bad("num_workers", ">= 0")
         if not self.caption_extension.startswith("."):
             raise bad("caption_extension", "a suffix starting with '.'")
-        if not self.cache_dir:
-            raise bad("cache_dir", "a folder path")
+        if self.cache_dir == "":
+            raise bad("cache_dir", "a folder path (or null: <output_dir>/cache)")
         if self.masks and self.masks != "alpha" and not Path(self.masks).is_dir():
             raise bad("masks", "alpha or an existing folder of masks")
         self.dataset_configs()  # each entry of datasets, completed, must be valid too
@@ -187,6 +189,13 @@ class DataConfig:
             except DataError as e:
                 raise DataError(f"data.datasets[{i}]: {e}") from None
         return out or [self]
+
+    @property
+    def cache_path(self) -> Path:
+        """The cache folder (set by the experiment from its output folder when ``cache_dir`` is null)."""
+        if self.cache_dir is None:
+            raise DataError("data.cache_dir is not set: give a folder (an experiment config sets <output_dir>/cache)")
+        return Path(self.cache_dir)
 
     @property
     def all_resolutions(self) -> list[int]:
@@ -461,6 +470,10 @@ class ExperimentConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.cache_dir is None:  # the cache follows the run's folder unless set
+            self.data = replace(self.data, cache_dir=str(self.output_path / "cache"))
 
     @property
     def output_path(self) -> Path:

@@ -333,7 +333,7 @@ def plan_cache(
     captions = [data.records[i].caption for i in records]
     text_keys = {c: text_spec.key(c) for c in dict.fromkeys(["", *captions, *sample_prompts])}
     plan = CachePlan(
-        Path(cfg.cache_dir),
+        cfg.cache_path,
         text_spec,
         ae_spec,
         captions,

@@ -197,7 +197,7 @@ def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -
     """``(name, caption or None, path, kohya repeats, kohya class caption)`` per image in ``folder`` (hidden
     folders, the cache and ``exclude``d folders left out). Files pillow could read in other formats, and
     captions without an image, are named in a warning."""
-    skip = [Path(cfg.cache_dir).resolve(), *(Path(e).resolve() for e in exclude)]
+    skip = [cfg.cache_path.resolve(), *(Path(e).resolve() for e in exclude)]
     items: list[FolderItem] = []
     other_images: list[str] = []
     captions: list[Path] = []
@@ -291,7 +291,7 @@ def _load_datasets_source(cfg: DataConfig) -> Any:
     import datasets
 
     source = Path(cfg.source)
-    hf_cache = str(Path(cfg.cache_dir) / "hf-datasets")
+    hf_cache = str(cfg.cache_path / "hf-datasets")
     try:
         if source.is_dir() and any((source / m).is_file() for m in SAVED_DATASET_MARKERS):
             ds = datasets.load_from_disk(str(source))
@@ -357,7 +357,7 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
         dataset, items = _dataset_items(_load_datasets_source(cfg), cfg)
         if kind == "imagefolder":
             _warn_unlisted(Path(cfg.source), [_cell_path(ref) for _, _, ref, _, _ in items], exclude)
-    probe_dir = Path(cfg.cache_dir) / "probe"
+    probe_dir = cfg.cache_path / "probe"
     records: list[ImageRecord] = []
     skipped: list[tuple[str, str]] = []
     missing: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -40,12 +41,42 @@ log = logging.getLogger(__name__)
 
 
 ADAPTERS_SHA_KEY = "flux_lora_adapters_sha256"
+CONTENT_SHA_KEY = "flux_lora_content_sha256"
+
+
+def checkpoint_sha256(checkpoint: dict[str, Any]) -> str:
+    """sha256 of everything a checkpoint holds but this checksum: every tensor's dtype, shape and bytes and every
+    other value's type and ``repr``, in a fixed walk (dict keys sorted). Bytes changed anywhere in the file
+    (optimizer state, loop counters) change it, or make the file fail to load."""
+    h = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            keys = sorted((k for k in value if k != CONTENT_SHA_KEY), key=repr)
+            h.update(f"D{len(keys)};".encode())
+            for key in keys:
+                h.update(f"K{key!r};".encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"{type(value).__name__}{len(value)};".encode())
+            for item in value:
+                walk(item)
+        else:
+            h.update(f"V{type(value).__name__}:{value!r};".encode())
+
+    walk(checkpoint)
+    return h.hexdigest()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written through a unique temporary file and a rename, with a checksum of the
-    adapters, never with a non-finite adapter value; read back with ``torch.load(weights_only=True)``: they only
-    ever hold tensors and plain Python values."""
+    adapters (checked cheaply, memory-mapped) and one of the whole content (checked before a resume), never with
+    a non-finite adapter value; read back with ``torch.load(weights_only=True)``: they only ever hold tensors and
+    plain Python values."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         state = checkpoint["state_dict"]
@@ -53,6 +84,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad:
             raise ValueError(f"refusing to write {path}: adapter weights {bad[:3]} hold non-finite values")
         checkpoint[ADAPTERS_SHA_KEY] = tensors_sha256(state)
+        checkpoint[CONTENT_SHA_KEY] = checkpoint_sha256(checkpoint)
         save_torch_atomic(checkpoint, path)
 
     def load_checkpoint(
@@ -121,6 +153,17 @@ class StepCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         check_finite(trainer)  # the flags of the steps since the last check, read before anything is written
         super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            self._prune(trainer.global_step)
+
+    def _prune(self, step: int) -> None:
+        """Keep the ``save_top_k`` newest ``step*.ckpt`` files up to ``step`` on disk, whatever this process
+        remembers: earlier parts of a resumed run, or a kill between a write and a removal, leave others."""
+        assert self.dirpath is not None
+        steps = {int(p.stem[4:]): p for p in Path(self.dirpath).glob("step*.ckpt") if p.stem[4:].isdigit()}
+        for old in sorted(s for s in steps if s <= step)[: -self.save_top_k]:
+            steps[old].unlink(missing_ok=True)
+            log.info("removed %s (save.keep_checkpoints %d)", steps[old], self.save_top_k)
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step:
@@ -162,7 +205,9 @@ class SaveLora(L.Callback):
 
     def write(self, trainer: L.Trainer, module: Any, path: Path, as_trained: bool = True) -> None:
         """Write the module's adapters to ``path``: with ``as_trained`` a schedule-free optimizer's evaluation
-        weights; otherwise the weights as they are (an EMA put in place)."""
+        weights; otherwise the weights as they are (an EMA put in place). The finiteness flags of the steps since
+        the last check are read first (on every rank): nothing of a step flagged non-finite, or later, is written."""
+        check_finite(trainer)
         if not trainer.is_global_zero:
             return
         with eval_weights(_optimizer(trainer) if as_trained else None):

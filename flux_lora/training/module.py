@@ -37,6 +37,7 @@ from flux_lora.training.block_swap import BlockSwap
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
 from flux_lora.training.loss import flow_matching_loss
 from flux_lora.training.optimizers import build_optimizer
+from flux_lora.training.resume import settle_loop_state
 from flux_lora.training.schedules import build_scheduler
 
 if TYPE_CHECKING:
@@ -170,8 +171,10 @@ class FluxLoraModule(L.LightningModule):
         trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["rng_states"] = {"per_rank": _gather_rng_states()}
+        settle_loop_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        settle_loop_state(checkpoint)  # before Lightning restores the loops from it
         trainable = self._trainable_keys()
         missing = trainable - set(checkpoint["state_dict"])
         if missing:

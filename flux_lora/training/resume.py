@@ -28,7 +28,7 @@ from flux_lora.config import ExperimentConfig
 from flux_lora.config_io import ConfigError
 from flux_lora.data.cache import tensors_sha256
 from flux_lora.data.scan import ScannedData
-from flux_lora.training.callbacks import ADAPTERS_SHA_KEY
+from flux_lora.training.callbacks import ADAPTERS_SHA_KEY, CONTENT_SHA_KEY, checkpoint_sha256
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,40 @@ def run_identity(cfg: ExperimentConfig, scanned: ScannedData) -> dict[str, str]:
     return identity
 
 
+def settle_loop_state(checkpoint: dict[str, Any]) -> None:
+    """Put a checkpoint's fit-loop counters in the form of a straight run's checkpoint saved at a batch's end.
+
+    Lightning (2.6) resumed at an epoch's end starts the next epoch without counting it as ready and started,
+    so a checkpoint saved at the end of that next epoch reads as a finished epoch with none in progress, and a
+    run resumed from it replays that epoch's data. A checkpoint saved in ``on_train_end`` (a stop that a later
+    callback requested) has the batch and the epoch closed, and resumed at an epoch's end it also loses its
+    place. The data loader's state (:class:`~flux_lora.data.datamodule.ResumableDataLoader`) holds the epoch
+    the last batch came from, ``e``: at that batch's end a straight run has counted epochs ready = started =
+    ``e + 1`` and processed = completed = ``e``, and the batch not yet completed. Applied when checkpoints are
+    saved and again when they are loaded (files written before this fix)."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(fit_loop, dict) or "epoch_progress" not in fit_loop:
+        return
+    batches = fit_loop.get("epoch_loop.batch_progress", {})
+    total, current = batches.get("total", {}), batches.get("current", {})
+    loaders = fit_loop.get("state_dict", {}).get("combined_loader") or []
+    if not total or len(loaders) != 1 or not isinstance(loaders[0], dict) or "epoch" not in loaders[0]:
+        return
+    if total.get("started") != total.get("processed") or total.get("processed", 0) < 1:
+        return  # not saved after a batch
+    if total.get("completed") == total["processed"]:  # saved in on_train_end: reopen the last batch
+        total["completed"] -= 1
+        current["completed"] = max(current.get("completed", 1) - 1, 0)
+        stepped = fit_loop.get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in stepped:
+            stepped["_batches_that_stepped"] -= 1
+    elif total.get("completed") != total["processed"] - 1:
+        return
+    epoch = int(loaders[0]["epoch"])
+    for part in ("total", "current"):
+        fit_loop["epoch_progress"][part].update(ready=epoch + 1, started=epoch + 1, processed=epoch, completed=epoch)
+
+
 @dataclass(frozen=True)
 class FoundCheckpoint:
     path: Path
@@ -108,7 +142,7 @@ class FoundCheckpoint:
 
 
 def _inspect(path: Path) -> FoundCheckpoint:
-    """Read a checkpoint's step and identity (memory-mapped) and verify its adapters' checksum."""
+    """Read a checkpoint's step and identity (memory-mapped: cheap) and verify its adapters' checksum."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     expected = ckpt.get(ADAPTERS_SHA_KEY)
     if expected is not None and tensors_sha256(ckpt["state_dict"]) != expected:
@@ -116,16 +150,38 @@ def _inspect(path: Path) -> FoundCheckpoint:
     return FoundCheckpoint(path, int(ckpt["global_step"]), ckpt.get(IDENTITY_KEY))
 
 
+def _load_fully(path: Path) -> None:
+    """Read the whole checkpoint as a resume will and verify its content checksum: damage in the optimizer state
+    or the loop counters, which the adapters' checksum does not cover, fails here and not after the model
+    loaded (checkpoints written before content checksums only have to load)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    expected = ckpt.get(CONTENT_SHA_KEY)
+    if expected is not None and checkpoint_sha256(ckpt) != expected:
+        raise ValueError("its content fails its checksum")
+
+
+def _skip(path: Path, error: Exception) -> None:
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]  # one line
+    log.warning("skipping checkpoint %s: unreadable (%s)", path, reason)
+
+
 def find_checkpoint(folder: Path) -> FoundCheckpoint | None:
-    """The checkpoint with the highest step among those in ``folder`` that load; unreadable ones are skipped
-    with a warning naming them."""
+    """The checkpoint with the highest step among those in ``folder`` that load completely; damaged ones are
+    skipped with a one-line warning naming them."""
     found: list[FoundCheckpoint] = []
     for path in sorted(Path(folder).glob("*.ckpt")):
         try:
             found.append(_inspect(path))
         except Exception as e:  # truncated (PytorchStreamReader), empty (EOFError), checksum, ...
-            log.warning("skipping checkpoint %s: unreadable (%s: %s)", path, type(e).__name__, str(e)[:200])
-    return max(found, key=lambda f: (f.step, f.path.name != "last.ckpt"), default=None)
+            _skip(path, e)
+    for candidate in sorted(found, key=lambda f: (f.step, f.path.name != "last.ckpt"), reverse=True):
+        try:
+            _load_fully(candidate.path)
+        except Exception as e:  # a record whose bytes changed (CRC), ...
+            _skip(candidate.path, e)
+            continue
+        return candidate
+    return None
 
 
 def compare(found: FoundCheckpoint, identity: dict[str, str], cfg: ExperimentConfig) -> None:

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import lightning as L
 import torch
+from safetensors import safe_open
 
 from flux_lora import config_io
 from flux_lora.atomic import temp_path
@@ -255,8 +256,9 @@ def _prepare_output(cfg: ExperimentConfig, scanned: ScannedData) -> tuple[Path |
 
 
 def run(cfg: ExperimentConfig) -> Path | None:
-    """Train, and return the path of the final LoRA file (None when the run had already finished, and in DDP
-    processes other than rank 0, which writes it).
+    """Train, and return the path of the final LoRA file (None when the run had already finished and its final
+    LoRA files are there -- when they are not, they are written from the final checkpoint -- and in DDP processes
+    other than rank 0, which writes it).
 
     Raises :class:`~flux_lora.training.guards.StoppedBySignal` after a clean stop on SIGTERM/SIGINT,
     :class:`~flux_lora.training.resume.RunMismatchError` when the output folder holds another run."""
@@ -268,9 +270,14 @@ def run(cfg: ExperimentConfig) -> Path | None:
             clean_stale_temps(cfg.output_path)
         ckpt, finished = _prepare_output(cfg, scanned)
         if finished is not None:
-            log.info("%s already finished at step %d, nothing trained", cfg.output_dir, finished)
-            return None
+            missing = [p for p in final_loras(cfg) if lora_step(p) != finished]
+            if not missing:
+                log.info("%s already finished at step %d, nothing trained", cfg.output_dir, finished)
+                return None
+            assert ckpt is not None
+            return _write_missing_finals(cfg, scanned, ckpt, finished, missing)
         if _first_process():
+            keep_previous_finals(cfg)  # training on: the finished part's LoRA must not be overwritten
             save_config(cfg, cfg.output_path / "config.yaml")
         trainer, module, datamodule = build(cfg, scanned)
         if ckpt:
@@ -284,6 +291,66 @@ def run(cfg: ExperimentConfig) -> Path | None:
             raise StoppedBySignal(stop.signum, trainer.global_step)
         if not trainer.is_global_zero:
             return None  # rank 0 writes the LoRA, and says so once it is written
+    return cfg.output_path / f"{cfg.name}.safetensors"
+
+
+def final_loras(cfg: ExperimentConfig) -> list[Path]:
+    """The LoRA files a finished run leaves: ``<name>.safetensors`` and, with an EMA, ``<name>_ema.safetensors``."""
+    out = cfg.output_path
+    return [out / f"{cfg.name}.safetensors"] + ([out / f"{cfg.name}_ema.safetensors"] if cfg.ema.enabled else [])
+
+
+def lora_step(path: Path) -> int | None:
+    """The training step a LoRA file of ours records (``ss_steps``); None when absent or unreadable."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {}).get("ss_steps", ""))
+    except Exception:  # missing, damaged, or not ours
+        return None
+
+
+def keep_previous_finals(cfg: ExperimentConfig, keep_step: int | None = None) -> list[Path]:
+    """Move the final LoRA files of an earlier part of the run (a finished run trained on with more steps) to
+    ``lora/<stem>-step<N>.safetensors``, so the new final does not overwrite them; ``keep_step``: leave a file of
+    that step in place."""
+    kept = []
+    for path in final_loras(cfg):
+        step = lora_step(path)
+        if not path.exists() or (keep_step is not None and step == keep_step):
+            continue
+        base = f"{path.stem}-step{step:06d}" if step is not None else f"{path.stem}-previous"
+        target, n = path.parent / "lora" / f"{base}.safetensors", 1
+        while target.exists():  # never over another file
+            n += 1
+            target = path.parent / "lora" / f"{base}-{n}.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        log.info("kept the previous final LoRA %s (step %s) as %s", path.name, step, target)
+        kept.append(target)
+    return kept
+
+
+def _write_missing_finals(
+    cfg: ExperimentConfig, scanned: ScannedData, ckpt: Path, step: int, missing: list[Path]
+) -> Path:
+    """A finished run whose final LoRA files were not written (killed between the final checkpoint and them):
+    restore the final checkpoint (Lightning trains nothing at max_steps) and write them as the run's end would."""
+    names = ", ".join(p.name for p in missing)
+    log.warning("%s finished at step %d but %s missing: writing from %s", cfg.output_dir, step, names, ckpt)
+    if _first_process():
+        keep_previous_finals(cfg, keep_step=step)
+    trainer, module, datamodule = build(cfg, scanned)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    # the checkpoint was written after its finiteness check: nothing to read (no collective after the fit)
+    _callback(trainer, FiniteGuard)._checked_at = trainer.global_step
+    saver = _callback(trainer, SaveLora)
+    writers: list[SaveLora | AdapterEma] = [saver, *(c for c in _callbacks(trainer) if isinstance(c, AdapterEma))]
+    for writer, path in zip(writers, final_loras(cfg), strict=True):
+        if path in missing:
+            writer.on_train_end(trainer, module)
+    if trainer.is_global_zero:
+        files = ", ".join(str(p) for p in saver.written)
+        log.info("trained nothing (finished at step %d); wrote the missing final LoRA files: %s", step, files)
     return cfg.output_path / f"{cfg.name}.safetensors"
 
 

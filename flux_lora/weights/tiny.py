@@ -216,14 +216,16 @@ def write_tiny_model(
 
     The folder is written under a temporary name and renamed into place, so an interrupted write never leaves
     a partial model that later runs would take for a complete one. (Into an existing, non-empty folder, each
-    file or subfolder is replaced atomically instead.)"""
+    file or subfolder is replaced atomically instead.) The global torch RNG is left as it was: a run that writes
+    the model on first use draws what every later run of the same command draws."""
     if variant not in ("dev", "schnell"):
         raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out)  # a whole folder, renamed into place when complete
     try:
-        _write_tiny_model(tmp, variant, seed, params)
+        with torch.random.fork_rng(devices=[]):  # the weights are seeded: the caller's seed stays untouched
+            _write_tiny_model(tmp, variant, seed, params)
         move_folder_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -295,7 +297,8 @@ def write_tiny_controlnet(
         raise ValueError(f"union={union} contradicts params.num_modes={params.num_modes}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sd = controlnet_to_diffusers(random_controlnet(params, seed).state_dict(), params)
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG stays untouched
+        sd = controlnet_to_diffusers(random_controlnet(params, seed).state_dict(), params)
     stem = "diffusion_pytorch_model"
     if shards <= 1:
         save_safetensors_atomic(sd, out / f"{stem}.safetensors", {"format": "pt"})
