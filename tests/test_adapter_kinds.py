@@ -288,3 +288,27 @@ def test_peft_module_outputs_match_the_closed_forms_per_layer():
             d, _ = dense_change(change, float_weight(base))
             with torch.no_grad():
                 torch.testing.assert_close(layer(x), base(x) + x @ d.T, rtol=1e-5, atol=1e-5, msg=f"{name} {path}")
+
+
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_train_init_lora_starts_from_a_file_of_the_kind(tmp_path, tiny_dev_dir, kind):
+    """--train.init_lora with lora.kind loha / dora: the run's adapters start as the file's, exactly."""
+    from flux_lora.lora.lycoris import kohya_tensors
+    from flux_lora.training.run import build
+    from flux_lora.weights.loading import load_flow_model
+
+    from helpers.training import tiny_config
+
+    first = tiny_config(tmp_path / "a", tiny_dev_dir, f"--lora.kind={kind}")
+    model = load_flow_model(tiny_dev_dir, dtype=torch.float32)
+    inject_lora(model, first.lora)
+    _randomize(model)
+    path = write_lora(tmp_path / "init.safetensors", adapter_state_dict(model), model.params)
+    cfg = tiny_config(tmp_path / "b", tiny_dev_dir, f"--lora.kind={kind}", f"--train.init_lora={path}")
+    _, module, _ = build(cfg)
+    module.configure_model()
+    want, got = adapter_state_dict(model), module.lora_weights()
+    assert want.keys() == got.keys()
+    for name in want:
+        a, b = kohya_tensors(name, want[name]), kohya_tensors(name, got[name])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
