@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,6 +21,8 @@ from flux_lora import config_io
 from flux_lora.names import SIDE_MULTIPLE, Quantize, TimestepSampling
 
 DEFAULT_TARGETS = ("double_blocks.*", "single_blocks.*")
+AdapterKind = Literal["lora", "lokr", "loha", "dora"]
+ADAPTER_KINDS: tuple[str, ...] = ("lora", "lokr", "loha", "dora")
 
 
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -204,18 +207,45 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    """What to train (scale = alpha / rank, or alpha / sqrt(rank) with use_rslora)."""
+    """What to train (scale = alpha / rank, or alpha / sqrt(rank) with use_rslora), and where."""
 
+    kind: AdapterKind = _doc(
+        "adapter: lora, lokr (LyCORIS Kronecker), loha (LyCORIS Hadamard) or dora (LoRA with a trained per-row "
+        "magnitude); all through peft, saved in the kohya / LyCORIS layout ComfyUI and Forge load",
+        "lora",
+    )
     rank: int = _doc("LoRA rank of every adapted Linear", 16)
-    alpha: float = _doc("LoRA alpha; the update is scaled by alpha / rank", 16.0)
-    dropout: float = _doc("dropout on the adapter input", 0.0)
-    init: Literal["default", "gaussian"] = _doc("A's init: default (Kaiming-uniform A, zero B) or gaussian", "default")
-    use_rslora: bool = _doc("scale by alpha / sqrt(rank) (rank-stabilised LoRA)", False)
+    alpha: float = _doc("alpha; the update is scaled by alpha / rank", 16.0)
+    dropout: float = _doc("dropout on the adapter input (lora, dora); lokr / loha: peft's module dropout", 0.0)
+    init: Literal["default", "gaussian"] = _doc(
+        "lora / dora: A's init, default (Kaiming-uniform A, zero B) or gaussian", "default"
+    )
+    use_rslora: bool = _doc("lora / dora: scale by alpha / sqrt(rank) (rank-stabilised LoRA)", False)
+    lokr_factor: int = _doc(
+        "lokr: Kronecker factor size (peft's decompose_factor; rank is the decomposed factor's); -1 splits each "
+        "side near its square root",
+        -1,
+    )
+    decompose_both: bool = _doc("lokr: also decompose the first (small) Kronecker factor into two rank-r ones", False)
     targets: list[str] = _doc(
         "globs over BFL module names selecting the Linear layers to adapt", factory=lambda: list(DEFAULT_TARGETS)
     )
+    double_blocks: list[int] | str | None = _doc(
+        "train only these double blocks: indices or ranges, e.g. '0-9', '0-3,8' or [0, 5, 7]; null: all", None
+    )
+    single_blocks: list[int] | str | None = _doc("train only these single blocks, as double_blocks; null: all", None)
+    rank_pattern: dict[str, int] = _doc(
+        "per-module ranks: glob over BFL module names -> rank, first match wins, e.g. {'*_attn.*': 32, "
+        "'*_mlp.*': 8}; unmatched modules take rank",
+        factory=dict,
+    )
+    alpha_pattern: dict[str, float] = _doc(
+        "per-module alphas: glob -> alpha, as rank_pattern; unmatched take alpha", factory=dict
+    )
 
     def __post_init__(self) -> None:
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"lora.kind must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
@@ -226,10 +256,38 @@ class LoraConfig:
             raise ValueError(f"lora.init must be 'default' or 'gaussian', got {self.init!r}")
         if not self.targets:
             raise ValueError("lora.targets is empty: name at least one module glob, e.g. 'double_blocks.*'")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"lora.lokr_factor must be -1 or a positive size, got {self.lokr_factor}")
+        for name in ("double_blocks", "single_blocks"):
+            block_indices(getattr(self, name), f"lora.{name}")  # syntax now; the model's depth when it is known
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+            for glob, value in getattr(self, name).items():
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+                if not isinstance(glob, str) or not ok or (kind is int and value != int(value)):
+                    raise ValueError(f"lora.{name} entry {glob!r}: {value!r} is not a positive {kind.__name__}")
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def block_indices(spec: list[int] | str | None, key: str, depth: int | None = None) -> list[int] | None:
+    """``'0-3,8'`` / ``[0, 5]`` / None -> sorted indices (None: every block); raises ValueError naming ``key`` and the
+    value when it is not indices and ranges, or (given ``depth``) when an index is not below ``depth``."""
+    if spec is None:
+        return None
+    parts = [str(p).strip() for p in spec] if isinstance(spec, list) else str(spec).split(",")
+    out: set[int] = set()
+    for part in parts:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ValueError(f"{key}: {part!r} in {spec!r} is not a block index or a range a-b (a <= b)")
+        out.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+    if not out:
+        raise ValueError(f"{key}: {spec!r} names no block; use null for all blocks")
+    if depth is not None and max(out) >= depth:
+        raise ValueError(f"{key}: {spec!r} names block {max(out)}, but the model has {depth} (0-{depth - 1})")
+    return sorted(out)
 
 
 @dataclass

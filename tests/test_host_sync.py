@@ -20,8 +20,12 @@ PER_INTERVAL = 8
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("--ema.enabled=true", "--train.accumulate_grad_batches=2")],
-    ids=["plain", "ema+accumulation"],
+    [
+        (),
+        ("--ema.enabled=true", "--train.accumulate_grad_batches=2"),
+        *[(f"--lora.kind={kind}", "--lora.dropout=0.1") for kind in ("lokr", "loha", "dora")],
+    ],
+    ids=["plain", "ema+accumulation", "lokr", "loha", "dora"],
 )
 def test_no_host_sync_between_logging_intervals(tmp_path, tiny_dev_dir, extra):
     cfg = tiny_config(

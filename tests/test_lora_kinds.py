@@ -194,10 +194,19 @@ def test_split_lycoris_loha_lands_on_its_rows():
     torch.testing.assert_close(layer.weight, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_patches_cannot_be_written_as_plain_lora(tmp_path):
+def test_patches_are_written_only_where_the_layout_holds_them(tmp_path):
+    """A LoHa of a whole Linear goes back to the kohya layout as the same LyCORIS keys; the diffusers layout
+    refuses it, and a full .diff patch has no kohya key this writer makes."""
+    from safetensors.torch import load_file
+
     sd, _ = case("loha")
+    path = write_lora(tmp_path / "x.safetensors", read_lora(sd, P), P)
+    back = load_file(path)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     with pytest.raises(LoraFormatError, match="LoHa"):
-        write_lora(tmp_path / "x.safetensors", read_lora(sd, P), P)
+        write_lora(tmp_path / "y.safetensors", read_lora(sd, P), P, layout="diffusers")
+    with pytest.raises(LoraFormatError, match="diff"):
+        write_lora(tmp_path / "z.safetensors", read_lora(case("diff")[0], P), P)
 
 
 def test_incomplete_or_misshapen_patches_are_errors():

@@ -187,6 +187,30 @@ def test_resume_equals_uninterrupted(tmp_path, model_dir, stop_at):
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
 
 
+@pytest.mark.parametrize("kind", ["lokr", "loha", "dora"])
+def test_resume_equals_uninterrupted_for_each_adapter_kind(tmp_path, model_dir, kind):
+    """lora.kind lokr / loha / dora on the fp8 base: 4 steps, stop, resume to 8 == 8 straight, bit for bit; the
+    file holds the kind's LyCORIS keys and reads back."""
+    args = ["--max_steps=8", "--train.checkpoint_every_n_steps=4", f"--lora.kind={kind}", "--lora.dropout=0.1"]
+    args += ["--quantize=float8_e4m3fn", "--caption_dropout=0.3"]
+    straight = tiny_config(tmp_path / "a", model_dir, *args)
+    fit(straight)
+    interrupted = tiny_config(tmp_path / "b", model_dir, *args)
+    shutil.copytree(tmp_path / "a" / "cache", tmp_path / "b" / "cache")
+    trainer, _ = fit(interrupted, Probe(stop_at=4))
+    assert trainer.global_step == 4
+    ckpt = torch.load(interrupted.output_path / "checkpoints" / "step000004.ckpt", weights_only=True)
+    suffix = {"lokr": ".lokr_", "loha": ".hada_", "dora": ".lora_magnitude_vector."}[kind]
+    assert any(suffix in k for k in ckpt["state_dict"])  # the checkpoint holds the kind's adapters
+    assert fit(interrupted)[0].global_step == 8
+    a = _lora_tensors(straight.output_path / "tiny.safetensors")
+    b = _lora_tensors(interrupted.output_path / "tiny.safetensors")
+    assert a.keys() == b.keys() and any(suffix.replace("lora_magnitude_vector.", "dora_scale") in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert read_lora(straight.output_path / "tiny.safetensors", _params(model_dir))
+
+
 def test_lora_learns_the_training_images(tmp_path, model_dir):
     """After training, sampling each training caption from fixed noise lands measurably closer to that image's
     latents with the LoRA than without it."""

@@ -5,8 +5,9 @@
 (from a checkout also ``python -m flux_lora.lora.convert ...``).
 
 ``--model`` is a preset name (``flux-dev``, ``flux-schnell``, ...) or a model folder / DiT file whose
-architecture is read from its headers; the LoRA's shapes are checked against it. Exits non-zero with a
-message on bad input.
+architecture is read from its headers; the LoRA's shapes are checked against it. DoRA, LoHa and LoKr files convert to
+the kohya layout (LyCORIS keys); the diffusers layout takes plain LoRAs only. Exits non-zero with a message on bad
+input.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = flux_params(args.model)
-        lora = read_lora(args.input, params, allow_partial=args.allow_partial, plain=True)
+        # DoRA, LoHa and LoKr modules of whole Linears go to the kohya layout as LyCORIS keys; the diffusers
+        # layout holds plain LoRAs only, and write_lora says so in one line
+        lora = read_lora(args.input, params, allow_partial=args.allow_partial)
         out = write_lora(args.output, lora, params, layout=args.to, bake_scale=not args.no_bake)
     except (ValueError, OSError) as e:  # CheckpointError and LoraFormatError are ValueErrors naming the file
         log.error("cannot convert %s: %s", args.input, e)

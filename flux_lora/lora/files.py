@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -41,6 +43,7 @@ from flux_lora.lora.keys import (
     split_suffix,
     unapplied_message,
 )
+from flux_lora.lora.lycoris import kind_of, kohya_tensors
 from flux_lora.lora.metadata import diffusers_metadata, kohya_metadata, peft_alpha_rule, warn_kohya_non_block
 from flux_lora.lora.patches import (
     Change,
@@ -69,8 +72,9 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 # ----------------------------------------------------------------------------------------- checks
 
 
-def check_lora(lora: LoraStateDict, params: FluxParams, source: str = "LoRA") -> None:
-    """Raise :class:`LoraFormatError` unless every module exists in the model and every shape fits."""
+def check_lora(lora: Mapping[str, ModuleChange], params: FluxParams, source: str = "LoRA", kinds: bool = False) -> None:
+    """Raise :class:`LoraFormatError` unless every module exists in the model and every shape fits; ``kinds``
+    also admits DoRA, LoHa and LoKr modules (:func:`flux_lora.lora.lycoris.kind_of`)."""
     shapes = linear_shapes(params)
     bad = []
     for name, w in lora.items():
@@ -78,7 +82,10 @@ def check_lora(lora: LoraStateDict, params: FluxParams, source: str = "LoRA") ->
             bad.append(f"{name!r} is not a Linear of the model")
             continue
         if not isinstance(w, LoraWeight):
-            bad.append(f"{name!r} holds {'+'.join(_kinds(w))}, which is not a plain LoRA")
+            if not kinds or kind_of(w) == "other":
+                bad.append(f"{name!r} holds {'+'.join(_kinds(w))}, which is not a plain LoRA")
+            elif (shape := w[0].weight_shape()) != shapes[name]:
+                bad.append(f"{name!r}: {'+'.join(_kinds(w))} of shape {shape}; the layer is {shapes[name]}")
             continue
         out_f, in_f = shapes[name]
         if (
@@ -105,15 +112,13 @@ def _alpha_tensor(alpha: float) -> Tensor:
     return torch.tensor(float(alpha), dtype=torch.float32)
 
 
-def to_kohya_state_dict(lora: LoraStateDict, params: FluxParams) -> dict[str, Tensor]:
-    """Canonical LoRA -> kohya keys ``lora_unet_<bfl_path>.{lora_down.weight, lora_up.weight, alpha}``."""
-    check_lora(lora, params)
+def to_kohya_state_dict(lora: Mapping[str, ModuleChange], params: FluxParams) -> dict[str, Tensor]:
+    """Canonical LoRA -> kohya keys ``lora_unet_<bfl_path>.{lora_down.weight, lora_up.weight, alpha}``; DoRA,
+    LoHa and LoKr modules get LyCORIS' keys (:mod:`flux_lora.lora.lycoris`)."""
+    check_lora(lora, params, kinds=True)
     sd: dict[str, Tensor] = {}
     for name, w in lora.items():
-        base = kohya_name(name)
-        sd[f"{base}.lora_down.weight"] = w.down
-        sd[f"{base}.lora_up.weight"] = w.up
-        sd[f"{base}.alpha"] = _alpha_tensor(w.alpha)
+        sd.update(kohya_tensors(kohya_name(name), w))
     return sd
 
 
@@ -466,7 +471,7 @@ def _kinds(change: Change) -> list[str]:
 
 def write_lora(
     path: str | Path,
-    lora: LoraStateDict,
+    lora: Mapping[str, ModuleChange],
     params: FluxParams,
     *,
     layout: str = "kohya",
@@ -477,6 +482,8 @@ def write_lora(
     """Write ``lora`` as a safetensors file (atomically) in the ``kohya`` or ``diffusers`` layout.
 
     ``dtype`` (e.g. bfloat16, half the bytes of float32) stores the up/down matrices in it; ``.alpha`` stays float32.
+    DoRA, LoHa and LoKr modules (as :func:`flux_lora.lora.peft_adapters.adapter_state_dict` gives them) are
+    written in the kohya layout only, with LyCORIS' keys and metadata; the diffusers layout refuses them.
 
     kohya: fused modules, float32 ``.alpha``, ``format``/``ss_*``/``modelspec.*``/``sshs_*`` metadata (see
     :mod:`flux_lora.lora.metadata`). diffusers: split ``transformer.*`` modules, scale baked into lora_B
@@ -484,11 +491,17 @@ def write_lora(
     values must be strings.
     """
     path = Path(path)
+    other = next((n for n, w in lora.items() if not isinstance(w, LoraWeight)), None)
+    if layout == "diffusers" and other is not None:
+        raise LoraFormatError(
+            f"{path}: the diffusers layout holds plain LoRAs only; {other!r} is "
+            f"{'+'.join(_kinds(lora[other]))} (write layout='kohya', which ComfyUI and Forge apply)"
+        )
     if layout == "kohya":
         warn_kohya_non_block(lora, path)
         sd = to_kohya_state_dict(lora, params)
     elif layout == "diffusers":
-        sd = to_diffusers_state_dict(lora, params, bake_scale)
+        sd = to_diffusers_state_dict(cast(LoraStateDict, lora), params, bake_scale)
     else:
         raise ValueError(f"layout must be 'kohya' or 'diffusers', got {layout!r}")
     # Our own copies: split parts share storage, which safetensors refuses to write.

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 from torch import Tensor
 
 from flux_lora.lora.keys import LoraFormatError
-from flux_lora.lora.weight import LoraStateDict
+from flux_lora.lora.lycoris import alpha_of, network_metadata, rank_of
+from flux_lora.lora.patches import ModuleChange
 from flux_lora.model.flux import FluxParams
 from flux_lora.weights.loading import PARAMS_METADATA_KEY
 
@@ -72,7 +73,7 @@ def sshs_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[s
 
 def kohya_metadata(
     tensors: dict[str, Tensor],
-    lora: LoraStateDict,
+    lora: Mapping[str, ModuleChange],
     params: FluxParams,
     *,
     output_name: str,
@@ -94,9 +95,12 @@ def kohya_metadata(
         "ss_base_model_version": "flux1",
         "ss_model_type": "flux",
         "ss_network_module": "networks.lora_flux",
-        "ss_network_dim": _uniform({w.rank for w in lora.values()}, str),
-        "ss_network_alpha": _uniform({float(w.alpha) for w in lora.values()}, str),
+        "ss_network_dim": _uniform({rank_of(w) for w in lora.values()}, str),
+        "ss_network_alpha": _uniform(
+            {alpha_of(w) for w in lora.values()}, lambda a: str(None if a is None else float(a))
+        ),
         "ss_network_args": "{}",
+        **network_metadata(lora),
         "ss_output_name": output_name,
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture(params),
@@ -122,7 +126,7 @@ def diffusers_metadata(params: FluxParams, extra: dict[str, str] | None = None) 
     }
 
 
-def warn_kohya_non_block(lora: LoraStateDict, path: Path) -> None:
+def warn_kohya_non_block(lora: Mapping[str, ModuleChange], path: Path) -> None:
     """Warn when a kohya-layout file holds modules outside the blocks: other tools drop or refuse them.
 
     ComfyUI, Forge and our reader apply them. diffusers drops embedder and final-layer modules of kohya files

@@ -29,6 +29,8 @@ from flux_lora.dtypes import DTYPES
 from flux_lora.inference.outputs import png_info
 from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import write_lora
+from flux_lora.lora.lycoris import kohya_tensors
+from flux_lora.lora.lycoris import training_metadata as adapter_metadata
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.guards import check_finite
@@ -111,6 +113,7 @@ def training_metadata(cfg: ExperimentConfig, step: int) -> dict[str, str]:
         "flux_lora.quantize": str(cfg.model.quantize),
         "modelspec.resolution": f"{res}x{res}",
         **({"modelspec.trigger_phrase": ", ".join(triggers)} if triggers else {}),
+        **adapter_metadata(cfg.lora),
     }
 
 
@@ -212,7 +215,8 @@ class SaveLora(L.Callback):
             return
         with eval_weights(_optimizer(trainer) if as_trained else None):
             weights = module.lora_weights()
-            if not all(bool(torch.isfinite(w.down).all() and torch.isfinite(w.up).all()) for w in weights.values()):
+            tensors = [t for name, w in weights.items() for t in kohya_tensors(name, w).values()]
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 raise ValueError(f"refusing to write {path}: the adapters hold non-finite values")
             write_lora(
                 path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
@@ -20,16 +20,17 @@ from torch import Tensor
 
 from flux_lora.config import TrainConfig
 from flux_lora.inference.offload import Transfer
+from flux_lora.lora.patches import ModuleChange
 from flux_lora.lora.peft_adapters import (
+    AdapterWeights,
     LoraConfig,
+    adapter_state_dict,
     clean_name,
     inject_lora,
-    load_lora_weights,
-    lora_state_dict,
+    load_adapter_weights,
     set_input_casting,
     trainable_parameters,
 )
-from flux_lora.lora.weight import LoraStateDict
 from flux_lora.model.flux import Flux, FluxParams
 from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.model.text_encoders import TextEmbeddings
@@ -66,7 +67,7 @@ class FluxLoraModule(L.LightningModule):
         lora: LoraConfig,
         train: TrainConfig,
         empty_embedding: TextEmbeddings | None = None,
-        initial_lora: Callable[[FluxParams], LoraStateDict] | None = None,
+        initial_lora: Callable[[FluxParams], Mapping[str, ModuleChange]] | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         selective_checkpointing: bool = False,
@@ -94,7 +95,7 @@ class FluxLoraModule(L.LightningModule):
         dit = self.load_model(self.device if self._trainer is None else self.trainer.strategy.root_device)
         inject_lora(dit, self.lora_cfg)
         if self.initial_lora is not None:
-            load_lora_weights(dit, self.initial_lora(dit.params))
+            load_adapter_weights(dit, self.initial_lora(dit.params))
         if self.fp8_matmul:
             set_fp8_matmul(dit)
         if self._trainer is not None and self.trainer.precision in ("bf16-mixed", "16-mixed"):
@@ -159,9 +160,10 @@ class FluxLoraModule(L.LightningModule):
         scheduler = build_scheduler(cfg, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def lora_weights(self) -> LoraStateDict:
+    def lora_weights(self) -> AdapterWeights:
+        """The trained adapters (LoRA, or DoRA / LoHa / LoKr patches) as :func:`write_lora` takes them."""
         assert self.dit is not None, "configure_model() builds the DiT first"
-        return lora_state_dict(self.dit)
+        return adapter_state_dict(self.dit)
 
     def _trainable_keys(self) -> set[str]:
         # state-dict names: the checkpoint wrappers' prefix is not part of them

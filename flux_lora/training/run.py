@@ -30,6 +30,7 @@ from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
+from flux_lora.lora.peft_adapters import check_targets
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import (
@@ -102,6 +103,10 @@ def build(
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
+    try:
+        check_targets(cfg.lora, params)  # block indices, targets and rank patterns, before any model loads
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     accelerator = resolve_accelerator(cfg)
     dtype = compute_dtype(cfg, accelerator)
     cuda = accelerator in ("gpu", "cuda") and torch.cuda.is_available()
@@ -112,12 +117,13 @@ def build(
     datamodule = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
+    plain = cfg.lora.kind == "lora"  # the other kinds are read as the patches they are, and loaded as such
     if cfg.train.init_lora:  # read once now, so a bad file stops the run before the cache fill and the model load
         try:
-            read_lora(cfg.train.init_lora, params, plain=True)
+            read_lora(cfg.train.init_lora, params, plain=plain)
         except ValueError as e:
             raise DataError(f"train.init_lora: {' '.join(str(e).split())}") from None
-    initial = partial(read_lora, cfg.train.init_lora, plain=True) if cfg.train.init_lora else None
+    initial = partial(read_lora, cfg.train.init_lora, plain=plain) if cfg.train.init_lora else None
     module = FluxLoraModule(
         partial(_load_for_training, cfg, folder, dtype),
         cfg.lora,

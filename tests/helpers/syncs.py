@@ -3,6 +3,7 @@ tensor goes through ``aten._local_scalar_dense``, which on a GPU waits for every
 
 from __future__ import annotations
 
+import linecache
 import sys
 from collections import Counter
 
@@ -14,10 +15,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HOST_ONLY = ("torch/utils/data/", "flux_lora/data/")
 
 
+# peft's LoHa / LoKr layers draw their module dropout as ``torch.rand(1) > module_dropout``: a tensor made on the
+# host (no device argument), whose read never waits for an accelerator
+HOST_DRAW = ("peft/tuners/loha/layer.py", "peft/tuners/lokr/layer.py")
+
+
 def _in_host_only_code() -> bool:
     frame = sys._getframe(2)
     while frame is not None:
-        if any(part in frame.f_code.co_filename.replace("\\", "/") for part in HOST_ONLY):
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if any(part in path for part in HOST_ONLY):
+            return True
+        if path.endswith(HOST_DRAW) and "torch.rand(1) > module_dropout" in linecache.getline(path, frame.f_lineno):
             return True
         frame = frame.f_back
     return False
