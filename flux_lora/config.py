@@ -560,6 +560,8 @@ FOREIGN_KEYS: dict[str, str] = {
     "sample_prompts": "sample.prompts",
     "fp8_base": "model.quantize: float8_e4m3fn",
     "gradient_checkpointing": "model.gradient_checkpointing",
+    "reg_data_dir": "a data.datasets entry with regularization: true",
+    "prior_loss_weight": "loss_weight of a data.datasets entry with regularization: true",
 }
 FOREIGN_VALUES: dict[tuple[str, str], str] = {
     ("train.lr_scheduler", "cosine_with_min_lr"): "cosine with train.min_lr_ratio",
