@@ -5,7 +5,7 @@ instead of a folder. :func:`prepare_regularization` gives each such entry a fold
 ``<data.cache_dir>/regularization/<key>/``, where ``key`` is a sha256 of the model's fingerprint (its files,
 sampled as the encoder cache does), the compute dtype and quantization, the sampler settings (size, steps,
 guidance) and every (prompt, seed). Missing images are drawn with the project's :class:`FluxPipeline` on the run's
-model source and device; each is written atomically as ``NNNNN_<hash>.png`` (its prompt and settings in the PNG's
+model source and device; each is written atomically as ``regNNNNN_<hash>.png`` (its prompt and settings in the PNG's
 text chunks) after its ``.txt`` caption, so an interrupted pass resumes where it stopped. The pipeline is released
 before training loads the DiT. A folder that is complete loads nothing: a rerun costs one fingerprint.
 
@@ -67,7 +67,7 @@ def images_of(gen: RegularizationImages) -> list[RegImage]:
         for j in range(gen.images_per_prompt):
             k = i * gen.images_per_prompt + j
             digest = hashlib.sha256(json.dumps([prompt, gen.seed + k]).encode()).hexdigest()[:10]
-            out.append(RegImage(prompt, gen.seed + k, f"{k:05d}_{digest}"))
+            out.append(RegImage(prompt, gen.seed + k, f"reg{k:05d}_{digest}"))  # not N_name: no kohya folder
     return out
 
 
