@@ -118,10 +118,6 @@ class RegularizationImages:
         if self.size is not None and (self.size < SIDE_MULTIPLE or self.size % SIDE_MULTIPLE):
             raise ValueError(f"size must be a positive multiple of {SIDE_MULTIPLE}, got {self.size}")
 
-    @property
-    def count(self) -> int:
-        return len(self.prompts) * self.images_per_prompt
-
 
 # Fields of a data.datasets entry that the data section does not have: they shape the entry, not the scan.
 DATASET_ONLY = ("regularization", "generate")
