@@ -92,6 +92,40 @@ def _doc(help: str, default: Any = MISSING, factory: Callable[[], Any] | None = 
 
 
 @dataclass
+class RegularizationImages:
+    """Regularization images the base model draws once, before training, from class prompts (the ``generate``
+    of a ``data.datasets`` entry). They are written as PNGs with .txt captions into a folder under
+    ``data.cache_dir/regularization/`` keyed by the model's fingerprint, the prompts, seeds and sampler settings,
+    so a rerun reuses them and loads no sampler. Cost: one generation (images x steps DiT calls, once) and the
+    training steps the extra images take."""
+
+    prompts: list[str] = _doc(
+        "class prompts of what the LoRA must not change, e.g. 'a circle', 'a square on the left'", factory=list
+    )
+    images_per_prompt: int = _doc("images drawn per prompt, each with its own seed", 1)
+    seed: int = _doc("seed of the first image; image k of the set (prompt by prompt) uses seed + k", 0)
+    steps: int | None = _doc("denoising steps; null: the model's default (28 dev, 4 schnell)", None)
+    guidance: float = _doc("embedded guidance of the generation", 3.5)
+    size: int | None = _doc("side in px of the square images; null: the dataset's largest resolution", None)
+    batch_size: int = _doc("images per DiT call while generating", 4)
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise ValueError(f"prompts must be a list of non-empty class prompts, got {self.prompts!r}")
+        for name in ("images_per_prompt", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.size is not None and (self.size < SIDE_MULTIPLE or self.size % SIDE_MULTIPLE):
+            raise ValueError(f"size must be a positive multiple of {SIDE_MULTIPLE}, got {self.size}")
+
+
+# Fields of a data.datasets entry that the data section does not have: they shape the entry, not the scan.
+DATASET_ONLY = ("regularization", "generate")
+
+
+@dataclass
 class DatasetConfig:
     """One entry of ``data.datasets``. A field left null takes the data section's value, as kohya's [general]."""
 
@@ -104,6 +138,23 @@ class DatasetConfig:
     trigger_word: str | None = _doc("as data.trigger_word; null: the data section's", None)
     repeats: int | None = _doc("as data.repeats; null: the data section's", None)
     resolution: int | list[int] | None = _doc("as data.resolution; null: the data section's", None)
+    loss_weight: float | None = _doc("as data.loss_weight; null: the data section's", None)
+    regularization: bool = _doc(
+        "regularization (prior-preservation) images of the base model's classes, as kohya's reg folders: "
+        "trained without data.trigger_word (unless this entry sets one), at this entry's loss_weight and repeats",
+        False,
+    )
+    generate: RegularizationImages | None = _doc(
+        "make this entry's images with the base model instead of reading source (implies regularization): "
+        "prompts, images_per_prompt, seed, steps, guidance, size, batch_size; generated once, then reused",
+        None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.generate is not None:
+            if self.source:
+                raise DataError(f"set source (your own images) or generate, not both; got source {self.source!r}")
+            self.regularization = True
 
 
 @dataclass
@@ -124,9 +175,13 @@ class DataConfig:
     resolution: int | list[int] = _doc(
         "bucket area is resolution**2; a list such as [512, 768, 1024] puts each image in a bucket at each", 1024
     )
+    loss_weight: float = _doc(
+        "weight of these images' loss (per data.datasets entry, e.g. 0.5 for regularization images)", 1.0
+    )
     datasets: list[DatasetConfig] = _doc(
         "several datasets: entries of source, image_column, caption_column, split, caption_extension, "
-        "default_caption, trigger_word, repeats, resolution; what an entry leaves out is the field above",
+        "default_caption, trigger_word, repeats, resolution, loss_weight, regularization, generate; what an entry "
+        "leaves out is the field above",
         factory=list,
     )
     bucket_step: int = _doc("spacing of bucket widths (a multiple of 16); larger means fewer, fuller buckets", 16)
@@ -175,6 +230,8 @@ class DataConfig:
             raise bad("caption_extension", "a suffix starting with '.'")
         if self.cache_dir == "":
             raise bad("cache_dir", "a folder path (or null: <output_dir>/cache)")
+        if not (math.isfinite(self.loss_weight) and self.loss_weight > 0):
+            raise bad("loss_weight", "a number > 0")
         if self.masks and self.masks != "alpha" and not Path(self.masks).is_dir():
             raise bad("masks", "alpha or an existing folder of masks")
         self.dataset_configs()  # each entry of datasets, completed, must be valid too
@@ -184,9 +241,15 @@ class DataConfig:
         section, or this config itself when there are no entries."""
         out = []
         for i, d in enumerate(self.datasets):
-            if not d.source:
+            if not d.source and d.generate is None:
                 raise DataError(f"data.datasets[{i}].source is empty: set it to an image folder or a dataset")
-            own = {f.name: getattr(d, f.name) for f in fields(DatasetConfig) if getattr(d, f.name) is not None}
+            own = {
+                f.name: getattr(d, f.name)
+                for f in fields(DatasetConfig)
+                if getattr(d, f.name) is not None and f.name not in DATASET_ONLY
+            }
+            if d.regularization and d.trigger_word is None:
+                own["trigger_word"] = None  # class images: the subject's trigger word is not theirs
             try:
                 out.append(replace(self, datasets=[], **own))
             except DataError as e:
@@ -563,6 +626,8 @@ FOREIGN_KEYS: dict[str, str] = {
     "sample_prompts": "sample.prompts",
     "fp8_base": "model.quantize: float8_e4m3fn",
     "gradient_checkpointing": "model.gradient_checkpointing",
+    "reg_data_dir": "a data.datasets entry with regularization: true",
+    "prior_loss_weight": "loss_weight of a data.datasets entry with regularization: true",
 }
 FOREIGN_VALUES: dict[tuple[str, str], str] = {
     ("train.lr_scheduler", "cosine_with_min_lr"): "cosine with train.min_lr_ratio",

@@ -23,7 +23,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
-    assert isinstance(cfg, ExperimentConfig) and cfg.data.source and cfg.lora.rank >= 1
+    assert isinstance(cfg, ExperimentConfig) and (cfg.data.source or cfg.data.datasets) and cfg.lora.rank >= 1
     assert isinstance(cfg.train.learning_rate, float)
 
 

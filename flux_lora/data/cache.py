@@ -273,6 +273,7 @@ class CachePlan:
     records: list[int] = field(default_factory=list)
     repeats: list[int] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # sample i's image file (or dataset row) name
+    weights: list[float] = field(default_factory=list)  # sample i's loss weight (its dataset's data.loss_weight)
     masks: str | None = None  # data.masks: each latent entry also holds the loss mask
 
     @property
@@ -343,6 +344,7 @@ def plan_cache(
         records=records,
         repeats=repeats,
         names=[data.records[i].name for i in records],
+        weights=[data.records[i].loss_weight for i in records],
         masks=cfg.masks,
     )
     plan = plan.refresh()

@@ -45,7 +45,8 @@ Sample = dict[str, Any]  # tensors, and str under "caption" and "image"
 class CachedDataset(Dataset[Sample]):
     """Cached training samples. ``dataset[(i, v)]`` is record ``i`` in its variant ``v`` (crop / flip), as a
     dict: ``latents [z, h, w]``, ``txt [L, d_t5]``, ``y [d_clip]`` (tensors in the cached dtype),
-    ``caption`` (str) and ``image`` (the image's file name, for error messages).
+    ``caption`` (str) and ``image`` (the image's file name, for error messages); with ``weights`` (per-sample
+    loss weights, given when some differ from 1), ``weight`` (a float32 scalar).
     A plain integer ``i`` means variant 0."""
 
     def __init__(
@@ -55,10 +56,12 @@ class CachedDataset(Dataset[Sample]):
         text_keys: list[str],
         captions: list[str],
         names: list[str] | None = None,
+        weights: list[float] | None = None,
     ):
         self.root, self.latent_keys = Path(root), latent_keys
         self.text_keys, self.captions = text_keys, captions
         self.names = names or [f"record {i}" for i in range(len(captions))]
+        self.weights = weights
 
     @classmethod
     def from_plan(cls, plan: CachePlan) -> CachedDataset:
@@ -73,6 +76,7 @@ class CachedDataset(Dataset[Sample]):
             [plan.text_keys[c] for c in plan.captions],
             list(plan.captions),
             list(plan.names) or None,
+            list(plan.weights) if any(w != 1.0 for w in plan.weights) else None,
         )
 
     def __len__(self) -> int:
@@ -83,18 +87,20 @@ class CachedDataset(Dataset[Sample]):
         store = CacheStore(self.root)
         txt, y = store.read_text(self.text_keys[i])
         entry = store.read_latent_entry(self.latent_keys[i][v])  # latents, and mask when training with masks
+        if self.weights is not None:
+            entry["weight"] = torch.tensor(self.weights[i], dtype=torch.float32)
         return {**entry, "txt": txt, "y": y, "caption": self.captions[i], "image": self.names[i]}
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
     """Stack one bucket's samples: ``latents [B, z, h, w]``, ``txt [B, L, d_t5]``, ``y [B, d_clip]``, loss
-    ``mask [B, h, w]`` (with data.masks),
+    ``mask [B, h, w]`` (with data.masks), per-sample loss ``weight [B]`` (when the samples carry one),
     ``caption`` and ``image`` (lists of B str). Raises if the latents differ in size (samples from different
     buckets)."""
     shapes = {tuple(s["latents"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(f"a batch mixes latent sizes {sorted(shapes)}; batch with BucketBatchSampler")
-    keys = ("latents", "txt", "y", "mask") if all("mask" in s for s in samples) else ("latents", "txt", "y")
+    keys = ("latents", "txt", "y") + tuple(k for k in ("mask", "weight") if all(k in s for s in samples))
     out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples]) for k in keys}
     out["caption"] = [s["caption"] for s in samples]
     out["image"] = [str(s.get("image", "?")) for s in samples]

@@ -63,6 +63,7 @@ class ImageRecord:
     row: int | None = None
     repeats: int = 1  # times per epoch: the dataset's repeats times a kohya folder's N
     part: int = 0  # which dataset of data.datasets it belongs to
+    loss_weight: float = 1.0  # its dataset's data.loss_weight
 
 
 @dataclass
@@ -198,6 +199,8 @@ def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -
     folders, the cache and ``exclude``d folders left out). Files pillow could read in other formats, and
     captions without an image, are named in a warning."""
     skip = [cfg.cache_path.resolve(), *(Path(e).resolve() for e in exclude)]
+    inside = folder.resolve()
+    skip = [s for s in skip if not (s == inside or s in inside.parents)]  # a folder in the cache: generated images
     items: list[FolderItem] = []
     other_images: list[str] = []
     captions: list[Path] = []
@@ -392,6 +395,7 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
                 path=path,
                 row=None if path else row,
                 repeats=cfg.repeats * kohya_repeats,
+                loss_weight=cfg.loss_weight,
             )
         )
     _check_scan(cfg, records, skipped, missing, len(items))
@@ -401,6 +405,12 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
 def scan_all(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
     """:func:`scan` of every dataset of ``cfg`` (``data.datasets``, or the single one), joined; each record's
     ``part`` says which dataset it came from."""
+    for i, d in enumerate(cfg.datasets):
+        if d.generate is not None:
+            raise DataError(
+                f"data.datasets[{i}] generates its images: make them first "
+                "(flux_lora.training.regularization.prepare_regularization)"
+            )
     configs = cfg.dataset_configs()
     if len(configs) == 1:
         return scan(configs[0], exclude)

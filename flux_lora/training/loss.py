@@ -87,8 +87,16 @@ def dit_inputs(
     return inputs, S.flow_target(x0, noise)
 
 
-def weighted_mse(pred: Tensor, target: Tensor, t: Tensor, weighting: str, mask: Tensor | None = None) -> Tensor:
-    """Mean over the batch of each sample's MSE (in float32) times its loss weight at time ``t``. A loss ``mask``
+def weighted_mse(
+    pred: Tensor,
+    target: Tensor,
+    t: Tensor,
+    weighting: str,
+    mask: Tensor | None = None,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Mean over the batch of each sample's MSE (in float32) times its loss weight at time ``t`` and its
+    ``sample_weight`` ``[B]`` (its dataset's ``data.loss_weight``, e.g. regularization images). A loss ``mask``
     ``[B, h, w]`` on the latent grid weights each latent pixel: the MSE is then the mask-weighted mean."""
     err = F.mse_loss(pred.float(), target.float(), reduction="none")
     if mask is None:
@@ -97,7 +105,10 @@ def weighted_mse(pred: Tensor, target: Tensor, t: Tensor, weighting: str, mask: 
         channels = pred.shape[-1] // 4  # packed tokens are 2x2 latent pixels of all channels
         weights = S.pack(mask.float()[:, None].expand(-1, channels, -1, -1))
         per_sample = (err * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp_min(1e-8)
-    return (per_sample * S.loss_weight(t, weighting)).mean()
+    per_sample = per_sample * S.loss_weight(t, weighting)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample.device, torch.float32)
+    return per_sample.mean()
 
 
 def flow_matching_loss(
@@ -118,4 +129,5 @@ def flow_matching_loss(
     # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
     inputs, target = dit_inputs(batch, draws, guidance, dit.img_in.bias.dtype, empty_embedding)
     pred = dit(**inputs)
-    return weighted_mse(pred, target, draws.t.to(target.device), cfg.loss_weighting, batch.get("mask"))
+    t = draws.t.to(target.device)
+    return weighted_mse(pred, target, t, cfg.loss_weighting, batch.get("mask"), batch.get("weight"))

@@ -86,7 +86,9 @@ class OutputInUseError(ConfigError):
 def data_fingerprint(scanned: ScannedData) -> str:
     """Content of the training set: every image's hash, size and caption, in scan order (not the paths: the
     same data in a moved folder is the same run)."""
-    rows = [(r.caption, r.image_hash, r.width, r.height, r.repeats, r.part) for r in scanned.records]
+    rows: list[object] = [(r.caption, r.image_hash, r.width, r.height, r.repeats, r.part) for r in scanned.records]
+    if any(r.loss_weight != 1.0 for r in scanned.records):  # runs without loss weights keep their identity
+        rows.append([r.loss_weight for r in scanned.records])
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 

@@ -45,6 +45,7 @@ from flux_lora.training.ema import AdapterEma
 from flux_lora.training.guards import FiniteGuard, StopOnSignal, StoppedBySignal
 from flux_lora.training.metrics import TrainingMetrics, make_logger
 from flux_lora.training.module import FluxLoraModule
+from flux_lora.training.regularization import generated_entries, prepare_regularization
 from flux_lora.training.resume import (
     RunRecord,
     clean_stale_temps,
@@ -96,7 +97,10 @@ def fetch_model_folder(cfg: ExperimentConfig) -> Path:
 def build(
     cfg: ExperimentConfig, scanned: ScannedData | None = None
 ) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
-    """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan (``scanned``, or done here)."""
+    """Everything ``trainer.fit`` needs, nothing loaded yet but the data scan (``scanned``, or done here) and,
+    for ``data.datasets`` entries that generate regularization images, the base model once to draw the missing
+    ones (see :mod:`flux_lora.training.regularization`)."""
+    cfg = with_regularization(cfg)
     scanned = scanned or scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model
     previews = sample_previews(cfg)
     prompts = list(dict.fromkeys(t for p in previews for t in (p.prompt, p.negative_prompt)))  # embeddings to cache
@@ -192,6 +196,24 @@ def build(
     return trainer, module, datamodule
 
 
+def with_regularization(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with its generated regularization entries as folders (drawn first where missing, on the run's
+    model, dtype and device; the pipeline is released before anything else loads)."""
+    if not generated_entries(cfg):
+        return cfg
+    accelerator = resolve_accelerator(cfg)
+    cuda = accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    return prepare_regularization(
+        cfg, fetch_model_folder(cfg), compute_dtype(cfg, accelerator), "cuda" if cuda else "cpu"
+    )
+
+
+def _own_data(cfg: ExperimentConfig) -> ExperimentConfig | None:
+    """``cfg`` with only the datasets read from sources (None if every entry generates its images)."""
+    own = [d for d in cfg.data.datasets if d.generate is None]
+    return replace(cfg, data=replace(cfg.data, datasets=own)) if own else None
+
+
 def sample_previews(cfg: ExperimentConfig) -> list[SamplePrompt]:
     """The previews with the sample section's defaults filled in and ``data.trigger_word`` applied to their prompts
     as to every caption."""
@@ -269,11 +291,17 @@ def run(cfg: ExperimentConfig) -> Path | None:
     Raises :class:`~flux_lora.training.guards.StoppedBySignal` after a clean stop on SIGTERM/SIGINT,
     :class:`~flux_lora.training.resume.RunMismatchError` when the output folder holds another run."""
     check_writable(cfg.output_path)
-    scanned = scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model is touched
+    exclude = [cfg.output_path]
+    original, generates = cfg, bool(generated_entries(cfg))
+    own = _own_data(cfg) if generates else cfg
+    scanned = scan_all(own.data, exclude=exclude) if own else None  # bad data fails here, before any model
     lock = output_lock(cfg.output_path) if _first_process() else contextlib.nullcontext()
     with lock:
         if _first_process():
             clean_stale_temps(cfg.output_path)
+        if generates or scanned is None:
+            cfg = with_regularization(cfg)  # a rerun finds them made and loads nothing
+            scanned = scan_all(cfg.data, exclude=exclude)
         ckpt, finished = _prepare_output(cfg, scanned)
         if finished is not None:
             missing = [p for p in final_loras(cfg) if lora_step(p) != finished]
@@ -284,7 +312,7 @@ def run(cfg: ExperimentConfig) -> Path | None:
             return _write_missing_finals(cfg, scanned, ckpt, finished, missing)
         if _first_process():
             keep_previous_finals(cfg)  # training on: the finished part's LoRA must not be overwritten
-            save_config(cfg, cfg.output_path / "config.yaml")
+            save_config(original, cfg.output_path / "config.yaml")  # with the class prompts, not their folder
         trainer, module, datamodule = build(cfg, scanned)
         if ckpt:
             log.info("resuming from %s", ckpt)
