@@ -343,6 +343,11 @@ class SamplePrompt:
     guidance: float | None = _doc("embedded guidance of this preview", None)
     height: int | None = _doc("height in pixels", None)
     width: int | None = _doc("width in pixels", None)
+    keep: bool = _doc(
+        "a keep preview: something the LoRA must leave as the base model draws it (sample.keep_prompts sets it; "
+        "the toy scorer reports these apart)",
+        False,
+    )
 
 
 @dataclass
@@ -354,6 +359,11 @@ class SampleConfig:
         "height, width",
         factory=list,
     )
+    keep_prompts: list[str | SamplePrompt] = _doc(
+        "keep previews, as prompts: what the LoRA must not change (no trigger word is added); drawn after the "
+        "prompts, recorded as keep, so the step-0 images are the base model's own and bleeding shows",
+        factory=list,
+    )
     every_n_steps: int = _doc("sample every N steps (0: only at the end; never without prompts)", 0)
     at_start: bool = _doc("also sample before the first step: the baseline the LoRA is judged against", True)
     steps: int | None = _doc("denoising steps; null: the model's default (28 dev, 4 schnell)", None)
@@ -363,10 +373,13 @@ class SampleConfig:
     seed: int = _doc("seed of the preview noise", 0)
 
     def resolved(self) -> list[SamplePrompt]:
-        """Every preview as a :class:`SamplePrompt` with the section's values filled in."""
+        """Every preview (the prompts, then the keep prompts, marked ``keep``) as a :class:`SamplePrompt` with the
+        section's values filled in."""
         out = []
-        for item in self.prompts:
+        items = [(i, False) for i in self.prompts] + [(i, True) for i in self.keep_prompts]
+        for item, keep in items:
             p = SamplePrompt(prompt=item) if isinstance(item, str) else item
+            p = replace(p, keep=p.keep or keep)
             out.append(
                 replace(
                     p,
@@ -424,6 +437,36 @@ class ValidationConfig:
         return self.every_n_steps > 0 and bool(self.source or self.fraction)
 
 
+@dataclass
+class PreservationConfig:
+    """Output preservation (ai-toolkit's differential output preservation): keeps what the LoRA is not meant to
+    change. Each step also pairs the batch's noisy latents and times with preservation prompts and adds
+    ``output_weight`` times the MSE between the adapted model's prediction and the frozen base's (adapters off,
+    no gradient) on those same inputs. Cost: one more forward of the base and one more forward and backward of
+    the adapted model per step (about 2.3x the step time)."""
+
+    output_weight: float = _doc(
+        "weight of the output-preservation loss (0: off); costs ~2.3x the step time when on", 0.0
+    )
+    prompts: list[str] = _doc(
+        "preservation prompts: what must stay as the base model draws it (no trigger word added; e.g. the class "
+        "without the trigger, other colours or styles); each sample of a step is paired with one, drawn per step",
+        factory=list,
+    )
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.output_weight) and self.output_weight >= 0):
+            raise ValueError(f"preservation.output_weight must be >= 0, got {self.output_weight}")
+        if self.output_weight > 0 and not self.prompts:
+            raise ValueError("preservation.output_weight > 0 needs preservation.prompts (what the LoRA must keep)")
+        if any(not isinstance(p, str) or not p.strip() for p in self.prompts):
+            raise ValueError(f"preservation.prompts must be non-empty texts, got {self.prompts!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.output_weight > 0
+
+
 SAVE_DTYPES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -462,6 +505,11 @@ class ExperimentConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    preservation: PreservationConfig = field(default_factory=PreservationConfig)
+
+    def __post_init__(self) -> None:
+        if self.preservation.enabled and self.model.blocks_to_swap:
+            raise ValueError("preservation.output_weight > 0 does not run with model.blocks_to_swap yet: set one to 0")
 
     @property
     def output_path(self) -> Path:

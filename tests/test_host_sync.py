@@ -20,8 +20,12 @@ PER_INTERVAL = 8
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("--ema.enabled=true", "--train.accumulate_grad_batches=2")],
-    ids=["plain", "ema+accumulation"],
+    [
+        (),
+        ("--ema.enabled=true", "--train.accumulate_grad_batches=2"),
+        ("--preservation.output_weight=0.5", '--preservation.prompts=["a red square", "a blue circle"]'),
+    ],
+    ids=["plain", "ema+accumulation", "output-preservation"],
 )
 def test_no_host_sync_between_logging_intervals(tmp_path, tiny_dev_dir, extra):
     cfg = tiny_config(

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from flux_lora.config import TrainConfig
+from flux_lora.config import PreservationConfig, TrainConfig
 from flux_lora.inference.offload import Transfer
 from flux_lora.lora.peft_adapters import (
     LoraConfig,
+    adapters_disabled,
     clean_name,
     inject_lora,
     load_lora_weights,
@@ -34,7 +35,7 @@ from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.block_swap import BlockSwap
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
-from flux_lora.training.loss import flow_matching_loss
+from flux_lora.training.loss import OutputPreservation, flow_matching_loss
 from flux_lora.training.optimizers import build_optimizer
 from flux_lora.training.schedules import build_scheduler
 
@@ -53,6 +54,8 @@ class FluxLoraModule(L.LightningModule):
         initial_lora: reads LoRA weights to start from, given the model's params (continued training).
         gradient_checkpointing, selective_checkpointing, compile, fp8_matmul: memory and speed options applied
             to the blocks (see :mod:`flux_lora.training.speed`).
+        preservation: output preservation; its prompts' embeddings are ``preservation_embedding`` or, by default,
+            taken from the trainer's data module (``sample_embeddings(prompts)``: cached like captions).
     """
 
     def __init__(
@@ -67,8 +70,12 @@ class FluxLoraModule(L.LightningModule):
         selective_checkpointing: bool = False,
         fp8_matmul: bool = False,
         blocks_to_swap: int = 0,
+        preservation: PreservationConfig | None = None,
+        preservation_embedding: TextEmbeddings | None = None,
     ):
         super().__init__()
+        self.preservation_cfg = preservation if preservation is not None and preservation.enabled else None
+        self.preservation_embedding = preservation_embedding
         self.load_model = load_model
         self.initial_lora = initial_lora
         self.lora_cfg = lora
@@ -118,11 +125,29 @@ class FluxLoraModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.train_cfg.caption_dropout > 0 and self.empty_embedding is None and datamodule is not None:
             self.empty_embedding = datamodule.empty_embedding()
+        if self.preservation_cfg and self.preservation_embedding is None and datamodule is not None:
+            self.preservation_embedding = datamodule.sample_embeddings(self.preservation_cfg.prompts)
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-        """The flow-matching loss of ``batch`` (see :func:`flux_lora.training.loss.flow_matching_loss`)."""
-        empty = self._empty_embedding_on(batch["latents"].device)
-        return flow_matching_loss(self.dit, batch, self.train_cfg, generator, empty)
+        """The flow-matching loss of ``batch`` (see :func:`flux_lora.training.loss.flow_matching_loss`), with the
+        output-preservation loss when that is on."""
+        device = batch["latents"].device
+        empty = self._empty_embedding_on(device)
+        return flow_matching_loss(self.dit, batch, self.train_cfg, generator, empty, self._preservation_on(device))
+
+    def _preservation_on(self, device: torch.device) -> OutputPreservation | None:
+        if self.preservation_cfg is None:
+            return None
+        if self.preservation_embedding is None:
+            raise ValueError("preservation.output_weight > 0 needs the cached embeddings of preservation.prompts")
+        if self.preservation_embedding.txt.device != device:  # moved once, not every step
+            self.preservation_embedding = self.preservation_embedding.to(device=device)
+        dit = self.dit
+        if dit is None:
+            raise RuntimeError("configure_model() builds the DiT first")
+        return OutputPreservation(
+            self.preservation_embedding, self.preservation_cfg.output_weight, lambda: adapters_disabled(dit)
+        )
 
     def _empty_embedding_on(self, device: torch.device) -> TextEmbeddings | None:
         if self.empty_embedding is not None and self.empty_embedding.txt.device != device:  # moved once, not every step
