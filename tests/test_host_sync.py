@@ -24,8 +24,9 @@ PER_INTERVAL = 8
         (),
         ("--ema.enabled=true", "--train.accumulate_grad_batches=2"),
         ("--preservation.output_weight=0.5", '--preservation.prompts=["a red square", "a blue circle"]'),
+        ("--data.trigger_word=sks", "--preservation.output_weight=0.5", "--preservation.replace_word=sks"),
     ],
-    ids=["plain", "ema+accumulation", "output-preservation"],
+    ids=["plain", "ema+accumulation", "output-preservation", "caption-preservation"],
 )
 def test_no_host_sync_between_logging_intervals(tmp_path, tiny_dev_dir, extra):
     cfg = tiny_config(

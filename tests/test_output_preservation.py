@@ -148,6 +148,24 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 PRESERVE = ("--preservation.output_weight=0.5", '--preservation.prompts=["a red square", "a blue circle"]')
+# each caption without the trigger word (ai-toolkit's way): "sks, a blue square ..." -> "a blue square ..."
+PER_CAPTION = ("--data.trigger_word=sks", "--preservation.output_weight=0.5", "--preservation.replace_word=sks")
+
+
+def test_caption_prompts_replace_the_word_and_rows_follow_the_samples():
+    cfg = PreservationConfig(output_weight=1.0, replace_word="pink", replacements=["red", "blue"])
+    assert cfg.caption_prompts("a Pink circle on the left, small") == [
+        "a red circle on the left, small",
+        "a blue circle on the left, small",
+    ]
+    assert cfg.caption_prompts("a pinkish circle") == []  # whole words only
+    plain = PreservationConfig(output_weight=1.0, replace_word="sks")
+    assert plain.caption_prompts("sks, a dog on a beach") == ["a dog on a beach"]
+    pres = OutputPreservation(_prompts(6), 1.0, lambda: adapters_disabled(torch.nn.Identity()), per_sample=2)
+    assert pres.choices() == 2
+    assert pres.rows(torch.tensor([1, 0, 1])).tolist() == [1, 2, 5]  # sample i's k-th prompt is row 2 i + k
+    with pytest.raises(ValueError, match="prompts or replace_word, not both"):
+        PreservationConfig(output_weight=1.0, prompts=["a"], replace_word="sks")
 
 
 class StopAt(L.Callback):
@@ -159,23 +177,33 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def test_a_run_with_preservation_resumes_exactly_on_fp8(tmp_path, tiny_dev_dir):
+@pytest.mark.parametrize("preserve", [PRESERVE, PER_CAPTION], ids=["prompts", "captions-without-trigger"])
+def test_a_run_with_preservation_resumes_exactly_on_fp8(tmp_path, tiny_dev_dir, preserve):
     """fp8 base, gradient checkpointing (tiny.yaml's default), LoRA dropout: 3 steps, stop, resume to 6 equal 6
     straight, bit for bit; and preservation changed what was trained."""
     args = ["--max_steps=6", "--quantize=float8_e4m3fn", "--lora.dropout=0.1", "--train.checkpoint_every_n_steps=3"]
-    straight = tiny_config(tmp_path / "a", tiny_dev_dir, *args, *PRESERVE)
+    straight = tiny_config(tmp_path / "a", tiny_dev_dir, *args, *preserve)
     assert straight.model.gradient_checkpointing and straight.preservation.enabled
     fit(straight)
-    cut = tiny_config(tmp_path / "b", tiny_dev_dir, *args, *PRESERVE)
+    cut = tiny_config(tmp_path / "b", tiny_dev_dir, *args, *preserve)
     shutil.copytree(tmp_path / "a" / "cache", tmp_path / "b" / "cache")
     trainer, _ = fit(cut, StopAt(3))
     assert trainer.global_step == 3
     resumed, _ = fit(cut)
     assert resumed.global_step == 6
-    plain = tiny_config(tmp_path / "c", tiny_dev_dir, *args)
+    plain = tiny_config(tmp_path / "c", tiny_dev_dir, *args, *preserve[:-2])  # the same data, no preservation
     shutil.copytree(tmp_path / "a" / "cache", tmp_path / "c" / "cache")
     fit(plain)
     a, b, c = (load_file(str(cfg.output_path / "tiny.safetensors")) for cfg in (straight, cut, plain))
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_replace_word_missing_from_captions_stops_before_any_model(tmp_path, tiny_dev_dir):
+    from flux_lora.config import DataError
+    from flux_lora.training.run import build
+
+    cfg = tiny_config(tmp_path, tiny_dev_dir, "--preservation.output_weight=1", "--preservation.replace_word=zebra")
+    with pytest.raises(DataError, match="preservation.replace_word 'zebra' is not in the captions of 8 images"):
+        build(cfg)

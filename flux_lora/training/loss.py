@@ -41,11 +41,23 @@ class StepDraws:
 class OutputPreservation:
     """Output preservation for a step: the cached ``embeddings`` of the preservation prompts (``txt [P, L, D]``,
     ``y [P, D]``, on the batch's device), the loss ``weight``, and ``base``: a context in which the DiT computes
-    as the frozen base (adapters disabled)."""
+    as the frozen base (adapters disabled). With ``per_sample`` = K, the prompts are each sample's own: row
+    ``i * K + k`` is sample ``i``'s ``k``-th (``P = B * K``), and sample ``i`` draws its ``k``."""
 
     embeddings: TextEmbeddings
     weight: float
     base: Callable[[], AbstractContextManager]
+    per_sample: int | None = None
+
+    def choices(self) -> int:
+        """How many prompts each sample draws from."""
+        return self.per_sample or len(self.embeddings.txt)
+
+    def rows(self, drawn: Tensor) -> Tensor:
+        """The embedding rows of the drawn choices ``drawn [B]``."""
+        if self.per_sample is None:
+            return drawn
+        return torch.arange(len(drawn)) * self.per_sample + drawn
 
 
 def draw(
@@ -161,7 +173,7 @@ def flow_matching_loss(
     """
     if cfg.caption_dropout > 0 and empty_embedding is None:
         raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
-    prompts = len(preservation.embeddings.txt) if preservation is not None else 0
+    prompts = preservation.choices() if preservation is not None else 0
     draws = draw(batch["latents"].shape, cfg, generator, prompts)
     guidance = cfg.guidance if dit.params.guidance_embed else None
     # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
@@ -171,7 +183,7 @@ def flow_matching_loss(
     loss = weighted_mse(pred, target, t, cfg.loss_weighting, batch.get("mask"))
     if preservation is None or draws.preserve is None:
         return loss
-    kept = with_prompts(inputs, preservation.embeddings, draws.preserve)
+    kept = with_prompts(inputs, preservation.embeddings, preservation.rows(draws.preserve))
     with torch.no_grad(), preservation.base():
         base = dit(**kept)
     adapted = dit(**kept)

@@ -76,6 +76,8 @@ class FluxLoraModule(L.LightningModule):
         super().__init__()
         self.preservation_cfg = preservation if preservation is not None and preservation.enabled else None
         self.preservation_embedding = preservation_embedding
+        # preservation.replace_word: each caption's preservation prompts' embeddings (txt [L, D], y [D]), by text
+        self.caption_preservation: dict[str, tuple[Tensor, Tensor]] = {}
         self.load_model = load_model
         self.initial_lora = initial_lora
         self.lora_cfg = lora
@@ -125,29 +127,53 @@ class FluxLoraModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.train_cfg.caption_dropout > 0 and self.empty_embedding is None and datamodule is not None:
             self.empty_embedding = datamodule.empty_embedding()
-        if self.preservation_cfg and self.preservation_embedding is None and datamodule is not None:
-            self.preservation_embedding = datamodule.sample_embeddings(self.preservation_cfg.prompts)
+        pres = self.preservation_cfg
+        if pres and pres.per_caption and not self.caption_preservation and datamodule is not None:
+            texts = list(dict.fromkeys(t for c in datamodule.plan.captions for t in pres.caption_prompts(c)))
+            emb = datamodule.sample_embeddings(texts)  # kept on the host; a step's rows go to the device
+            self.caption_preservation = {t: (emb.txt[i], emb.y[i]) for i, t in enumerate(texts)}
+        elif pres and not pres.per_caption and self.preservation_embedding is None and datamodule is not None:
+            self.preservation_embedding = datamodule.sample_embeddings(pres.prompts)
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         """The flow-matching loss of ``batch`` (see :func:`flux_lora.training.loss.flow_matching_loss`), with the
         output-preservation loss when that is on."""
         device = batch["latents"].device
         empty = self._empty_embedding_on(device)
-        return flow_matching_loss(self.dit, batch, self.train_cfg, generator, empty, self._preservation_on(device))
+        pres = self._preservation_on(device, batch.get("caption"))
+        return flow_matching_loss(self.dit, batch, self.train_cfg, generator, empty, pres)
 
-    def _preservation_on(self, device: torch.device) -> OutputPreservation | None:
+    def _caption_prompts(self, captions: list[str], device: torch.device) -> tuple[TextEmbeddings, int]:
+        """The embeddings of each caption's preservation prompts, sample by sample (``[B * K, ...]``), and K."""
+        assert self.preservation_cfg is not None
+        rows = [t for c in captions for t in self.preservation_cfg.caption_prompts(c)]
+        count = len(self.preservation_cfg.replacements) or 1
+        if len(rows) != count * len(captions):
+            missing = [c for c in captions if not self.preservation_cfg.caption_prompts(c)]
+            raise ValueError(
+                f"preservation.replace_word {self.preservation_cfg.replace_word!r} is not in the captions {missing[:3]}"
+            )
+        txt = torch.stack([self.caption_preservation[t][0] for t in rows]).to(device, non_blocking=True)
+        y = torch.stack([self.caption_preservation[t][1] for t in rows]).to(device, non_blocking=True)
+        return TextEmbeddings(txt, y), count
+
+    def _preservation_on(self, device: torch.device, captions: Any = None) -> OutputPreservation | None:
         if self.preservation_cfg is None:
             return None
+        dit = self.dit
+        if dit is None:
+            raise RuntimeError("configure_model() builds the DiT first")
+        weight = self.preservation_cfg.output_weight
+        if self.preservation_cfg.per_caption:
+            if not isinstance(captions, list) or not self.caption_preservation:
+                raise ValueError("preservation.replace_word needs the batch's captions and their cached variants")
+            emb, count = self._caption_prompts(captions, device)
+            return OutputPreservation(emb, weight, lambda: adapters_disabled(dit), per_sample=count)
         if self.preservation_embedding is None:
             raise ValueError("preservation.output_weight > 0 needs the cached embeddings of preservation.prompts")
         if self.preservation_embedding.txt.device != device:  # moved once, not every step
             self.preservation_embedding = self.preservation_embedding.to(device=device)
-        dit = self.dit
-        if dit is None:
-            raise RuntimeError("configure_model() builds the DiT first")
-        return OutputPreservation(
-            self.preservation_embedding, self.preservation_cfg.output_weight, lambda: adapters_disabled(dit)
-        )
+        return OutputPreservation(self.preservation_embedding, weight, lambda: adapters_disabled(dit))
 
     def _empty_embedding_on(self, device: torch.device) -> TextEmbeddings | None:
         if self.empty_embedding is not None and self.empty_embedding.txt.device != device:  # moved once, not every step

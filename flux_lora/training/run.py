@@ -21,7 +21,7 @@ from typing import TypeVar
 import lightning as L
 import torch
 
-from flux_lora.config import ExperimentConfig, SamplePrompt, save_config
+from flux_lora.config import DataError, ExperimentConfig, SamplePrompt, save_config
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
 from flux_lora.dtypes import DTYPES
@@ -94,6 +94,14 @@ def build(
     scanned = scanned or scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model
     previews = sample_previews(cfg)
     texts = [t for p in previews for t in (p.prompt, p.negative_prompt)] + list(cfg.preservation.prompts)
+    if cfg.preservation.per_caption:  # each caption's preservation prompts, cached with it
+        lacking = [r.name for r in scanned.records if not cfg.preservation.caption_prompts(r.caption)]
+        if lacking:
+            raise DataError(
+                f"preservation.replace_word {cfg.preservation.replace_word!r} is not in the captions of "
+                f"{len(lacking)} images, e.g. {lacking[:3]}: every caption must hold it"
+            )
+        texts += [t for r in scanned.records for t in cfg.preservation.caption_prompts(r.caption)]
     prompts = list(dict.fromkeys(texts))  # embeddings to cache with the captions
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
