@@ -3,9 +3,9 @@
     python benchmarks/toy_preservation.py --out toy_preservation.json [--md table.md] [--threads 2]
         [--row "name=--override=value --override=value" ...] [--only NAME ...]
 
-Each row trains ``configs/toy.yaml`` (fp8 base) with its overrides (the same syntax as ``train.py``'s command
-line, so rows for ``lora.kind``, block subsets or preservation settings are one line each), then draws with the
-LoRA at strength 1.0, one seed per prompt (seed i for prompt i):
+Each row trains ``configs/toy.yaml`` (fp8 base, from the repository root) with its overrides (the same syntax as
+``train.py``'s command line, so rows for ``lora.kind``, block subsets or preservation settings are one line each),
+then draws with the LoRA at strength 1.0, one seed per prompt (seed i for prompt i):
 - concept: the 18 pink scenes (every shape, position, size): the share drawn pink;
 - keep: the 54 keep scenes (``flux_lora.toy.scenes.keep_scenes``: every shape, colour and position, no pink),
   accuracy per attribute, beside the base model's own on the same prompts and seeds.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -42,10 +43,18 @@ from benchmarks.toy_quality import BASES, TOY_CONFIG, load_pipeline  # noqa: E40
 
 log = logging.getLogger("toy_preservation")
 ATTRIBUTES = ("shape", "colour", "position", "size")
-# rows as train.py overrides on configs/toy.yaml; the first is the baseline the others are compared with
+# rows as train.py overrides on configs/toy.yaml (paths relative to the repository root)
+PINK_ONLY = "--data.datasets=[{source: examples/pink}]"
+PRESERVE = [
+    "--preservation.output_weight=1",
+    "--preservation.replace_word=pink",
+    "--preservation.replacements=[red, green, blue, yellow, purple, orange]",
+]
 ROWS: dict[str, list[str]] = {
-    "no preservation": ["--preservation.output_weight=0"],
-    "output preservation (toy.yaml)": [],
+    "pink only (the quick start before)": [PINK_ONLY],
+    "pink + regularization scenes (toy.yaml)": [],
+    "pink only + output preservation": [PINK_ONLY, *PRESERVE],
+    "pink + regularization + output preservation": PRESERVE,
 }
 
 
@@ -102,8 +111,6 @@ def train(row: Row, out: Path, cache: Path) -> tuple[Path, float]:
     argv = [
         "--config",
         str(TOY_CONFIG),
-        f"--model.source={ROOT / 'models' / 'flux-toy'}",
-        f"--data.source={ROOT / 'examples' / 'pink'}",
         f"--output_dir={out}",
         f"--data.cache_dir={cache}",
         "--quantize=float8_e4m3fn",
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    os.chdir(ROOT)  # the config's and the rows' relative paths (models/, examples/)
     rows = [Row(n, o) for n, o in ROWS.items() if not args.only or n in args.only] + args.row
     result = run(rows, args.strength)
     write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
