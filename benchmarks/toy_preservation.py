@@ -54,8 +54,7 @@ ROWS: dict[str, list[str]] = {
     "pink only (the quick start before)": [PINK_ONLY],
     "pink + regularization scenes (toy.yaml)": [],
     "pink only + output preservation": [PINK_ONLY, *PRESERVE],
-    "pink + regularization + output preservation": PRESERVE,
-}
+}  # (replace_word needs the word in every caption: with the regularization scenes, use preservation.prompts)
 
 
 @dataclass(frozen=True)
