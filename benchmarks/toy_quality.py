@@ -8,7 +8,9 @@ For each base (float32, bf16, fp8 with the per-row power-of-two scale (the defau
    decides shape, colour, position and size; "all" counts an image right when every attribute is;
 2. per-image output error against bf16 and float32 (mean absolute pixel difference, 0-255 scale, same seeds);
 3. a LoRA trained on that base with the quick start's recipe (``configs/toy.yaml``: 24 pink shapes, ``--lora-steps``
-   steps) and its concept accuracy: the share of pink prompts drawn pink, before and after.
+   steps) and its concept accuracy: the share of pink prompts drawn pink, before and after; beside it the keep
+   accuracy: the 54 keep scenes (``keep_scenes``: every shape, colour, position; no pink), per attribute, without
+   and with the LoRA (strength 1.0), seed i for scene i. Bleeding shows as a drop.
 fp8 bases compute in bf16, as on a GPU. Writes JSON (and prints a markdown table) for ``benchmarks/RESULTS.md``.
 """
 
@@ -35,7 +37,7 @@ from flux_lora.inference.pipeline import FluxPipeline
 from flux_lora.lora.files import read_lora
 from flux_lora.lora.runtime import apply_loras, remove_loras
 from flux_lora.model.text_encoders import TextEncoders
-from flux_lora.toy.scenes import make_scenes, parse_caption
+from flux_lora.toy.scenes import keep_scenes, make_scenes, parse_caption
 from flux_lora.toy.scorer import accuracy, score_image
 from flux_lora.weights.loading import load_autoencoder, load_flow_model
 
@@ -102,6 +104,7 @@ def train_lora(base: Base, out: Path, steps: int) -> Path:
         f"--model.dtype={'float32' if base.dtype == torch.float32 else 'bfloat16'}",
         f"--model.fp8_scale={base.fp8_scale}",
         "--sample.prompts=[]",
+        "--sample.keep_prompts=[]",
     ]
     if base.quantize:
         argv.append(f"--model.quantize={base.quantize}")
@@ -117,6 +120,7 @@ def concept_accuracy(images: np.ndarray) -> float:
 def run(args: argparse.Namespace) -> dict:
     prompts = [s.caption for s in make_scenes(args.prompts, HELD_OUT_SEED)]
     pinks = pink_prompts()
+    keep = [s.caption for s in keep_scenes()]
     rows, images, grid = [], {}, {}
     for base in BASES:
         started = time.monotonic()
@@ -126,11 +130,13 @@ def run(args: argparse.Namespace) -> dict:
         if not args.skip_lora:
             before = generate(pipe, pinks)
             row["pink_before"] = concept_accuracy(before)
+            row["keep_before"] = prompt_accuracy(generate(pipe, keep), keep)
             with tempfile.TemporaryDirectory() as tmp:
                 lora = train_lora(base, Path(tmp) / "run", args.lora_steps)
                 apply_loras(pipe.dit, [(read_lora(lora, pipe.dit.params), 1.0, "pink")])
                 after = generate(pipe, pinks)
                 row["pink_after"] = concept_accuracy(after)
+                row["keep_after"] = prompt_accuracy(generate(pipe, keep), keep)
                 remove_loras(pipe.dit)
             if base.quantize and base.fp8_scale == "row":  # the default base: the README's picture
                 grid = {"the toy model (fp8), held-out prompts": images[base.name][: len(pinks)]}
@@ -144,7 +150,13 @@ def run(args: argparse.Namespace) -> dict:
         row["pixel_error_vs_float32"] = float(np.abs(mine - images["float32"]).mean())
     if args.grid and grid:
         save_grid(grid, args.grid)
-    return {"model": str(args.model), "prompts": len(prompts), "pink_prompts": len(pinks), "rows": rows}
+    return {
+        "model": str(args.model),
+        "prompts": len(prompts),
+        "pink_prompts": len(pinks),
+        "keep_prompts": len(keep),
+        "rows": rows,
+    }
 
 
 def save_grid(rows: dict[str, np.ndarray], path: Path, zoom: int = 2) -> None:
@@ -167,15 +179,20 @@ def save_grid(rows: dict[str, np.ndarray], path: Path, zoom: int = 2) -> None:
 def table(result: dict) -> str:
     lines = [
         "| base | prompt accuracy (all / shape / colour / position / size) | pink before -> after LoRA "
-        "| pixel error vs bf16 | vs float32 |",
-        "|---|---|---|---|---|",
+        "| keep colour / shape before -> after LoRA | pixel error vs bf16 | vs float32 |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         acc = r["prompt_accuracy"]
         parts = " / ".join(f"{100 * acc[k]:.0f}" for k in ("all", "shape", "colour", "position", "size"))
         pink = f"{100 * r['pink_before']:.0f} % -> {100 * r['pink_after']:.0f} %" if "pink_after" in r else "-"
+        keep = "-"
+        if "keep_after" in r:
+            b, a = r["keep_before"], r["keep_after"]
+            keep = " -> ".join(f"{100 * k['colour']:.0f} / {100 * k['shape']:.0f} %" for k in (b, a))
         lines.append(
-            f"| {r['base']} | {parts} % | {pink} | {r['pixel_error_vs_bf16']:.2f} | {r['pixel_error_vs_float32']:.2f} |"
+            f"| {r['base']} | {parts} % | {pink} | {keep} | {r['pixel_error_vs_bf16']:.2f} "
+            f"| {r['pixel_error_vs_float32']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -472,6 +472,11 @@ class SamplePrompt:
     guidance: float | None = _doc("embedded guidance of this preview", None)
     height: int | None = _doc("height in pixels", None)
     width: int | None = _doc("width in pixels", None)
+    keep: bool = _doc(
+        "a keep preview: something the LoRA must leave as the base model draws it (sample.keep_prompts sets it; "
+        "the toy scorer reports these apart)",
+        False,
+    )
 
 
 @dataclass
@@ -483,6 +488,11 @@ class SampleConfig:
         "height, width",
         factory=list,
     )
+    keep_prompts: list[str | SamplePrompt] = _doc(
+        "keep previews, as prompts: what the LoRA must not change (no trigger word is added); drawn after the "
+        "prompts, recorded as keep, so the step-0 images are the base model's own and bleeding shows",
+        factory=list,
+    )
     every_n_steps: int = _doc("sample every N steps (0: only at the end; never without prompts)", 0)
     at_start: bool = _doc("also sample before the first step: the baseline the LoRA is judged against", True)
     steps: int | None = _doc("denoising steps; null: the model's default (28 dev, 4 schnell)", None)
@@ -492,10 +502,13 @@ class SampleConfig:
     seed: int = _doc("seed of the preview noise", 0)
 
     def resolved(self) -> list[SamplePrompt]:
-        """Every preview as a :class:`SamplePrompt` with the section's values filled in."""
+        """Every preview (the prompts, then the keep prompts, marked ``keep``) as a :class:`SamplePrompt` with the
+        section's values filled in."""
         out = []
-        for item in self.prompts:
+        items = [(i, False) for i in self.prompts] + [(i, True) for i in self.keep_prompts]
+        for item, keep in items:
             p = SamplePrompt(prompt=item) if isinstance(item, str) else item
+            p = replace(p, keep=p.keep or keep)
             out.append(
                 replace(
                     p,
@@ -553,6 +566,70 @@ class ValidationConfig:
         return self.every_n_steps > 0 and bool(self.source or self.fraction)
 
 
+@dataclass
+class PreservationConfig:
+    """Output preservation (ai-toolkit's differential output preservation): keeps what the LoRA is not meant to
+    change. Each step also pairs the batch's noisy latents and times with preservation prompts and adds
+    ``output_weight`` times the MSE between the adapted model's prediction and the frozen base's (adapters off,
+    no gradient) on those same inputs. The prompts: ``prompts`` (one drawn per sample), or each sample's own
+    caption with ``replace_word`` replaced by one of ``replacements`` (drawn per sample). Cost: one more forward
+    of the base and one more forward and backward of the adapted model per step (about 2.3x the step time)."""
+
+    output_weight: float = _doc("weight of the output-preservation loss (0: off); costs ~2.3x the step time", 0.0)
+    prompts: list[str] = _doc(
+        "preservation prompts: what must stay as the base model draws it (no trigger word added; e.g. the class "
+        "without the trigger); each sample of a step is paired with one, drawn per step",
+        factory=list,
+    )
+    replace_word: str | None = _doc(
+        "instead of prompts: each sample's own caption with this word (the trigger or concept word) replaced",
+        None,
+    )
+    replacements: list[str] = _doc(
+        "what replace_word becomes (the class word, or words it must not turn into); one drawn per sample; "
+        "empty: the word is removed",
+        factory=list,
+    )
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.output_weight) and self.output_weight >= 0):
+            raise ValueError(f"preservation.output_weight must be >= 0, got {self.output_weight}")
+        if self.prompts and self.replace_word:
+            raise ValueError("preservation: set prompts or replace_word, not both")
+        if self.output_weight > 0 and not self.prompts and not self.replace_word:
+            raise ValueError(
+                "preservation.output_weight > 0 needs preservation.prompts or preservation.replace_word "
+                "(what the LoRA must keep)"
+            )
+        if any(not isinstance(p, str) or not p.strip() for p in self.prompts):
+            raise ValueError(f"preservation.prompts must be non-empty texts, got {self.prompts!r}")
+        if self.replace_word is not None and not self.replace_word.strip():
+            raise ValueError("preservation.replace_word must be a word, got an empty text")
+
+    @property
+    def enabled(self) -> bool:
+        return self.output_weight > 0
+
+    @property
+    def per_caption(self) -> bool:
+        """Whether the preservation prompts are each sample's own caption with a word replaced."""
+        return self.enabled and bool(self.replace_word)
+
+    def caption_prompts(self, caption: str) -> list[str]:
+        """``caption`` with ``replace_word`` (a whole word, any case) replaced by each of ``replacements`` (or
+        removed), spaces and commas tidied; ``[]`` when the caption does not hold the word."""
+        assert self.replace_word is not None
+        pattern = re.compile(rf"\b{re.escape(self.replace_word.strip())}\b", re.IGNORECASE)
+        if not pattern.search(caption):
+            return []
+        out = []
+        for word in self.replacements or [""]:
+            text = pattern.sub(word.replace("\\", "\\\\"), caption)
+            text = re.sub(r"\s+([,.])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,")
+            out.append(text)
+        return out
+
+
 SAVE_DTYPES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -591,8 +668,11 @@ class ExperimentConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    preservation: PreservationConfig = field(default_factory=PreservationConfig)
 
     def __post_init__(self) -> None:
+        if self.preservation.enabled and self.model.blocks_to_swap:
+            raise ValueError("preservation.output_weight > 0 does not run with model.blocks_to_swap yet: set one to 0")
         if self.data.cache_dir is None:  # the cache follows the run's folder unless set
             self.data = replace(self.data, cache_dir=str(self.output_path / "cache"))
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).parents[1]
 
 
-def _ddp(tmp_path: Path, model_dir: Path, records: Path, run: str, max_steps: int) -> None:
+def _ddp(tmp_path: Path, model_dir: Path, records: Path, run: str, max_steps: int, *extra: str) -> None:
     records.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
@@ -34,6 +34,7 @@ def _ddp(tmp_path: Path, model_dir: Path, records: Path, run: str, max_steps: in
         "--data.batch_size=1",
         "--quantize=float8_e4m3fn",
         "--lora.dropout=0.2",
+        *extra,
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,3 +64,12 @@ def test_two_process_ddp_fp8_with_exact_resume(tmp_path, tiny_dev_dir):
     assert resumed["digests"] == r0["digests"][2:]
     a, b = (load_file(tmp_path / run / "tiny.safetensors") for run in ("run", "run-b"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_two_process_ddp_with_output_preservation(tmp_path, tiny_dev_dir):
+    """Output preservation's extra passes (the base one with adapters off, no gradient) keep the ranks' adapters
+    identical after every step, on the fp8 base."""
+    extra = ("--preservation.output_weight=0.5", '--preservation.prompts=["a red square", "a blue circle"]')
+    _ddp(tmp_path, tiny_dev_dir, tmp_path / "records", "run", 2, *extra)
+    r0, r1 = (json.loads((tmp_path / "records" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["digests"] == r1["digests"] and len(set(r0["digests"])) == 2

@@ -24,8 +24,10 @@ PER_INTERVAL = 8
         (),
         ("--ema.enabled=true", "--train.accumulate_grad_batches=2"),
         *[(f"--lora.kind={kind}", "--lora.dropout=0.1") for kind in ("lokr", "loha", "dora")],
+        ("--preservation.output_weight=0.5", '--preservation.prompts=["a red square", "a blue circle"]'),
+        ("--data.trigger_word=sks", "--preservation.output_weight=0.5", "--preservation.replace_word=sks"),
     ],
-    ids=["plain", "ema+accumulation", "lokr", "loha", "dora"],
+    ids=["plain", "ema+accumulation", "lokr", "loha", "dora", "output-preservation", "caption-preservation"],
 )
 def test_no_host_sync_between_logging_intervals(tmp_path, tiny_dev_dir, extra):
     cfg = tiny_config(

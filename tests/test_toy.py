@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,45 @@ def test_the_unseen_colour_is_kept_out_unless_asked_for(tmp_path):
     assert parse_caption("a pink star on the left").colour == "pink"
     with pytest.raises(ValueError, match="teal"):
         make_scene(0, 0, colours=["teal"])
+
+
+def test_score_reports_keep_previews_apart_beside_the_first_steps(tmp_path, caplog):
+    """Trainer previews recorded as keep (sample.keep_prompts) get their own line per step, each attribute beside
+    its step-0 figure: a LoRA that turns red into pink shows as keep colour 50 % (step 0: 100 %)."""
+    from flux_lora.inference.outputs import png_info
+
+    def preview(name: str, scene: Scene, prompt: str, step: int, keep: bool) -> None:
+        settings = {"prompt": prompt, "step": step, "keep": keep, "seed": 0, "steps": 20, "width": 64, "height": 64}
+        info = png_info({**settings, "model": "models/flux-toy"})
+        render(scene).save(tmp_path / name, format="PNG", pnginfo=info)
+
+    red, blue = Scene("circle", "red", "left", "large", "white"), Scene("square", "blue", "right", "large", "grey")
+    pink = Scene("triangle", "pink", "centre", "large", "white")
+    for step in (0, 300):
+        preview(f"step{step}-0.png", pink if step else replace(pink, colour="red"), pink.caption, step, False)
+        preview(f"step{step}-1.png", replace(red, colour="pink") if step else red, red.caption, step, True)
+        preview(f"step{step}-2.png", blue, blue.caption, step, True)
+    caplog.set_level(logging.INFO)
+    assert main(["score", str(tmp_path)]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step")]
+    assert lines == [
+        "step 0: 1 images, 1 with prompts; accuracy: shape 100 %, colour 0 %, position 100 %, size 100 %",
+        "step 0 keep: 2 images, 2 with prompts; keep accuracy: shape 100 %, colour 100 %, position 100 %, size 100 %",
+        "step 300: 1 images, 1 with prompts; accuracy: shape 100 %, colour 100 %, position 100 %, size 100 %",
+        "step 300 keep: 2 images, 2 with prompts; keep accuracy: shape 100 % (step 0: 100 %), colour 50 % "
+        "(step 0: 100 %), position 100 % (step 0: 100 %), size 100 % (step 0: 100 %)",
+    ]
+
+
+def test_the_keep_set_covers_the_base_vocabulary_and_is_the_quick_starts():
+    """54 scenes: every shape x colour x position the toy model knows, both sizes, no pink, no star; configs/toy.yaml
+    previews exactly these, seed i for scene i."""
+    from flux_lora.config import load_config
+    from flux_lora.toy.scenes import keep_scenes
+
+    scenes = keep_scenes()
+    assert len(scenes) == 54 == len({(s.shape, s.colour, s.position) for s in scenes})
+    assert {s.size for s in scenes} == set(SIZES) and {s.colour for s in scenes} == set(COLOURS)
+    cfg = load_config(Path(__file__).parents[1] / "configs/toy.yaml", [])
+    keep = [p for p in cfg.sample.resolved() if p.keep]
+    assert [(p.prompt, p.seed) for p in keep] == [(s.caption, i) for i, s in enumerate(scenes)]

@@ -92,17 +92,25 @@ def test_the_base_model_draws_its_own_prompts(toy_pipe):
     assert result["shape"] >= 0.8 and every >= 0.8, (every, result)
 
 
-def test_the_quick_start_teaches_pink(tmp_path):
+def test_the_quick_start_teaches_pink_and_keeps_the_rest(tmp_path):
     """configs/toy.yaml (the README's main job): the share of pink prompts drawn pink rises by >= 60 points from
-    the step-0 previews to the final ones, as the toy scorer judges them."""
+    the step-0 previews to the final ones, while on the 54 keep previews (every shape, colour, position; no pink)
+    the colour stays right in >= 90 % and the shape within 5 points of step 0's, as the toy scorer judges them.
+    Measured: pink 0 -> 100 %, keep colour 98 % (the quick start without its regularization images: 15 %)."""
     argv = ["--config", str(ROOT / "configs/toy.yaml"), f"--output_dir={tmp_path}", f"--data.cache_dir={tmp_path}/c"]
     assert train_main([*argv, f"--model.source={TOY}", "--quantize", "float8_e4m3fn"]) == 0
     scored = score_files(sorted((tmp_path / "samples").glob("*.png")))
     steps = sorted({s.step for s in scored})
     assert steps[0] == 0 and len(steps) == 2
-    pink = {step: [s.verdict.labels.colour == "pink" for s in scored if s.step == step] for step in steps}
+    pink = {
+        step: [s.verdict.labels.colour == "pink" for s in scored if s.step == step and not s.keep] for step in steps
+    }
     before, after = (sum(pink[s]) / len(pink[s]) for s in steps)
     assert after - before >= 0.6, summary(scored)
+    keep = {step: [(s.verdict.labels, s.expected) for s in scored if s.step == step and s.keep] for step in steps}
+    base, trained = (accuracy(keep[s]) for s in steps)
+    assert len(keep[steps[-1]]) == 54
+    assert trained["colour"] >= 0.9 and trained["shape"] >= base["shape"] - 0.05, summary(scored)
 
 
 def test_fp8_draws_as_bf16_does():

@@ -22,11 +22,12 @@ layer outputs as peft's modules.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -370,3 +371,23 @@ def load_adapter_weights(model: nn.Module, weights: Mapping[str, ModuleChange]) 
 
 
 load_lora_weights = load_adapter_weights
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside, ``model`` computes as its frozen base: every enabled peft adapter layer is switched off (peft's own
+    ``enable_adapters``, as its ``disable_adapter`` context does) and switched back on after, with each adapter
+    parameter's ``requires_grad`` as it was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)

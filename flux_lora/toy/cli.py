@@ -7,7 +7,9 @@
 ``data`` writes ``scene_NNNNN.png`` with a ``.txt`` caption beside each (the trainer's image-folder layout).
 ``score`` prints the scorer's verdict per image and whether it agrees with what the image was meant to show (the
 caption file beside it, or the prompt a generated PNG records), then the accuracy per attribute the prompts name;
-the trainer's preview images are summed up per training step, so a LoRA's samples read as before and after.
+the trainer's preview images are summed up per training step, so a LoRA's samples read as before and after. Keep
+previews (``sample.keep_prompts``: what the LoRA must not change) get lines of their own, each attribute beside
+its figure at the first step scored (step 0: the base model's own), so bleeding shows as a drop.
 ``train`` trains the toy model from scratch (about 10 minutes on two CPU cores) and writes its model folder.
 """
 
@@ -40,6 +42,7 @@ class Scored:
     verdict: Verdict
     expected: Labels | None  # from the caption file beside the image or the prompt the PNG records
     step: int | None = None  # the training step of a trainer's preview image
+    keep: bool = False  # a keep preview (sample.keep_prompts): what the LoRA must leave as the base model draws it
 
 
 def image_files(sources: list[Path]) -> list[Path]:
@@ -85,23 +88,36 @@ def score_files(paths: list[Path]) -> list[Scored]:
         prompt = caption.read_text(encoding="utf-8") if caption.is_file() else settings.get("prompt")
         expected = parse_caption(prompt) if isinstance(prompt, str) else None
         step = settings.get("step")
-        scored.append(Scored(path, verdict, expected, step if isinstance(step, int) else None))
+        keep = settings.get("keep") is True
+        scored.append(Scored(path, verdict, expected, step if isinstance(step, int) else None, keep))
     return scored
 
 
 def summary(scored: list[Scored]) -> list[str]:
-    """One line per training step (previews) or one for all: images, and accuracy per attribute named."""
-    groups: dict[int | None, list[Scored]] = defaultdict(list)
+    """One line per training step (previews) or one for all: images, and accuracy per attribute named. Keep
+    previews get a line of their own per step, ``keep accuracy``, each figure followed by that of the first step
+    scored when there are several (the base model's own at step 0)."""
+    groups: dict[tuple[int | None, bool], list[Scored]] = defaultdict(list)
     for item in scored:
-        groups[item.step].append(item)
-    lines = []
-    for step in sorted(groups, key=lambda s: -1 if s is None else s):
-        items = groups[step]
+        groups[(item.step, item.keep)].append(item)
+    lines, first_keep = [], None
+    for step, keep in sorted(groups, key=lambda g: (-1 if g[0] is None else g[0], g[1])):
+        items = groups[(step, keep)]
         pairs = [(s.verdict.labels, s.expected) for s in items if s.expected is not None]
-        where = "" if step is None else f"step {step}: "
-        scores = ", ".join(f"{a} {100 * v:.0f} %" for a, v in accuracy(pairs).items())
+        where = ("" if step is None else f"step {step}") + (" keep" if keep else "")
+        result = accuracy(pairs)
+        if keep and first_keep is None:
+            first_keep = (step, result)
+        parts = []
+        for a, v in result.items():
+            part = f"{a} {100 * v:.0f} %"
+            if keep and first_keep is not None and first_keep[0] != step and a in first_keep[1]:
+                part += f" (step {first_keep[0]}: {100 * first_keep[1][a]:.0f} %)"
+            parts.append(part)
+        name = "keep accuracy" if keep else "accuracy"
         lines.append(
-            f"{where}{len(items)} images, {len(pairs)} with prompts" + (f"; accuracy: {scores}" if pairs else "")
+            f"{where + ': ' if where else ''}{len(items)} images, {len(pairs)} with prompts"
+            + (f"; {name}: {', '.join(parts)}" if pairs else "")
         )
     return lines
 

@@ -123,6 +123,18 @@ def make_scene(seed: int, index: int, shapes: Sequence[str] = SHAPES, colours: S
     )
 
 
+def keep_scenes() -> list[Scene]:
+    """The keep set: every shape x colour x position of the toy model's own vocabulary (54 scenes, no pink, no
+    star), sizes and backgrounds taken in turn. A LoRA that teaches a new concept should leave these as the base
+    model draws them; the toy scorer reports them apart (``sample.keep_prompts``) as the *keep* accuracy."""
+    combos = [(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
+    backgrounds = list(BACKGROUNDS)
+    return [
+        Scene(shape, colour, position, SIZES[i % len(SIZES)], backgrounds[i % len(backgrounds)])
+        for i, (shape, colour, position) in enumerate(combos)
+    ]
+
+
 def make_scenes(
     count: int, seed: int, shapes: Sequence[str] = SHAPES, colours: Sequence[str] = tuple(COLOURS)
 ) -> list[Scene]:

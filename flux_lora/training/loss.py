@@ -3,11 +3,16 @@
 One function, :func:`flow_matching_loss`, for the trainer (``FluxLoraModule``) and the benchmarks, so both run the
 same step: noise, flow times (with the configured shift), caption dropout, embedded guidance, the DiT call and the
 loss weighting. Every random draw comes from the given generator, on the CPU, in a fixed order (noise, times,
-caption dropout), so a step depends only on the generator's state, whatever the device.
+caption dropout, preservation prompts), so a step depends only on the generator's state, whatever the device.
+
+Output preservation (:class:`OutputPreservation`) adds, on the same noisy latents and times, the MSE between the
+adapted model's prediction for preservation prompts and the frozen base's (adapters disabled, no gradient).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -23,15 +28,43 @@ from flux_lora.model.text_encoders import TextEmbeddings
 @dataclass(frozen=True)
 class StepDraws:
     """The random part of a step, on the CPU: ``noise`` (packed, ``[B, N, 64]``), flow times ``t [B]`` and
-    ``drop [B]`` (samples trained on the empty caption; ``None`` without caption dropout)."""
+    ``drop [B]`` (samples trained on the empty caption; ``None`` without caption dropout) and ``preserve [B]``
+    (each sample's preservation prompt, an index; ``None`` without output preservation)."""
 
     noise: Tensor
     t: Tensor
     drop: Tensor | None
+    preserve: Tensor | None = None
 
 
-def draw(latents_shape: torch.Size, cfg: TrainConfig, generator: torch.Generator) -> StepDraws:
-    """Noise, times and caption dropout for latents of ``latents_shape`` (``[B, C, h, w]``), in that order."""
+@dataclass(frozen=True)
+class OutputPreservation:
+    """Output preservation for a step: the cached ``embeddings`` of the preservation prompts (``txt [P, L, D]``,
+    ``y [P, D]``, on the batch's device), the loss ``weight``, and ``base``: a context in which the DiT computes
+    as the frozen base (adapters disabled). With ``per_sample`` = K, the prompts are each sample's own: row
+    ``i * K + k`` is sample ``i``'s ``k``-th (``P = B * K``), and sample ``i`` draws its ``k``."""
+
+    embeddings: TextEmbeddings
+    weight: float
+    base: Callable[[], AbstractContextManager[None]]
+    per_sample: int | None = None
+
+    def choices(self) -> int:
+        """How many prompts each sample draws from."""
+        return self.per_sample or len(self.embeddings.txt)
+
+    def rows(self, drawn: Tensor) -> Tensor:
+        """The embedding rows of the drawn choices ``drawn [B]``."""
+        if self.per_sample is None:
+            return drawn
+        return torch.arange(len(drawn)) * self.per_sample + drawn
+
+
+def draw(
+    latents_shape: torch.Size, cfg: TrainConfig, generator: torch.Generator, preservation_prompts: int = 0
+) -> StepDraws:
+    """Noise, times, caption dropout and (with ``preservation_prompts`` > 0) each sample's preservation prompt for
+    latents of ``latents_shape`` (``[B, C, h, w]``), in that order."""
     b, _, h, w = latents_shape
     noise = S.pack(torch.randn(latents_shape, generator=generator))
     t = S.sample_timesteps(
@@ -45,7 +78,8 @@ def draw(latents_shape: torch.Size, cfg: TrainConfig, generator: torch.Generator
         generator=generator,
     )
     drop = torch.rand(b, generator=generator) < cfg.caption_dropout if cfg.caption_dropout > 0 else None
-    return StepDraws(noise, t, drop)
+    preserve = torch.randint(preservation_prompts, (b,), generator=generator) if preservation_prompts else None
+    return StepDraws(noise, t, drop, preserve)
 
 
 def drop_captions(txt: Tensor, y: Tensor, drop: Tensor, empty: TextEmbeddings) -> tuple[Tensor, Tensor]:
@@ -111,23 +145,57 @@ def weighted_mse(
     return per_sample.mean()
 
 
+def preservation_loss(adapted: Tensor, base: Tensor, t: Tensor, weighting: str) -> Tensor:
+    """Output preservation: the adapted model's prediction ``adapted`` against the frozen base's ``base`` on the
+    same inputs (a target: no gradient flows into it), weighted per time as the flow-matching loss."""
+    return weighted_mse(adapted, base.detach(), t, weighting)
+
+
+def with_prompts(
+    inputs: dict[str, Tensor | None], embeddings: TextEmbeddings, index: Tensor
+) -> dict[str, Tensor | None]:
+    """``inputs`` with each sample's text replaced by prompt ``index[i]`` of ``embeddings`` (the noisy image, its
+    ids, times and guidance unchanged)."""
+    img = inputs["img"]
+    assert img is not None
+    index = index.to(embeddings.txt.device)
+    txt = embeddings.txt[index].to(img.device)
+    return {
+        **inputs,
+        "txt": txt,
+        "y": embeddings.y[index].to(img.device),
+        "txt_ids": S.txt_ids(img.shape[0], txt.shape[1], device=img.device),
+    }
+
+
 def flow_matching_loss(
     dit: Flux,
     batch: dict[str, Tensor],
     cfg: TrainConfig,
     generator: torch.Generator,
     empty_embedding: TextEmbeddings | None = None,
+    preservation: OutputPreservation | None = None,
 ) -> Tensor:
     """The training loss of ``dit`` on ``batch`` (``latents [B, C, h, w]``, ``txt [B, L, D]``, ``y [B, D]``).
 
-    ``empty_embedding`` (``txt [1, L, D]``, ``y [1, D]``) is needed when ``cfg.caption_dropout > 0``.
+    ``empty_embedding`` (``txt [1, L, D]``, ``y [1, D]``) is needed when ``cfg.caption_dropout > 0``. With
+    ``preservation``, the output-preservation loss of the same noisy latents and times, each sample paired with a
+    drawn preservation prompt, is added times its weight: the base pass first (no gradient), then the adapted one.
     """
     if cfg.caption_dropout > 0 and empty_embedding is None:
         raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
-    draws = draw(batch["latents"].shape, cfg, generator)
+    prompts = preservation.choices() if preservation is not None else 0
+    draws = draw(batch["latents"].shape, cfg, generator, prompts)
     guidance = cfg.guidance if dit.params.guidance_embed else None
     # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
     inputs, target = dit_inputs(batch, draws, guidance, dit.img_in.bias.dtype, empty_embedding)
     pred = dit(**inputs)
     t = draws.t.to(target.device)
-    return weighted_mse(pred, target, t, cfg.loss_weighting, batch.get("mask"), batch.get("weight"))
+    loss = weighted_mse(pred, target, t, cfg.loss_weighting, batch.get("mask"), batch.get("weight"))
+    if preservation is None or draws.preserve is None:
+        return loss
+    kept = with_prompts(inputs, preservation.embeddings, preservation.rows(draws.preserve))
+    with torch.no_grad(), preservation.base():
+        base = dit(**kept)
+    adapted = dit(**kept)
+    return loss + preservation.weight * preservation_loss(adapted, base, t, cfg.loss_weighting)

@@ -18,13 +18,14 @@ import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 
-from flux_lora.config import TrainConfig
+from flux_lora.config import PreservationConfig, TrainConfig
 from flux_lora.inference.offload import Transfer
 from flux_lora.lora.patches import ModuleChange
 from flux_lora.lora.peft_adapters import (
     AdapterWeights,
     LoraConfig,
     adapter_state_dict,
+    adapters_disabled,
     clean_name,
     inject_lora,
     load_adapter_weights,
@@ -36,7 +37,7 @@ from flux_lora.model.fp8 import set_fp8_matmul
 from flux_lora.model.text_encoders import TextEmbeddings
 from flux_lora.training.block_swap import BlockSwap
 from flux_lora.training.block_wrappers import compile_blocks, enable_gradient_checkpointing
-from flux_lora.training.loss import flow_matching_loss
+from flux_lora.training.loss import OutputPreservation, flow_matching_loss
 from flux_lora.training.optimizers import build_optimizer
 from flux_lora.training.resume import settle_loop_state
 from flux_lora.training.schedules import build_scheduler
@@ -59,6 +60,8 @@ class FluxLoraModule(L.LightningModule):
         initial_lora: reads LoRA weights to start from, given the model's params (continued training).
         gradient_checkpointing, selective_checkpointing, compile, fp8_matmul: memory and speed options applied
             to the blocks (see :mod:`flux_lora.training.speed`).
+        preservation: output preservation; its prompts' embeddings are ``preservation_embedding`` or, by default,
+            taken from the trainer's data module (``sample_embeddings(prompts)``: cached like captions).
     """
 
     def __init__(
@@ -73,8 +76,14 @@ class FluxLoraModule(L.LightningModule):
         selective_checkpointing: bool = False,
         fp8_matmul: bool = False,
         blocks_to_swap: int = 0,
+        preservation: PreservationConfig | None = None,
+        preservation_embedding: TextEmbeddings | None = None,
     ):
         super().__init__()
+        self.preservation_cfg = preservation if preservation is not None and preservation.enabled else None
+        self.preservation_embedding = preservation_embedding
+        # preservation.replace_word: each caption's preservation prompts' embeddings (txt [L, D], y [D]), by text
+        self.caption_preservation: dict[str, tuple[Tensor, Tensor]] = {}
         self.load_model = load_model
         self.initial_lora = initial_lora
         self.lora_cfg = lora
@@ -124,12 +133,54 @@ class FluxLoraModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.train_cfg.caption_dropout > 0 and self.empty_embedding is None and datamodule is not None:
             self.empty_embedding = datamodule.empty_embedding()
+        pres = self.preservation_cfg
+        if pres and pres.per_caption and not self.caption_preservation and datamodule is not None:
+            texts = list(dict.fromkeys(t for c in datamodule.plan.captions for t in pres.caption_prompts(c)))
+            emb = datamodule.sample_embeddings(texts)  # kept on the host; a step's rows go to the device
+            self.caption_preservation = {t: (emb.txt[i], emb.y[i]) for i, t in enumerate(texts)}
+        elif pres and not pres.per_caption and self.preservation_embedding is None and datamodule is not None:
+            self.preservation_embedding = datamodule.sample_embeddings(pres.prompts)
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-        """The flow-matching loss of ``batch`` (see :func:`flux_lora.training.loss.flow_matching_loss`)."""
-        empty = self._empty_embedding_on(batch["latents"].device)
+        """The flow-matching loss of ``batch`` (see :func:`flux_lora.training.loss.flow_matching_loss`), with the
+        output-preservation loss when that is on."""
+        device = batch["latents"].device
+        empty = self._empty_embedding_on(device)
+        pres = self._preservation_on(device, batch.get("caption"))
         assert self.dit is not None, "configure_model() builds the DiT first"
-        return flow_matching_loss(self.dit, batch, self.train_cfg, generator, empty)
+        return flow_matching_loss(self.dit, batch, self.train_cfg, generator, empty, pres)
+
+    def _caption_prompts(self, captions: list[str], device: torch.device) -> tuple[TextEmbeddings, int]:
+        """The embeddings of each caption's preservation prompts, sample by sample (``[B * K, ...]``), and K."""
+        assert self.preservation_cfg is not None
+        rows = [t for c in captions for t in self.preservation_cfg.caption_prompts(c)]
+        count = len(self.preservation_cfg.replacements) or 1
+        if len(rows) != count * len(captions):
+            missing = [c for c in captions if not self.preservation_cfg.caption_prompts(c)]
+            raise ValueError(
+                f"preservation.replace_word {self.preservation_cfg.replace_word!r} is not in the captions {missing[:3]}"
+            )
+        txt = torch.stack([self.caption_preservation[t][0] for t in rows]).to(device, non_blocking=True)
+        y = torch.stack([self.caption_preservation[t][1] for t in rows]).to(device, non_blocking=True)
+        return TextEmbeddings(txt, y), count
+
+    def _preservation_on(self, device: torch.device, captions: Any = None) -> OutputPreservation | None:
+        if self.preservation_cfg is None:
+            return None
+        dit = self.dit
+        if dit is None:
+            raise RuntimeError("configure_model() builds the DiT first")
+        weight = self.preservation_cfg.output_weight
+        if self.preservation_cfg.per_caption:
+            if not isinstance(captions, list) or not self.caption_preservation:
+                raise ValueError("preservation.replace_word needs the batch's captions and their cached variants")
+            emb, count = self._caption_prompts(captions, device)
+            return OutputPreservation(emb, weight, lambda: adapters_disabled(dit), per_sample=count)
+        if self.preservation_embedding is None:
+            raise ValueError("preservation.output_weight > 0 needs the cached embeddings of preservation.prompts")
+        if self.preservation_embedding.txt.device != device:  # moved once, not every step
+            self.preservation_embedding = self.preservation_embedding.to(device=device)
+        return OutputPreservation(self.preservation_embedding, weight, lambda: adapters_disabled(dit))
 
     def _empty_embedding_on(self, device: torch.device) -> TextEmbeddings | None:
         if self.empty_embedding is not None and self.empty_embedding.txt.device != device:  # moved once, not every step

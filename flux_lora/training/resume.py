@@ -99,6 +99,8 @@ def run_identity(cfg: ExperimentConfig, scanned: ScannedData) -> dict[str, str]:
     identity |= {f"model.{k}": str(getattr(cfg.model, k)) for k in MODEL_FIELDS}
     identity |= {f"lora.{k}": str(v) for k, v in asdict(cfg.lora).items()}
     identity |= {f"train.{k}": str(getattr(cfg.train, k)) for k in TRAIN_FIELDS}
+    if cfg.preservation.enabled:  # only when on: runs from before the section keep their identity
+        identity |= {f"preservation.{k}": str(v) for k, v in asdict(cfg.preservation).items()}
     return identity
 
 

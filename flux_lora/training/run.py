@@ -103,7 +103,16 @@ def build(
     cfg = with_regularization(cfg)
     scanned = scanned or scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model
     previews = sample_previews(cfg)
-    prompts = list(dict.fromkeys(t for p in previews for t in (p.prompt, p.negative_prompt)))  # embeddings to cache
+    texts = [t for p in previews for t in (p.prompt, p.negative_prompt)] + list(cfg.preservation.prompts)
+    if cfg.preservation.per_caption:  # each caption's preservation prompts, cached with it
+        lacking = [r.name for r in scanned.records if not cfg.preservation.caption_prompts(r.caption)]
+        if lacking:
+            raise DataError(
+                f"preservation.replace_word {cfg.preservation.replace_word!r} is not in the captions of "
+                f"{len(lacking)} images, e.g. {lacking[:3]}: every caption must hold it"
+            )
+        texts += [t for r in scanned.records for t in cfg.preservation.caption_prompts(r.caption)]
+    prompts = list(dict.fromkeys(texts))  # embeddings to cache with the captions
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
@@ -138,6 +147,7 @@ def build(
         selective_checkpointing=speed.selective_checkpointing,
         fp8_matmul=speed.fp8_matmul,
         blocks_to_swap=speed.blocks_to_swap,
+        preservation=cfg.preservation,
     )
     metadata = dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()])
     saver = SaveLora(cfg, cfg.train.save_every_n_steps, metadata)
@@ -159,7 +169,7 @@ def build(
             cfg.data, folder, params.max_sequence_length, dtype, scanned=held_out
         )
         callbacks.append(ValidationLoss(cfg.validation, val_data, cfg.train.guidance))
-    if cfg.sample.prompts:
+    if previews:
         callbacks.append(
             SampleImages(
                 datamodule.sample_embeddings,
@@ -216,9 +226,11 @@ def _own_data(cfg: ExperimentConfig) -> ExperimentConfig | None:
 
 def sample_previews(cfg: ExperimentConfig) -> list[SamplePrompt]:
     """The previews with the sample section's defaults filled in and ``data.trigger_word`` applied to their prompts
-    as to every caption."""
+    as to every caption (not to keep previews: they show what the LoRA must leave alone)."""
     return [
-        replace(p, prompt=apply_trigger(p.prompt, cfg.data.trigger_word, f"sample prompt {p.prompt!r}"))
+        p
+        if p.keep
+        else replace(p, prompt=apply_trigger(p.prompt, cfg.data.trigger_word, f"sample prompt {p.prompt!r}"))
         for p in cfg.sample.resolved()
     ]
 
