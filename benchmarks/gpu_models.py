@@ -154,7 +154,8 @@ class FixedTokenizer:
     def __init__(self, token: int = 1):
         self.token = token
 
-    def __call__(self, prompts: list[str], *, max_length: int, **kwargs) -> SimpleNamespace:
+    def __call__(self, prompts: list[str], *, max_length: int = 1, **kwargs) -> SimpleNamespace:
+        # without max_length (the cache counting each caption's tokens, untruncated) a prompt is one token
         return SimpleNamespace(input_ids=torch.full((len(prompts), max_length), self.token, dtype=torch.long))
 
 
