@@ -25,7 +25,8 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, ExperimentConfig) and cfg.lora.rank >= 1
     # one source, or each of several datasets (a generated regularization set has prompts instead)
-    assert all(d.source or d.generate for d in cfg.data.dataset_configs())
+    entries = cfg.data.datasets
+    assert all(d.source or d.generate for d in entries) if entries else cfg.data.source
     assert isinstance(cfg.train.learning_rate, float)
 
 

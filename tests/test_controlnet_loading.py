@@ -193,7 +193,8 @@ def test_modelscope_ids_resolve_through_the_hub(tmp_path):
     def offline(model_id: str, **kwargs) -> str:
         raise ConnectionError("no network")
 
-    with pytest.raises(CheckpointError, match=r"neither a local .*ConnectionError: no network\).*\); pass a local"):
+    offline_message = r"neither a local .*offline and not in the download cache.*\); pass a local"
+    with pytest.raises(CheckpointError, match=offline_message):
         resolve_controlnet(model_id, offline)
 
 
