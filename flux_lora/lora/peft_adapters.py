@@ -212,10 +212,11 @@ def _dora_reads_fp8() -> None:
 
 def set_input_casting(model: nn.Module, enabled: bool) -> None:
     """peft casts each LoRA input to the adapter dtype (float32) and the output back. Under autocast that is wasted
-    work, because autocast casts the matmul operands itself: at full size about 184 GB of memory traffic and 1,672
-    extra kernels per step, for bit-identical results. Turn it off when the step runs under autocast, keep it on
-    otherwise (a bf16 input against float32 adapters needs it). DoRA layers keep it on whatever ``enabled``: there
-    the input's dtype is the dtype peft sums ``W + s B A`` in for the magnitude's norm, which must be float32."""
+    work, because autocast casts the matmul operands itself: at full size (1024 px, batch 1) about 419 GB of memory
+    traffic and 4,864 extra ops per training step, for bit-identical results (benchmarks/RESULTS.md). Turn it off
+    when the step runs under autocast, keep it on otherwise (a bf16 input against float32 adapters needs it). DoRA
+    layers keep it on whatever ``enabled``: there the input's dtype is the dtype peft sums ``W + s B A`` in for the
+    magnitude's norm, which must be float32."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():
