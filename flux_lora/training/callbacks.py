@@ -389,6 +389,9 @@ class ControlRequests(L.Callback):
         step = trainer.global_step
         if step == self._step_at_start:  # mid gradient accumulation: act after the optimizer step
             return
+        seen = trainer.is_global_zero and any(pending(self.output_dir, what) for what in ("save-now", "sample-now"))
+        if not trainer.strategy.reduce_boolean_decision(seen, all=False):  # one collective per step, as StopOnSignal
+            return
         last = step >= trainer.max_steps  # the end of the fit writes and samples this step anyway
         callbacks = list(getattr(trainer, "callbacks", []))
         if self._asked(trainer, "save-now"):
