@@ -140,3 +140,26 @@ def test_a_stopped_and_resumed_run_reports_both_parts(tmp_path, tiny_dev_dir, mo
     assert kinds["start"][0]["resumed_from"] is None
     assert kinds["start"][1]["resumed_from"] == str(out / "checkpoints" / f"step{at:06d}.ckpt")
     assert [e["status"] for e in kinds["end"]] == ["stopped", "finished"] and kinds["end"][1]["step"] == 4
+
+
+class _Fails(L.Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        raise RuntimeError("worker traceback line\nboom at step 1")
+
+
+def test_a_failed_run_ends_with_its_one_line_error(tmp_path, tiny_dev_dir, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_dev_dir, *ARGS[:-3])
+    real_build = run_module.build
+
+    def build(cfg, scanned=None):
+        trainer, module, datamodule = real_build(cfg, scanned)
+        trainer.callbacks.append(_Fails())
+        return trainer, module, datamodule
+
+    monkeypatch.setattr(run_module, "build", build)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_module.run(cfg)
+    events = read_events(cfg.output_path)
+    assert events[0]["event"] == "start" and [e["event"] for e in events].count("end") == 1
+    assert (events[-1]["event"], events[-1]["status"], events[-1]["step"]) == ("end", "failed", 1)
+    assert events[-1]["message"] == "boom at step 1"  # the error's last line
