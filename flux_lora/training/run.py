@@ -346,9 +346,9 @@ def run(cfg: ExperimentConfig) -> Path | None:
                     "end", step=trainer.global_step, status="stopped" if stopped else "failed", message=one_line(e)
                 )
             raise
-        summary = end_summary(trainer, time.monotonic() - started)
+        summary = end_summary(trainer, time.monotonic() - started) if trainer.is_global_zero else ""
         stop = _callback(trainer, StopOnSignal)
-        if trainer.is_global_zero:
+        if summary:
             log.info("%s", summary)
         if stop.signum is not None and trainer.global_step < cfg.train.max_steps:
             stopped_by = StoppedBySignal(stop.signum, trainer.global_step)
