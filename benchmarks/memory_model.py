@@ -66,6 +66,7 @@ from flux_lora.model.autoencoder import AE_PRESETS, AutoEncoder
 from flux_lora.model.flux import PRESETS, Flux, FluxParams
 from flux_lora.model.fp8 import default_predicate, quantize_, set_fp8_matmul
 from flux_lora.model.text_encoders import TextEncoders
+from flux_lora.presets import estimate_peak_gb
 from flux_lora.training.block_wrappers import enable_gradient_checkpointing
 from flux_lora.training.optimizers import import_class
 
@@ -263,6 +264,19 @@ def _adamw(model: nn.Module) -> torch.optim.Optimizer:
     return opt
 
 
+def closed_form_gb(case: TrainCase) -> float:
+    """The package's closed form of this model (:func:`flux_lora.presets.estimate_peak_gb`, what the presets
+    use) for ``case``: it reproduces the rows this model counts; ``run`` logs both to show when they part."""
+    return estimate_peak_gb(
+        "flux-dev",
+        case.res,
+        base=case.base,
+        checkpointing=case.checkpointing,
+        rank=case.rank,
+        fp8_matmul=case.fp8_matmul,
+    )
+
+
 def train_case(case: TrainCase, params: FluxParams = PRESETS["flux-dev"]) -> dict[str, Any]:
     """One shipped training step (loss, backward, clipping at 1.0, AdamW) at ``case``; static = weights,
     adapters and optimizer state; transient = everything the step allocates (batch, activations, gradients)."""
@@ -393,6 +407,8 @@ def run(only: str | None = None, save: Callable[[list[dict]], None] | None = Non
         start = time.perf_counter()
         row = train_case(case) if isinstance(case, TrainCase) else infer_case(case)
         row["cpu_s"] = round(time.perf_counter() - start, 1)
+        if isinstance(case, TrainCase):
+            log.info("closed form (flux_lora.presets): %.2f GB", closed_form_gb(case))
         log.info("%s", {k: v for k, v in row.items() if k != "roofline_estimate_s"})
         rows.append(row)
         if save is not None:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -33,6 +34,7 @@ from flux_lora.lora.lycoris import kohya_tensors
 from flux_lora.lora.lycoris import training_metadata as adapter_metadata
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEmbeddings
+from flux_lora.training.events import EventLog, Request, consume, pending
 from flux_lora.training.guards import check_finite
 from flux_lora.training.optimizers import eval_weights
 
@@ -138,7 +140,8 @@ class StepCheckpoint(ModelCheckpoint):
     """``<dir>/step<N>.ckpt`` every ``every_n_steps`` optimizer steps (0: none on the way) and always at the
     last step of a fit, the ``keep`` newest kept; a file of the same name is replaced, never suffixed ``-v1``."""
 
-    def __init__(self, dirpath: Path, every_n_steps: int, keep: int = 2):
+    def __init__(self, dirpath: Path, every_n_steps: int, keep: int = 2, events: EventLog | None = None):
+        self.events = events
         super().__init__(
             dirpath=dirpath,
             filename="step{step:06d}",
@@ -157,6 +160,8 @@ class StepCheckpoint(ModelCheckpoint):
         check_finite(trainer)  # the flags of the steps since the last check, read before anything is written
         super()._save_checkpoint(trainer, filepath)
         if trainer.is_global_zero:
+            if self.events:
+                self.events.emit("checkpoint", step=trainer.global_step, path=str(Path(filepath).absolute()))
             self._prune(trainer.global_step)
 
     def _prune(self, step: int) -> None:
@@ -200,8 +205,16 @@ class SaveLora(L.Callback):
     """Writes the adapters as a kohya-layout LoRA every ``every_n_steps`` and at the end (rank 0, atomically):
     ``<output_dir>/lora/<name>-step<N>.safetensors`` and ``<output_dir>/<name>.safetensors``."""
 
-    def __init__(self, cfg: ExperimentConfig, every_n_steps: int, extra_metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        every_n_steps: int,
+        extra_metadata: dict[str, str] | None = None,
+        events: EventLog | None = None,
+    ):
         self.cfg = cfg
+        self.events = events
+        self._last = -1  # the step of the last intermediate save (see _due)
         self.every_n_steps = every_n_steps
         self.extra_metadata = dict(extra_metadata or {})
         self.written: list[Path] = []
@@ -228,6 +241,8 @@ class SaveLora(L.Callback):
             )
         self.written.append(path)
         log.info("wrote %s", path)
+        if self.events:
+            self.events.emit("lora", step=trainer.global_step, path=str(Path(path).absolute()))
 
     def _prune(self) -> None:
         """Delete all but the newest ``save.keep_last`` intermediate LoRA files of this run (those of an earlier,
@@ -268,7 +283,10 @@ class SampleImages(L.Callback):
         previews: list[SamplePrompt] | None = None,
         lora_name: str = "",
         model: str = "",
+        events: EventLog | None = None,
     ):
+        self.events = events
+        self._last = -1  # the step of the last periodic or requested previews (see _due)
         self.weights = weights  # puts other weights in place (an EMA) while sampling
         self.previews = cfg.resolved() if previews is None else list(previews)
         self.lora_name, self.model = lora_name, model
@@ -315,6 +333,8 @@ class SampleImages(L.Callback):
             settings = self._settings(p, step, module)
             write_atomic(path, partial(image.save, format="PNG", pnginfo=png_info(settings)))
             self.written.append(path)
+            if self.events:
+                self.events.emit("sample", step=step, path=str(path.absolute()), prompt=p.prompt, seed=p.seed)
             if hasattr(experiment, "add_image"):
                 tag = f"samples/{i}: {p.prompt[:60]}"  # named after the prompt, kept apart by index
                 experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")
@@ -339,3 +359,79 @@ class SampleImages(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self.sample(trainer, module)
+
+
+class ControlRequests(L.Callback):
+    """Acts on ``<output_dir>/control/save-now`` and ``sample-now`` (:func:`flux_lora.training.events.request`)
+    after each optimizer step: rank 0 looks for the files, every rank takes the decision together (as the signal
+    stop does), the file is deleted and the LoRA and checkpoint written, or the previews drawn, at this step.
+    Neither touches the training's random state, so the run's final LoRA is the same with or without them.
+    Place it after the savers and the sampler: a periodic save or sample due at the same step is not repeated."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+        self._step_at_start = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_start = trainer.global_step
+
+    def _asked(self, trainer: L.Trainer, what: Request) -> bool:
+        seen = trainer.is_global_zero and pending(self.output_dir, what)
+        if not trainer.strategy.reduce_boolean_decision(seen, all=False):
+            return False
+        if trainer.is_global_zero:
+            consume(self.output_dir, what)
+        return True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._step_at_start:  # mid gradient accumulation: act after the optimizer step
+            return
+        seen = trainer.is_global_zero and any(pending(self.output_dir, what) for what in ("save-now", "sample-now"))
+        if not trainer.strategy.reduce_boolean_decision(seen, all=False):  # one collective per step, as StopOnSignal
+            return
+        last = step >= trainer.max_steps  # the end of the fit writes and samples this step anyway
+        callbacks = list(getattr(trainer, "callbacks", []))
+        if self._asked(trainer, "save-now"):
+            if trainer.is_global_zero:
+                log.info("save-now requested: saving step %d%s", step, " (the run's end does)" if last else "")
+            if not last:
+                for saver in (c for c in callbacks if isinstance(c, SaveLora)):
+                    if saver._last != step:
+                        saver._last = step
+                        name = f"{saver.cfg.name}-step{step:06d}.safetensors"
+                        saver.write(trainer, module, saver.cfg.output_path / "lora" / name)
+                for ckpt in (c for c in callbacks if isinstance(c, StepCheckpoint)):
+                    ckpt._save_now(trainer)
+        if self._asked(trainer, "sample-now"):
+            samplers = [c for c in callbacks if isinstance(c, SampleImages) and c.previews]
+            if trainer.is_global_zero:
+                what = "no sample.prompts to draw" if not samplers else f"drawing the previews at step {step}"
+                log.info("sample-now requested: %s", what)
+            if not last:
+                for sampler in samplers:
+                    if sampler._last != step:
+                        sampler._last = step
+                        sampler.sample(trainer, module)
+
+
+class RunEvents(L.Callback):
+    """The ``start`` event of :mod:`flux_lora.training.events` (rank 0); :func:`flux_lora.training.run.run`
+    writes the ``end`` one."""
+
+    def __init__(self, events: EventLog, name: str) -> None:
+        self.events, self.name = events, name
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            resumed = trainer.ckpt_path
+            self.events.emit(
+                "start",
+                step=trainer.global_step,
+                max_steps=trainer.max_steps,
+                name=self.name,
+                resumed_from=str(Path(resumed).absolute()) if resumed else None,
+                pid=os.getpid(),
+            )

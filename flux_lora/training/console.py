@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
 
+from flux_lora.training.events import EventLog
+
 if TYPE_CHECKING:
     from flux_lora.config import ExperimentConfig
 
@@ -65,8 +67,15 @@ class StepProgress(ProgressBar):
     ``every_s`` seconds without a terminal): reading it every step would make the host wait for the
     accelerator each step."""
 
-    def __init__(self, every_n_steps: int = 10, every_s: float = 60.0, interactive: bool | None = None):
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        every_s: float = 60.0,
+        interactive: bool | None = None,
+        events: EventLog | None = None,
+    ):
         super().__init__()
+        self.events = events  # gets a ``step`` event with each shown line's figures
         self.every_n_steps, self.every_s = max(every_n_steps, 1), every_s
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self._enabled = True
@@ -122,6 +131,7 @@ class StepProgress(ProgressBar):
             if self._due(trainer, step, interactive=True):
                 self.read_loss()
                 self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", refresh=False)
+                self._emit(trainer, step, lr, self._rate(step))
         elif self._due(trainer, step, interactive=False):
             self._log_line(trainer, step, lr)
         self._last_step = step
@@ -134,10 +144,27 @@ class StepProgress(ProgressBar):
             return True
         return False
 
+    def _rate(self, step: int) -> float:
+        return (step - self.start_step) / max(time.monotonic() - self._started, 1e-9)
+
+    def _emit(self, trainer: L.Trainer, step: int, lr: float, rate: float) -> None:
+        """The ``step`` event: the figures of the line just shown (the loss already read for it)."""
+        if self.events is None:
+            return
+        self.events.emit(
+            "step",
+            step=step,
+            loss=self.smoothed,
+            lr=float(lr),
+            steps_per_s=rate if rate > 0 else None,
+            eta_s=(trainer.max_steps - step) / rate if rate > 0 else None,
+        )
+
     def _log_line(self, trainer: L.Trainer, step: int, lr: float) -> None:
         self.read_loss()
-        rate = (step - self.start_step) / max(time.monotonic() - self._started, 1e-9)
+        rate = self._rate(step)
         eta = _eta((trainer.max_steps - step) / rate) if rate > 0 else "?"
+        self._emit(trainer, step, lr, rate)
         log.info(
             "step %d/%d  loss %.4f (smoothed)  lr %.2e  %.2f steps/s  ETA %s",
             step,

@@ -72,7 +72,7 @@ TRAIN_FIELDS = (
     "init_lora",
 )
 # What a run leaves in its output folder (moved aside as a whole by ``--train.resume false``).
-RUN_OUTPUTS = ("checkpoints", "lora", "samples", "logs", "config.yaml")
+RUN_OUTPUTS = ("checkpoints", "lora", "samples", "logs", "config.yaml", "events.jsonl")
 
 
 class RunMismatchError(ConfigError):

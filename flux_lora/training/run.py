@@ -35,6 +35,8 @@ from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.flux import Flux
 from flux_lora.training.callbacks import (
     AtomicCheckpointIO,
+    ControlRequests,
+    RunEvents,
     SampleImages,
     SaveLora,
     StepCheckpoint,
@@ -42,6 +44,7 @@ from flux_lora.training.callbacks import (
 )
 from flux_lora.training.console import StepProgress, Summaries
 from flux_lora.training.ema import AdapterEma
+from flux_lora.training.events import EventLog, events_path, one_line
 from flux_lora.training.guards import FiniteGuard, StopOnSignal, StoppedBySignal
 from flux_lora.training.metrics import TrainingMetrics, make_logger
 from flux_lora.training.module import FluxLoraModule
@@ -150,17 +153,19 @@ def build(
         preservation=cfg.preservation,
     )
     metadata = dataset_metadata(scanned, [d.source for d in cfg.data.dataset_configs()])
-    saver = SaveLora(cfg, cfg.train.save_every_n_steps, metadata)
+    events = EventLog(events_path(out))
+    saver = SaveLora(cfg, cfg.train.save_every_n_steps, metadata, events=events)
     ema = AdapterEma(cfg.ema, saver) if cfg.ema.enabled else None
     callbacks: list[L.Callback] = [
         FiniteGuard(cfg.train.log_every_n_steps),  # first: its interval check precedes the step's saves
         *([ema] if ema else []),  # first: a step's samples and checkpoint see its EMA update
         # the two newest step checkpoints, the last step always among them (adapters and optimizer state)
-        StepCheckpoint(out / "checkpoints", cfg.train.checkpoint_every_n_steps, cfg.save.keep_checkpoints),
+        StepCheckpoint(out / "checkpoints", cfg.train.checkpoint_every_n_steps, cfg.save.keep_checkpoints, events),
         saver,
+        RunEvents(events, cfg.name),
         RunRecord(run_identity(cfg, scanned)),
         StopOnSignal(),
-        StepProgress(every_n_steps=cfg.train.log_every_n_steps),
+        StepProgress(every_n_steps=cfg.train.log_every_n_steps, events=events),
         Summaries(cfg),
         TrainingMetrics(),
     ]
@@ -180,8 +185,10 @@ def build(
                 previews=previews,
                 lora_name=cfg.name,
                 model=cfg.model.source,
+                events=events,
             )
         )
+    callbacks.append(ControlRequests(out))  # last: after the periodic saves and samples of the same step
     precision = cfg.train.precision
     if precision == "auto":
         precision = "32-true" if accelerator == "cpu" else "bf16-mixed"
@@ -329,12 +336,27 @@ def run(cfg: ExperimentConfig) -> Path | None:
         if ckpt:
             log.info("resuming from %s", ckpt)
         started = time.monotonic()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-        if trainer.is_global_zero:
-            log.info("%s", end_summary(trainer, time.monotonic() - started))
+        events = EventLog(events_path(cfg.output_path))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        except BaseException as e:  # the end event, then the error goes on as before
+            if trainer.is_global_zero:
+                stopped = isinstance(e, (StoppedBySignal, KeyboardInterrupt, SystemExit))
+                events.emit(
+                    "end", step=trainer.global_step, status="stopped" if stopped else "failed", message=one_line(e)
+                )
+            raise
+        summary = end_summary(trainer, time.monotonic() - started) if trainer.is_global_zero else ""
         stop = _callback(trainer, StopOnSignal)
+        if summary:
+            log.info("%s", summary)
         if stop.signum is not None and trainer.global_step < cfg.train.max_steps:
-            raise StoppedBySignal(stop.signum, trainer.global_step)
+            stopped_by = StoppedBySignal(stop.signum, trainer.global_step)
+            if trainer.is_global_zero:
+                events.emit("end", step=trainer.global_step, status="stopped", message=str(stopped_by))
+            raise stopped_by
+        if trainer.is_global_zero:
+            events.emit("end", step=trainer.global_step, status="finished", message=summary)
         if not trainer.is_global_zero:
             return None  # rank 0 writes the LoRA, and says so once it is written
     return cfg.output_path / f"{cfg.name}.safetensors"
