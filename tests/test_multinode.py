@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
@@ -106,3 +107,33 @@ def test_two_nodes_of_two_processes_equal_one_process(tmp_path, tiny_dev_dir):
     a, b = (load_file(tmp_path / run / "tiny.safetensors") for run in ("run", "single"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert any(bool(v.abs().sum() > 0) for k, v in a.items() if "lora_up" in k)  # it trained
+
+
+LAUNCHERS = {
+    "one process": ({}, (0, 0)),
+    "lightning, the node 0 process": ({"NODE_RANK": "0", "MASTER_ADDR": "n0"}, (0, 0)),
+    "lightning, a process it started": ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, (1, 1)),
+    "lightning, the node 1 process": ({"NODE_RANK": "1"}, (1, 0)),
+    "torchrun, node 1": ({"RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, (2, 0)),
+    "srun, node 1": (
+        {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NAME": "lora"},
+        (3, 1),
+    ),
+    "salloc shell": ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "bash"}, (0, 0)),
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launch_ranks_from_the_launchers_environment(launcher, monkeypatch):
+    """Only the global first process moves old outputs aside and holds the output lock, however it was started."""
+    from flux_lora.training.run import launch_ranks
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_NAME", "lora")
+    env, expected = LAUNCHERS[launcher]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if "SLURM_NTASKS" not in env:
+        monkeypatch.delenv("SLURM_JOB_NAME")
+    assert launch_ranks() == expected
