@@ -6,11 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from flux_lora.data.cache import Share, fill_cache
+from flux_lora.data.shards import _wait_for
 
 from helpers.cache import Loaders, forbidden, setup_run
 
@@ -62,6 +65,11 @@ def test_four_ranks_each_encode_a_quarter(tmp_path, tiny_dev_dir):
     data_dir = _many_images(tmp_path / "data", 40)
     out = tmp_path / "records"
     out.mkdir()
+    markers = tmp_path / "cache" / ".fill"  # what interrupted fills left: another token, ignored; a week old, removed
+    markers.mkdir(parents=True)
+    (markers / "0ld.done0").touch()
+    (markers / "0lder.rank1").touch()
+    os.utime(markers / "0lder.rank1", (time.time() - 8 * 24 * 3600,) * 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
@@ -93,4 +101,12 @@ def test_four_ranks_each_encode_a_quarter(tmp_path, tiny_dev_dir):
         assert 0.15 < (own_texts + own_latents) / total < 0.35, (rank, own_texts, own_latents, total)
     assert sum(r["texts"] + r["latents"] for r in records) == total
     assert "4 ranks encoded" in proc.stderr and "rank 3 (share 4 of 4): encoded" in proc.stderr
-    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name or p.parent.name == ".fill"]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
+    assert [p.name for p in markers.iterdir()] == ["0ld.done0"]  # each rank removed its own markers
+
+
+def test_a_rank_that_fails_stops_the_others(tmp_path):
+    (tmp_path / "t.done0").touch()
+    (tmp_path / "t.failed1").touch()
+    with pytest.raises(RuntimeError, match="rank 1 failed while filling the cache"):
+        _wait_for(tmp_path, "t", [0, 1, 2], 0)
