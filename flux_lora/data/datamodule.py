@@ -268,7 +268,7 @@ class FluxDataModule(L.LightningDataModule):
             _, plan = self._plan(quiet=True)  # planned once more: its summary was logged in prepare_data
         if not plan.complete:
             raise RuntimeError(
-                f"the cache {plan.root} is incomplete on this process after prepare_data; "
+                f"the cache {plan.root} is incomplete on this process after the fill; "
                 "with several nodes, give each its own cache folder or share one filesystem"
             )
         self.plan = plan
