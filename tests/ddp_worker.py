@@ -1,7 +1,8 @@
-"""Run by tests/test_ddp.py as a script: a 2-process DDP fit on the CPU (gloo) that records, per rank, which
-captions it trained on, a digest of its adapters after every optimizer step, and whether it loaded encoders.
+"""Run by tests/test_ddp.py and tests/test_multinode.py as a script: a DDP fit on the CPU (gloo) that records,
+per rank, which captions it trained on, a digest of its adapters after every optimizer step, which encoders it
+loaded and what it encoded into the cache.
 
-Lightning's DDP launcher re-runs this script for rank 1, so everything here runs in both processes."""
+Lightning's DDP launcher re-runs this script for the other local ranks, so everything here runs in every process."""
 
 import hashlib
 import json
@@ -50,12 +51,15 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer, module):
         path = self.out / f"rank{trainer.global_rank}.json"
+        stats = trainer.datamodule.fill_stats
         path.write_text(
             json.dumps(
                 {
                     "captions": self.captions,
                     "digests": self.digests,
                     "loads": LOADS,
+                    "fill": {"texts": stats.texts, "latents": stats.latents, "loaded": list(stats.loaded)},
+                    "cache": str(trainer.datamodule.plan.root),
                     "world_size": trainer.world_size,
                     "pid": os.getpid(),
                 }

@@ -18,8 +18,10 @@ deterministic and cacheable.
 
 Use: ``plan = plan_cache(...)`` (no encoder is loaded), ``fill_cache(plan, ...)`` (loads an encoder only if
 an entry it serves is missing, writes as it goes so an interrupted pass resumes, then releases it), and
-``plan.refresh().complete``. ``fill_cache`` holds a file lock on the cache folder: when several processes (DDP
-ranks) call it together, one encodes and the others wait, then find everything cached and load nothing.
+``plan.refresh().complete``. ``fill_cache`` holds a file lock on the cache folder: when several processes
+call it together, one encodes and the others wait, then find everything cached and load nothing. Given a
+:class:`Share`, it encodes only the missing entries that share owns, without the lock (shares are disjoint):
+:mod:`flux_lora.data.shards` has every rank of a distributed run fill its own.
 
 Every entry carries a sha256 of its tensors in its header (``flux_lora.sha256``), verified when it is read.
 An entry that is empty, truncated, unreadable or fails its checksum counts as missing: it is named in a
@@ -398,10 +400,56 @@ def _log_buckets(data: ScannedData, plan: CachePlan, datasets: list[DataConfig])
 
 @dataclass(frozen=True)
 class FillStats:
-    """What one :func:`fill_cache` call encoded (counts only; nothing here references an encoder)."""
+    """What one :func:`fill_cache` call encoded (counts only; nothing here references an encoder) and which
+    encoders it loaded (``"text encoders"``, ``"autoencoder"``)."""
 
     texts: int = 0
     latents: int = 0
+    loaded: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Share:
+    """Share ``index`` of ``count`` of the cache entries: an entry is owned by exactly one share, chosen by its
+    key (a sha256), so every process and every rerun agrees on who encodes what without talking."""
+
+    index: int = 0
+    count: int = 1
+    label: str = ""  # names the process in log lines, e.g. "rank 3"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"share {self.index} is outside {self.count} shares")
+
+    def owns(self, key: str) -> bool:
+        return int(key[:16], 16) % self.count == self.index
+
+    def of(self, plan: CachePlan) -> CachePlan:
+        """``plan`` with only the missing entries this share owns."""
+        return replace(
+            plan,
+            missing_text=[c for c in plan.missing_text if self.owns(plan.text_keys[c])],
+            missing_latents=[j for j in plan.missing_latents if self.owns(j.key)],
+        )
+
+
+PROGRESS_EVERY_S = 30.0  # a progress line in the log this often while a share is encoded
+
+
+class _LogProgress:
+    """Log lines ``<label>: <done> of <total> <what>`` every :data:`PROGRESS_EVERY_S` seconds (and at the end),
+    for processes whose progress bar nobody sees (other ranks, a log file)."""
+
+    def __init__(self, label: str, what: str, total: int):
+        self.label, self.what, self.total, self.done = label, what, total, 0
+        self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.label and (now - self.last >= PROGRESS_EVERY_S or self.done == self.total):
+            log.info("%s: encoded %d of %d %s", self.label, self.done, self.total, self.what)
+            self.last = now
 
 
 @contextlib.contextmanager
@@ -456,10 +504,15 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _encode_texts(
-    encoders: TextEncoders, plan: CachePlan, batch_size: int, progress: bool, cut: list[str] | None = None
+    encoders: TextEncoders,
+    plan: CachePlan,
+    batch_size: int,
+    progress: bool,
+    cut: list[str] | None = None,
+    label: str = "",
 ) -> int:
     """Encode the plan's missing captions; those longer than T5's ``max_length`` (cut) are added to ``cut``."""
-    store = plan.store
+    store, logged = plan.store, _LogProgress(label, "captions", len(plan.missing_text))
     with tqdm(
         total=len(plan.missing_text), desc="caching text embeddings", unit="caption", disable=None if progress else True
     ) as bar:
@@ -470,6 +523,7 @@ def _encode_texts(
             for i, caption in enumerate(batch):
                 store.write_text(plan.text_keys[caption], emb.txt[i], emb.y[i], caption)
             bar.update(len(batch))
+            logged.update(len(batch))
     return len(plan.missing_text)
 
 
@@ -498,10 +552,17 @@ def image_to_tensor(image: Image.Image) -> Tensor:
 
 
 def _encode_latents(
-    ae: AutoEncoder, plan: CachePlan, data: ScannedData, device: torch.device, batch_size: int, progress: bool
+    ae: AutoEncoder,
+    plan: CachePlan,
+    data: ScannedData,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+    label: str = "",
 ) -> int:
     store, dtype = plan.store, dtype_from_name(plan.ae_spec.dtype)
     jobs = sorted(plan.missing_latents, key=lambda j: (j.placement.bucket, j.record, j.key))
+    logged = _LogProgress(label, "latents", len(jobs))
     decoded: tuple[int, Image.Image] | None = None  # variants of one image come in a row: decode it once
     with tqdm(total=len(jobs), desc="caching latents", unit="image", disable=None if progress else True) as bar:
         for _, same_size in itertools.groupby(jobs, key=lambda j: j.placement.bucket):
@@ -520,6 +581,7 @@ def _encode_latents(
                         mask = latent_mask(read_mask(plan.masks, data, record), job.placement, tuple(z.shape[-2:]))
                     store.write_latent(job.key, z, record.name, mask)
                 bar.update(len(batch))
+                logged.update(len(batch))
     return len(jobs)
 
 
@@ -531,50 +593,62 @@ def fill_cache(
     device: str | torch.device = "cpu",
     batch_size: int = 4,
     progress: bool = True,
+    share: Share | None = None,
 ) -> FillStats:
     """Encode whatever ``plan`` finds missing (re-checked under the fill lock), writing each entry as soon as
     it is encoded. A loader is called only if an entry it serves is missing; what it returns is owned by this
     call: moved to ``device``, used, then destroyed by :func:`release` (so return fresh encoders, not
-    shared ones).
+    shared ones). With ``share``: only the missing entries it owns, re-checked without the lock (other shares
+    write other entries meanwhile), and a loader is called only if the share owns a missing entry it serves.
 
     Args:
         plan: from :func:`plan_cache`; ``data``: the :class:`ScannedData` it was made from.
         load_text_encoders / load_autoencoder: build the encoders, with the dtype of the plan's specs.
         device: where to encode.
         batch_size: captions or crops per encoder call.
+        share: which entries this process encodes (see :class:`Share`); None: all, under the fill lock.
     """
     device = torch.device(device)
     started = time.monotonic()
-    with fill_lock(plan.root):
-        plan = plan.refresh()
+    label = share.label if share is not None else ""
+    loaded: list[str] = []
+    with fill_lock(plan.root) if share is None else contextlib.nullcontext():
+        plan = plan.refresh() if share is None else share.of(plan.refresh())
+        if label:
+            log.info(
+                "%s: %d captions and %d latents to encode", label, len(plan.missing_text), len(plan.missing_latents)
+            )
         texts = latents = 0
         cut: list[str] = []
         if plan.missing_text:
+            loaded.append("text encoders")
             texts = _with_encoder(
                 load_text_encoders,
                 device,
                 plan.text_spec.dtype,
                 "text encoders",
-                lambda te: _encode_texts(te, plan, batch_size, progress, cut),
+                lambda te: _encode_texts(te, plan, batch_size, progress, cut, label),
             )
             _warn_cut(cut, data, plan.text_spec.max_length)
         if plan.missing_latents:
+            loaded.append("autoencoder")
             latents = _with_encoder(
                 load_autoencoder,
                 device,
                 plan.ae_spec.dtype,
                 "autoencoder",
-                lambda ae: _encode_latents(ae, plan, data, device, batch_size, progress),
+                lambda ae: _encode_latents(ae, plan, data, device, batch_size, progress, label),
             )
     if texts or latents:  # the end of the cache phase: the DiT loads next
         log.info(
-            "cache %s: encoded %d captions and %d latents in %.0f s, encoders released",
+            "%s %s: encoded %d captions and %d latents in %.0f s, encoders released",
+            f"{label}: cache" if label else "cache",
             plan.root,
             texts,
             latents,
             time.monotonic() - started,
         )
-    return FillStats(texts, latents)
+    return FillStats(texts, latents, tuple(loaded))
 
 
 Encoder = TypeVar("Encoder", bound=nn.Module)

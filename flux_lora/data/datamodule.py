@@ -1,9 +1,11 @@
 """Training batches from the cache: a Dataset of cached latents and embeddings, its collate, and a DataModule
 that runs scan -> plan -> fill -> release before training.
 
-The Dataset reads cache files only; no encoder is reachable from it. Under DDP, Lightning calls
-``prepare_data`` on one process per node (the one that fills the cache, under a file lock) and then ``setup``
-on every process, which re-plans (cheap: the scan only hashes bytes) and fails if anything is still missing.
+The Dataset reads cache files only; no encoder is reachable from it. In one process ``prepare_data`` fills the
+cache. Under DDP (the process group exists before Lightning calls ``prepare_data``) ``prepare_data`` does
+nothing and ``setup``, which Lightning calls on every rank, has each rank encode its own share of the missing
+entries and wait for the others without a collective (:mod:`flux_lora.data.shards`); it fails if anything is
+still missing afterwards.
 The batch sampler splits batches between ranks itself, so the Trainer must be built with
 ``use_distributed_sampler=False``.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,12 +30,14 @@ from flux_lora.data.cache import (
     AutoEncoderSpec,
     CachePlan,
     CacheStore,
+    FillStats,
     TextEncoderSpec,
     fill_cache,
     load_text_embeddings,
     plan_cache,
 )
 from flux_lora.data.scan import ScannedData, scan_all
+from flux_lora.data.shards import distributed, fill_distributed
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEmbeddings, TextEncoders
 from flux_lora.weights.loading import load_autoencoder
@@ -194,6 +199,7 @@ class FluxDataModule(L.LightningDataModule):
         self.load_text_encoders, self.load_autoencoder = load_text_encoders, load_autoencoder
         self.sample_prompts, self.device = list(sample_prompts), device
         self.plan: CachePlan | None = None
+        self.fill_stats = FillStats()  # what this process encoded
         self._scanned = scanned
 
     @classmethod
@@ -241,21 +247,35 @@ class FluxDataModule(L.LightningDataModule):
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def prepare_data(self) -> None:
-        """Scan, plan, and fill what is missing (then the encoders are released)."""
+        """Scan, plan, and fill what is missing (then the encoders are released); under DDP nothing: every rank
+        fills its share in :meth:`setup`."""
+        if distributed():
+            return
         data, plan = self._plan()
         if not plan.complete:
-            fill_cache(
+            self.fill_stats = fill_cache(
                 plan, data, self.load_text_encoders, self.load_autoencoder, self._device(), self.cfg.encode_batch_size
             )
 
     def setup(self, stage: str | None = None) -> None:
-        _, plan = self._plan(quiet=True)  # planned once more: its summary was logged in prepare_data
+        if distributed():  # every rank: plan (the summary once per node), encode its share, wait for the others
+            data, plan = self._plan(quiet=self._local_rank() != 0)
+            self.fill_stats = fill_distributed(
+                plan, data, self.load_text_encoders, self.load_autoencoder, self._device(), self.cfg.encode_batch_size
+            )
+            plan = plan.refresh()
+        else:
+            _, plan = self._plan(quiet=True)  # planned once more: its summary was logged in prepare_data
         if not plan.complete:
             raise RuntimeError(
-                f"the cache {plan.root} is incomplete on this process after prepare_data; "
+                f"the cache {plan.root} is incomplete on this process after the fill; "
                 "with several nodes, give each its own cache folder or share one filesystem"
             )
         self.plan = plan
+
+    def _local_rank(self) -> int:
+        trainer = self.trainer
+        return trainer.local_rank if trainer is not None else int(os.environ.get("LOCAL_RANK", "0"))
 
     def train_dataloader(self) -> DataLoader[Sample]:
         trainer = self.trainer

@@ -188,9 +188,11 @@ class FluxLoraModule(L.LightningModule):
         return self.empty_embedding
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
-        """Noise, times and caption dropout of a micro-batch depend only on (seed, epoch, batch, rank), so a resumed
-        run draws exactly what an uninterrupted one would."""
-        key = (self.train_cfg.seed, self.current_epoch, batch_idx, self.global_rank)
+        """Noise, times and caption dropout of a micro-batch depend only on (seed, epoch, its place in the epoch's
+        global batch list), so a resumed run draws exactly what an uninterrupted one would, and a run on W ranks
+        what one process accumulating W micro-batches per step draws (rank r's batch b is global batch b W + r)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        key = (self.train_cfg.seed, self.current_epoch, batch_idx * world + self.global_rank, 0)
         return torch.Generator().manual_seed(hash(key) % (2**63))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from safetensors import safe_open
 
 from flux_lora import config_io
@@ -93,7 +94,9 @@ def fetch_model_folder(cfg: ExperimentConfig) -> Path:
         hub=m.hub,
         revision=m.revision,
         cache_dir=m.cache_dir,
-        local_files_only=int(os.environ.get("LOCAL_RANK", "0")) > 0,
+        # processes Lightning starts after the first fetched (torchrun's and srun's start together: each fetches,
+        # the hub library's file locks keep them apart)
+        local_files_only=launch_ranks()[1] > 0 and "RANK" not in os.environ and not SLURMEnvironment.detect(),
     )
 
 
@@ -284,9 +287,23 @@ def check_writable(folder: Path) -> None:
         raise ConfigError(f"output_dir {folder} cannot be written ({e.strerror or e})") from None
 
 
+def launch_ranks() -> tuple[int, int]:
+    """``(global rank, local rank)`` of this process as its launcher set them, before any process group exists:
+    torchrun (``RANK``, ``LOCAL_RANK``), Slurm's srun (``SLURM_PROCID``, ``SLURM_LOCALID``, as Lightning's
+    ``SLURMEnvironment`` detects it) or Lightning's own launcher, which starts a node's other processes with
+    ``LOCAL_RANK`` set and is itself started with ``NODE_RANK`` (a global rank of 1 stands for any other)."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", "0"))
+    if SLURMEnvironment.detect():
+        return int(env.get("SLURM_PROCID", "0")), int(env.get("SLURM_LOCALID", "0"))
+    local = int(env.get("LOCAL_RANK", "0"))
+    return (0 if local == 0 and int(env.get("NODE_RANK", "0")) == 0 else 1), local
+
+
 def _first_process() -> bool:
-    """True in the process that starts a run (DDP's launcher re-runs the script with LOCAL_RANK set)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    """True in the one process of a run that moves old outputs aside and holds the output lock."""
+    return launch_ranks()[0] == 0
 
 
 def _prepare_output(cfg: ExperimentConfig, scanned: ScannedData) -> tuple[Path | None, int | None]:

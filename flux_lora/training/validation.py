@@ -57,9 +57,7 @@ class ValidationLoss(L.Callback):
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         self.data.device = trainer.strategy.root_device
-        if trainer.local_rank == 0:
-            self.data.prepare_data()
-        trainer.strategy.barrier("validation cache")
+        self.data.prepare_data()  # one process; under DDP every rank fills its share in setup()
         self.data.setup()
         self.dataset = CachedDataset.from_plan(self.data._require_plan())
 
