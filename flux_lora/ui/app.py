@@ -25,8 +25,8 @@ def _error(e: Exception) -> str:
 def build(roots: Roots, manager: RunManager, templates: dict[str, Path]) -> gr.Blocks:
     with gr.Blocks(title="flux-lora", analytics_enabled=False) as page:
         gr.Markdown(
-            f"## flux-lora &nbsp; <small>data root `{roots.data}` · output root `{roots.output}` · every run here "
-            "is `python train.py --config <output root>/<name>/run.yaml`</small>"
+            f"**flux-lora** · data root `{roots.data}` · output root `{roots.output}` · every run here is "
+            "`python train.py --config <output root>/<name>/run.yaml`"
         )
         preset_state = gr.State({})
         with gr.Tabs():
@@ -52,7 +52,13 @@ def _dataset_tab(roots: Roots) -> None:
         load = gr.Button("Load dataset", variant="primary", elem_id="data-load", scale=1)
     status = gr.Markdown(elem_id="data-status")
     warnings = gr.Textbox(label="Scanner warnings", lines=2, interactive=False, elem_id="data-warnings")
-    gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=8, height=300, elem_id="data-gallery")
+    gallery = gr.Gallery(
+        label="Images (click one to edit its caption)",
+        columns=12,
+        height=220,
+        allow_preview=False,
+        elem_id="data-gallery",
+    )
     table = gr.Dataframe(
         headers=["file", "caption (as trained)", "repeats", "size", "bucket and crop per resolution", "warning"],
         label="What the trainer will use",
@@ -126,15 +132,16 @@ def _presets_tab(state: gr.State) -> gr.Markdown:
         variant = gr.Dropdown(list(presets.VARIANTS), value="flux-dev", label="Model", elem_id="preset-variant")
         card = gr.Radio([str(c) for c in presets.CARD_SIZES_GB], value="24", label="Card (GB)", elem_id="preset-card")
         res = gr.Number(1024, label="Resolution (px)", precision=0, elem_id="preset-res")
-    show = gr.Markdown(elem_id="preset-view")
-    use = gr.Button("Use this preset for the next run", variant="primary", elem_id="preset-use")
-    used = gr.Markdown(elem_id="preset-used")
 
     def view(v: str, c: str, r: float) -> str:
         try:
             return presets.preset(int(c), int(r), v)[1]
         except (ValueError, TypeError) as e:
             return _error(e)
+
+    show = gr.Markdown(view("flux-dev", "24", 1024), elem_id="preset-view")
+    use = gr.Button("Use this preset for the next run", variant="primary", elem_id="preset-use")
+    used = gr.Markdown(elem_id="preset-used")
 
     def choose(v: str, c: str, r: float) -> tuple[dict[str, Any], str, str]:
         try:
@@ -181,7 +188,14 @@ def _runs_tab(
             )
             preset_used = gr.Markdown("no preset (the template's settings)", elem_id="run-preset")
             build_btn = gr.Button("Build YAML", elem_id="run-build")
-            config = gr.Code("", language="yaml", label="run.yaml (edit freely)", interactive=True, elem_id="run-yaml")
+            config = gr.Code(
+                "",
+                language="yaml",
+                label="run.yaml (edit freely)",
+                interactive=True,
+                wrap_lines=True,
+                elem_id="run-yaml",
+            )
             start = gr.Button("Start (queued when a run is going)", variant="primary", elem_id="run-start")
             start_msg = gr.Markdown(elem_id="run-start-msg")
         with gr.Column(scale=3):
@@ -196,8 +210,12 @@ def _runs_tab(
             with gr.Row():
                 loss = gr.LinePlot(x="step", y="value", title="loss", height=220, elem_id="run-loss")
                 lr = gr.LinePlot(x="step", y="value", title="learning rate", height=220, elem_id="run-lr")
-            previews = gr.Gallery(label="Previews", columns=6, height=260, elem_id="run-previews")
-            settings = gr.Code("", language="yaml", label="The YAML that reproduces it", interactive=False)
+            previews = gr.Gallery(
+                label="Previews (step: prompt)", columns=6, height=240, object_fit="contain", elem_id="run-previews"
+            )
+            settings = gr.Code(
+                "", language="yaml", label="The YAML that reproduces it", interactive=False, wrap_lines=True
+            )
     timer = gr.Timer(1.0)
 
     preset_label.change(lambda s: s or "no preset", [preset_label], [preset_used])
@@ -259,43 +277,49 @@ def _runs_tab(
     save_now.click(lambda s: act("save-now", s), [runs], [start_msg])
     sample_now.click(lambda s: act("sample-now", s), [runs], [start_msg])
 
-    def refresh(selected: str | None) -> tuple[Any, ...]:
+    seen = gr.State("")
+
+    def refresh(selected: str | None, last: str) -> tuple[Any, ...]:
+        """The selected run's view; components are sent again only when something changed."""
         names = manager.names()
-        choices = gr.update(choices=names)
         if not selected or selected not in names:
-            return choices, "no run selected", None, None, [], ""
+            return gr.update(choices=names), "no run selected", None, None, [], "", ""
         folder = roots.output_path(selected)
         v = events.view(folder, folder / "console.log")
-        state = manager.status(selected)
-        if state == "not running from this UI":
-            state = _outside_state(v)
-        parts = [f"**{selected}**: {state}", f"step **{v.step}**" + (f" of {v.max_steps}" if v.max_steps else "")]
-        if v.steps_per_s:
-            parts.append(f"{v.steps_per_s:.2f} steps/s")
-        if v.eta and state == "running":
-            parts.append(f"ETA {v.eta}")
-        parts.append(f"{len(v.checkpoints)} checkpoints, {len(v.loras)} LoRA files")
-        text = " · ".join(parts)
-        if v.summaries:
-            text += "\n\n" + "  \n".join(v.summaries[-4:])
-        error = last_error(folder / "console.log")
-        if error and ("failed" in state or "error" in error.lower() or "in use" in error):
-            text += f"\n\nlast message: `{error}`"
-        curve = pd.DataFrame(v.curve, columns=["step", "series", "value"])
+        text = _status_text(selected, manager.status(selected), v, folder)
+        previews = [(p, c) for p, c in v.previews[-12:] if Path(p).is_file()]
         config_file = folder / RUN_CONFIG if (folder / RUN_CONFIG).is_file() else folder / "config.yaml"
         shown = config_file.read_text() if config_file.is_file() else ""
-        return (
-            choices,
-            text,
-            curve[curve.series == "loss"],
-            curve[curve.series == "lr"],
-            [(p, c) for p, c in v.previews[-12:] if Path(p).is_file()],
-            shown,
-        )
+        signature = repr((names, text, len(v.curve), previews, shown))
+        if signature == last:
+            return (*([gr.update()] * 6), last)
+        curve = pd.DataFrame(v.curve, columns=["step", "series", "value"]).astype({"step": int, "value": float})
+        loss_frame = curve[curve.series == "loss"][["step", "value"]]
+        lr_frame = curve[curve.series == "lr"][["step", "value"]]
+        return gr.update(choices=names), text, loss_frame, lr_frame, previews, shown, signature
 
-    outputs = [runs, status, loss, lr, previews, settings]
-    timer.tick(refresh, [runs], outputs, show_progress="hidden")
-    runs.change(refresh, [runs], outputs)
+    outputs = [runs, status, loss, lr, previews, settings, seen]
+    timer.tick(refresh, [runs, seen], outputs, show_progress="hidden")
+    runs.change(refresh, [runs, gr.State("")], outputs)
+
+
+def _status_text(name: str, state: str, v: events.RunView, folder: Path) -> str:
+    """One line of progress, the start/end summaries, and the last error when there is one."""
+    if state == "not running from this UI":
+        state = _outside_state(v)
+    parts = [f"**{name}**: {state}", f"step **{v.step}**" + (f" of {v.max_steps}" if v.max_steps else "")]
+    if v.steps_per_s:
+        parts.append(f"{v.steps_per_s:.2f} steps/s")
+    if v.eta and state == "running":
+        parts.append(f"ETA {v.eta}")
+    parts.append(f"{len(v.checkpoints)} checkpoints, {len(v.loras)} LoRA files")
+    text = " · ".join(parts)
+    if v.summaries:
+        text += "\n\n" + "  \n".join(v.summaries[-4:])
+    error = last_error(folder / "console.log")
+    if error and "failed" not in state and ("error" in error.lower() or "in use" in error):
+        text += f"\n\nlast message: `{error}`"
+    return text
 
 
 def _outside_state(v: events.RunView) -> str:

@@ -98,9 +98,9 @@ def view(folder: Path, console_log: Path | None = None) -> RunView:
             out.status = str(e.get("status"))
             out.step = int(e.get("step", out.step))
             out.summaries.append(f"end at step {e.get('step')}: {e.get('status')}: {e.get('message', '')}")
-    if not any(e.get("event") == "step" for e in events):
-        out.curve = _metrics_curve(folder / "logs" / "metrics.csv")
+    if not any(e.get("event") == "step" for e in events):  # the console's progress lines, else Lightning's CSV
         _console_progress(out, console_log)
+        out.curve = out.curve or _metrics_curve(folder / "logs" / "metrics.csv")
     if not any(e.get("event") == "sample" for e in events):
         out.previews = [(str(p), f"step {int(p.name[4:10])}") for p in sorted(folder.glob("samples/step*.png"))]
     if not out.checkpoints:
@@ -125,18 +125,18 @@ def _metrics_curve(path: Path) -> list[tuple[int, str, float]]:
 def _console_progress(out: RunView, console_log: Path | None) -> None:
     if console_log is None or not console_log.is_file():
         return
-    for line in reversed(tail(console_log, 200)):
+    for line in tail(console_log, 2000):
         if m := CONSOLE_STEP.search(line):
             out.step, out.max_steps = int(m.group(1)), int(m.group(2))
             out.steps_per_s, out.eta = float(m.group(5)), m.group(6)
-            return
+            out.curve += [(out.step, "loss", float(m.group(3))), (out.step, "lr", float(m.group(4)))]
 
 
 def tail(path: Path, lines: int) -> list[str]:
-    """The last ``lines`` lines of a text file (reads at most its last 64 KiB)."""
+    """The last ``lines`` lines of a text file (reads at most its last 256 KiB)."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 65536))
+        f.seek(max(0, f.tell() - (1 << 18)))
         return f.read().decode("utf-8", errors="replace").splitlines()[-lines:]
 
 

@@ -191,12 +191,18 @@ class RunManager:
             self.poll()
             time.sleep(0.5)
 
-    def shutdown(self) -> None:
-        """Stop the running child (SIGTERM, it checkpoints) when the UI exits; the queue is dropped."""
+    def shutdown(self, timeout: float = 120) -> None:
+        """Stop the running child when the UI exits (SIGTERM: it checkpoints) and wait for it; the queue is
+        dropped."""
         with self._lock:
             self.queue.clear()
-            if self.current and self.current[1].poll() is None:
-                self.current[1].send_signal(signal.SIGTERM)
+            proc = self.current[1] if self.current else None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("the run (process %d) did not stop in %.0f s", proc.pid, timeout)
 
     # ------------------------------------------------------------------ reading
 
