@@ -111,6 +111,8 @@ def test_ui_in_a_browser(tmp_path: Path) -> None:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/")
+            maps = Path(f"/proc/{server.pid}/maps")
+            assert not maps.is_file() or "libtorch" not in maps.read_text(), "the UI server imported torch"
             _flow(page, data, out, shots)
             browser.close()
     finally:
@@ -220,5 +222,5 @@ def _flow(page: Page, data: Path, out: Path, shots: Path) -> None:
     cells = sorted((out / "bench").glob("*/p*.png"))
     assert len(cells) == 4
     info = Image.open(cells[0]).text  # type: ignore[attr-defined]
-    assert "Lora hashes: ui-run" in info["parameters"] and "flux_lora" in info
+    assert 'Lora hashes: "ui-run: ' in info["parameters"] and "flux_lora" in info
     assert np.asarray(Image.open(cells[0])).std() > 0
