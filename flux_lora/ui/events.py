@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image
+
 from flux_lora.atomic import write_atomic
 
 EVENTS_FILE = "events.jsonl"
@@ -102,12 +104,23 @@ def view(folder: Path, console_log: Path | None = None) -> RunView:
         _console_progress(out, console_log)
         out.curve = out.curve or _metrics_curve(folder / "logs" / "metrics.csv")
     if not any(e.get("event") == "sample" for e in events):
-        out.previews = [(str(p), f"step {int(p.name[4:10])}") for p in sorted(folder.glob("samples/step*.png"))]
+        out.previews = [(str(p), _preview_caption(p)) for p in sorted(folder.glob("samples/step*.png"))]
     if not out.checkpoints:
         out.checkpoints = [str(p) for p in sorted(folder.glob("checkpoints/*.ckpt"))]
     if not out.loras:
         out.loras = [str(p) for p in sorted(folder.glob("**/*.safetensors")) if "cache" not in p.parts]
     return out
+
+
+def _preview_caption(png: Path) -> str:
+    """``step N: prompt`` of a preview PNG (its A1111 ``parameters`` text holds the prompt first)."""
+    step = f"step {int(png.name[4:10])}" if png.name[4:10].isdigit() else png.stem
+    try:
+        with Image.open(png) as image:
+            prompt = str(getattr(image, "text", {}).get("parameters", "")).split("\n")[0]
+    except OSError:
+        prompt = ""
+    return f"{step}: {prompt}" if prompt else step
 
 
 def _metrics_curve(path: Path) -> list[tuple[int, str, float]]:
