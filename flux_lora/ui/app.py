@@ -64,6 +64,7 @@ def _dataset_tab(roots: Roots) -> None:
         label="What the trainer will use",
         interactive=False,
         wrap=True,
+        column_widths=["13%", "33%", "7%", "7%", "32%", "8%"],
         elem_id="data-table",
     )
     with gr.Row():
@@ -211,7 +212,12 @@ def _runs_tab(
                 loss = gr.LinePlot(x="step", y="value", title="loss", height=220, elem_id="run-loss")
                 lr = gr.LinePlot(x="step", y="value", title="learning rate", height=220, elem_id="run-lr")
             previews = gr.Gallery(
-                label="Previews (step: prompt)", columns=6, height=240, object_fit="contain", elem_id="run-previews"
+                label="Previews (step: prompt)",
+                columns=6,
+                height=240,
+                object_fit="contain",
+                fit_columns=False,
+                elem_id="run-previews",
             )
             settings = gr.Code(
                 "", language="yaml", label="The YAML that reproduces it", interactive=False, wrap_lines=True
