@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,39 @@ def test_the_ui_imports_no_torch_and_refuses_before_gradio() -> None:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.strip() == "False False", done.stderr
+
+
+FAKE_TRAINER = """
+import signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as train.py: checkpoint, exit 143
+config = Path(sys.argv[2])
+(config.parent / "started").write_text(str(time.time()))
+time.sleep(float(config.read_text().split("# sleep ")[1]))
+"""
+
+
+def test_the_queue_runs_one_job_after_another_and_stop_is_sigterm(roots: Roots, tmp_path: Path) -> None:
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAINER)
+    manager = runs.RunManager(roots, train_script=str(script))
+    jobs = []
+    for name, sleep in (("first", 0.2), ("second", 30.0)):
+        text = runs.build_config({}, roots, name, ["set"], {}) + f"# sleep {sleep}\n"
+        jobs.append(manager.save(text))
+    assert (roots.output / "first" / "run.yaml").is_file()
+    assert manager.enqueue(jobs[0]) == "first: started"
+    assert manager.enqueue(jobs[1]) == "second: queued (1)"
+    assert manager.status("second") == "queued" and not (roots.output / "second" / "started").exists()
+    deadline = time.monotonic() + 30
+    while manager.running_name() != "second" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert manager.status("first") == "finished" and manager.running_name() == "second"
+    while not (roots.output / "second" / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert manager.stop("second").startswith("second: stop requested")
+    while manager.running_name() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    manager.poll()
+    assert manager.status("second") == "stopped (checkpoint written)"
+    assert set(manager.names()) == {"first", "second"}
