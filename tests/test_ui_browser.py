@@ -180,10 +180,14 @@ def _flow(page: Page, data: Path, out: Path, shots: Path) -> None:
     _fill(page, "run-prompts", "\n".join(PROMPTS))
     page.locator("#run-build").click()
     expect(page.locator("#run-yaml")).to_contain_text("name: ui-run", timeout=10_000)
-    # edit the YAML as a person may: float32 (fp8 is slow on a CPU) and a progress line every 5 steps
+    expect(page.locator("#run-preset")).to_contain_text("80 GB, 64 px")
     text = page.locator("#run-yaml .cm-content").inner_text()
+    assert re.search(r"\n  resolution: 64\n", text), text  # the preset's resolution
+    # edit the YAML as a person may: the toy's float32, batch, rank and no block swap whatever the 80 GB preset
+    # chose for FLUX.1-dev (fp8 is slow on a CPU), and a progress line every 5 steps
     text = re.sub(r"\n\s*quantize: .*", "", text)
-    text = re.sub(r"log_every_n_steps: \d+", "log_every_n_steps: 5", text)
+    for key, value in (("log_every_n_steps", 5), ("batch_size", 4), ("rank", 16), ("blocks_to_swap", 0)):
+        text = re.sub(rf"\b{key}: \S+", f"{key}: {value}", text)
     page.locator("#run-yaml .cm-content").click()
     page.keyboard.press("Control+A")
     page.keyboard.insert_text(text)
