@@ -201,3 +201,24 @@ def test_the_queue_runs_one_job_after_another_and_stop_is_sigterm(roots: Roots, 
     manager.poll()
     assert manager.status("second") == "stopped (checkpoint written)"
     assert set(manager.names()) == {"first", "second"}
+
+
+LOCKED_TRAINER = """
+import sys
+print("2026-12-07 05:00:00,000 INFO flux_lora.data.scan: scanned x: 1 images")
+print("2026-12-07 05:00:01,000 ERROR flux_lora.train: output_dir /o/r is in use by process 7 on h: wait for it")
+sys.exit(2)
+"""
+
+
+def test_a_refused_run_shows_the_trainers_message(roots: Roots, tmp_path: Path) -> None:
+    """The output lock's refusal (train.py logs it as an ERROR line and exits 2) is what the run's status shows."""
+    script = tmp_path / "locked_train.py"
+    script.write_text(LOCKED_TRAINER)
+    manager = runs.RunManager(roots, train_script=str(script))
+    manager.enqueue(manager.save(runs.build_config({}, roots, "busy", ["set"], {})))
+    deadline = time.monotonic() + 30
+    while manager.running_name() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    manager.poll()
+    assert manager.status("busy") == "failed (exit 2): output_dir /o/r is in use by process 7 on h: wait for it"
