@@ -26,6 +26,7 @@ LAYERS = {
     "toy": 5,  # the demo: may use training (its model trainer, later), like the programs
     "cli": 5,
     "api": 6,
+    "ui": 6,  # the web UI: runs the programs as child processes, reads their outputs
 }
 
 
@@ -118,7 +119,12 @@ def test_no_import_cycle():
 
 # The one deliberate exception: the training program imports the trainer (torch, Lightning: seconds) only after
 # --help, usage and config errors have had their answer (tests/test_config_cli.py checks that they import no torch).
-DEFERRED = {("flux_lora/cli/train.py", "flux_lora.training"), ("flux_lora/cli/train.py", "flux_lora.data.cache")}
+# Likewise the web UI imports Gradio (seconds) only after its arguments and host/token checks have answered.
+DEFERRED = {
+    ("flux_lora/cli/train.py", "flux_lora.training"),
+    ("flux_lora/cli/train.py", "flux_lora.data.cache"),
+    ("flux_lora/ui/server.py", "flux_lora.ui.app"),
+}
 
 
 def test_no_package_import_inside_functions():

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from flux_lora.sampling import SIDE_MULTIPLE
+from flux_lora.names import SIDE_MULTIPLE
 
 Size = tuple[int, int]
 

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps
 
 from flux_lora.atomic import write_text_atomic
 from flux_lora.config import DataConfig, DataError
-from flux_lora.sampling import SIDE_MULTIPLE
+from flux_lora.names import SIDE_MULTIPLE
 
 log = logging.getLogger(__name__)
 
