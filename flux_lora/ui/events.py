@@ -8,8 +8,6 @@ first source. A run folder without it (a trainer from before the events file) is
 from __future__ import annotations
 
 import csv
-import importlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,40 +16,21 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from flux_lora.atomic import write_atomic
+from flux_lora.training import events as trainer_events
 
 EVENTS_FILE = "events.jsonl"
 CONTROL_DIR = "control"
 Request = Literal["save-now", "sample-now"]
 
-try:  # the trainer's own reader and request writer (contract of issue 22)
-    _trainer_events: Any = importlib.import_module("flux_lora.training.events")
-except ImportError:  # a trainer without the events module: the same format, read here
-    _trainer_events = None
-
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     """The events of ``path`` (``events.jsonl``), oldest first; lines that do not parse are skipped."""
-    if _trainer_events is not None:
-        return list(_trainer_events.read_events(path))
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and "event" in event:
-            events.append(event)
-    return events
+    return trainer_events.read_events(path)
 
 
 def request(output_dir: Path, what: Request) -> Path:
     """Leave a ``save-now`` or ``sample-now`` request for the trainer in ``output_dir/control/``."""
-    if _trainer_events is not None:
-        return Path(_trainer_events.request(output_dir, what))
-    return write_atomic(output_dir / CONTROL_DIR / what, lambda tmp: tmp.write_bytes(b""))
+    return trainer_events.request(output_dir, what)
 
 
 CONSOLE_STEP = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.eE+-]+).*?lr ([\d.eE+-]+)\s+([\d.]+) steps/s\s+ETA (\S+)")

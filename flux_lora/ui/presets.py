@@ -3,27 +3,16 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-try:
-    _presets: Any = importlib.import_module("flux_lora.presets")
-    CARD_SIZES_GB: tuple[int, ...] = tuple(_presets.CARD_SIZES_GB)
-except ImportError:  # a package without the presets module
-    _presets = None
-    CARD_SIZES_GB = (12, 16, 24, 48, 80)
+from flux_lora import presets as _presets
+from flux_lora.presets import CARD_SIZES_GB, VARIANTS
 
-VARIANTS = ("flux-dev", "flux-schnell")
-
-
-def available() -> bool:
-    return _presets is not None
+__all__ = ["CARD_SIZES_GB", "VARIANTS", "preset"]
 
 
 def preset(card_gb: int, resolution: int, variant: str) -> tuple[dict[str, Any], str]:
     """``(overrides for the run, text a person reads)`` of the preset for this card, resolution and model."""
-    if _presets is None:
-        raise ValueError("flux_lora.presets is not in this installation: presets are not available")
     p = _presets.preset_for(int(card_gb), int(resolution), variant)
     overrides = {**dict(p.overrides), "data.resolution": int(resolution)}
     lines = [
