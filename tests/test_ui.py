@@ -203,6 +203,43 @@ def test_the_queue_runs_one_job_after_another_and_stop_is_sigterm(roots: Roots, 
     assert set(manager.names()) == {"first", "second"}
 
 
+SLOW_STOP_TRAINER = """
+import signal, sys, time
+from pathlib import Path
+config = Path(sys.argv[2])
+runs = config.parent / "runs"
+runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
+def stop(*_):
+    time.sleep(1.5)  # writing its checkpoint
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(30 if len(runs.read_text()) == 1 else 0.1)
+"""
+
+
+def test_resume_pressed_while_the_run_still_writes_its_checkpoint_starts_it_after(roots: Roots, tmp_path: Path) -> None:
+    """Between SIGTERM and the trainer's exit the run is "stopping"; Resume then queues it rather than saying it is
+    already running, and it starts once the stopped process has exited."""
+    script = tmp_path / "slow_stop.py"
+    script.write_text(SLOW_STOP_TRAINER)
+    manager = runs.RunManager(roots, train_script=str(script))
+    job = manager.save(runs.build_config({}, roots, "run", ["set"], {}))
+    assert manager.enqueue(job) == "run: started"
+    deadline = time.monotonic() + 30
+    while not (job.folder / "runs").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert manager.resume("run") == "run is already running or queued"
+    manager.stop("run")
+    assert manager.status("run") == "stopping (writing its checkpoint)"
+    assert manager.resume("run") == "run: queued (1)"
+    while (job.folder / "runs").read_text() != "xx" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while manager.running_name() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    manager.poll()
+    assert (job.folder / "runs").read_text() == "xx" and manager.status("run") == "finished"
+
+
 LOCKED_TRAINER = """
 import sys
 print("2026-12-07 05:00:00,000 INFO flux_lora.data.scan: scanned x: 1 images")

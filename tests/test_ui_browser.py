@@ -200,14 +200,13 @@ def _flow(page: Page, data: Path, out: Path, shots: Path) -> None:
     expect(page.locator("#run-loss :is(canvas, svg)").first).to_be_visible(timeout=20_000)
     _shot(page, shots, "run-training")
     page.locator("#run-stop").click()
-    text = _wait_status(page, r"stopped", 60)
-    assert "stopped (checkpoint written)" in text or "stopped" in text
+    text = _wait_status(page, r"^ui-run: stopped \(checkpoint written\)", 60)  # the process has exited
     checkpoints = sorted((out / "ui-run" / "checkpoints").glob("*.ckpt"))
     assert checkpoints, "no checkpoint after the stop"
     assert not (out / "ui-run" / "ui-run.safetensors").exists(), "the run ended before the stop"
     _shot(page, shots, "run-stopped")
     page.locator("#run-resume").click()
-    _wait_status(page, r"finished", 300)
+    _wait_status(page, r"^ui-run: finished", 300)
     assert (out / "ui-run" / "ui-run.safetensors").is_file()
     _shot(page, shots, "run-finished")
 

@@ -105,6 +105,7 @@ class RunManager:
         self.queue: list[Job] = []
         self.current: tuple[Job, subprocess.Popen[bytes]] | None = None
         self.exit_codes: dict[str, int] = {}
+        self.stopping: set[str] = set()  # sent SIGTERM, still writing its checkpoint
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -125,18 +126,22 @@ class RunManager:
     def enqueue(self, job: Job) -> str:
         """Queue ``job``; it starts at once when nothing runs."""
         with self._lock:
-            if any(j.name == job.name for j in self.queue) or (self.current and self.current[0].name == job.name):
+            running = self.current is not None and self.current[0].name == job.name and job.name not in self.stopping
+            if running or any(j.name == job.name for j in self.queue):
                 return f"{job.name} is already running or queued"
             self.queue.append(job)
         self._ensure_thread()
         self.poll()
-        return f"{job.name}: " + ("started" if self.running_name() == job.name else f"queued ({len(self.queue)})")
+        with self._lock:
+            started = self.current is not None and self.current[0] is job
+            return f"{job.name}: " + ("started" if started else f"queued ({len(self.queue)})")
 
     def stop(self, name: str) -> str:
         """SIGTERM to the run's process (it checkpoints and exits 143), or take it out of the queue."""
         with self._lock:
             if self.current and self.current[0].name == name and self.current[1].poll() is None:
                 self.current[1].send_signal(signal.SIGTERM)
+                self.stopping.add(name)
                 return f"{name}: stop requested (SIGTERM: the trainer writes a checkpoint and exits)"
             for job in self.queue:
                 if job.name == name:
@@ -164,6 +169,7 @@ class RunManager:
                 if code is None:
                     return
                 self.exit_codes[job.name] = code
+                self.stopping.discard(job.name)
                 self.current = None
             if self.queue:
                 job = self.queue.pop(0)
@@ -220,7 +226,7 @@ class RunManager:
     def status(self, name: str) -> str:
         """running / queued / finished / stopped / failed, with the child's last error line."""
         if self.running_name() == name:
-            return "running"
+            return "stopping (writing its checkpoint)" if name in self.stopping else "running"
         if any(j.name == name for j in self.queue):
             return "queued"
         folder = self.roots.output_path(run_name(name))
