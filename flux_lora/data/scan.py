@@ -90,7 +90,9 @@ class ScannedData:
         elif record.path is not None:
             data = Path(record.path).read_bytes()
         else:
-            raise DataError(f"{record.name} has neither a file nor a dataset row to read")
+            raise DataError(
+                f"{record.name} has neither a file nor a dataset row to read (a streamed image is only cached)"
+            )
         if hashlib.sha256(data).hexdigest() != record.image_hash:
             raise DataError(f"{record.name} changed since the data was scanned; start again")
         return data
@@ -423,6 +425,17 @@ def source_kind(source: str) -> str:
     return "hub"
 
 
+def final_caption(cfg: DataConfig, caption: Any, class_caption: str | None, name: str) -> str | None:
+    """The caption trained on: stripped, else the kohya class caption, else ``data.default_caption``, then the
+    trigger word; None when there is none."""
+    text = (caption.strip() if isinstance(caption, str) else None) or class_caption
+    if not text:
+        if cfg.default_caption is None:
+            return None
+        text = cfg.default_caption
+    return apply_trigger(text, cfg.trigger_word, f"the caption of {name}")
+
+
 def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
     """Read every caption and check every image of ``cfg.source``; needs no model. Folders in ``exclude`` (the
     run's output folder, when it lies inside the data) are not scanned.
@@ -432,6 +445,10 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
     """
     if not cfg.source:
         raise DataError("data.source is empty: set it to an image folder or a dataset")
+    if cfg.streaming:
+        from flux_lora.data.stream import scan_stream
+
+        return scan_stream(cfg)
     kind = source_kind(cfg.source)
     if kind == "hub" and (Path(cfg.source).exists() or cfg.source.startswith(("/", ".", "~"))):
         raise DataError(f"data.source {cfg.source} is not a folder (an image folder or a dataset folder)")
@@ -467,13 +484,10 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
             log.warning("skipping %s: the image cannot be read (%s)", name, probed)
             skipped.append((name, probed))
             continue
-        caption = (caption.strip() if isinstance(caption, str) else None) or class_caption
-        if not caption:
-            if cfg.default_caption is None:
-                missing.append(name)
-                continue
-            caption = cfg.default_caption
-        caption = apply_trigger(caption, cfg.trigger_word, f"the caption of {name}")
+        caption = final_caption(cfg, caption, class_caption, name)
+        if caption is None:
+            missing.append(name)
+            continue
         path = ref if kind == "folder" else _cell_path(ref)
         records.append(
             ImageRecord(
@@ -490,7 +504,7 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
         )
     if index is not None:
         index.save()
-    _check_scan(cfg, records, skipped, missing, len(items))
+    check_scan(cfg, records, skipped, missing, len(items))
     return ScannedData(cfg.source, records, skipped, dataset, cfg.image_column)
 
 
@@ -519,7 +533,7 @@ def _cell_path(cell: Any) -> str | None:
     return cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") else None
 
 
-def _check_scan(
+def check_scan(
     cfg: DataConfig, records: list[ImageRecord], skipped: list[tuple[str, str]], missing: list[str], total: int
 ) -> None:
     if missing:
