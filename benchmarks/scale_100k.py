@@ -52,7 +52,7 @@ def generate(data: Path, count: int) -> float:
     from PIL import Image, ImageDraw
 
     marker = data / ".generated.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("count") == count:
+    if marker.is_file() and json.loads(marker.read_text()) == {"count": count, "distinct": True}:
         return 0.0
     started = time.perf_counter()
     data.mkdir(parents=True, exist_ok=True)
@@ -61,12 +61,13 @@ def generate(data: Path, count: int) -> float:
         colour, shape = COLOURS[i % len(COLOURS)], SHAPES[(i // len(COLOURS)) % len(SHAPES)]
         image = Image.new("RGB", size, ((i * 7) % 256, (i * 13) % 256, (i * 29) % 256))
         ImageDraw.Draw(image).rectangle((4, 4, 4 + i % 20, 4 + (i // 20) % 20), fill=(255 - i % 256, 40, 90))
+        image.putpixel((0, 0), (i & 255, (i >> 8) & 255, (i >> 16) & 255))  # every image distinct
         image.save(data / f"{i:06d}.png", compress_level=1)
         (data / f"{i:06d}.txt").write_text(f"picture {i}: a {colour} {shape}")
     past = time.time() - 60  # as a real dataset: written well before it is scanned
     for p in data.iterdir():
         os.utime(p, (past, past))
-    write_text_atomic(marker, json.dumps({"count": count}))
+    write_text_atomic(marker, json.dumps({"count": count, "distinct": True}))
     return time.perf_counter() - started
 
 
@@ -134,7 +135,7 @@ def measure(root: Path, profile: str | None) -> dict[str, Any]:
         profiler.dump_stats(profile)
     dm = FluxDataModule(cfg, text_spec, ae_spec, _never, _never, device="cpu", scanned=data)
     dm.plan = plan
-    dataset = CachedDataset.from_plan(plan)
+    dataset = CachedDataset.from_plan(plan) if plan.complete else None
     gc.collect()
     after = status()
     del dataset
@@ -142,6 +143,7 @@ def measure(root: Path, profile: str | None) -> dict[str, Any]:
         "records": len(data.records),
         "complete": plan.complete,
         "missing_latents": len(plan.missing_latents),
+        "distinct_latents": len({j.key for jobs in plan.variants for j in jobs}),
         "scan_s": scanned - started,
         "plan_s": planned - scanned,
         "scan_plan_s": planned - started,

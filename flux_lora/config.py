@@ -186,7 +186,7 @@ class DataConfig:
         "weight of these images' loss (per data.datasets entry, e.g. 0.5 for regularization images)", 1.0
     )
     datasets: list[DatasetConfig] = _doc(
-        "several datasets: entries of source, image_column, caption_column, split, caption_extension, "
+        "several datasets: entries of source, image_column, caption_column, split, streaming, caption_extension, "
         "default_caption, trigger_word, repeats, resolution, loss_weight, regularization, generate; what an entry "
         "leaves out is the field above",
         factory=list,

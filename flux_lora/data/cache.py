@@ -284,7 +284,7 @@ class CacheStore:
         return read_entry(self.latent_path(key))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LatentJob:
     """One latent entry: record ``record`` of the scanned data placed as ``placement``."""
 

@@ -52,7 +52,7 @@ KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's DreamBooth subfolders: <re
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """One usable training image: its caption, content hash and size after EXIF rotation. ``path`` is the file
     to read; for a ``datasets`` source holding the bytes, ``row`` is its row instead."""
@@ -446,8 +446,6 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
     if not cfg.source:
         raise DataError("data.source is empty: set it to an image folder or a dataset")
     if cfg.streaming:
-        from flux_lora.data.stream import scan_stream
-
         return scan_stream(cfg)
     kind = source_kind(cfg.source)
     if kind == "hub" and (Path(cfg.source).exists() or cfg.source.startswith(("/", ".", "~"))):
@@ -506,6 +504,52 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
         index.save()
     check_scan(cfg, records, skipped, missing, len(items))
     return ScannedData(cfg.source, records, skipped, dataset, cfg.image_column)
+
+
+# ------------------------------------------------------------------------------------------ streamed sources
+
+MANIFEST_VERSION = 1
+
+
+def manifest_path(cfg: DataConfig) -> Path:
+    """Where what the stream of ``cfg`` held is recorded, keyed by what selects the examples."""
+    ident = json.dumps([cfg.source, cfg.split, cfg.image_column, cfg.caption_column])
+    return cfg.cache_path / "streams" / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.json"
+
+
+def read_manifest(cfg: DataConfig) -> dict[str, Any] | None:
+    """The record of a complete pass over the stream of ``cfg``, or None."""
+    try:
+        found = json.loads(manifest_path(cfg).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(found, dict) and found.get("version") == MANIFEST_VERSION and found.get("complete")
+    return found if ok else None
+
+
+def scan_stream(cfg: DataConfig) -> ScannedData:
+    """The scan of a streamed source, from its manifest (no network, no image read). Its records have no file
+    or row: their latents are in the cache.
+
+    Raises:
+        DataError: the source was not streamed into the cache yet, or a caption is missing.
+    """
+    found = read_manifest(cfg)
+    if found is None:
+        raise DataError(
+            f"data.source {cfg.source} is streamed (data.streaming) but has not been read into the cache "
+            f"{cfg.cache_path} yet: train with train.py, which streams it first (flux_lora.data.stream)"
+        )
+    records, missing = [], []
+    for name, caption, digest, width, height in found["images"]:
+        text = final_caption(cfg, caption, None, name)
+        if text is None:
+            missing.append(name)
+            continue
+        records.append(ImageRecord(name, text, digest, width, height, repeats=cfg.repeats, loss_weight=cfg.loss_weight))
+    skipped = [(name, reason) for name, reason in found["skipped"]]
+    check_scan(cfg, records, skipped, missing, len(found["images"]) + len(skipped))
+    return ScannedData(cfg.source, records, skipped)
 
 
 def scan_all(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:

@@ -6,9 +6,9 @@ Hub, or any builder ``datasets`` knows), or WebDataset tar shards (a ``.tar`` pa
 ``caption_column: txt``). :func:`stream_into_cache` reads it once, :data:`CHUNK` examples at a time: each chunk
 is hashed and probed in memory, planned and encoded into the cache by :func:`flux_lora.data.cache.fill_cache`
 (the same fill as a folder's), then its bytes are dropped. What was read (name, caption, image hash, size) is
-kept in ``<cache>/streams/<id>.json``; :func:`scan_stream` reads that file, so the scan, the plan and training
-use the cache only and a rerun does not stream again (delete the file to read the source anew, e.g. after it
-changed). An interrupted pass streams again from the start but encodes only what the cache lacks.
+kept in ``<cache>/streams/<id>.json``; :func:`flux_lora.data.scan.scan_stream` reads that file, so the scan,
+the plan and training use the cache only and a rerun does not stream again (delete the file to read the source
+anew, e.g. after it changed). An interrupted pass streams again from the start but encodes only what the cache lacks.
 
 Under DDP every process streams the same examples and calls the fill with the same chunk plan, so the fill
 decides who encodes what; each process reads the whole stream.
@@ -21,7 +21,6 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,12 +29,14 @@ from flux_lora.atomic import write_text_atomic
 from flux_lora.config import DataConfig, DataError
 from flux_lora.data.cache import AutoEncoderSpec, TextEncoderSpec, fill_cache, plan_cache
 from flux_lora.data.scan import (
+    MANIFEST_VERSION,
     ImageRecord,
     ScannedData,
     _probe,
     _row_bytes,
-    check_scan,
     final_caption,
+    manifest_path,
+    read_manifest,
 )
 from flux_lora.model.autoencoder import AutoEncoder
 from flux_lora.model.text_encoders import TextEncoders
@@ -43,18 +44,11 @@ from flux_lora.model.text_encoders import TextEncoders
 log = logging.getLogger(__name__)
 
 CHUNK = 512  # examples held in memory (as bytes) and encoded together; the encoders load once per chunk
-MANIFEST_VERSION = 1
 
 
 def is_webdataset(source: str) -> bool:
     """Whether ``source`` names WebDataset tar shards (a path, glob or URL ending in ``.tar``)."""
     return source.split("?", 1)[0].endswith(".tar")
-
-
-def manifest_path(cfg: DataConfig) -> Path:
-    """Where what the stream of ``cfg`` held is recorded, keyed by what selects the examples."""
-    ident = json.dumps([cfg.source, cfg.split, cfg.image_column, cfg.caption_column])
-    return cfg.cache_path / "streams" / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.json"
 
 
 def open_stream(cfg: DataConfig) -> Any:
@@ -81,41 +75,6 @@ def open_stream(cfg: DataConfig) -> Any:
         if isinstance(features[cfg.image_column], datasets.Image):
             ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     return ds
-
-
-def read_manifest(cfg: DataConfig) -> dict[str, Any] | None:
-    """The record of a complete pass over the stream of ``cfg``, or None."""
-    try:
-        found = json.loads(manifest_path(cfg).read_text())
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(found, dict) and found.get("version") == MANIFEST_VERSION and found.get("complete")
-    return found if ok else None
-
-
-def scan_stream(cfg: DataConfig) -> ScannedData:
-    """The scan of a streamed source, from its manifest (no network, no image read). Its records have no file
-    or row: their latents are in the cache.
-
-    Raises:
-        DataError: the source was not streamed into the cache yet, or a caption is missing.
-    """
-    found = read_manifest(cfg)
-    if found is None:
-        raise DataError(
-            f"data.source {cfg.source} is streamed (data.streaming) but has not been read into the cache "
-            f"{cfg.cache_path} yet: train with train.py, which streams it first (flux_lora.data.stream)"
-        )
-    records, missing = [], []
-    for name, caption, digest, width, height in found["images"]:
-        text = final_caption(cfg, caption, None, name)
-        if text is None:
-            missing.append(name)
-            continue
-        records.append(ImageRecord(name, text, digest, width, height, repeats=cfg.repeats, loss_weight=cfg.loss_weight))
-    skipped = [(name, reason) for name, reason in found["skipped"]]
-    check_scan(cfg, records, skipped, missing, len(found["images"]) + len(skipped))
-    return ScannedData(cfg.source, records, skipped)
 
 
 def _chunks(ds: Any, size: int) -> Iterator[list[dict[str, Any]]]:

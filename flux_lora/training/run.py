@@ -28,6 +28,7 @@ from flux_lora.config import DataError, ExperimentConfig, SamplePrompt, save_con
 from flux_lora.config_io import ConfigError
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
+from flux_lora.data.stream import any_streaming, fill_streams
 from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
 from flux_lora.lora.peft_adapters import check_targets
@@ -97,8 +98,6 @@ def fetch_model_folder(cfg: ExperimentConfig) -> Path:
 def stream_sources(cfg: ExperimentConfig) -> None:
     """Encode the streaming datasets (data.streaming) into the cache as they are read, so that the scan finds
     their records; nothing when there are none or they were read before (:mod:`flux_lora.data.stream`)."""
-    from flux_lora.data.stream import any_streaming, fill_streams
-
     if not any_streaming(cfg.data):
         return
     folder = fetch_model_folder(cfg)
