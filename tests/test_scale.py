@@ -50,7 +50,7 @@ class Opens:
         monkeypatch.setattr(os, "listdir", counted_listdir)
 
 
-def test_plan_of_a_cached_set_reads_no_image_and_lists_no_cache_folder(tmp_path, tiny_dev_dir, monkeypatch):
+def test_plan_of_a_cached_set_reads_no_image_or_caption_and_lists_no_cache_folder(tmp_path, tiny_dev_dir, monkeypatch):
     data_dir = write_data(tmp_path / "data")
     _age(data_dir)  # written a minute ago, as a real dataset is (a file changed just now is always read)
     cache = tmp_path / "cache"
@@ -67,8 +67,8 @@ def test_plan_of_a_cached_set_reads_no_image_and_lists_no_cache_folder(tmp_path,
     _, data2, plan2 = setup_run(data_dir, tiny_dev_dir, cache, flip=True)
     assert plan2.complete and [r.image_hash for r in data2.records] == [r.image_hash for r in data.records]
     assert [(r.width, r.height) for r in data2.records] == [(r.width, r.height) for r in data.records]
-    images = [p for p in seen.opened if Path(p).suffix == ".png"]
-    assert images == []  # sizes and hashes come from the scan's record, by each file's stat
+    data_files = [p for p in seen.opened if Path(p).suffix in (".png", ".txt")]
+    assert data_files == []  # hashes, sizes and captions come from the scan's record, by each file's stat
     assert verified == []  # entries verified by an earlier process are trusted by their stat
     assert not [p for p in seen.listed if Path(p).resolve().is_relative_to(cache.resolve())]
     assert fill_cache(plan2, data2, forbidden, forbidden, progress=False).texts == 0

@@ -163,12 +163,12 @@ RACY_NS = 2_000_000_000  # a file modified this close to a scan is read again by
 
 
 class ScanIndex:
-    """What earlier scans of one image folder found per file (sha256, size after EXIF rotation), kept in
-    ``<cache>/probe/folder-<hash of the folder's path>.json`` and trusted while a file's ``stat`` (size, mtime,
-    ctime, inode) is unchanged, so a scan of an unchanged folder opens no image. A file is recorded only when
-    it was last modified more than :data:`RACY_NS` before the scan began (a change within the same timestamp
-    tick could not be told apart); the bytes are checked against the hash again whenever they are read to be
-    encoded (:meth:`ScannedData.read_bytes`)."""
+    """What earlier scans of one image folder found per file (an image's sha256 and size after EXIF rotation, a
+    caption file's text), kept in ``<cache>/probe/folder-<hash of the folder's path>.json`` and trusted while the
+    file's ``stat`` (size, mtime, ctime, inode) is unchanged, so a scan of an unchanged folder opens no image and
+    no caption file. A file is recorded only when it was last modified more than :data:`RACY_NS` before the scan
+    began (a change within the same timestamp tick could not be told apart); an image's bytes are checked against
+    the hash again whenever they are read to be encoded (:meth:`ScannedData.read_bytes`)."""
 
     VERSION = 1
 
@@ -178,10 +178,12 @@ class ScanIndex:
         self.started = time.time_ns()
         self.old: dict[str, list[Any]] = {}
         self.new: dict[str, list[Any]] = {}
+        self.old_captions: dict[str, list[Any]] = {}
+        self.new_captions: dict[str, list[Any]] = {}
         try:
             found = json.loads(self.path.read_text())
             if found.get("version") == self.VERSION:
-                self.old = found["files"]
+                self.old, self.old_captions = found["files"], found.get("captions", {})
         except (OSError, ValueError, KeyError, AttributeError):
             pass  # none yet, or damaged: every file is read once more
 
@@ -202,10 +204,23 @@ class ScanIndex:
         if stamp[1] + RACY_NS <= self.started:
             self.new[path] = [*stamp, digest, size[0], size[1]]
 
+    def caption(self, path: str) -> str | None:
+        """The text of the caption file ``path``: as recorded at its stamp, else read (and recorded)."""
+        stamp = self.stamp(path)
+        row = self.old_captions.get(path)
+        if row is not None and row[:4] == stamp:
+            self.new_captions[path] = row
+            return str(row[4])
+        text = _read_caption(Path(path))
+        if text is not None and stamp[1] + RACY_NS <= self.started:
+            self.new_captions[path] = [*stamp, text]
+        return text
+
     def save(self) -> None:
         """Write what this scan found (files gone since are dropped), when it differs from what was there."""
-        if self.new != self.old:
-            write_text_atomic(self.path, json.dumps({"version": self.VERSION, "files": self.new}))
+        if self.new != self.old or self.new_captions != self.old_captions:
+            found = {"version": self.VERSION, "files": self.new, "captions": self.new_captions}
+            write_text_atomic(self.path, json.dumps(found))
 
 
 def _row_bytes(value: Any, name: str) -> bytes:
@@ -276,7 +291,9 @@ def _walk(folder: Path, skip: list[Path]) -> Iterator[tuple[tuple[str, ...], str
                     yield (*rel, entry.name), path, entry
 
 
-def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -> list[FolderItem]:
+def _folder_items(
+    folder: Path, cfg: DataConfig, exclude: Sequence[Path] = (), index: ScanIndex | None = None
+) -> list[FolderItem]:
     """``(name, caption or None, path, kohya repeats, kohya class caption)`` per image in ``folder`` (hidden
     folders, the cache and ``exclude``d folders left out), in path order. Files pillow could read in other
     formats, and captions without an image, are named in a warning."""
@@ -299,7 +316,9 @@ def _folder_items(folder: Path, cfg: DataConfig, exclude: Sequence[Path] = ()) -
                 other_images.append(path)
             continue
         caption_file = stem + cfg.caption_extension
-        caption = _read_caption(Path(caption_file)) if caption_file in present else None
+        caption = None
+        if caption_file in present:
+            caption = index.caption(caption_file) if index is not None else _read_caption(Path(caption_file))
         items.append((path, caption, path, *_kohya_parts(parts)))
     _log_kohya_folders(folder, items)
     images = [item[2] for item in items] + other_images
@@ -450,15 +469,15 @@ def scan(cfg: DataConfig, exclude: Sequence[Path] = ()) -> ScannedData:
     kind = source_kind(cfg.source)
     if kind == "hub" and (Path(cfg.source).exists() or cfg.source.startswith(("/", ".", "~"))):
         raise DataError(f"data.source {cfg.source} is not a folder (an image folder or a dataset folder)")
-    dataset = None
+    dataset, index = None, None
     if kind == "folder":
-        items = _folder_items(Path(cfg.source), cfg, exclude)
+        index = ScanIndex(cfg.cache_path / "probe", Path(cfg.source))
+        items = _folder_items(Path(cfg.source), cfg, exclude, index)
     else:
         dataset, items = _dataset_items(_load_datasets_source(cfg), cfg)
         if kind == "imagefolder":
             _warn_unlisted(Path(cfg.source), [_cell_path(ref) for _, _, ref, _, _ in items], exclude)
     probe_dir = cfg.cache_path / "probe"
-    index = ScanIndex(probe_dir, Path(cfg.source)) if kind == "folder" else None
     records: list[ImageRecord] = []
     skipped: list[tuple[str, str]] = []
     missing: list[str] = []
