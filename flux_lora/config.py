@@ -133,6 +133,7 @@ class DatasetConfig:
     image_column: str | None = _doc("as data.image_column; null: the data section's", None)
     caption_column: str | None = _doc("as data.caption_column; null: the data section's", None)
     split: str | None = _doc("as data.split; null: the data section's", None)
+    streaming: bool | None = _doc("as data.streaming; null: the data section's", None)
     caption_extension: str | None = _doc("as data.caption_extension; null: the data section's", None)
     default_caption: str | None = _doc("as data.default_caption; null: the data section's", None)
     trigger_word: str | None = _doc("as data.trigger_word; null: the data section's", None)
@@ -166,6 +167,12 @@ class DataConfig:
     image_column: str = _doc("image column of a `datasets` source", "image")
     caption_column: str = _doc("caption column of a `datasets` source (imagefolder: `text`)", "text")
     split: str = _doc("split of a `datasets` source", "train")
+    streaming: bool = _doc(
+        "read source as it trains, never whole on disk: a `datasets` dataset name (streaming=True), or WebDataset "
+        "tar shards by path, glob or URL (`.tar`: image and caption columns are the file suffixes, e.g. jpg, txt); "
+        "each chunk is encoded into the cache as it arrives, then training reads the cache",
+        False,
+    )
     caption_extension: str = _doc("caption file suffix beside each image in a folder", ".txt")
     default_caption: str | None = _doc("caption for images without one; null makes a missing caption an error", None)
     trigger_word: str | None = _doc(
@@ -179,7 +186,7 @@ class DataConfig:
         "weight of these images' loss (per data.datasets entry, e.g. 0.5 for regularization images)", 1.0
     )
     datasets: list[DatasetConfig] = _doc(
-        "several datasets: entries of source, image_column, caption_column, split, caption_extension, "
+        "several datasets: entries of source, image_column, caption_column, split, streaming, caption_extension, "
         "default_caption, trigger_word, repeats, resolution, loss_weight, regularization, generate; what an entry "
         "leaves out is the field above",
         factory=list,
@@ -234,6 +241,8 @@ class DataConfig:
             raise bad("loss_weight", "a number > 0")
         if self.masks and self.masks != "alpha" and not Path(self.masks).is_dir():
             raise bad("masks", "alpha or an existing folder of masks")
+        if self.streaming and self.masks:
+            raise DataError(f"data.masks is not supported with data.streaming (source {self.source!r})")
         self.dataset_configs()  # each entry of datasets, completed, must be valid too
 
     def dataset_configs(self) -> list[DataConfig]:

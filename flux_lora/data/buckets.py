@@ -74,7 +74,7 @@ def choose_bucket(
     return fit_bucket(width, height, resolution, max_aspect)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Crop:
     """How one image becomes one training crop: resize to ``resized`` (aspect kept), crop ``bucket`` at
     ``(left, top)``, then mirror when ``flip``."""

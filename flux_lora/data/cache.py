@@ -25,7 +25,10 @@ call it together, one encodes and the others wait, then find everything cached a
 
 Every entry carries a sha256 of its tensors in its header (``flux_lora.sha256``), verified when it is read.
 An entry that is empty, truncated, unreadable or fails its checksum counts as missing: it is named in a
-warning and encoded again. (Entries written before checksums existed are accepted if they read whole and hold
+warning and encoded again. A plan checks each entry once per file version: it records the ``stat`` of the
+entries it verified in ``verified.json``, so a later process plans a complete cache with one ``stat`` per
+entry (no folder listed, no entry read; caches written before this file existed are verified once, then
+recorded). (Entries written before checksums existed are accepted if they read whole and hold
 only finite values.)
 """
 
@@ -37,6 +40,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -50,7 +54,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flux_lora.atomic import save_safetensors_atomic
+from flux_lora.atomic import save_safetensors_atomic, write_text_atomic
 from flux_lora.config import DataConfig
 from flux_lora.data.buckets import Crop, apply_crop, bucket_sizes, choose_bucket, cover_scale, image_crops
 from flux_lora.data.fingerprint import fingerprint_module, fingerprint_paths, tokenizer_identity
@@ -148,8 +152,10 @@ class AutoEncoderSpec:
 
 
 CHECKSUM_KEY = "flux_lora.sha256"
-# entry -> (inode, size, mtime) of the version that verified, or (inode, size, mtime, False) of one that failed
-_VERIFIED: dict[Path, tuple[int, ...]] = {}
+# entry path -> (inode, size, mtime) of the version that verified, or (inode, size, mtime, False) of one that failed
+_VERIFIED: dict[str, tuple[int, ...]] = {}
+VERIFIED_FILE = "verified.json"  # under the cache root: stamps of entries an earlier process verified
+RACY_NS = 2_000_000_000  # an entry written this close to its check is checked again by the next process
 
 
 class CacheEntryError(RuntimeError):
@@ -192,32 +198,68 @@ class CacheStore:
         self.root = Path(root)
 
     @staticmethod
-    def usable(path: Path) -> bool:
-        """Whether the entry at ``path`` exists and verifies (checked once per file version and process); a bad
-        entry is named in a warning and counts as missing."""
+    def usable(path: str | Path) -> bool:
+        """Whether the entry at ``path`` exists and verifies (checked once per file version: in this process,
+        or by an earlier one whose stamps :meth:`load_verified` read); a bad entry is named in a warning and
+        counts as missing. A look-up is one ``stat`` (no folder is listed)."""
+        name = str(path)
         try:
-            st = path.stat()
+            st = os.stat(name)
         except FileNotFoundError:
             return False
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if _VERIFIED.get(path) == stamp:
+        known = _VERIFIED.get(name)
+        if known == stamp:
             return True
-        if _VERIFIED.get(path) == (*stamp, False):
+        if known == (*stamp, False):
             return False
         try:
-            read_entry(path)
+            read_entry(Path(name))
         except CacheEntryError as e:
             log.warning("%s: encoding it again", e)
-            _VERIFIED[path] = (*stamp, False)
+            _VERIFIED[name] = (*stamp, False)
             return False
-        _VERIFIED[path] = stamp
+        _VERIFIED[name] = stamp
         return True
 
+    def load_verified(self) -> dict[str, list[int]]:
+        """Take the stamps of entries an earlier process verified (``verified.json``): an entry whose stat is
+        unchanged since is trusted without reading it again (it is still verified when training reads it)."""
+        try:
+            found = json.loads((self.root / VERIFIED_FILE).read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or damaged: entries are verified again
+        if not isinstance(found, dict):
+            return {}
+        base = str(self.root) + os.sep
+        for rel, stamp in found.items():
+            if isinstance(stamp, list) and len(stamp) == 3:
+                _VERIFIED.setdefault(base + rel, tuple(stamp))
+        return found
+
+    def save_verified(self, started_ns: int, loaded: dict[str, list[int]]) -> None:
+        """Record the stamps of the entries under this cache verified in this process (those written more than
+        :data:`RACY_NS` before ``started_ns``, the time the check began), unless they equal ``loaded``."""
+        base = str(self.root) + os.sep
+        stamps = {
+            name[len(base) :]: list(stamp)
+            for name, stamp in _VERIFIED.items()
+            if name.startswith(base) and len(stamp) == 3 and stamp[2] + RACY_NS <= started_ns
+        }
+        if stamps and stamps != loaded:
+            write_text_atomic(self.root / VERIFIED_FILE, json.dumps(stamps))
+
+    def _text_name(self, key: str) -> str:
+        return f"{self.root}{os.sep}text{os.sep}{key[:2]}{os.sep}{key}.safetensors"
+
+    def _latent_name(self, key: str) -> str:
+        return f"{self.root}{os.sep}latents{os.sep}{key[:2]}{os.sep}{key}.safetensors"
+
     def text_path(self, key: str) -> Path:
-        return self.root / "text" / key[:2] / f"{key}.safetensors"
+        return Path(self._text_name(key))
 
     def latent_path(self, key: str) -> Path:
-        return self.root / "latents" / key[:2] / f"{key}.safetensors"
+        return Path(self._latent_name(key))
 
     def _write(self, tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -244,7 +286,7 @@ class CacheStore:
         return read_entry(self.latent_path(key))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LatentJob:
     """One latent entry: record ``record`` of the scanned data placed as ``placement``."""
 
@@ -288,14 +330,16 @@ class CachePlan:
 
     def refresh(self) -> CachePlan:
         """The same plan with ``missing_*`` recomputed from what is on disk now."""
-        store = self.store
-        missing_text = [c for c, k in self.text_keys.items() if not store.usable(store.text_path(k))]
+        store, started = self.store, time.time_ns()
+        loaded = store.load_verified()
+        missing_text = [c for c, k in self.text_keys.items() if not store.usable(store._text_name(k))]
         seen: set[str] = set()
         missing_latents = []
         for job in (j for jobs in self.variants for j in jobs):
-            if job.key not in seen and not store.usable(store.latent_path(job.key)):
+            if job.key not in seen and not store.usable(store._latent_name(job.key)):
                 missing_latents.append(job)
             seen.add(job.key)
+        store.save_verified(started, loaded)
         return replace(self, missing_text=missing_text, missing_latents=missing_latents)
 
 

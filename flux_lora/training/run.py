@@ -29,6 +29,7 @@ from flux_lora.config import DataError, ExperimentConfig, SamplePrompt, save_con
 from flux_lora.config_io import ConfigError
 from flux_lora.data.datamodule import FluxDataModule
 from flux_lora.data.scan import ScannedData, apply_trigger, scan_all
+from flux_lora.data.stream import any_streaming, fill_streams
 from flux_lora.dtypes import DTYPES
 from flux_lora.lora.files import read_lora
 from flux_lora.lora.peft_adapters import check_targets
@@ -100,6 +101,22 @@ def fetch_model_folder(cfg: ExperimentConfig) -> Path:
     )
 
 
+def stream_sources(cfg: ExperimentConfig) -> None:
+    """Encode the streaming datasets (data.streaming) into the cache as they are read, so that the scan finds
+    their records; nothing when there are none or they were read before (:mod:`flux_lora.data.stream`)."""
+    if not any_streaming(cfg.data):
+        return
+    folder = fetch_model_folder(cfg)
+    params = flux_params(cfg.model.preset or folder)
+    accelerator = resolve_accelerator(cfg)
+    cuda = accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    dm = FluxDataModule.from_model_folder(
+        cfg.data, folder, params.max_sequence_length, compute_dtype(cfg, accelerator), device=device
+    )
+    fill_streams(cfg.data, dm.text_spec, dm.ae_spec, dm.load_text_encoders, dm.load_autoencoder, device)
+
+
 def build(
     cfg: ExperimentConfig, scanned: ScannedData | None = None
 ) -> tuple[L.Trainer, FluxLoraModule, FluxDataModule]:
@@ -107,6 +124,8 @@ def build(
     for ``data.datasets`` entries that generate regularization images, the base model once to draw the missing
     ones (see :mod:`flux_lora.training.regularization`)."""
     cfg = with_regularization(cfg)
+    if scanned is None:
+        stream_sources(cfg)
     scanned = scanned or scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model
     previews = sample_previews(cfg)
     texts = [t for p in previews for t in (p.prompt, p.negative_prompt)] + list(cfg.preservation.prompts)
@@ -330,6 +349,7 @@ def run(cfg: ExperimentConfig) -> Path | None:
     exclude = [cfg.output_path]
     original, generates = cfg, bool(generated_entries(cfg))
     own = _own_data(cfg) if generates else cfg
+    stream_sources(cfg)  # streaming datasets are read into the cache first (model files needed, no DiT)
     scanned = scan_all(own.data, exclude=exclude) if own else None  # bad data fails here, before any model
     lock = output_lock(cfg.output_path) if _first_process() else contextlib.nullcontext()
     with lock:
