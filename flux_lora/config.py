@@ -390,7 +390,7 @@ class ModelConfig:
     )
     cache_dir: str | None = _doc("download cache; null: the hub's own (HF_HOME, MODELSCOPE_CACHE)", None)
     tiny_if_missing: bool = _doc("write a tiny random model to source when it does not exist (CPU demos)", False)
-    tiny_variant: Literal["dev", "schnell"] = _doc("which tiny model tiny_if_missing writes", "dev")
+    tiny_variant: Literal["dev", "schnell", "kontext"] = _doc("which tiny model tiny_if_missing writes", "dev")
 
 
 @dataclass
