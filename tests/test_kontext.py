@@ -230,3 +230,65 @@ def test_reference_is_checked(kontext_pipe, tmp_path):
     with pytest.raises(ValueError, match="batch of 3 for 1 prompts"):
         kontext_pipe("x", image=torch.rand(3, 3, 32, 32), height=32, width=32, progress=False)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ carried over
+
+
+def test_block_offload_and_loras_carry_over(kontext_dir):
+    """Block offload (on the fake accelerator) gives the same bits; an unfused LoRA changes the edit and equals
+    the same LoRA fused into float32 weights."""
+    from flux_lora.lora.runtime import apply_loras, remove_loras
+
+    from helpers.lora import random_lora
+    from helpers.offload import FakeAccelerator, realign
+
+    pipe = FluxPipeline.from_pretrained(kontext_dir, dtype=torch.float32, device="cpu")
+    for module in (pipe.dit, pipe.ae, pipe.text_encoders):
+        realign(module)
+    kw = dict(image=_reference(), reference_size="keep", height=H, width=W, num_inference_steps=2, seed=1)
+    run = dict(output_type="latent", progress=False, **kw)
+    plain = pipe("make it pink", **run)
+    pipe.enable_offload("block", transfer=FakeAccelerator())
+    try:
+        assert torch.equal(pipe("make it pink", **run), plain)
+    finally:
+        pipe.enable_offload(None)
+    lora = random_lora(pipe.dit, ["double_blocks.0.img_attn.qkv", "single_blocks.1.linear1"], seed=3)
+    apply_loras(pipe.dit, [(lora, 1.0, "edit")])
+    try:
+        unfused = pipe("make it pink", **run)
+    finally:
+        remove_loras(pipe.dit)
+    apply_loras(pipe.dit, [(lora, 1.0, "edit")], mode="fused")
+    fused = pipe("make it pink", **run)
+    assert (unfused - plain).abs().max() > 1e-3
+    torch.testing.assert_close(unfused, fused, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_cli_with_a_reference_image(kontext_dir, kontext_pipe, tmp_path):
+    from flux_lora.cli.generate import main, parse_args
+
+    from helpers.cli import GENERATE_ARGS
+
+    ref = tmp_path / "ref.png"
+    _reference().save(ref)
+    args = ["--model", str(kontext_dir), *GENERATE_ARGS, "--seed", "4", "--reference-size", "keep"]
+    (out,) = main([*args, "--reference-image", str(ref), "--output", str(tmp_path / "o.png")])
+    meta = json.loads(Image.open(out).text["flux_lora"])
+    assert (meta["guidance"], meta["reference_image"], meta["reference_size"]) == (2.5, str(ref), "keep")
+    expected = kontext_pipe(
+        "a photo of a dog",
+        image=_reference(),
+        reference_size="keep",
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        seed=4,
+        progress=False,
+    )[0]
+    assert Image.open(out).convert("RGB").tobytes() == expected.tobytes()
+    (plain,) = main([*args, "--output", str(tmp_path / "p.png")])
+    assert Image.open(plain).tobytes() != Image.open(out).tobytes()
+    with pytest.raises(SystemExit):
+        parse_args([*args, "--reference-image", str(tmp_path / "missing.png")])
