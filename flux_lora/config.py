@@ -184,6 +184,11 @@ class DataConfig:
         "leaves out is the field above",
         factory=list,
     )
+    references: str | None = _doc(
+        "FLUX.1 Kontext pairs: folder of reference images matched to the source's images (targets, captioned with "
+        "the instruction) by relative file name, any extension; null: no references",
+        None,
+    )
     bucket_step: int = _doc("spacing of bucket widths (a multiple of 16); larger means fewer, fuller buckets", 16)
     max_aspect: float = _doc("longest bucket side over shortest; more extreme images are cropped to it", 4.0)
     upscale: bool = _doc("enlarge images smaller than their bucket (default: they get a bucket of their own)", False)

@@ -20,7 +20,7 @@ from torch import Tensor
 from flux_lora.inference.control import ImageInput
 from flux_lora.inference.img2img import image_latents
 from flux_lora.model.autoencoder import AutoEncoder
-from flux_lora.sampling import img_ids, pack
+from flux_lora.sampling import pack, reference_ids
 
 ReferenceSize = Literal["preferred", "keep"]
 
@@ -74,15 +74,6 @@ def fit_area(width: int, height: int, area: int, multiple: int = 16) -> tuple[in
     w = round((area * aspect) ** 0.5) // multiple * multiple
     h = round((area / aspect) ** 0.5) // multiple * multiple
     return max(w, multiple), max(h, multiple)
-
-
-def reference_ids(
-    batch: int, latent_height: int, latent_width: int, device: torch.device | str | None = None
-) -> Tensor:
-    """Position ids of a reference's tokens: its own grid's image ids with 1 in the first channel."""
-    ids = img_ids(batch, latent_height, latent_width, device=device).clone()
-    ids[..., 0] = 1
-    return ids
 
 
 def image_dims(image: ImageInput) -> tuple[int, int]:
