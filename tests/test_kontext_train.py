@@ -190,5 +190,19 @@ def _diffusers_kontext_loads(lora: Path, model: Path, tmp_path: Path, caplog) ->
     assert {k.removeprefix("transformer.") for k in read_keys(as_diffusers)} == loaded
 
 
-def test_toy_pairs_caption():
-    assert INSTRUCTION == "make it pink"
+def test_toy_pairs_differ_only_in_colour(tmp_path):
+    """The toy editing pairs: the scorer sees the reference's colour in the reference and pink in the target, and
+    the same shape, position and size in both."""
+    from PIL import Image
+
+    from flux_lora.toy.pairs import edit_pair
+    from flux_lora.toy.scorer import score_image
+
+    targets, refs = write_pairs(tmp_path, 6, seed=3)
+    for i in range(6):
+        reference, target = edit_pair(3, i)
+        seen_ref = score_image(Image.open(refs / f"{i:05d}.png")).labels
+        seen_target = score_image(Image.open(targets / f"{i:05d}.png")).labels
+        assert seen_ref == reference.labels and seen_target == target.labels
+        assert target.colour == "pink" != reference.colour
+        assert (targets / f"{i:05d}.txt").read_text().strip() == INSTRUCTION
