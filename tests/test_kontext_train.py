@@ -206,3 +206,27 @@ def test_toy_pairs_differ_only_in_colour(tmp_path):
         assert seen_ref == reference.labels and seen_target == target.labels
         assert target.colour == "pink" != reference.colour
         assert (targets / f"{i:05d}.txt").read_text().strip() == INSTRUCTION
+
+
+def test_metadata_jsonl_names_shared_references(tmp_path, kontext_dir):
+    """An imagefolder of targets whose metadata.jsonl names each reference: two targets share one file."""
+    import json
+
+    targets, refs = write_pairs(tmp_path / "p", 3, seed=1, size=32)
+    for caption in targets.glob("*.txt"):
+        caption.unlink()
+    (refs / "00000.png").rename(refs / "shared.png")
+    rows = [
+        {"file_name": "00000.png", "text": INSTRUCTION, "reference": "shared.png"},
+        {"file_name": "00001.png", "text": INSTRUCTION, "reference": "shared.png"},
+        {"file_name": "00002.png", "text": INSTRUCTION},  # by name
+    ]
+    (targets / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config(tmp_path, kontext_dir, (targets, refs)).data
+    data = scan_all(cfg)
+    references = scan_references(cfg, data)
+    assert sorted(Path(r.name).name for r in references.records) == ["00002.png", "shared.png", "shared.png"]
+    rows[1]["reference"] = "missing.png"
+    (targets / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"^pair .*: its reference .*missing\.png \(metadata.jsonl\) does not exist"):
+        scan_references(cfg, scan_all(cfg))

@@ -2,8 +2,10 @@
 
 Layout: ``data.source`` holds the targets with their instruction captions (``a.png`` + ``a.txt``: "make it
 pink"); ``data.references`` (a sibling folder) holds a reference of the same relative name, any image extension
-(``a.jpg``). A missing or unreadable reference is a one-line :class:`~flux_lora.config.DataError` naming the pair,
-raised by :func:`scan_references` before any model loads.
+(``a.jpg``). A target folder with ``metadata.jsonl`` (an imagefolder: ``file_name``, ``text``) may name each
+row's reference in a ``reference`` column, a file in ``data.references`` (so many targets can share one); rows
+without it are matched by name. A missing or unreadable reference is a one-line
+:class:`~flux_lora.config.DataError` naming the pair, raised by :func:`scan_references` before any model loads.
 
 Cache: each reference is its own latent entry, keyed by its content and placement like every latent (see
 :meth:`~flux_lora.data.cache.AutoEncoderSpec.key`), so a reference shared by many targets (or met again in a
@@ -16,6 +18,7 @@ another size is resized to cover the bucket and center-cropped (mirrored with th
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,16 +27,49 @@ from flux_lora.data.buckets import Crop, image_crops, resized_size
 from flux_lora.data.cache import AutoEncoderSpec, CachePlan, LatentJob
 from flux_lora.data.scan import IMAGE_EXTENSIONS, ImageRecord, ScannedData, decode
 
+METADATA = "metadata.jsonl"
+REFERENCE_COLUMN = "reference"
 
-def _reference_path(folder: Path, source: Path, record: ImageRecord) -> Path | None:
-    """The reference file of a target record: the same path relative to its source folder, any extension."""
-    if record.path is None:
-        raise DataError(f"{record.name}: data.references pairs files of an image folder, not dataset rows")
-    target = Path(record.path)
+
+def _target_file(data: ScannedData, record: ImageRecord) -> Path:
+    """The target's image file: its path, or for an imagefolder row the path its image cell holds."""
+    if record.path is not None:
+        return Path(record.path)
+    part = data.parts[record.part] if data.parts else data
+    cell = part.dataset[record.row][part.image_column] if part.dataset is not None and record.row is not None else None
+    path = cell if isinstance(cell, str) else (cell or {}).get("path") if isinstance(cell, dict) else None
+    if not path:
+        raise DataError(f"{record.name}: data.references pairs image files; this dataset row has no file path")
+    return Path(path)
+
+
+def _named_references(source: Path) -> dict[str, str]:
+    """``file_name -> reference`` from the ``reference`` column of ``source/metadata.jsonl`` (empty without)."""
+    path = source / METADATA
+    if not path.is_file():
+        return {}
+    named: dict[str, str] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{i}: not a JSON object ({e})") from None
+        if isinstance(row, dict) and row.get(REFERENCE_COLUMN) and row.get("file_name"):
+            named[str(Path(row["file_name"]))] = str(row[REFERENCE_COLUMN])
+    return named
+
+
+def _reference_path(folder: Path, source: Path, target: Path, named: dict[str, str]) -> Path | None:
+    """The reference file of a target: named by metadata.jsonl, else the same path relative to its source
+    folder, any extension."""
     try:
         rel = target.resolve().relative_to(source.resolve())
     except ValueError:
         rel = Path(target.name)
+    if str(rel) in named:
+        return folder / named[str(rel)]
     for ext in (target.suffix, *IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS)):
         candidate = (folder / rel).with_suffix(ext)
         if candidate.is_file():
@@ -50,12 +86,15 @@ def scan_references(cfg: DataConfig, data: ScannedData) -> ScannedData:
     if not folder.is_dir():
         raise DataError(f"data.references {folder}: no such folder")
     sources = [Path(d.source).expanduser() for d in cfg.dataset_configs()]
+    named = [_named_references(s) if s.is_dir() else {} for s in sources]
     records: list[ImageRecord] = []
     seen: dict[Path, ImageRecord] = {}
     for r in data.records:
-        path = _reference_path(folder, sources[r.part], r)
+        path = _reference_path(folder, sources[r.part], _target_file(data, r), named[r.part])
         if path is None:
             raise DataError(f"pair {r.name}: no reference of the same name in {folder}")
+        if not path.is_file():
+            raise DataError(f"pair {r.name}: its reference {path} (metadata.jsonl) does not exist")
         if path not in seen:
             try:
                 raw = path.read_bytes()
