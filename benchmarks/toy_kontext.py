@@ -6,8 +6,9 @@ Pairs (:mod:`flux_lora.toy.pairs`): reference = a shape in one of the toy's six 
 position, size, jitter and background in pink; instruction "make it pink". A rank-16 LoRA trains with
 ``configs/toy.yaml``'s recipe (fp8 base) on ``--pairs`` pairs (seed 11) with ``data.references``; then, for
 ``--held-out`` references of another seed (12), the model edits each (prompt "make it pink", the reference's
-tokens appended, seed i for reference i) before and after. Scored per image: the colour is pink; shape, position
-and size equal the reference's. A control draws the same prompt and seeds with the LoRA but without reference.
+tokens appended, the noise of seed i for reference i) before and after. Scored per image: the colour is pink;
+shape, position and size equal the reference's. A control draws the same prompt and seeds with the LoRA but
+without reference.
 """
 
 from __future__ import annotations
@@ -39,21 +40,21 @@ KEPT = ("shape", "position", "size")
 
 
 def edit(pipe: FluxPipeline, references: list[Scene], with_reference: bool = True) -> list[np.ndarray]:
-    """One edit per reference (seed i for reference i): ``[H, W, 3]`` uint8 images."""
-    out = []
-    for i, scene in enumerate(references):
-        image = pipe(
-            INSTRUCTION,
-            height=64,
-            width=64,
-            seed=i,
-            reference_image=render(scene) if with_reference else None,
-            reference_size="keep",
-            output_type="pt",
-            progress=False,
-        )
-        out.append((image[0].float().permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
-    return out
+    """One edit per reference, all in one batch, reference i from the noise of seed i (as a lone call with
+    ``seed=i`` draws): ``[H, W, 3]`` uint8 images."""
+    noise = torch.cat([pipe.noise(1, 8, 8, torch.Generator().manual_seed(i)) for i in range(len(references))])
+    pixels = torch.stack([torch.from_numpy(np.asarray(render(s), dtype=np.float32) / 255) for s in references])
+    image = pipe(
+        [INSTRUCTION] * len(references),
+        height=64,
+        width=64,
+        latents=noise,
+        reference_image=pixels.permute(0, 3, 1, 2) if with_reference else None,
+        reference_size="keep",
+        output_type="pt",
+        progress=False,
+    )
+    return list((image.float().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy())
 
 
 def judge(images: list[np.ndarray], references: list[Scene]) -> dict[str, float]:
