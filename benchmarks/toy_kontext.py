@@ -7,8 +7,8 @@ position, size, jitter and background in pink; instruction "make it pink". A ran
 ``configs/toy.yaml``'s recipe (fp8 base) on ``--pairs`` pairs (seed 11) with ``data.references``; then, for
 ``--held-out`` references of another seed (12), the model edits each (prompt "make it pink", the reference's
 tokens appended, the noise of seed i for reference i) before and after. Scored per image: the colour is pink;
-shape, position and size equal the reference's. A control draws the same prompt and seeds with the LoRA but
-without reference.
+shape, position and size equal the reference's. Controls draw the same prompt and seeds without the reference, with
+and without the LoRA.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def run(pairs: int, held_out: int, steps: int) -> dict:
     result: dict = {"pairs": pairs, "held_out": held_out, "steps": steps}
     result["scorer on the references themselves"] = judge([np.asarray(render(s)) for s in references], references)
     result["base, with reference"] = judge(edit(pipe, references), references)
+    result["base, without reference (control)"] = judge(edit(pipe, references, with_reference=False), references)
     log.info("base: %s", result["base, with reference"])
     with tempfile.TemporaryDirectory() as tmp:
         targets, refs = write_pairs(Path(tmp) / "pairs", pairs, seed=11)
@@ -105,6 +106,7 @@ def table(result: dict) -> str:
     for name in (
         "scorer on the references themselves",
         "base, with reference",
+        "base, without reference (control)",
         "LoRA, with reference",
         "LoRA, without reference (control)",
     ):
