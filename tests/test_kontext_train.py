@@ -230,3 +230,36 @@ def test_metadata_jsonl_names_shared_references(tmp_path, kontext_dir):
     (targets / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"^pair .*: its reference .*missing\.png \(metadata.jsonl\) does not exist"):
         scan_references(cfg, scan_all(cfg))
+
+
+def test_the_loss_is_on_the_target_tokens_only(kontext_dir):
+    """flow_matching_loss on a pair equals the MSE of the DiT's first N outputs (the target's tokens) against the
+    velocity target, with caption dropout drawn as usual; the reference changes the loss through attention only."""
+    from flux_lora.config import TrainConfig
+    from flux_lora.model.text_encoders import TextEmbeddings
+    from flux_lora.training.loss import draw, flow_matching_loss, weighted_mse
+    from flux_lora.weights.loading import load_flow_model
+
+    dit = load_flow_model(kontext_dir, dtype=torch.float32)
+    p = dit.params
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "latents": torch.randn(2, 16, 4, 6, generator=g),
+        "reference": torch.randn(2, 16, 4, 6, generator=g),
+        "txt": torch.randn(2, 5, p.context_in_dim, generator=g),
+        "y": torch.randn(2, p.vec_in_dim, generator=g),
+    }
+    empty = TextEmbeddings(torch.zeros(1, 5, p.context_in_dim), torch.zeros(1, p.vec_in_dim))
+    cfg = TrainConfig(caption_dropout=0.5)
+    with torch.no_grad():
+        loss = flow_matching_loss(dit, batch, cfg, torch.Generator().manual_seed(1), empty)
+        draws = draw(batch["latents"].shape, cfg, torch.Generator().manual_seed(1))
+        inputs, target = dit_inputs(batch, draws, cfg.guidance, torch.float32, empty)
+        full = dit(**inputs)
+        assert full.shape[1] == 2 * target.shape[1]
+        expected = weighted_mse(full[:, :6], target, draws.t, cfg.loss_weighting)
+        other = flow_matching_loss(
+            dit, {**batch, "reference": -batch["reference"]}, cfg, torch.Generator().manual_seed(1), empty
+        )
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert float((loss - other).abs()) > 1e-6
