@@ -206,6 +206,10 @@ def test_toy_pairs_differ_only_in_colour(tmp_path):
         assert seen_ref == reference.labels and seen_target == target.labels
         assert target.colour == "pink" != reference.colour
         assert (targets / f"{i:05d}.txt").read_text().strip() == INSTRUCTION
+    from flux_lora.toy.cli import main as toy
+
+    assert toy(["pairs", str(tmp_path / "cli"), "--count", "6", "--seed", "3"]) == 0
+    assert (tmp_path / "cli/references/00005.png").read_bytes() == (refs / "00005.png").read_bytes()
 
 
 def test_metadata_jsonl_names_shared_references(tmp_path, kontext_dir):
