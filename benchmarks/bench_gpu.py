@@ -87,16 +87,19 @@ class BenchConfig:
     compiled: bool
     fp8_matmul: bool = False  # torch._scaled_mm for the block Linears (set_fp8_matmul)
     selective: bool = False  # selective checkpointing: attention outputs kept
+    kontext: bool = False  # FLUX.1 Kontext pairs: a reference of the target's size, twice the image tokens
 
     @property
     def name(self) -> str:
         parts = [f"{self.res}px", "ckpt" if self.checkpointing else "no-ckpt", "compiled" if self.compiled else "eager"]
-        return " ".join(parts + ["fp8-gemm"] * self.fp8_matmul + ["selective"] * self.selective)
+        extra = ["fp8-gemm"] * self.fp8_matmul + ["selective"] * self.selective + ["kontext"] * self.kontext
+        return " ".join(parts + extra)
 
     @property
-    def build(self) -> tuple[bool, bool, bool, bool]:
-        """What one model build fixes (the resolutions of a group share it)."""
-        return self.checkpointing, self.compiled, self.fp8_matmul, self.selective
+    def build(self) -> tuple[bool, bool, bool, bool, bool]:
+        """What one model build fixes (the resolutions of a group share it); Kontext rows are a group of their own,
+        run last."""
+        return self.checkpointing, self.compiled, self.fp8_matmul, self.selective, self.kontext
 
 
 def train_matrix(quick: bool = False, sizes: tuple[int, int] = (1024, 512), compile: bool = True) -> list[BenchConfig]:
@@ -109,13 +112,14 @@ def train_matrix(quick: bool = False, sizes: tuple[int, int] = (1024, 512), comp
         configs = [BenchConfig(res, ckpt, comp) for ckpt, comp in groups for res in (hi, lo)]
         configs += [BenchConfig(res, True, True, fp8_matmul=True) for res in (hi, lo)]
         configs += [BenchConfig(res, True, True, fp8_matmul=True, selective=True) for res in (hi, lo)]
+        configs += [BenchConfig(hi, True, False, kontext=True)]  # the shipped Kontext config's step
     return [c for c in configs if compile or not c.compiled]
 
 
 def schedule(parts: set[str], configs: list[BenchConfig]) -> list[tuple[str, list[BenchConfig]]]:
     """The run order: per (checkpointing, compiled) group, ours then the peer; inference right after the first
     group, so a time-boxed run measures the goals, their peer ratios and inference before the rest."""
-    groups: dict[tuple[bool, bool, bool, bool], list[BenchConfig]] = {}
+    groups: dict[tuple[bool, bool, bool, bool, bool], list[BenchConfig]] = {}
     for c in configs:
         groups.setdefault(c.build, []).append(c)
     jobs: list[tuple[str, list[BenchConfig]]] = []
@@ -156,8 +160,10 @@ PEER_COMPILED_CKPT = (
 
 
 def peer_skip(part: str, config: BenchConfig) -> str | None:
-    """Why a peer row is not run, or ``None``: diffusers has no fp8 GEMM path nor selective checkpointing."""
-    return "no peer equivalent" if part == "peer" and (config.fp8_matmul or config.selective) else None
+    """Why a peer row is not run, or ``None``: diffusers has no fp8 GEMM path nor selective checkpointing (and
+    its peer step takes no Kontext reference)."""
+    unmatched = config.fp8_matmul or config.selective or config.kontext
+    return "no peer equivalent" if part == "peer" and unmatched else None
 
 
 def peer_bf16_storage(config: BenchConfig, fp8_always: bool = False) -> bool:
@@ -170,14 +176,20 @@ def peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
 
 
-def step_cost(params, res: int, checkpointing: bool, n_txt: int = N_TXT, rank: int = RANK) -> float:
-    """Analytic FLOPs of one LoRA step at ``res`` x ``res`` px with ``n_txt`` text tokens, batch 1."""
-    return A.step_flops(params, *A.tokens(res, res, n_txt), checkpointing=checkpointing, lora_rank=rank)
+def step_cost(
+    params, res: int, checkpointing: bool, n_txt: int = N_TXT, rank: int = RANK, kontext: bool = False
+) -> float:
+    """Analytic FLOPs of one LoRA step at ``res`` x ``res`` px with ``n_txt`` text tokens, batch 1 (Kontext: the
+    DiT runs on the target's and the reference's tokens, twice as many)."""
+    n_img, n_txt = A.tokens(res, res, n_txt)
+    return A.step_flops(params, n_img * (2 if kontext else 1), n_txt, checkpointing=checkpointing, lora_rank=rank)
 
 
 def goal_report(train: list[dict]) -> dict:
     """The goals against the measured rows (missing rows give ``measured: None``)."""
-    measured = [r for r in train if "median_s_per_step" in r and r.get("kind", "ours") == "ours"]
+    measured = [
+        r for r in train if "median_s_per_step" in r and r.get("kind", "ours") == "ours" and not r.get("kontext")
+    ]
     rows = {(r["res"], r["checkpointing"], r["compiled"]): r for r in measured if not r.get("fp8_matmul")}
     eager, comp = rows.get((1024, True, False)), rows.get((1024, True, True))
     at_goal = [r for r in measured if r["res"] == 1024 and r["checkpointing"]]
@@ -265,6 +277,8 @@ def _train_group(
             rows.append({**row, "skipped": "time budget"})
             continue
         batch = make_batch(params, c.res // 8, c.res // 8, args.txt_tokens, device=device)
+        if c.kontext:  # the reference fitted to the target's bucket, as the trainer does
+            batch["reference"] = batch["latents"].clone()
         empty = empty_embedding(params, args.txt_tokens, device=device)
         loss_fn = shipped_loss if kind == "ours" else gpu_models.peer_loss
         step = functools.partial(
@@ -277,7 +291,8 @@ def _train_group(
         time_steps(step, device, 0, args.warmup + 2 * c.compiled)  # warm-up (and compilation)
         warmup_s = time.perf_counter() - start
         times = time_steps(step, device, 0, args.steps)
-        flops, med = step_cost(params, c.res, c.checkpointing, args.txt_tokens), statistics.median(times)
+        flops = step_cost(params, c.res, c.checkpointing, args.txt_tokens, kontext=c.kontext)
+        med = statistics.median(times)
         row.update(
             peak_allocated_GB=peak_gb(device),
             peak_reserved_GB=peak_gb(device, reserved=True),

@@ -231,6 +231,7 @@ class TrainCase:
     checkpointing: Checkpointing = "full"
     rank: int = 16
     fp8_matmul: bool = False  # the block Linears through torch._scaled_mm (set_fp8_matmul)
+    kontext: bool = False  # FLUX.1 Kontext pairs: a reference as large as the target (see with_reference)
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ class InferCase:
     offload: OffloadMode | None = None
     res: int = 1024
     base: Base = "fp8"
+    kontext: bool = False  # FLUX.1 Kontext: a reference image of the output's size, encoded, its tokens appended
 
 
 def fake_dit(params: FluxParams, fake: FakeTensorMode, base: Base, rank: int = 0) -> Flux:
@@ -277,6 +279,12 @@ def closed_form_gb(case: TrainCase) -> float:
     )
 
 
+def with_reference(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A Kontext training batch: each target's reference latents, fitted to the target's bucket as the trainer
+    fits them (:mod:`flux_lora.data.pairs`), so the DiT sees twice the image tokens."""
+    return {**batch, "reference": batch["latents"].clone()}
+
+
 def train_case(case: TrainCase, params: FluxParams = PRESETS["flux-dev"]) -> dict[str, Any]:
     """One shipped training step (loss, backward, clipping at 1.0, AdamW) at ``case``; static = weights,
     adapters and optimizer state; transient = everything the step allocates (batch, activations, gradients)."""
@@ -296,6 +304,8 @@ def train_case(case: TrainCase, params: FluxParams = PRESETS["flux-dev"]) -> dic
         with live:
             latent = case.res // 8
             batch = make_batch(params, latent, latent, params.max_sequence_length)
+            if case.kontext:
+                batch = with_reference(batch)
             empty = empty_embedding(params, params.max_sequence_length)
             loss = shipped_loss(model, batch, cfg, empty)
             live.mark("forward")
@@ -351,16 +361,23 @@ def fake_encoders(params: FluxParams, fake: FakeTensorMode) -> tuple[TextEncoder
 
 
 @torch.no_grad()
-def _generate(pipe: FluxPipeline, res: int, mark: Callable[[str], None]) -> Tensor:
+def _generate(pipe: FluxPipeline, res: int, mark: Callable[[str], None], kontext: bool = False) -> Tensor:
     """What ``FluxPipeline.__call__`` runs for one prompt, one step (every step allocates the same), without
-    its value-dependent parts (the schedule is computed on tensors there): encode, denoise, decode."""
+    its value-dependent parts (the schedule is computed on tensors there): encode, denoise, decode. With
+    ``kontext``, a reference of the output's size is encoded by the autoencoder and its tokens join the DiT's."""
     cond = pipe.encode("a memory model")
     mark("encode")
     h = w = res // pipe.ae.params.downscale_factor
     img = S.pack(pipe.noise(1, h, w, torch.Generator().manual_seed(0)))
     ids, tids = S.img_ids(1, h, w), S.txt_ids(1, cond.txt.shape[1])
+    reference = None
+    if kontext:
+        with pipe.placement.use("ae"):  # type: ignore[union-attr]
+            reference = S.pack(pipe.ae.encode(torch.zeros(1, 3, res, res, dtype=torch.bfloat16)).float())
+        ids = torch.cat([ids, S.reference_ids(1, h, w)], dim=1)
+        mark("reference")
     with pipe.placement.use("dit"):  # type: ignore[union-attr]
-        img = denoise(pipe.dit, img, ids, cond.txt, tids, cond.y, [1.0, 0.0], 3.5)
+        img = denoise(pipe.dit, img, ids, cond.txt, tids, cond.y, [1.0, 0.0], 3.5, reference=reference)
     mark("denoise")
     pixels = pipe.decode(S.unpack(img, h, w))
     mark("decode")
@@ -381,7 +398,7 @@ def infer_case(case: InferCase, params: FluxParams = PRESETS["flux-dev"]) -> dic
         live = LiveBytes()
         with live:
             pipe.enable_offload(case.offload, transfer=CloneTransfer())
-            _generate(pipe, case.res, live.mark)
+            _generate(pipe, case.res, live.mark, case.kontext)
             pipe.enable_offload(None, transfer=CloneTransfer())
     return {**asdict(case), "offload": case.offload or "none", "kind": "infer", **live.summary(static)}
 
@@ -394,6 +411,13 @@ TRAIN_CASES = [
     if base == "fp8" or ckpt == "full"
 ] + [TrainCase(1024, "fp8", "full", fp8_matmul=True)]
 INFER_CASES = [InferCase(mode) for mode in (None, "model", "block")]
+# FLUX.1 Kontext: the shipped Kontext config's step (fp8, full checkpointing) and inference with a reference
+KONTEXT_CASES: list[TrainCase | InferCase] = [
+    TrainCase(512, "fp8", "full", kontext=True),
+    TrainCase(1024, "fp8", "full", kontext=True),
+    InferCase(None, kontext=True),
+    InferCase("block", kontext=True),
+]
 
 
 def run(only: str | None = None, save: Callable[[list[dict]], None] | None = None) -> list[dict[str, Any]]:
@@ -403,11 +427,13 @@ def run(only: str | None = None, save: Callable[[list[dict]], None] | None = Non
         cases += TRAIN_CASES
     if only in (None, "infer"):
         cases += INFER_CASES
+    if only in (None, "kontext"):
+        cases += KONTEXT_CASES
     for case in cases:
         start = time.perf_counter()
         row = train_case(case) if isinstance(case, TrainCase) else infer_case(case)
         row["cpu_s"] = round(time.perf_counter() - start, 1)
-        if isinstance(case, TrainCase):
+        if isinstance(case, TrainCase) and not case.kontext:  # the closed form knows FLUX.1-dev/schnell only
             log.info("closed form (flux_lora.presets): %.2f GB", closed_form_gb(case))
         log.info("%s", {k: v for k, v in row.items() if k != "roofline_estimate_s"})
         rows.append(row)
@@ -419,7 +445,7 @@ def run(only: str | None = None, save: Callable[[list[dict]], None] | None = Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write the rows as JSON here (rewritten after each configuration)")
-    ap.add_argument("--only", choices=("train", "infer"))
+    ap.add_argument("--only", choices=("train", "infer", "kontext"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -191,6 +191,11 @@ class DataConfig:
         "leaves out is the field above",
         factory=list,
     )
+    references: str | None = _doc(
+        "FLUX.1 Kontext pairs: folder of reference images matched to the source's images (targets, captioned with "
+        "the instruction) by relative file name, any extension; null: no references",
+        None,
+    )
     bucket_step: int = _doc("spacing of bucket widths (a multiple of 16); larger means fewer, fuller buckets", 16)
     max_aspect: float = _doc("longest bucket side over shortest; more extreme images are cropped to it", 4.0)
     upscale: bool = _doc("enlarge images smaller than their bucket (default: they get a bucket of their own)", False)
@@ -399,7 +404,7 @@ class ModelConfig:
     )
     cache_dir: str | None = _doc("download cache; null: the hub's own (HF_HOME, MODELSCOPE_CACHE)", None)
     tiny_if_missing: bool = _doc("write a tiny random model to source when it does not exist (CPU demos)", False)
-    tiny_variant: Literal["dev", "schnell"] = _doc("which tiny model tiny_if_missing writes", "dev")
+    tiny_variant: Literal["dev", "schnell", "kontext"] = _doc("which tiny model tiny_if_missing writes", "dev")
 
 
 @dataclass

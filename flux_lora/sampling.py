@@ -49,6 +49,16 @@ def img_ids(
     return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
 
 
+def reference_ids(
+    batch: int, latent_height: int, latent_width: int, device: torch.device | str | None = None
+) -> Tensor:
+    """FLUX.1 Kontext's reference position ids: :func:`img_ids` of the reference's own latent grid (rows and
+    columns from 0) with 1 in the first channel (BFL's ``prepare_kontext``, diffusers' ``FluxKontextPipeline``)."""
+    ids = img_ids(batch, latent_height, latent_width, device=device).clone()
+    ids[..., 0] = 1
+    return ids
+
+
 def txt_ids(
     batch: int, length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:

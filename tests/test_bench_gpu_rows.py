@@ -29,3 +29,15 @@ def test_the_quick_run_and_the_parts_keep_the_trainer_row(capsys):
 def test_the_peer_compiled_checkpointed_rows_can_try_fp8(capsys):
     assert G.main(["--list", "--parts", "peer", "--peer-fp8-always"]) == 0
     assert "peer: 1024px ckpt compiled" in capsys.readouterr().out.splitlines()
+
+
+def test_the_full_run_ends_with_a_kontext_row(capsys):
+    assert G.main(["--list"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[-2:] == [
+        "train: 1024px ckpt eager kontext",
+        "peer: 1024px ckpt eager kontext (skipped: no peer equivalent)",
+    ]
+    assert G.step_cost(G.PRESETS["flux-dev"], 1024, True, kontext=True) > 1.9 * G.step_cost(
+        G.PRESETS["flux-dev"], 1024, True
+    )

@@ -156,13 +156,14 @@ def test_scaled_fp8_error_is_below_plain_cast(base, batch):
 
 def test_gpu_script_helpers():
     full = G.train_matrix()
-    assert len(full) == 12 and len(set(full)) == 12
+    assert len(full) == 13 and len(set(full)) == 13
+    assert full[-1] == G.BenchConfig(1024, True, False, kontext=True)  # Kontext: its own group, last
     assert G.BenchConfig(1024, True, True, fp8_matmul=True) in full
     assert G.BenchConfig(1024, True, True, fp8_matmul=True, selective=True) in full
     assert full[:2] == [G.BenchConfig(1024, True, False), G.BenchConfig(512, True, False)]  # the goal first
     assert all(not c.compiled for c in G.train_matrix(compile=False))
     jobs = [(part, [c.res for c in group]) for part, group in G.schedule({"train", "peer", "infer"}, full)]
-    assert jobs[:3] == [("train", [1024, 512]), ("peer", [1024, 512]), ("infer", [])] and len(jobs) == 13
+    assert jobs[:3] == [("train", [1024, 512]), ("peer", [1024, 512]), ("infer", [])] and len(jobs) == 15
     assert G.schedule({"infer"}, full) == [("infer", [])]
     assert G.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and G.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert G.step_cost(FULL, 1024, True) == A.step_flops(FULL, 4096, 512, checkpointing=True, lora_rank=16)

@@ -21,7 +21,9 @@ ControlNets too. ``--seed`` takes one or more seeds, one image each; with one se
 makes ``N`` images with seeds ``S, S+1, ...``. Each image's noise comes from its own seed, so ``--batch-size``
 (images per DiT call) changes speed and memory, not the pictures (beyond float rounding). ``--image PATH
 --strength S`` starts from a picture (image to image; strength 0 keeps it, 1 ignores it; default 0.6); without
-``--height``/``--width`` the picture's size is used, rounded down to multiples of 16. Without ``--output`` the
+``--height``/``--width`` the picture's size is used, rounded down to multiples of 16. ``--reference-image PATH``
+(FLUX.1 Kontext) edits a picture by the prompt: its tokens join the DiT's input at every step (not img2img's
+start); the output size defaults to the Kontext resolution nearest its aspect ratio. Without ``--output`` the
 images are numbered ``output_00001.png``, ... after the highest number in the current folder; with
 ``--output OUT`` they are ``OUT`` (one image) or ``OUT-i.png``, and an existing file needs ``--overwrite``.
 ``--prompt-file FILE`` (one prompt a line) instead of ``--prompt`` makes those images for each prompt in turn. The
@@ -53,8 +55,9 @@ from transformers.utils import logging as hf_logging
 
 from flux_lora.dtypes import DTYPES, QUANTIZE_VALUES, Quantize
 from flux_lora.inference.control import ControlNetUnit
+from flux_lora.inference.kontext import preferred_size
 from flux_lora.inference.outputs import file_hash, numbered_paths, save_png
-from flux_lora.inference.pipeline import DEFAULT_GUIDANCE, FluxPipeline, model_folder
+from flux_lora.inference.pipeline import FluxPipeline, model_folder
 from flux_lora.lora.encoders import is_text_encoder_key, read_text_encoder_lora
 from flux_lora.lora.files import read_lora
 from flux_lora.lora.patches import DoraNorm, NormOverride, input_width
@@ -165,8 +168,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="default: the --image's, else 1024")
     p.add_argument("--image", type=Path, default=None, help="image to image: start from this picture")
     p.add_argument("--strength", type=float, default=None, help="with --image: 0 keeps it, 1 ignores it (0.6)")
+    p.add_argument(
+        "--reference-image",
+        type=Path,
+        default=None,
+        help="FLUX.1 Kontext: the image to edit (its tokens join the DiT's input; the output size defaults to "
+        "the Kontext resolution nearest its aspect ratio)",
+    )
+    p.add_argument(
+        "--reference-size",
+        choices=["preferred", "keep"],
+        default="preferred",
+        help="the reference is encoded at the Kontext resolution nearest its aspect ratio (preferred, as BFL and "
+        "diffusers do) or at its own size (keep)",
+    )
     p.add_argument("--steps", type=int, default=None, help="default: 28 for dev, 4 for schnell")
-    p.add_argument("--guidance", type=float, default=None, help="embedded guidance (dev; default 3.5)")
+    p.add_argument("--guidance", type=float, default=None, help="embedded guidance (dev 3.5, Kontext 2.5 by default)")
     p.add_argument(
         "--seed", type=int, nargs="+", default=None, help="one or more; default: random (written into the PNG)"
     )
@@ -204,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--structure-image {args.structure_image}: no such file")
     if args.image is not None and not args.image.is_file():
         p.error(f"--image {args.image}: no such file")
+    if args.reference_image is not None and not args.reference_image.is_file():
+        p.error(f"--reference-image {args.reference_image}: no such file")
     if args.strength is not None and not 0 <= args.strength <= 1:
         p.error(f"--strength must be in [0, 1], got {args.strength}")
     images = sum("image" in u for u in args.controlnets)
@@ -389,6 +408,12 @@ def preflight(args: argparse.Namespace) -> Checked:
     check_controlnets(args.controlnets, params)
     check_structure_image(loras, params, args.structure_image)
     images = {} if args.image is None else {args.image: open_image(args.image, "--image")}
+    if args.reference_image is not None:
+        images[args.reference_image] = open_image(args.reference_image, "--reference-image")
+        if not params.guidance_embed:
+            raise ValueError(f"--reference-image needs a FLUX.1 Kontext model; {args.model} is schnell-type")
+        if not params.kontext:
+            log.warning("%s is not a FLUX.1 Kontext model: the reference image is appended all the same", args.model)
     if args.structure_image is not None:
         images[args.structure_image] = open_image(args.structure_image, "--structure-image")
     for unit in args.controlnets:
@@ -412,10 +437,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     apply_all(pipe, checked, args.lora_mode)
     controlnets = load_controlnets(pipe, args.controlnets, checked.images, args.quantize)
     init = checked.images.get(args.image) if args.image is not None else None
-    height, width = pipe.image_size(*output_size(args, init))
+    reference = checked.images.get(args.reference_image) if args.reference_image is not None else None
+    height, width = pipe.image_size(*output_size(args, init, reference))
     steps = pipe.dit.params.default_steps if args.steps is None else args.steps
     dev = pipe.dit.params.guidance_embed
-    guidance = (DEFAULT_GUIDANCE if args.guidance is None else args.guidance) if dev else None
+    guidance = (pipe.dit.params.default_guidance if args.guidance is None else args.guidance) if dev else None
     recorded_guidance = guidance if dev and guidance_used(pipe.dit) else None  # what the PNG says was used
     negative = args.negative_prompt if args.true_cfg != 1.0 else None
     strength = 1.0 if init is None else (0.6 if args.strength is None else args.strength)
@@ -440,6 +466,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             image=init,
             strength=strength,
             control_image=checked.images.get(args.structure_image) if args.structure_image else None,
+            reference_image=reference,
+            reference_size=args.reference_size,
             progress=not args.quiet,
         )
         start = number * len(args.seeds) + first
@@ -465,15 +493,22 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 settings.update(image=str(args.image), strength=strength)
             if args.structure_image is not None:
                 settings.update(structure_image=str(args.structure_image))
+            if reference is not None:
+                settings.update(reference_image=str(args.reference_image), reference_size=args.reference_size)
             save_png(image, path, settings, overwrite=args.overwrite)
             log.info("wrote %s (seed %d)", path, seed)
             written.append(path)
     return written
 
 
-def output_size(args: argparse.Namespace, init: Image.Image | None) -> tuple[int, int]:
-    """``(height, width)`` as given, else the --image's size, else 1024 (rounded to multiples of 16 later)."""
+def output_size(
+    args: argparse.Namespace, init: Image.Image | None, reference: Image.Image | None = None
+) -> tuple[int, int]:
+    """``(height, width)`` as given, else the --image's size, else the Kontext resolution nearest the
+    --reference-image's aspect ratio (as BFL's sampler), else 1024 (rounded to multiples of 16 later)."""
     h0, w0 = (1024, 1024) if init is None else (init.height, init.width)
+    if init is None and reference is not None:
+        w0, h0 = preferred_size(reference.width, reference.height)
     return (args.height or h0), (args.width or w0)
 
 

@@ -36,6 +36,7 @@ from flux_lora.data.cache import (
     load_text_embeddings,
     plan_cache,
 )
+from flux_lora.data.pairs import plan_references, scan_references
 from flux_lora.data.scan import ScannedData, scan_all
 from flux_lora.data.shards import distributed, fill_distributed
 from flux_lora.model.autoencoder import AutoEncoder
@@ -62,14 +63,20 @@ class CachedDataset(Dataset[Sample]):
         captions: list[str],
         names: list[str] | None = None,
         weights: list[float] | None = None,
+        reference_keys: list[list[str]] | None = None,
     ):
         self.root, self.latent_keys = Path(root), latent_keys
         self.text_keys, self.captions = text_keys, captions
         self.names = names or [f"record {i}" for i in range(len(captions))]
         self.weights = weights
+        self.reference_keys = reference_keys  # Kontext pairs: each variant's reference entry
 
     @classmethod
-    def from_plan(cls, plan: CachePlan) -> CachedDataset:
+    def from_plan(cls, plan: CachePlan, references: CachePlan | None = None) -> CachedDataset:
+        """The samples of a complete ``plan``; with ``references`` (:func:`flux_lora.data.pairs.plan_references`),
+        each sample also holds its reference's latents under ``reference``."""
+        if references is not None and not references.complete:
+            raise RuntimeError(f"the cache {plan.root} lacks {len(references.missing_latents)} reference latents")
         if not plan.complete:
             raise RuntimeError(
                 f"the cache {plan.root} is incomplete ({len(plan.missing_text)} captions, "
@@ -82,6 +89,7 @@ class CachedDataset(Dataset[Sample]):
             list(plan.captions),
             list(plan.names) or None,
             list(plan.weights) if any(w != 1.0 for w in plan.weights) else None,
+            None if references is None else [[j.key for j in jobs] for jobs in references.variants],
         )
 
     def __len__(self) -> int:
@@ -94,6 +102,8 @@ class CachedDataset(Dataset[Sample]):
         entry = store.read_latent_entry(self.latent_keys[i][v])  # latents, and mask when training with masks
         if self.weights is not None:
             entry["weight"] = torch.tensor(self.weights[i], dtype=torch.float32)
+        if self.reference_keys is not None:
+            entry["reference"] = store.read_latent(self.reference_keys[i][v])
         return {**entry, "txt": txt, "y": y, "caption": self.captions[i], "image": self.names[i]}
 
 
@@ -105,7 +115,8 @@ def collate(samples: Sequence[Sample]) -> dict[str, Tensor | list[str]]:
     shapes = {tuple(s["latents"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(f"a batch mixes latent sizes {sorted(shapes)}; batch with BucketBatchSampler")
-    keys = ("latents", "txt", "y") + tuple(k for k in ("mask", "weight") if all(k in s for s in samples))
+    optional = ("mask", "weight", "reference")  # reference: a Kontext pair's reference latents [B, z, h, w]
+    keys = ("latents", "txt", "y") + tuple(k for k in optional if all(k in s for s in samples))
     out: dict[str, Tensor | list[str]] = {k: torch.stack([s[k] for s in samples]) for k in keys}
     out["caption"] = [s["caption"] for s in samples]
     out["image"] = [str(s.get("image", "?")) for s in samples]
@@ -143,7 +154,9 @@ class ResumableDataLoader(DataLoader[Sample]):
         self._resume_at = (state["epoch"], state["served"])
 
 
-def make_dataloader(plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader[Sample]:
+def make_dataloader(
+    plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size: int = 1, references: CachePlan | None = None
+) -> DataLoader[Sample]:
     """The training DataLoader over a complete cache: this rank's bucketed batches (BucketBatchSampler)."""
     sampler = BucketBatchSampler(
         plan.buckets,
@@ -157,7 +170,7 @@ def make_dataloader(plan: CachePlan, cfg: DataConfig, rank: int = 0, world_size:
         world_size=world_size,
     )
     return ResumableDataLoader(
-        CachedDataset.from_plan(plan),
+        CachedDataset.from_plan(plan, references),
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=cfg.num_workers,
@@ -200,7 +213,9 @@ class FluxDataModule(L.LightningDataModule):
         self.sample_prompts, self.device = list(sample_prompts), device
         self.plan: CachePlan | None = None
         self.fill_stats = FillStats()  # what this process encoded
+        self.reference_plan: CachePlan | None = None  # Kontext pairs (data.references)
         self._scanned = scanned
+        self._references: ScannedData | None = None
 
     @classmethod
     def from_model_folder(
@@ -236,9 +251,19 @@ class FluxDataModule(L.LightningDataModule):
             self._scanned = scan_all(self.cfg)
         return self._scanned
 
+    def references(self) -> ScannedData | None:
+        """The reference of every scanned image (data.references), read and checked once; ``None`` without."""
+        if self.cfg.references and self._references is None:
+            self._references = scan_references(self.cfg, self.scan())
+        return self._references
+
     def _plan(self, quiet: bool = False) -> tuple[ScannedData, CachePlan]:
         data = self.scan()
         return data, plan_cache(data, self.cfg, self.text_spec, self.ae_spec, self.sample_prompts, quiet=quiet)
+
+    def _reference_plan(self, plan: CachePlan) -> CachePlan | None:
+        refs = self.references()
+        return None if refs is None else plan_references(plan, refs, self.ae_spec)
 
     def _device(self) -> torch.device:
         if self.device is not None:
@@ -256,6 +281,11 @@ class FluxDataModule(L.LightningDataModule):
             self.fill_stats = fill_cache(
                 plan, data, self.load_text_encoders, self.load_autoencoder, self._device(), self.cfg.encode_batch_size
             )
+        refs = self._reference_plan(plan)
+        if refs is not None and not refs.complete:
+            references = self.references()
+            assert references is not None
+            fill_cache(refs, references, _never, self.load_autoencoder, self._device(), self.cfg.encode_batch_size)
 
     def setup(self, stage: str | None = None) -> None:
         if distributed():  # every rank: plan (the summary once per node), encode its share, wait for the others
@@ -264,6 +294,13 @@ class FluxDataModule(L.LightningDataModule):
                 plan, data, self.load_text_encoders, self.load_autoencoder, self._device(), self.cfg.encode_batch_size
             )
             plan = plan.refresh()
+            refs = self._reference_plan(plan)
+            if refs is not None and not refs.complete:
+                references = self.references()
+                assert references is not None
+                fill_distributed(
+                    refs, references, _never, self.load_autoencoder, self._device(), self.cfg.encode_batch_size
+                )
         else:
             _, plan = self._plan(quiet=True)  # planned once more: its summary was logged in prepare_data
         if not plan.complete:
@@ -272,6 +309,9 @@ class FluxDataModule(L.LightningDataModule):
                 "with several nodes, give each its own cache folder or share one filesystem"
             )
         self.plan = plan
+        self.reference_plan = self._reference_plan(plan)
+        if self.reference_plan is not None and not self.reference_plan.complete:
+            raise RuntimeError(f"the cache {plan.root} lacks reference latents on this process after the fill")
 
     def _local_rank(self) -> int:
         trainer = self.trainer
@@ -280,7 +320,7 @@ class FluxDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Sample]:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return make_dataloader(self._require_plan(), self.cfg, rank, world)
+        return make_dataloader(self._require_plan(), self.cfg, rank, world, self.reference_plan)
 
     def _require_plan(self) -> CachePlan:
         if self.plan is None:

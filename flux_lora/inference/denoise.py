@@ -64,6 +64,7 @@ def denoise(
     controls: ControlProvider | None = None,
     callback: StepCallback | None = None,
     img_cond: Tensor | None = None,
+    reference: Tensor | None = None,
 ) -> Tensor:
     """Integrate the flow ODE from ``timesteps[0]`` to ``timesteps[-1]`` with Euler steps.
 
@@ -78,6 +79,9 @@ def denoise(
         controls: per-call ControlNet residual provider.
         img_cond: ``[B, N, C']`` structure latents concatenated to the image channels at every call (a DiT with
             a control LoRA's widened ``img_in``).
+        reference: ``[B, M, C]`` Kontext reference tokens appended after the image tokens at every call
+            (``img_ids`` then holds ``N + M`` ids: the image's, then the reference's); the prediction is sliced
+            back to the ``N`` image tokens.
 
     Returns:
         ``[B, N, C]`` latents at ``timesteps[-1]``, in the dtype of ``img``.
@@ -88,10 +92,12 @@ def denoise(
     for i, (t_cur, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
         t_vec = torch.full((batch,), t_cur, device=img.device, dtype=dtype)
         x = img.to(dtype) if img_cond is None else torch.cat([img.to(dtype), img_cond.to(dtype)], dim=-1)
-        v = _velocity(model, DiTInputs(i, x, img_ids, txt, txt_ids, t_vec, y, g), controls)
+        if reference is not None:
+            x = torch.cat([x, reference.to(dtype)], dim=1)
+        v = _velocity(model, DiTInputs(i, x, img_ids, txt, txt_ids, t_vec, y, g), controls)[:, : img.shape[1]]
         if use_cfg and neg is not None:
             neg_inputs = DiTInputs(i, x, img_ids, neg.txt, txt_ids, t_vec, neg.y, g, negative=True)
-            v_neg = _velocity(model, neg_inputs, controls)
+            v_neg = _velocity(model, neg_inputs, controls)[:, : img.shape[1]]
             v = v_neg + true_cfg * (v - v_neg)
         img = euler_step(img, v, t_cur, t_prev)
         if callback is not None:

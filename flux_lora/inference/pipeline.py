@@ -30,6 +30,7 @@ from flux_lora.inference.control import (
 )
 from flux_lora.inference.denoise import ControlProvider, StepCallback, denoise
 from flux_lora.inference.img2img import cut_schedule, image_latents, noised_start
+from flux_lora.inference.kontext import ReferenceSize, reference_tokens
 from flux_lora.inference.offload import OffloadMode, Placement, PlacementLog, Transfer
 from flux_lora.inference.structure import check_structure, structure_latents
 from flux_lora.model.autoencoder import AutoEncoder
@@ -213,6 +214,8 @@ class FluxPipeline:
         image: ImageInput | None = None,
         strength: float = 1.0,
         control_image: ImageInput | None = None,
+        reference_image: ImageInput | None = None,
+        reference_size: ReferenceSize = "preferred",
     ) -> list[Image.Image] | Tensor:
         """Generate images.
 
@@ -220,7 +223,8 @@ class FluxPipeline:
             prompt: one prompt or a list (or ``None`` with ``text_embeddings``, one row per prompt).
             height, width: rounded down to multiples of 16 (at least 16).
             num_inference_steps: default ``params.default_steps`` (4 for schnell).
-            guidance: embedded guidance for dev (default 3.5); schnell has none and ignores it with a warning.
+            guidance: embedded guidance for dev (default 3.5, Kontext 2.5); schnell has none and ignores it with a
+                warning.
             true_cfg: ``!= 1`` runs the DiT twice per step, ``v_neg + true_cfg * (v - v_neg)``, with
                 ``negative_prompt`` (default the empty prompt) or ``negative_text_embeddings``.
             seed, generator: the noise source (a CPU generator seeded with ``seed``; random if neither).
@@ -240,18 +244,26 @@ class FluxPipeline:
             control_image: structural conditioning (edges, depth, ...) for a DiT with a FLUX control LoRA applied
                 (FLUX.1-Canny/Depth-dev-lora; see :mod:`flux_lora.inference.structure`): one image or one per
                 prompt, at the output size; required exactly when the DiT's ``img_in`` is widened.
+            reference_image: FLUX.1 Kontext's reference (see :mod:`flux_lora.inference.kontext`): one image or one
+                per prompt, encoded at ``reference_size`` (``"preferred"``: the Kontext resolution nearest its
+                aspect ratio, as BFL and diffusers do; ``"keep"``: its own size). On a Kontext model, ``image``
+                without ``strength`` is the reference too, as in diffusers' ``FluxKontextPipeline``.
         """
         if output_type not in ("pil", "latent", "pt"):
             raise ValueError(f"output_type must be 'pil', 'latent' or 'pt', got {output_type!r}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         params = self.dit.params
+        if params.kontext and image is not None and reference_image is None and strength == 1.0:
+            image, reference_image = None, image  # diffusers' FluxKontextPipeline(image=reference)
+        if reference_image is not None and (controlnets or controls is not None or control_image is not None):
+            raise ValueError("a reference image (Kontext) cannot be combined with ControlNets or a control image")
         steps = params.default_steps if num_inference_steps is None else num_inference_steps
         check_structure(self.dit, control_image is not None)
         units = check_units(controlnets, params, self.dtype)
         if units and controls is not None:
             raise ValueError("pass controlnets or controls, not both")
-        control_guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        control_guidance = params.default_guidance if guidance is None else float(guidance)
         guidance = self._guidance(guidance, any(u.controlnet.params.trunk.guidance_embed for u in units))
         height, width = self.image_size(height, width)
         ds = self.ae.params.downscale_factor
@@ -271,8 +283,9 @@ class FluxPipeline:
             controls = self._control_provider(units, height, width, num_prompts, batch, runs, control_guidance)
 
         start = self._initial_noise(batch, lh, lw, seed, generator, latents)
-        img_cond = None
-        if image is not None or control_image is not None:  # the autoencoder moves only when it is needed
+        img_cond = reference = None
+        ids = img_ids(batch, lh, lw, device=self.device)
+        if image is not None or control_image is not None or reference_image is not None:  # the AE moves if needed
             with self.placement.use("ae"):
                 ae_args = (self.ae, height, width, num_prompts)
                 if image is not None:
@@ -280,8 +293,12 @@ class FluxPipeline:
                     start = noised_start(x0, start, schedule[0])
                 if control_image is not None:
                     img_cond = structure_latents(control_image, *ae_args, batch, self.device, float_dtype(self.ae))
+                if reference_image is not None:
+                    reference, ref_ids = reference_tokens(
+                        reference_image, self.ae, num_prompts, batch, reference_size, self.device
+                    )
+                    ids = torch.cat([ids, ref_ids], dim=1)
         img = pack(start).to(self.device)
-        ids = img_ids(batch, lh, lw, device=self.device)
         tids = txt_ids(batch, cond.txt.shape[1], device=self.device)
         bar = _progress(len(schedule) - 1, progress)
 
@@ -307,6 +324,7 @@ class FluxPipeline:
                     controls=controls,
                     callback=on_step,
                     img_cond=None if img_cond is None else img_cond.to(self.device),
+                    reference=reference,
                 )
         finally:
             bar.close()
@@ -338,7 +356,7 @@ class FluxPipeline:
         dev = self.dit.params.guidance_embed
         if not dev and guidance is not None and not for_controlnets:
             log.warning("this model (schnell-type) has no guidance embedding; guidance=%s is ignored", guidance)
-        value = DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        value = self.dit.params.default_guidance if guidance is None else float(guidance)
         if (dev or for_controlnets) and (math.isnan(value) or value < 0):
             raise ValueError(f"guidance must be a non-negative number, got {guidance}")
         return value if dev else None

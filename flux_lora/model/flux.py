@@ -45,6 +45,9 @@ class FluxParams:
     max_sequence_length: int = 512
     default_steps: int = 28
     shift_schedule: bool = True
+    # FLUX.1 Kontext [dev]: the same DiT, run with a reference image's tokens appended after the noisy ones
+    # (position ids with 1 in the first channel) and distilled for guidance 2.5.
+    kontext: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
@@ -61,9 +64,22 @@ class FluxParams:
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
+    @property
+    def default_guidance(self) -> float:
+        """The embedded guidance the model is meant to run with: 2.5 for Kontext (BFL's and diffusers' default),
+        3.5 for dev."""
+        return 2.5 if self.kontext else 3.5
+
+    @property
+    def variant(self) -> str:
+        """``kontext``, ``dev`` or ``schnell``."""
+        return "kontext" if self.kontext else "dev" if self.guidance_embed else "schnell"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["axes_dim"] = list(self.axes_dim)
+        if not self.kontext:  # files of dev and schnell models stay as older versions wrote (and read) them
+            del d["kontext"]
         return d
 
     @classmethod
@@ -98,6 +114,8 @@ PRESETS: dict[str, FluxParams] = {
     ),
 }
 PRESETS["tiny-schnell"] = replace(PRESETS["tiny"], guidance_embed=False, shift_schedule=False)
+PRESETS["flux-kontext-dev"] = replace(FLUX_DEV, kontext=True)
+PRESETS["tiny-kontext"] = replace(PRESETS["tiny"], kontext=True)
 
 
 class Flux(nn.Module):

@@ -1,10 +1,14 @@
 """Toy scenes from the command line.
 
     python -m flux_lora.toy data OUT --count N --seed S [--size 64] [--shapes circle,...] [--colours red,...]
+    python -m flux_lora.toy pairs OUT --count N --seed S [--size 64]
     python -m flux_lora.toy score FOLDER_OR_IMAGES...
     python -m flux_lora.toy train OUT [--seed 0]
 
 ``data`` writes ``scene_NNNNN.png`` with a ``.txt`` caption beside each (the trainer's image-folder layout).
+``pairs`` writes Kontext editing pairs (``OUT/targets``: pink shapes captioned "make it pink";
+``OUT/references``: the same shapes in their own colours; train with ``--data.source OUT/targets
+--data.references OUT/references``).
 ``score`` prints the scorer's verdict per image and whether it agrees with what the image was meant to show (the
 caption file beside it, or the prompt a generated PNG records), then the accuracy per attribute the prompts name;
 the trainer's preview images are summed up per training step, so a LoRA's samples read as before and after. Keep
@@ -27,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from flux_lora.data.scan import IMAGE_EXTENSIONS
 from flux_lora.inference.outputs import SETTINGS_CHUNK
+from flux_lora.toy.pairs import write_pairs
 from flux_lora.toy.recipe import Recipe
 from flux_lora.toy.scenes import ALL_COLOURS, ALL_SHAPES, COLOURS, SHAPES, Labels, parse_caption, write_dataset
 from flux_lora.toy.scorer import ATTRIBUTES, Verdict, accuracy, score_image
@@ -165,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--size", type=int, default=64, help="image side in px (a multiple of 16)")
     data.add_argument("--shapes", type=_shapes, default=list(SHAPES), help="comma-separated (star: the unseen one)")
     data.add_argument("--colours", type=_colours, default=list(COLOURS), help="comma-separated (pink: the unseen one)")
+    pairs = commands.add_parser("pairs", help="write Kontext editing pairs: a shape -> the same shape in pink")
+    pairs.add_argument("out", type=Path)
+    pairs.add_argument("--count", type=int, default=48)
+    pairs.add_argument("--seed", type=int, default=11)
+    pairs.add_argument("--size", type=int, default=64, help="image side in px (a multiple of 16)")
     score = commands.add_parser("score", help="print the scorer's verdicts and the accuracy against captions")
     score.add_argument("sources", type=Path, nargs="+", metavar="FOLDER_OR_IMAGE")
     train = commands.add_parser("train", help="train the toy model from scratch and write its model folder")
@@ -180,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             write_dataset(args.out, args.count, args.seed, args.size, args.shapes, args.colours)
+            return 0
+        if args.command == "pairs":
+            write_pairs(args.out, args.count, args.seed, args.size)
             return 0
         if args.command == "train":
             train_toy(args.out, Recipe(seed=args.seed))

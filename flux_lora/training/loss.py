@@ -99,7 +99,11 @@ def dit_inputs(
     empty: TextEmbeddings | None,
 ) -> tuple[dict[str, Tensor | None], Tensor]:
     """The DiT's keyword arguments for a step (BFL names; the noisy image in ``dtype``, ``guidance`` None for a
-    model without the guidance input), and the velocity target ``[B, N, 64]`` (float32)."""
+    model without the guidance input), and the velocity target ``[B, N, 64]`` (float32).
+
+    A batch with ``reference`` latents (FLUX.1 Kontext pairs) gets their tokens appended after the ``N`` noisy ones,
+    clean, with :func:`~flux_lora.sampling.reference_ids`; the DiT's output is then ``N + M`` tokens, of which
+    the loss takes the first ``N`` (:func:`target_tokens`)."""
     latents = batch["latents"]
     b, _, h, w = latents.shape
     x0 = S.pack(latents.float())
@@ -109,9 +113,15 @@ def dit_inputs(
         if empty is None:
             raise ValueError("train.caption_dropout needs the cached empty-caption embedding")
         txt, y = drop_captions(txt, y, draws.drop, empty)
+    img, ids = S.add_noise(x0, noise, t).to(dtype), S.img_ids(b, h, w, device=x0.device)
+    reference = batch.get("reference")
+    if reference is not None:
+        rh, rw = reference.shape[-2:]
+        img = torch.cat([img, S.pack(reference.float()).to(dtype)], dim=1)
+        ids = torch.cat([ids, S.reference_ids(b, rh, rw, device=x0.device)], dim=1)
     inputs = dict(
-        img=S.add_noise(x0, noise, t).to(dtype),
-        img_ids=S.img_ids(b, h, w, device=x0.device),
+        img=img,
+        img_ids=ids,
         txt=txt,
         txt_ids=S.txt_ids(b, txt.shape[1], device=x0.device),
         timesteps=t,
@@ -119,6 +129,11 @@ def dit_inputs(
         guidance=None if guidance is None else torch.full((b,), guidance, device=x0.device),
     )
     return inputs, S.flow_target(x0, noise)
+
+
+def target_tokens(pred: Tensor, target: Tensor) -> Tensor:
+    """The prediction for the target's tokens: the first ``N`` (a Kontext reference's tokens follow them)."""
+    return pred[:, : target.shape[1]]
 
 
 def weighted_mse(
@@ -189,13 +204,13 @@ def flow_matching_loss(
     guidance = cfg.guidance if dit.params.guidance_embed else None
     # float biases carry the compute dtype, also on fp8 layers (a bf16 DiT without autocast needs bf16)
     inputs, target = dit_inputs(batch, draws, guidance, dit.img_in.bias.dtype, empty_embedding)
-    pred = dit(**inputs)
+    pred = target_tokens(dit(**inputs), target)
     t = draws.t.to(target.device)
     loss = weighted_mse(pred, target, t, cfg.loss_weighting, batch.get("mask"), batch.get("weight"))
     if preservation is None or draws.preserve is None:
         return loss
     kept = with_prompts(inputs, preservation.embeddings, preservation.rows(draws.preserve))
     with torch.no_grad(), preservation.base():
-        base = dit(**kept)
-    adapted = dit(**kept)
+        base = target_tokens(dit(**kept), target)
+    adapted = target_tokens(dit(**kept), target)
     return loss + preservation.weight * preservation_loss(adapted, base, t, cfg.loss_weighting)

@@ -155,6 +155,7 @@ def build(
     datamodule = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, dtype, sample_prompts=prompts, scanned=scanned
     )
+    datamodule.references()  # Kontext pairs: a missing or unreadable reference fails here, before any model
     plain = cfg.lora.kind == "lora"  # the other kinds are read as the patches they are, and loaded as such
     if cfg.train.init_lora:  # read once now, so a bad file stops the run before the cache fill and the model load
         try:

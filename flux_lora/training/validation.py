@@ -20,7 +20,7 @@ from flux_lora.config import DataError, ExperimentConfig, ValidationConfig
 from flux_lora.data.datamodule import CachedDataset, FluxDataModule, collate
 from flux_lora.data.scan import ScannedData, scan
 from flux_lora.training.callbacks import _due
-from flux_lora.training.loss import StepDraws, dit_inputs, weighted_mse
+from flux_lora.training.loss import StepDraws, dit_inputs, target_tokens, weighted_mse
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ValidationLoss(L.Callback):
         self.data.device = trainer.strategy.root_device
         self.data.prepare_data()  # one process; under DDP every rank fills its share in setup()
         self.data.setup()
-        self.dataset = CachedDataset.from_plan(self.data._require_plan())
+        self.dataset = CachedDataset.from_plan(self.data._require_plan(), self.data.reference_plan)
 
     @torch.no_grad()
     def evaluate(self, module: Any) -> float:
@@ -78,7 +78,7 @@ class ValidationLoss(L.Callback):
                 for t in self.cfg.timesteps:
                     draws = StepDraws(S.pack(noise), torch.tensor([t]), None)
                     inputs, target = dit_inputs(batch, draws, guidance, dit.img_in.bias.dtype, None)
-                    pred = dit(**inputs)
+                    pred = target_tokens(dit(**inputs), target)
                     loss = weighted_mse(pred, target, draws.t.to(device), "none", batch.get("mask"))
                     total, count = total + float(loss), count + 1
         finally:

@@ -1,11 +1,16 @@
 """Loading the DiT and the autoencoder from official files, diffusers folders or single files.
 
-Sources accepted for the DiT: a folder in the FLUX.1 layout (``flux1-dev.safetensors`` or
-``flux1-schnell.safetensors``), a diffusers ``transformer/`` folder (sharded or not), the folder above it, or a
-single safetensors file (keys may carry a prefix such as ``model.diffusion_model.``, weights may already be
+Sources accepted for the DiT: a folder in the FLUX.1 layout (``flux1-dev.safetensors``,
+``flux1-schnell.safetensors`` or ``flux1-kontext-dev.safetensors``), a diffusers ``transformer/`` folder
+(sharded or not), the folder above it, or a single safetensors file (keys may carry a prefix such as
+``model.diffusion_model.``, weights may already be
 float8_e4m3fn or float8_e5m2, with or without scales: ours ``weight_scale``, ComfyUI's ``scale_weight``; fp8
 weights of either kind are kept as they are, with their scale). Models are built on the meta
 device and filled tensor by tensor.
+
+A Kontext DiT has dev's tensors, so it is told by its name (:func:`is_kontext_source`): a file whose name holds
+``kontext`` (``flux1-kontext-dev.safetensors``), a diffusers folder whose ``model_index.json`` (beside or above
+``transformer/``) names ``FluxKontextPipeline``, or our own files' ``flux_lora.params`` metadata.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,7 +80,8 @@ def find_dit_file(source: Path) -> Path:
     if (source / "transformer").is_dir():
         return source / "transformer"
     raise CheckpointError(
-        f"{source} holds no FLUX DiT: expected flux1-dev.safetensors or flux1-schnell.safetensors "
+        f"{source} holds no FLUX DiT: expected flux1-dev.safetensors, flux1-schnell.safetensors or "
+        "flux1-kontext-dev.safetensors "
         "(official layout) or a diffusers transformer/ folder"
     )
 
@@ -146,6 +153,29 @@ def _check_variant(params: FluxParams, shapes: dict[str, tuple[int, ...]], path:
         )
 
 
+def is_kontext_source(path: Path) -> bool:
+    """Whether a DiT file or diffusers folder is FLUX.1 Kontext by its name: ``kontext`` in a file's name, or a
+    ``model_index.json`` beside or above a diffusers folder naming a Kontext pipeline."""
+    path = Path(path)
+    if path.is_file():
+        return "kontext" in path.name.lower()
+    for index in (path / "model_index.json", path.parent / "model_index.json"):
+        if index.is_file():
+            try:
+                name = str(json.loads(index.read_text()).get("_class_name", ""))
+            except (OSError, ValueError, AttributeError):
+                return False
+            return "kontext" in name.lower()
+    return False
+
+
+def _with_variant(params: FluxParams, path: Path) -> FluxParams:
+    """``params`` marked Kontext when the file's name says so (its tensors are dev's)."""
+    if params.guidance_embed and not params.kontext and is_kontext_source(path):
+        return replace(params, kontext=True)
+    return params
+
+
 # ------------------------------------------------------------------------------------------ streaming
 
 
@@ -170,7 +200,7 @@ def _dit_stream(
     file unless ``wanted`` is given, which must then be of the file's variant (dev or schnell)."""
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
-        params = params_from_diffusers_config(config)
+        params = _with_variant(params_from_diffusers_config(config), path)
         if wanted is not None:
             _check_variant(wanted, {"guidance_in.": ()} if params.guidance_embed else {}, path)
             params = wanted
@@ -186,7 +216,7 @@ def _dit_stream(
             raise CheckpointError(f"{path} is a diffusers-layout file: pass its transformer/ folder (with config.json)")
         raise CheckpointError(f"{path} is not a FLUX DiT checkpoint (no key ends with {DIT_MARKER!r})")
     shapes = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
-    params = wanted or _params_from_header(shapes, read_metadata(path), path)
+    params = wanted or _with_variant(_params_from_header(shapes, read_metadata(path), path), path)
     _check_variant(params, shapes, path)
 
     extra = {k for k in shapes if k.endswith(_QUANT_SUFFIXES) or k == "scaled_fp8"}
@@ -227,8 +257,8 @@ def _check_comfy_quant(path: Path, key: str, t: Tensor) -> None:
 
 def flux_params(source: str | Path | FluxParams) -> FluxParams:
     """Which FLUX architecture: ``source`` itself when it is :class:`FluxParams`, a preset by name (``flux-dev``,
-    ``flux-schnell``, ``tiny``, ``tiny-schnell``), or the architecture of the DiT at a path (model folder,
-    diffusers folder or file), read from its headers only."""
+    ``flux-schnell``, ``flux-kontext-dev``, ``tiny``, ``tiny-schnell``, ``tiny-kontext``), or the architecture of
+    the DiT at a path (model folder, diffusers folder or file), read from its headers only."""
     if isinstance(source, FluxParams):
         return source
     if isinstance(source, str) and source in PRESETS:

@@ -1,6 +1,6 @@
 """Write a complete tiny FLUX.1 model folder in the official layout, deterministic by seed.
 
-    python -m flux_lora.weights.tiny OUTDIR [--variant dev|schnell] [--seed 0] [--no-controlnets]
+    python -m flux_lora.weights.tiny OUTDIR [--variant dev|schnell|kontext] [--seed 0] [--no-controlnets]
 
 The folder holds ``flux1-<variant>.safetensors`` (tiny DiT, BFL keys), ``ae.safetensors`` (tiny autoencoder),
 ``text_encoder/`` + ``tokenizer/`` (tiny CLIP) and ``text_encoder_2/`` + ``tokenizer_2/`` (tiny T5), saved with
@@ -209,6 +209,14 @@ def write_autoencoder(path: Path, params: AutoEncoderParams, seed: int) -> Path:
     return save_safetensors_atomic(ae.state_dict(), path, metadata)
 
 
+TINY_PRESETS = {"dev": "tiny", "schnell": "tiny-schnell", "kontext": "tiny-kontext"}
+DIT_FILES = {
+    "dev": "flux1-dev.safetensors",
+    "schnell": "flux1-schnell.safetensors",
+    "kontext": "flux1-kontext-dev.safetensors",
+}
+
+
 def write_tiny_model(
     out: str | Path, variant: str = "dev", seed: int = DEFAULT_SEED, params: FluxParams | None = None
 ) -> Path:
@@ -218,8 +226,8 @@ def write_tiny_model(
     a partial model that later runs would take for a complete one. (Into an existing, non-empty folder, each
     file or subfolder is replaced atomically instead.) The global torch RNG is left as it was: a run that writes
     the model on first use draws what every later run of the same command draws."""
-    if variant not in ("dev", "schnell"):
-        raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
+    if variant not in TINY_PRESETS:
+        raise ValueError(f"variant must be one of {', '.join(TINY_PRESETS)}, got {variant!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out)  # a whole folder, renamed into place when complete
@@ -235,11 +243,11 @@ def write_tiny_model(
 
 def _write_tiny_model(out: Path, variant: str, seed: int, params: FluxParams | None) -> None:
     out.mkdir(parents=True)
-    params = params or PRESETS["tiny" if variant == "dev" else "tiny-schnell"]
+    params = params or PRESETS[TINY_PRESETS[variant]]
     dit = random_flux(params, seed)
     save_safetensors_atomic(
         dit.state_dict(),
-        out / f"flux1-{variant}.safetensors",
+        out / DIT_FILES[variant],
         {PARAMS_METADATA_KEY: json.dumps(params.to_dict()), "format": "pt"},
     )
     write_autoencoder(out / "ae.safetensors", AE_PRESETS["tiny"], seed)
@@ -320,14 +328,14 @@ def write_tiny_controlnet(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--variant", choices=["dev", "schnell"], default="dev")
+    parser.add_argument("--variant", choices=list(TINY_PRESETS), default="dev")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--no-controlnets", action="store_true", help="do not write controlnet/ and controlnet-union/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_tiny_model(args.outdir, args.variant, args.seed)
     if not args.no_controlnets:
-        flux = PRESETS["tiny" if args.variant == "dev" else "tiny-schnell"]
+        flux = PRESETS["tiny-schnell" if args.variant == "schnell" else "tiny"]
         for union, name in ((False, "controlnet"), (True, "controlnet-union")):
             write_tiny_controlnet(args.outdir / name, union, args.seed, tiny_controlnet_params(flux, union))
 
