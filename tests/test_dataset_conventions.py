@@ -190,3 +190,32 @@ def test_dataset_entries_take_the_data_sections_values(tmp_path):
         load_config(overrides=["--data.datasets", "[{source: a}, {source: b, resolution: 100}]"])
     with pytest.raises(ConfigError, match=r"data.datasets\[0\].source is empty"):
         load_config(overrides=["--data.datasets", "[{repeats: 2}]"])
+
+
+def test_tag_frequency_is_the_same_in_every_process(tmp_path):
+    """``ss_tag_frequency`` orders tags by count, then by name: a stopped and resumed run (another process, another
+    string hash seed) writes the same metadata as a straight run (it came out in set order before)."""
+    import os
+    import subprocess
+    import sys
+
+    for i, caption in enumerate(["zeta, alpha, mid", "mid, beta", "omega, alpha"]):
+        Image.new("RGB", (16, 16)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(caption)
+    code = (
+        "from flux_lora.config import DataConfig; from flux_lora.data.scan import scan;"
+        "from flux_lora.training.callbacks import dataset_metadata;"
+        f"print(dataset_metadata(scan(DataConfig(source={str(tmp_path)!r}, cache_dir={str(tmp_path / 'cache')!r})), ['d'])['ss_tag_frequency'])"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in range(6)
+    }
+    assert len(outputs) == 1, outputs
+    assert list(json.loads(outputs.pop())["d"]) == ["alpha", "mid", "beta", "omega", "zeta"]

@@ -127,7 +127,10 @@ def dataset_metadata(scanned: ScannedData, sources: list[str]) -> dict[str, str]
         tags = {t.strip() for t in r.caption.split(",") if t.strip()}
         freq.setdefault(sources[r.part], Counter()).update(tags)
     return {
-        "ss_tag_frequency": json.dumps({name: dict(c.most_common()) for name, c in freq.items()}),
+        # by count, then by tag: the same in every process (a set's order follows the string hash seed)
+        "ss_tag_frequency": json.dumps(
+            {name: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for name, c in freq.items()}
+        ),
         "ss_num_train_images": str(sum(r.repeats for r in scanned.records)),
     }
 
