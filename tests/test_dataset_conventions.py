@@ -205,7 +205,8 @@ def test_tag_frequency_is_the_same_in_every_process(tmp_path):
     code = (
         "from flux_lora.config import DataConfig; from flux_lora.data.scan import scan;"
         "from flux_lora.training.callbacks import dataset_metadata;"
-        f"print(dataset_metadata(scan(DataConfig(source={str(tmp_path)!r}, cache_dir={str(tmp_path / 'cache')!r})), ['d'])['ss_tag_frequency'])"
+        f"data = DataConfig(source={str(tmp_path)!r}, cache_dir={str(tmp_path / 'cache')!r});"
+        "print(dataset_metadata(scan(data), ['d'])['ss_tag_frequency'])"
     )
     outputs = {
         subprocess.run(
