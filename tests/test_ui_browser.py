@@ -159,14 +159,22 @@ def _flow(page: Page, data: Path, out: Path, shots: Path) -> None:
     assert (data / image).with_suffix(".txt").read_text() == "a pink circle, edited in the browser\n"
     _shot(page, shots, "dataset")
 
-    # Presets: the 80 GB card at the toy's 64 px, with the memory model's estimate shown
+    # Presets: a 24 GB card at 1024 px (fp8, what the page is for: the picture in the README), then the 80 GB card
+    # at the toy's 64 px for the run below, each with the memory model's estimate shown
     page.get_by_role("tab", name="Presets").click()
+    page.locator("#preset-card label", has_text="24").click()
+    _fill(page, "preset-res", "1024")
+    expect(page.locator("#preset-view")).to_contain_text("24 GB card, 1024 px", timeout=10_000)
+    expect(page.locator("#preset-view")).to_contain_text("float8_e4m3fn")
+    expect(page.locator("#preset-card input[value='24']")).to_be_checked()
+    page.mouse.move(0, 0)  # no hover highlight in the picture
+    _shot(page, shots, "presets")
     page.locator("#preset-card label", has_text="80").click()
     _fill(page, "preset-res", "64")
-    expect(page.locator("#preset-view")).to_contain_text("Estimated peak memory", timeout=10_000)
+    expect(page.locator("#preset-view")).to_contain_text("80 GB card, 64 px", timeout=10_000)
+    expect(page.locator("#preset-view")).to_contain_text("Estimated peak memory")
     page.locator("#preset-use").click()
     expect(page.locator("#preset-used")).to_contain_text("Using preset", timeout=10_000)
-    _shot(page, shots, "presets")
 
     # Runs: build the YAML from configs/toy.yaml, start, watch, stop, resume
     page.get_by_role("tab", name="Runs").click()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flux_lora import presets as _presets
@@ -24,7 +25,7 @@ def preset(card_gb: int, resolution: int, variant: str) -> tuple[dict[str, Any],
         "",
         "| setting | value |",
         "|---|---|",
-        *[f"| `{k}` | `{v}` |" for k, v in overrides.items()],
+        *[f"| `{k}` | `{json.dumps(v)}` |" for k, v in overrides.items()],  # as YAML writes them
         "",
         str(p.notes),
     ]
