@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from flux_lora.config import DataError, load_config
 from flux_lora.inference.pipeline import FluxPipeline
@@ -88,7 +89,10 @@ def test_a_reference_preview_is_the_kontext_pipeline_with_the_runs_lora(tmp_path
     no_reference = pipe(INSTRUCTION, progress=False, **kw)[0]
     assert no_reference.tobytes() != base.tobytes()  # the reference is used
 
-    lora = read_lora(cfg.output_path / f"{cfg.name}.safetensors", pipe.dit.params)
+    path = cfg.output_path / f"{cfg.name}.safetensors"
+    with safe_open(path, "pt") as f:  # the dev value: no tool has a Kontext one (see lora.metadata.architecture)
+        assert (f.metadata() or {})["modelspec.architecture"] == "flux-1-dev/lora"
+    lora = read_lora(path, pipe.dit.params)
     apply_loras(pipe.dit, [(lora, 1.0, "run")])
     trained = pipe(INSTRUCTION, image=ref, reference_size="keep", progress=False, **kw)[0]
     assert _pixels(end) == trained.tobytes()  # the last step: the run's LoRA
