@@ -491,6 +491,16 @@ class SamplePrompt:
         "the toy scorer reports these apart)",
         False,
     )
+    reference: str | None = _doc(
+        "FLUX.1 Kontext: the image this preview edits, a path (relative to the working directory, as data.source), "
+        "drawn as pipe(prompt, image=reference) at the preview's height and width; null: text to image",
+        None,
+    )
+    reference_size: Literal["preferred", "keep"] = _doc(
+        "the reference is encoded at the Kontext resolution nearest its aspect ratio (preferred, as BFL and "
+        "diffusers) or at its own size (keep), as generate.py --reference-size",
+        "preferred",
+    )
 
 
 @dataclass
@@ -499,7 +509,7 @@ class SampleConfig:
 
     prompts: list[str | SamplePrompt] = _doc(
         "preview prompts: text, or a mapping with its own prompt, negative_prompt, true_cfg, seed, steps, guidance, "
-        "height, width",
+        "height, width, and for FLUX.1 Kontext reference (an image to edit) and reference_size",
         factory=list,
     )
     keep_prompts: list[str | SamplePrompt] = _doc(

@@ -10,7 +10,7 @@ import torch
 from flux_lora.training.guards import NonFiniteLossError
 
 from helpers.syncs import SyncCounter
-from helpers.training import fit, tiny_config
+from helpers.training import ROOT, fit, tiny_config
 
 STEPS, EVERY = 8, 3
 # per interval step: the guard's one read of its flags, the console's smoothed loss (and once its first loss),
@@ -38,6 +38,55 @@ def test_no_host_sync_between_logging_intervals(tmp_path, tiny_dev_dir, extra):
         "--train.save_every_n_steps=0",
         "--train.checkpoint_every_n_steps=0",
         *extra,
+    )
+    counter = SyncCounter()
+    fit(cfg, counter)
+    between = {s: counter.per_step[s] for s in range(1, STEPS) if s % EVERY}
+    assert between == dict.fromkeys(between, 0), f"host syncs on steps between intervals: {dict(counter.per_step)}"
+    interval = {s: counter.per_step[s] for s in range(EVERY, STEPS, EVERY)}
+    assert max(interval.values()) <= PER_INTERVAL, dict(counter.per_step)
+
+
+def test_no_host_sync_between_logging_intervals_on_kontext_pairs(tmp_path, tmp_path_factory):
+    """The same on FLUX.1 Kontext pairs (the reference's tokens appended, the prediction sliced), with loss masks on
+    the targets and output preservation, whose passes take the reference too."""
+    from PIL import Image
+
+    from flux_lora.config import load_config
+    from flux_lora.toy.pairs import write_pairs
+    from flux_lora.weights.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path_factory.mktemp("tiny") / "kontext", variant="kontext", seed=2)
+    targets, references = write_pairs(tmp_path / "pairs", 4, seed=7, size=32)
+    (tmp_path / "masks").mkdir()
+    for image in targets.glob("*.png"):
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (0, 0, 16, 32))
+        mask.save(tmp_path / "masks" / image.name)
+    cfg = load_config(
+        ROOT / "configs/flux-kontext-dev_lora-r16_fp8.yaml",
+        [
+            f"--model.source={model}",
+            "--model.quantize=none",
+            "--model.gradient_checkpointing=false",
+            f"--output_dir={tmp_path / 'run'}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--data.source={targets}",
+            f"--data.references={references}",
+            f"--data.masks={tmp_path / 'masks'}",
+            "--data.resolution=32",
+            "--data.batch_size=2",
+            "--lora.rank=4",
+            "--train.accelerator=cpu",
+            "--train.devices=1",
+            f"--max_steps={STEPS}",
+            f"--train.log_every_n_steps={EVERY}",
+            "--train.save_every_n_steps=0",
+            "--train.checkpoint_every_n_steps=0",
+            "--train.caption_dropout=0.2",
+            "--preservation.output_weight=0.5",
+            '--preservation.prompts=["a red square", "a blue circle"]',
+        ],
     )
     counter = SyncCounter()
     fit(cfg, counter)

@@ -47,7 +47,11 @@ def check_metadata(extra: dict[str, str] | None) -> dict[str, str]:
 
 
 def architecture(params: FluxParams) -> str:
-    """ModelSpec architecture of a LoRA for this model: ``flux-1-dev/lora`` or ``flux-1-schnell/lora``."""
+    """ModelSpec architecture of a LoRA for this model: ``flux-1-dev/lora`` or ``flux-1-schnell/lora``.
+
+    A FLUX.1 Kontext [dev] LoRA is ``flux-1-dev/lora`` too: no loader or trainer has a Kontext value (kohya's
+    sd-scripts know flux-1-dev, flux-1-schnell, chroma and flux-1; musubi-tuner writes its Kontext LoRAs as
+    ``Flux.1-dev/lora``; ai-toolkit writes no ModelSpec), and Forge lists a file as a FLUX LoRA by this value."""
     return "flux-1-dev/lora" if params.guidance_embed else "flux-1-schnell/lora"
 
 

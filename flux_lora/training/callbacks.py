@@ -317,6 +317,8 @@ class SampleImages(L.Callback):
                     emb = self.embeddings([p.prompt, p.negative_prompt])
                     images += pipe(
                         text_embeddings=emb[0:1],
+                        reference_image=None if p.reference is None else open_reference(p.reference),
+                        reference_size=p.reference_size,
                         negative_text_embeddings=emb[1:2] if p.true_cfg != 1.0 else None,
                         true_cfg=p.true_cfg,
                         height=p.height or self.cfg.height,
@@ -343,9 +345,13 @@ class SampleImages(L.Callback):
                 experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
     def _settings(self, p: SamplePrompt, step: int, module: Any) -> dict[str, Any]:
-        """What the PNG records: the preview's settings, the training step and the LoRA."""
+        """What the PNG records: the preview's settings (a reference as generate.py records it), the training
+        step and the LoRA."""
+        settings = dataclasses.asdict(p)
+        reference, size = settings.pop("reference"), settings.pop("reference_size")
         return {
-            **dataclasses.asdict(p),
+            **settings,
+            **({"reference_image": reference, "reference_size": size} if reference is not None else {}),
             "steps": p.steps or module.dit.params.default_steps,
             "step": step,
             "lora": self.lora_name,
@@ -362,6 +368,12 @@ class SampleImages(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self.sample(trainer, module)
+
+
+def open_reference(path: str) -> Image.Image:
+    """A preview's reference image (FLUX.1 Kontext), read whole, in RGB."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 class ControlRequests(L.Callback):

@@ -21,6 +21,7 @@ from typing import TypeVar
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from PIL import Image
 from safetensors import safe_open
 
 from flux_lora import config_io
@@ -128,6 +129,7 @@ def build(
         stream_sources(cfg)
     scanned = scanned or scan_all(cfg.data, exclude=[cfg.output_path])  # bad data fails here, before any model
     previews = sample_previews(cfg)
+    check_preview_references(cfg)  # before any model is fetched
     texts = [t for p in previews for t in (p.prompt, p.negative_prompt)] + list(cfg.preservation.prompts)
     if cfg.preservation.per_caption:  # each caption's preservation prompts, cached with it
         lacking = [r.name for r in scanned.records if not cfg.preservation.caption_prompts(r.caption)]
@@ -141,6 +143,14 @@ def build(
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     folder = fetch_model_folder(cfg)
     params = flux_params(cfg.model.preset or folder)
+    if any(p.reference for p in previews) and not params.guidance_embed:
+        raise ConfigError(
+            f"sample: a preview with a reference needs a FLUX.1 Kontext model; {cfg.model.source} is schnell-type"
+        )
+    if any(p.reference for p in previews) and not params.kontext:
+        log.warning(
+            "%s is not a FLUX.1 Kontext model: the previews' references are appended all the same", cfg.model.source
+        )
     try:
         check_targets(cfg.lora, params)  # block indices, targets and rank patterns, before any model loads
     except ValueError as e:
@@ -263,6 +273,23 @@ def sample_previews(cfg: ExperimentConfig) -> list[SamplePrompt]:
         else replace(p, prompt=apply_trigger(p.prompt, cfg.data.trigger_word, f"sample prompt {p.prompt!r}"))
         for p in cfg.sample.resolved()
     ]
+
+
+def check_preview_references(cfg: ExperimentConfig) -> None:
+    """Every preview's reference image (FLUX.1 Kontext) exists and reads as an image: else one line naming its key."""
+    for section in ("prompts", "keep_prompts"):
+        for i, item in enumerate(getattr(cfg.sample, section)):
+            path = None if isinstance(item, str) else item.reference
+            if path is None:
+                continue
+            key = f"sample.{section}[{i}].reference: {path}"
+            if not Path(path).is_file():
+                raise DataError(f"{key}: no such file")
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, SyntaxError) as e:
+                raise DataError(f"{key}: not a readable image ({' '.join(str(e).split())})") from None
 
 
 def _load_for_training(cfg: ExperimentConfig, folder: Path, dtype: torch.dtype, device: torch.device) -> Flux:
