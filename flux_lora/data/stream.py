@@ -7,7 +7,7 @@ Hub, or any builder ``datasets`` knows), or WebDataset tar shards (a ``.tar`` pa
 is hashed and probed in memory, planned and encoded into the cache by :func:`flux_lora.data.cache.fill_cache`
 (the same fill as a folder's), then its bytes are dropped. What was read (name, caption, image hash, size) is
 kept in ``<cache>/streams/<id>.json``; :func:`flux_lora.data.scan.scan_stream` reads that file, so the scan,
-the plan and training use the cache only and a rerun does not stream again (delete the file to read the source
+the plan and training use the cache only and a rerun does not stream again (delete the folder to read the source
 anew, e.g. after it changed). An interrupted pass streams again from the start but encodes only what the cache lacks.
 
 Several processes started together by torchrun split each stream between the processes of their node
@@ -259,7 +259,9 @@ def _merge_parts(cfg: DataConfig, rank: int, ranks: int, token: str) -> None:
     parts = [part_path(cfg, r, ranks) for r in range(ranks)]
     started = last_log = time.monotonic()
     while True:
-        if rank == 0:
+        if read_manifest(cfg) is not None:  # merged (by another node's first process, in a shared folder)
+            return
+        if rank == 0 and all(p.exists() for p in parts):  # each written whole (atomically)
             found = [_read_record(p) for p in parts]
             if all(f is not None for f in found):
                 images = [i for f in found if f is not None for i in f["images"]]
@@ -268,8 +270,6 @@ def _merge_parts(cfg: DataConfig, rank: int, ranks: int, token: str) -> None:
                 _remove_parts(whole)
                 log.info("stream %s: %d parts merged, %d images", cfg.source, ranks, len(images))
                 return
-        elif read_manifest(cfg) is not None:
-            return
         failed = [r for r in range(ranks) if r != rank and whole.with_name(f"{token}.failed{r}").exists()]
         if failed:
             raise RuntimeError(f"rank {failed[0]} failed while streaming {cfg.source} into the cache")
