@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", help="write a cProfile of the cached scan + plan here")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument(
-        "--no-fill", action="store_true", help="measure the scan only (the plan then finds every entry missing)"
+        "--no-fill",
+        action="store_true",
+        help="no fill: measure the cache as it is (without entries, the plan finds every entry missing)",
     )
     parser.add_argument(
         "--write-entries",
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     result["first_after_fill"] = _child(root, "measure", None)
     result["cached"] = _child(root, "measure", args.profile)
     result["traced"] = _child(root, "traced", None)
-    if not args.no_fill:
+    if next((root / "cache" / "latents").rglob("*.safetensors"), None) is not None:
         result["lookup"] = lookups(root)
     text = json.dumps(result, indent=1)
     print(text)
