@@ -164,6 +164,7 @@ def write_entries(root: Path) -> dict[str, Any]:
         if first[job.placement.bucket] is not job:
             store.write_latent(job.key, rand(like[job.placement.bucket]), data.records[job.record].name)
             latents += 1
+    store.save_verified(time.time_ns(), {})  # as fill_cache ends: the stamps of what it wrote
     return {
         "encoded_for_real": {"texts": 1, "latents": len(first), "s": encoded},
         "written": {"texts": texts, "latents": latents, "s": time.perf_counter() - started},
