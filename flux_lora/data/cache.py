@@ -26,10 +26,10 @@ call it together, one encodes and the others wait, then find everything cached a
 Every entry carries a sha256 of its tensors in its header (``flux_lora.sha256``), verified when it is read.
 An entry that is empty, truncated, unreadable or fails its checksum counts as missing: it is named in a
 warning and encoded again. A plan checks each entry once per file version: it records the ``stat`` of the
-entries it verified in ``verified.json``, so a later process plans a complete cache with one ``stat`` per
-entry (no folder listed, no entry read; caches written before this file existed are verified once, then
-recorded). (Entries written before checksums existed are accepted if they read whole and hold
-only finite values.)
+entries it verified (and a fill those it wrote, whose bytes it checksummed) in ``verified.json``, so a later
+process plans a complete cache with one ``stat`` per entry (no folder listed, no entry read; caches written
+before this file existed are verified once, then recorded). (Entries written before checksums existed are
+accepted if they read whole and hold only finite values.)
 """
 
 from __future__ import annotations
