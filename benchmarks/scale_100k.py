@@ -11,9 +11,11 @@ processes (so no in-process memo helps; the OS page cache is warm, as on a secon
 * ``lookup``: seconds per cache look-up (:meth:`CacheStore.usable` of a verified entry, and of a missing one)
   in cache folders holding 1,000 / 10,000 / 100,000 files.
 
-``--profile FILE`` writes a cProfile of the scan + plan. Prints JSON; ``--out`` also writes it.
+``--profile FILE`` writes a cProfile of the scan + plan. ``--write-entries`` completes the cache through the
+cache's own writer with tensors of the encoders' shapes instead of encoding every image (:func:`write_entries`;
+the tiny encoders' fill of 100,000 images takes an hour or more on 2 cores). Prints JSON; ``--out`` also writes it.
 
-    python benchmarks/scale_100k.py --dir /tmp/scale100k [--count 100000] [--out scale.json]
+    python benchmarks/scale_100k.py --dir /tmp/scale100k [--count 100000] [--write-entries] [--out scale.json]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +112,68 @@ def fill(root: Path) -> dict[str, float]:
         "fill_s": time.perf_counter() - started,
         "texts": stats.texts,
         "latents": stats.latents,
+    }
+
+
+def write_entries(root: Path) -> dict[str, Any]:
+    """Complete the cache without encoding every image (``--write-entries``): the plan's own keys, written by the
+    cache's own writer (:meth:`CacheStore.write_text` / :meth:`CacheStore.write_latent`: same files, same
+    safetensors format, checksummed), holding random tensors of the shapes and dtypes the tiny encoders give.
+    Those come from real entries: one caption and one image per bucket are encoded by :func:`fill_cache` first.
+    A scan and a plan read keys, stamps and checksums, never the values, so they cost what they would after a
+    real fill; a real fill with the tiny encoders is compute-bound (about 30 images/s on 2 idle cores: ~1 h at
+    100,000, see RESULTS.md)."""
+    from flux_lora.data.cache import fill_cache, plan_cache
+    from flux_lora.data.scan import scan_all
+    from flux_lora.model.text_encoders import TextEncoders
+    from flux_lora.weights.loading import load_autoencoder
+
+    cfg, model = data_config(root), root / "model"
+    data = scan_all(cfg)
+    plan = plan_cache(data, cfg, *specs(model))
+    started = time.perf_counter()
+    first: dict[Any, Any] = {}  # one missing job per bucket: encoded for real, the shape of its bucket's entries
+    for job in plan.missing_latents:
+        first.setdefault(job.placement.bucket, job)
+    caption = plan.missing_text[0] if plan.missing_text else next(iter(plan.text_keys))
+    seeds = replace(plan, variants=[[j] for j in first.values()], text_keys={caption: plan.text_keys[caption]})
+    fill_cache(
+        seeds,
+        data,
+        lambda: TextEncoders.from_folder(model, MAX_LENGTH, dtype=torch.float32),
+        lambda: load_autoencoder(model, dtype=torch.float32),
+        batch_size=64,
+        progress=False,
+    )
+    store = plan.store
+    txt, y = store.read_text(plan.text_keys[caption])
+    like = {bucket: store.read_latent(job.key) for bucket, job in first.items()}
+    encoded = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=generator).to(t.dtype)
+
+    started = time.perf_counter()
+    texts = latents = 0
+    for c in plan.missing_text:
+        if c != caption:
+            store.write_text(plan.text_keys[c], rand(txt), rand(y), c)
+            texts += 1
+    for job in plan.missing_latents:
+        if first[job.placement.bucket] is not job:
+            store.write_latent(job.key, rand(like[job.placement.bucket]), data.records[job.record].name)
+            latents += 1
+    store.save_verified(time.time_ns(), {})  # as fill_cache ends: the stamps of what it wrote
+    return {
+        "encoded_for_real": {"texts": 1, "latents": len(first), "s": encoded},
+        "written": {"texts": texts, "latents": latents, "s": time.perf_counter() - started},
+        "shapes": {
+            "txt": list(txt.shape),
+            "y": list(y.shape),
+            "latents": {str(b): list(t.shape) for b, t in like.items()},
+        },
+        "dtypes": sorted({str(t.dtype) for t in [txt, y, *like.values()]}),
     }
 
 
@@ -226,7 +291,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", help="write a cProfile of the cached scan + plan here")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument(
-        "--no-fill", action="store_true", help="measure the scan only (the plan then finds every entry missing)"
+        "--no-fill",
+        action="store_true",
+        help="no fill: measure the cache as it is (without entries, the plan finds every entry missing)",
+    )
+    parser.add_argument(
+        "--write-entries",
+        action="store_true",
+        help="complete the cache with entries of the right shapes written by the cache's writer instead of the "
+        "tiny encoders' fill (see write_entries)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -236,25 +309,35 @@ def main(argv: list[str] | None = None) -> None:
     if args.child == "fill":
         print(json.dumps(fill(root)))
         return
+    if args.child == "write":
+        print(json.dumps(write_entries(root)))
+        return
     if args.child == "measure":
         print(json.dumps(measure(root, args.profile)))
         return
     if args.child == "traced":
         print(json.dumps(traced(root)))
         return
-    result: dict[str, Any] = {"count": args.count, "cores": os.cpu_count()}
+    result: dict[str, Any] = {
+        "count": args.count,
+        "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_1min": os.getloadavg()[0],
+    }
     result["generate_s"] = generate(root / "data", args.count)
     if not (root / "model").is_dir():
         from flux_lora.weights.tiny import write_tiny_model
 
         write_tiny_model(root / "model", variant="dev", seed=0)
-    if not args.no_fill:
+    if args.write_entries:
+        result["write_entries"] = _child(root, "write", None)
+    elif not args.no_fill:
         result["fill"] = _child(root, "fill", None)
     # the first measure after the fill still reads what the fill's own scan and plan could not record
     result["first_after_fill"] = _child(root, "measure", None)
     result["cached"] = _child(root, "measure", args.profile)
     result["traced"] = _child(root, "traced", None)
-    if not args.no_fill:
+    if next((root / "cache" / "latents").rglob("*.safetensors"), None) is not None:
         result["lookup"] = lookups(root)
     text = json.dumps(result, indent=1)
     print(text)

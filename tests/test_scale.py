@@ -86,3 +86,20 @@ def test_a_changed_image_is_read_again(tmp_path, tiny_dev_dir, monkeypatch):
     _, data, _ = setup_run(data_dir, tiny_dev_dir, cache)
     assert [Path(p).name for p in seen.opened if p.endswith(".png")] == ["img1.png"]
     assert (data.records[1].width, data.records[1].height) == (80, 48)
+
+
+def test_entries_a_fill_wrote_are_not_read_back(tmp_path, tiny_dev_dir, monkeypatch):
+    """The fill checksummed the bytes it wrote: it records each entry's stamp, so the plan after it (in the same
+    process, or a later one reading verified.json) reads none of them back."""
+    data_dir = write_data(tmp_path / "data")
+    _age(data_dir)
+    cache = tmp_path / "cache"
+    _, data, plan = setup_run(data_dir, tiny_dev_dir, cache, flip=True)
+    monkeypatch.setattr(cache_module, "RACY_NS", 0)  # this test writes and plans within the same 2 s
+    fill_cache(plan, data, Loaders(tiny_dev_dir).text, Loaders(tiny_dev_dir).ae, progress=False)
+    verified: list[str] = []
+    real_read = cache_module.read_entry
+    monkeypatch.setattr(cache_module, "read_entry", lambda p: verified.append(str(p)) or real_read(p))
+    assert plan.refresh().complete and verified == []
+    monkeypatch.setattr(cache_module, "_VERIFIED", {})  # a new process: what verified.json holds
+    assert plan.refresh().complete and verified == []

@@ -4,6 +4,11 @@ the cache as they stream in, then trained from the cache like the same images in
 from __future__ import annotations
 
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from flux_lora.training.run import run
 
 from helpers.training import tiny_config
 
+ROOT = Path(__file__).parents[1]
 SIZES = [(64, 64), (96, 64), (64, 96), (64, 64), (80, 48), (48, 80)]
 
 
@@ -87,3 +93,74 @@ def test_webdataset_shards_train_as_the_same_images_in_a_folder(tmp_path, tiny_d
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_two_processes_each_stream_and_encode_half_then_train_from_the_merged_record(tmp_path, tiny_dev_dir):
+    """torchrun starts 2 processes on 2 WebDataset shards: each reads one shard (split_dataset_by_node) and encodes
+    only its images, records its part; rank 0 merges the parts and both train (DDP, gloo) from the cache, encoding
+    nothing more."""
+    shards, _ = _write(tmp_path / "data")
+    out = tmp_path / "records"
+    out.mkdir()
+    stale = tmp_path / "cache" / "streams"
+    stale.mkdir(parents=True)
+    (stale / "stream-0ld.failed1").touch()  # a failure marker of an earlier launch: another token, ignored
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        str(ROOT / "tests/stream_ddp_worker.py"),
+        str(out),
+        f"--model.source={tiny_dev_dir}",
+        f"--output_dir={tmp_path / 'run'}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--data.source={shards}/shard-*.tar",
+        "--data.streaming=true",
+        "--data.image_column=jpg",
+        "--data.caption_column=txt",
+        "--data.batch_size=1",
+        "--sample.prompts=[]",
+        "--train.accelerator=cpu",
+        "--train.devices=2",
+        "--train.strategy=ddp",
+        "--max_steps=2",
+        "--train.save_every_n_steps=0",
+        "--train.checkpoint_every_n_steps=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in records:
+        assert r["read"] == [[3, 3]]  # one shard of 3 images read, its 3 latents encoded
+        assert r["encoded"]["images"] == 3  # and no other image, neither while streaming nor in the fit
+        assert r["encoded"]["captions"] in (3, 4)  # its captions (and the empty caption, by one or both)
+    assert records[0]["lora"] and Path(records[0]["lora"]).is_file() and records[1]["lora"] is None
+    streamed = tiny_config(
+        tmp_path,
+        tiny_dev_dir,
+        f"--data.source={shards}/shard-*.tar",
+        "--data.streaming=true",
+        "--data.image_column=jpg",
+        "--data.caption_column=txt",
+    )
+    assert sorted(r.caption for r in scan_all(streamed.data).records) == [f"shape number {i}" for i in range(6)]
+    assert [p.name for p in stale.iterdir() if ".part" in p.name] == []  # parts merged, then removed
+    assert "2 parts merged, 6 images" in proc.stderr
+
+
+def test_a_rank_that_failed_to_stream_stops_the_others(tmp_path, tiny_dev_dir):
+    cfg = tiny_config(tmp_path, tiny_dev_dir, f"--data.source={tmp_path}/shard-*.tar", "--data.streaming=true")
+    stream._write_record(stream.part_path(cfg.data, 0, 2), [], [])
+    token = stream._launch_token()
+    stream.manifest_path(cfg.data).with_name(f"{token}.failed1").touch()
+    with pytest.raises(RuntimeError, match="rank 1 failed while streaming"):
+        stream._merge_parts(cfg.data, 0, 2, token)
+    assert stream.read_manifest(cfg.data) is None  # nothing merged

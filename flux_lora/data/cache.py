@@ -26,10 +26,10 @@ call it together, one encodes and the others wait, then find everything cached a
 Every entry carries a sha256 of its tensors in its header (``flux_lora.sha256``), verified when it is read.
 An entry that is empty, truncated, unreadable or fails its checksum counts as missing: it is named in a
 warning and encoded again. A plan checks each entry once per file version: it records the ``stat`` of the
-entries it verified in ``verified.json``, so a later process plans a complete cache with one ``stat`` per
-entry (no folder listed, no entry read; caches written before this file existed are verified once, then
-recorded). (Entries written before checksums existed are accepted if they read whole and hold
-only finite values.)
+entries it verified (and a fill those it wrote, whose bytes it checksummed) in ``verified.json``, so a later
+process plans a complete cache with one ``stat`` per entry (no folder listed, no entry read; caches written
+before this file existed are verified once, then recorded). (Entries written before checksums existed are
+accepted if they read whole and hold only finite values.)
 """
 
 from __future__ import annotations
@@ -261,16 +261,20 @@ class CacheStore:
     def latent_path(self, key: str) -> Path:
         return Path(self._latent_name(key))
 
-    def _write(self, tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    def _write(self, tensors: dict[str, Tensor], name: str, metadata: dict[str, str]) -> None:
+        """Write one entry, checksummed, and remember its stamp as verified (these are the bytes just summed), so
+        the plan after a fill reads none of them back (:meth:`save_verified` records them for later processes)."""
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_safetensors_atomic(tensors, path, {**metadata, CHECKSUM_KEY: tensors_sha256(tensors)})
+        save_safetensors_atomic(tensors, name, {**metadata, CHECKSUM_KEY: tensors_sha256(tensors)})
+        st = os.stat(name)
+        _VERIFIED[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def write_text(self, key: str, txt: Tensor, y: Tensor, caption: str) -> None:
-        self._write({"txt": txt, "y": y}, self.text_path(key), {"caption": caption})
+        self._write({"txt": txt, "y": y}, self._text_name(key), {"caption": caption})
 
     def write_latent(self, key: str, latents: Tensor, name: str, mask: Tensor | None = None) -> None:
         tensors = {"latents": latents} if mask is None else {"latents": latents, "mask": mask}
-        self._write(tensors, self.latent_path(key), {"image": name})
+        self._write(tensors, self._latent_name(key), {"image": name})
 
     def read_text(self, key: str) -> tuple[Tensor, Tensor]:
         """``(txt [L, d_t5], y [d_clip])``, verified."""
@@ -684,6 +688,7 @@ def fill_cache(
                 lambda ae: _encode_latents(ae, plan, data, device, batch_size, progress, label),
             )
     if texts or latents:  # the end of the cache phase: the DiT loads next
+        plan.store.save_verified(time.time_ns(), {})  # what this fill wrote, for later processes
         log.info(
             "%s %s: encoded %d captions and %d latents in %.0f s, encoders released",
             f"{label}: cache" if label else "cache",

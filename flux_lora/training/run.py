@@ -115,7 +115,18 @@ def stream_sources(cfg: ExperimentConfig) -> None:
     dm = FluxDataModule.from_model_folder(
         cfg.data, folder, params.max_sequence_length, compute_dtype(cfg, accelerator), device=device
     )
-    fill_streams(cfg.data, dm.text_spec, dm.ae_spec, dm.load_text_encoders, dm.load_autoencoder, device)
+    rank, ranks = stream_ranks()
+    fill_streams(cfg.data, dm.text_spec, dm.ae_spec, dm.load_text_encoders, dm.load_autoencoder, device, rank, ranks)
+
+
+def stream_ranks() -> tuple[int, int]:
+    """``(rank, ranks)`` among the processes of this node that read a stream together before training starts:
+    those torchrun started (``LOCAL_RANK`` of ``LOCAL_WORLD_SIZE``); ``(0, 1)`` otherwise (Lightning's own
+    launcher starts the others only once training begins; under srun each process reads the whole stream)."""
+    env = os.environ
+    if "RANK" in env and "LOCAL_WORLD_SIZE" in env:
+        return int(env.get("LOCAL_RANK", "0")), int(env["LOCAL_WORLD_SIZE"])
+    return 0, 1
 
 
 def build(
