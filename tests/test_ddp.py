@@ -75,3 +75,28 @@ def test_two_process_ddp_with_output_preservation(tmp_path, tiny_dev_dir):
     _ddp(tmp_path, tiny_dev_dir, tmp_path / "records", "run", 2, *extra)
     r0, r1 = (json.loads((tmp_path / "records" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["digests"] == r1["digests"] and len(set(r0["digests"])) == 2
+
+
+def test_two_process_ddp_on_kontext_pairs(tmp_path):
+    """Kontext pairs under DDP: the ranks fill the targets' and the references' cache entries in shares (every
+    reference encoded by exactly one rank), each rank trains on its own pairs, the adapters stay identical."""
+    from flux_lora.toy.pairs import write_pairs
+    from flux_lora.weights.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "kontext", variant="kontext", seed=2)
+    targets, references = write_pairs(tmp_path / "pairs", 4, seed=7, size=32)
+    extra = (
+        f"--data.source={targets}",
+        f"--data.references={references}",
+        "--data.resolution=32",
+        "--quantize=null",
+        "--lora.dropout=0.0",
+    )
+    _ddp(tmp_path, model, tmp_path / "records", "run", 2, *extra)
+    r0, r1 = (json.loads((tmp_path / "records" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["digests"] == r1["digests"] and len(set(r0["digests"])) == 2
+    for a, b in zip(r0["captions"], r1["captions"], strict=True):
+        assert a and b
+    latents = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "latent" in str(p.relative_to(tmp_path))]
+    assert len(latents) >= 8, latents  # 4 targets and 4 references, each its own entry
+    assert (tmp_path / "run" / "tiny.safetensors").is_file()
