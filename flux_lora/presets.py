@@ -117,10 +117,11 @@ class Preset:
 
     def args(self) -> list[str]:
         """The overrides as ``train.py`` arguments (``--model.quantize=null``, ``--data.batch_size=2``)."""
-        return [f"--{k}={_yaml(v)}" for k, v in self.overrides.items()]
+        return [f"--{k}={yaml_value(v)}" for k, v in self.overrides.items()]
 
 
-def _yaml(value: Any) -> str:
+def yaml_value(value: Any) -> str:
+    """A scalar as YAML and the command line write it (``null``, ``true``, ``float8_e4m3fn``, ``2``)."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from flux_lora import presets as _presets
-from flux_lora.presets import CARD_SIZES_GB, VARIANTS
+from flux_lora.presets import CARD_SIZES_GB, VARIANTS, yaml_value
 
 __all__ = ["CARD_SIZES_GB", "VARIANTS", "preset"]
 
@@ -25,7 +24,7 @@ def preset(card_gb: int, resolution: int, variant: str) -> tuple[dict[str, Any],
         "",
         "| setting | value |",
         "|---|---|",
-        *[f"| `{k}` | `{json.dumps(v)}` |" for k, v in overrides.items()],  # as YAML writes them
+        *[f"| `{k}` | `{yaml_value(v)}` |" for k, v in overrides.items()],
         "",
         str(p.notes),
     ]
